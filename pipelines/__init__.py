@@ -1,0 +1,1 @@
+"""shoprec domain logic: events, Kafka I/O, lake, online state, models, training, serving core."""

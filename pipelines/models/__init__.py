@@ -1,0 +1,26 @@
+"""Recommenders behind one interface; ``get_recommender(name, **params)`` builds one by name."""
+
+from __future__ import annotations
+
+from pipelines.models.base import Recommender, Scored, load_recommender
+
+REGISTRY: dict[str, type[Recommender]] = {}
+
+
+def register(cls: type[Recommender]) -> type[Recommender]:
+    REGISTRY[cls.name] = cls
+    return cls
+
+
+def get_recommender(name: str = "bpr", **params) -> Recommender:
+    """Build an untrained recommender by name (see ``REGISTRY`` for the names)."""
+    from pipelines.models import bpr, popularity  # noqa: F401  (fill the registry)
+
+    try:
+        cls = REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown recommender {name!r}; choose one of {sorted(REGISTRY)}") from None
+    return cls(**params)
+
+
+__all__ = ["REGISTRY", "Recommender", "Scored", "get_recommender", "load_recommender", "register"]

@@ -1,0 +1,213 @@
+"""The contract between shoprec's parts: names, event and catalog schemas.
+
+Topic names, Redis keys, MLflow names and lake columns live here and nowhere
+else. ``parse_event`` is the one validation used by the stream consumer and by
+the ``/events`` endpoint, so both reject the same records for the same reasons.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+
+SCHEMA_VERSION = 1
+
+# --- Kafka -------------------------------------------------------------------
+TOPIC_EVENTS = "shop.events"
+TOPIC_CATALOG = "shop.catalog"
+TOPIC_DLQ = "shop.events.dlq"
+DLQ_REASON_HEADER = "reason"
+
+# --- MLflow ------------------------------------------------------------------
+MLFLOW_EXPERIMENT = "shoprec"
+REGISTERED_MODEL = "shoprec-recommender"
+ALIAS_CHAMPION = "champion"
+ALIAS_CHALLENGER = "challenger"
+
+# --- event types ---------------------------------------------------------------
+EVENT_TYPES = ("view", "add_to_cart", "purchase", "impression", "click")
+#: how much one interaction of each type says about a user's taste (training weight)
+EVENT_WEIGHTS = {"view": 1.0, "click": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
+INTERACTION_TYPES = tuple(EVENT_WEIGHTS)
+
+# --- lake / training columns -------------------------------------------------
+COL_EVENT_ID = "event_id"
+COL_EVENT_TYPE = "event_type"
+COL_USER = "user_id"
+COL_ITEM = "item_id"
+COL_SESSION = "session_id"
+COL_TS = "ts"
+COL_WEIGHT = "weight"
+LAKE_COLUMNS = (
+    "event_id", "event_type", "user_id", "item_id", "session_id", "ts", "price", "quantity",
+    "request_id", "variant", "model_version", "items", "schema_version",
+)
+
+# --- Redis -------------------------------------------------------------------
+REDIS_PREFIX = "shoprec:"
+
+
+class RedisKeys:
+    """Every Redis key shoprec uses (all under ``shoprec:``)."""
+
+    trending = REDIS_PREFIX + "trending"
+    popular_fallback = REDIS_PREFIX + "popular:fallback"
+    known_users = REDIS_PREFIX + "users:known"
+
+    @staticmethod
+    def recent(user_id: str) -> str:
+        return f"{REDIS_PREFIX}recent:{user_id}"
+
+    @staticmethod
+    def cache(user_id: str) -> str:
+        """Hash of cached top-N lists of one user (field = variant); deleted by the user's next event."""
+        return f"{REDIS_PREFIX}cache:{user_id}"
+
+    @staticmethod
+    def trending_hour(hour: int) -> str:
+        """Item counts of one hour (epoch hours); merged with decay into ``trending``."""
+        return f"{REDIS_PREFIX}trending:h:{hour}"
+
+    @staticmethod
+    def counter(name: str, bucket: int) -> str:
+        """A time-bucketed hash of counters (field = metric, value = count)."""
+        return f"{REDIS_PREFIX}stats:{name}:{bucket}"
+
+    @staticmethod
+    def ab(experiment: str, variant: str) -> str:
+        return f"{REDIS_PREFIX}ab:{experiment}:{variant}"
+
+    @staticmethod
+    def request(request_id: str) -> str:
+        return f"{REDIS_PREFIX}req:{request_id}"
+
+    dlq_reasons = REDIS_PREFIX + "dlq:reasons"
+    consumer_status = REDIS_PREFIX + "consumer:status"
+
+
+# --- schemas -----------------------------------------------------------------
+Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
+
+
+class Event(BaseModel):
+    """One shop event (``schema_version`` 1). ``ts`` is UTC epoch milliseconds."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    schema_version: Literal[1] = 1
+    event_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F-]{32,36}$")]
+    event_type: Literal["view", "add_to_cart", "purchase", "impression", "click"]
+    user_id: Id
+    item_id: Id | None = None
+    session_id: Id
+    ts: int = Field(ge=0)
+    price: float | None = Field(None, gt=0, lt=1_000_000)
+    quantity: int | None = Field(None, ge=1, le=1000)
+    request_id: Id | None = None
+    variant: Id | None = None
+    model_version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    items: list[Id] | None = Field(None, max_length=200)
+
+    @model_validator(mode="after")
+    def _item_matches_type(self) -> Event:
+        if self.event_type == "impression":
+            if not self.items:
+                raise ValueError("an impression needs 'items' (the ranked list that was shown)")
+        elif self.item_id is None:
+            raise ValueError(f"a '{self.event_type}' event needs 'item_id'")
+        return self
+
+
+class CatalogItem(BaseModel):
+    """One product of the shop catalog."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    item_id: Id
+    title: str = Field(max_length=500)
+    category: str = Field(max_length=100)
+    brand: str = Field(max_length=100)
+    price: float = Field(gt=0)
+    created_at: int = Field(ge=0, description="UTC epoch ms")
+    in_stock: bool = True
+
+
+class EventError(ValueError):
+    """A record that is not a valid event; ``reason`` is a short machine-readable code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _describe(err: ValidationError) -> tuple[str, str]:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "event"
+    if loc == "event_type" and first["type"] == "literal_error":
+        return "unknown_event_type", f"event_type must be one of {', '.join(EVENT_TYPES)}"
+    if first["type"] == "missing":
+        return "missing_field", f"'{loc}' is required"
+    if first["type"] == "extra_forbidden":
+        return "unknown_field", f"'{loc}' is not a field of schema_version {SCHEMA_VERSION}"
+    return "schema", f"{loc}: {first['msg']}"
+
+
+def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int = 30,
+                   max_future_s: int = 300) -> Event:
+    """Validate a decoded JSON object as an :class:`Event`.
+
+    Raises:
+        EventError: with a reason code and a message that says what to fix.
+    """
+    if not isinstance(data, dict):
+        raise EventError("schema", "an event must be a JSON object")
+    try:
+        ev = Event.model_validate(data)
+    except ValidationError as err:
+        raise EventError(*_describe(err)) from None
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if ev.ts > now_ms + max_future_s * 1000:
+        raise EventError("ts_in_future", f"ts {ev.ts} is more than {max_future_s}s in the future; send UTC epoch milliseconds")
+    if ev.ts < now_ms - max_age_days * 86_400_000:
+        raise EventError("ts_too_old", f"ts {ev.ts} is older than {max_age_days} days; send UTC epoch milliseconds")
+    return ev
+
+
+def parse_event(raw: bytes, *, max_bytes: int = 16_384, **kw) -> Event:
+    """Decode and validate one Kafka record value.
+
+    Raises:
+        EventError: reason ``oversized``, ``undecodable``, ``invalid_json`` or a schema reason.
+    """
+    if len(raw) > max_bytes:
+        raise EventError("oversized", f"record is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EventError("undecodable", "record is not UTF-8 text") from None
+    try:
+        data = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise EventError("invalid_json", "record is not valid JSON") from None
+    return validate_event(data, **kw)
+
+
+def new_event(event_type: str, user_id: str, item_id: str | None, session_id: str, *,
+              ts: int | None = None, **extra) -> dict:
+    """Build a valid event dict (used by the simulator, the service and tests)."""
+    ev = {
+        "schema_version": SCHEMA_VERSION,
+        "event_id": str(uuid.uuid4()),
+        "event_type": event_type,
+        "user_id": user_id,
+        "item_id": item_id,
+        "session_id": session_id,
+        "ts": int(time.time() * 1000) if ts is None else int(ts),
+    }
+    ev.update({k: v for k, v in extra.items() if v is not None})
+    return ev
