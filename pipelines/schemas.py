@@ -47,6 +47,11 @@ LAKE_COLUMNS = (
     "request_id", "variant", "model_version", "items", "schema_version",
 )
 
+# --- serving counters (time-bucketed in Redis, read by the dashboard) ----------
+STATS_REQUESTS = "requests"  # fields: cache | model | fallback, cold_user, cold_user_session, cold_user_trending
+STATS_CACHE = "cache"  # fields: hit | miss
+SOURCE_CACHE, SOURCE_MODEL, SOURCE_FALLBACK = "cache", "model", "fallback"
+
 # --- Redis -------------------------------------------------------------------
 REDIS_PREFIX = "shoprec:"
 

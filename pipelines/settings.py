@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     default_k: int = Field(10, ge=1)
     max_k: int = Field(100, ge=1)
     bento_url: str = "http://127.0.0.1:3001"
+    ab_experiment: str = "default"
+    ab_challenger_share: float = Field(0.5, ge=0, le=1, description="traffic share of the challenger when one exists")
+    ab_salt: str = "shoprec-ab-1"
+    fallback_k: int = 200
 
     # events older/newer than this are rejected
     max_event_age_days: int = Field(30, ge=1)

@@ -69,3 +69,33 @@ def pytest_configure(config):
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
     Path("var").mkdir(exist_ok=True)
+
+
+def synthetic_interactions(n_users: int = 60, n_items: int = 40, per_user: int = 8, seed: int = 0):
+    """Two taste groups (even/odd users) that each stick to their own half of the items."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    t0 = 1_790_000_000_000
+    for u in range(n_users):
+        group = u % 2
+        pool = [i for i in range(n_items) if i % 2 == group]
+        for j, i in enumerate(rng.choice(pool, size=per_user, replace=False)):
+            rows.append((f"u{u}", f"i{i}", t0 + (u * per_user + j) * 1000, 1.0))
+    df = pd.DataFrame(rows, columns=["user_id", "item_id", "ts", "weight"])
+    df["ts"] = pd.to_datetime(df["ts"], unit="ms", utc=True)
+    return df
+
+
+@pytest.fixture()
+def registered_champion(settings):
+    """A small BPR model registered in MLflow as `champion` (fresh registry per test)."""
+    from pipelines import training
+    from pipelines.registry import ModelRegistry
+
+    registry = ModelRegistry(settings.mlflow_tracking_uri, name=f"shoprec-test-{uuid.uuid4().hex[:6]}")
+    result = training.train(synthetic_interactions(), settings.train.model_copy(update={"epochs": 30, "dim": 16}))
+    reg = training.register_and_gate(registry, result)
+    return registry, reg

@@ -1,0 +1,1 @@
+"""shoprec's Streamlit dashboard (``streamlit run dashboard/streamlit_app.py``)."""

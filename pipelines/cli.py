@@ -1,0 +1,120 @@
+"""The ``shoprec`` command line."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+from pipelines.settings import get_settings
+
+app = typer.Typer(help="shoprec: real-time product recommendations.", no_args_is_help=True,
+                  pretty_exceptions_show_locals=False)
+stack_app = typer.Typer(help="The local stack (what `make up/down/status` run).", no_args_is_help=True)
+app.add_typer(stack_app, name="stack")
+
+
+def _logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    return stop
+
+
+@app.command()
+def init() -> None:
+    """Create the Kafka topics (safe to run again)."""
+    from pipelines import kafka_io
+
+    _logging()
+    kafka_io.ensure_topics(get_settings())
+    typer.echo("topics ready")
+
+
+@app.command()
+def consume(verbose: bool = False) -> None:
+    """Run one stream consumer (Kafka → lake + Redis; invalid records → DLQ) until stopped."""
+    from pipelines import kafka_io
+    from pipelines.consumer import StreamConsumer
+    from pipelines.state import OnlineState, connect
+
+    _logging(verbose)
+    s = get_settings()
+    kafka_io.ensure_topics(s)
+    state = OnlineState(connect(s.redis_url), recent_cap=s.recent_items_cap, cache_ttl_s=s.cache_ttl_s,
+                        experiment=s.ab_experiment)
+    StreamConsumer(s, state).run(_stop_on_signals())
+
+
+@app.command()
+def simulate(
+    rate: float = typer.Option(20.0, help="events per second"),
+    duration: float = typer.Option(None, help="seconds to run (default: until stopped)"),
+    backfill: int = typer.Option(0, help="write DAYS of history straight into the lake, then exit"),
+    events_per_day: int = typer.Option(20_000, help="history density for --backfill"),
+    closed_loop: bool = typer.Option(False, help="simulated users call /recommend and react to it"),
+    seed: int = 0,
+) -> None:
+    """Run the shop simulator: live events to Kafka, or --backfill history into the lake."""
+    from pipelines import kafka_io, simulator
+
+    _logging()
+    s = get_settings()
+    catalog = simulator.load_or_make_catalog(s.catalog_path, seed=seed)
+    sim = simulator.ShopSimulator(catalog, seed=seed)
+    if backfill:
+        n = sim.backfill(s.lake_dir, days=backfill, events_per_day=events_per_day)
+        typer.echo(f"wrote {n} events ({backfill} days) to {s.lake_dir}")
+        return
+    kafka_io.ensure_topics(s)
+    producer = kafka_io.make_producer(s)
+    recommend_fn = simulator.http_recommend_fn(s.bento_url) if closed_loop else None
+    counts = sim.run_live(lambda evs: kafka_io.send_events(producer, evs), rate_eps=rate, duration_s=duration,
+                          recommend_fn=recommend_fn, stop_event=_stop_on_signals())
+    producer.flush()
+    typer.echo(f"sent {counts}")
+
+
+@stack_app.command("up")
+def stack_up(backfill_days: int = typer.Option(3, help="history to simulate when the lake is empty")) -> None:
+    """Start everything in the background, wait for health checks, print the URLs."""
+    from pipelines import lake, simulator, stack
+
+    s = get_settings()
+    if backfill_days and not lake.partitions(s.lake_dir):
+        typer.echo(f"empty lake: simulating {backfill_days} days of shop history first")
+        _logging()
+        sim = simulator.ShopSimulator(simulator.load_or_make_catalog(s.catalog_path), seed=0)
+        sim.backfill(s.lake_dir, days=backfill_days, events_per_day=20_000)
+    ok = stack.up(s, Path.cwd(), echo=typer.echo)
+    raise typer.Exit(0 if ok else 1)
+
+
+@stack_app.command("down")
+def stack_down() -> None:
+    """Stop exactly what `stack up` started."""
+    from pipelines import stack
+
+    stack.down(get_settings(), Path.cwd())
+    typer.echo("stack stopped")
+
+
+@stack_app.command("status")
+def stack_status() -> None:
+    """Show what runs."""
+    from pipelines import stack
+
+    typer.echo(stack.status(get_settings(), Path.cwd()))
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,124 @@
+"""The MLflow side of the model lifecycle: log, register, alias, load.
+
+Models are logged as MLflow pyfunc models wrapping a shoprec ``Recommender``
+folder, registered as ``shoprec-recommender`` and addressed by the aliases
+``champion`` / ``challenger`` (never stages).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from pipelines.models import Recommender, load_recommender
+from pipelines.schemas import ALIAS_CHAMPION, MLFLOW_EXPERIMENT, REGISTERED_MODEL
+
+log = logging.getLogger(__name__)
+
+PRIMARY_METRIC = "ndcg_at_10"
+
+
+class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper: ``predict`` takes a frame with ``user_id`` and returns top-k item ids."""
+
+    def load_context(self, context):
+        self.recommender = load_recommender(context.artifacts["recommender"])
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        k = int((params or {}).get("k", 10))
+        users = model_input["user_id"].astype(str).tolist()
+        return pd.DataFrame({"user_id": users, "items": self.recommender.recommend(users, k)})
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    recommender: Recommender
+    version: str
+    alias: str
+
+
+class ModelRegistry:
+    """shoprec's view of one MLflow tracking server / registry."""
+
+    def __init__(self, tracking_uri: str, name: str = REGISTERED_MODEL):
+        self.tracking_uri = tracking_uri
+        self.name = name
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+
+    def log_and_register(self, model: Recommender, *, params: dict, metrics: dict[str, float],
+                         tags: dict[str, str], metric_history: dict[str, list[float]] | None = None) -> tuple[str, str]:
+        """Log a trained model as a run of experiment ``shoprec`` and register a new version.
+
+        Returns:
+            ``(run_id, version)``.
+        """
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        mlflow.set_experiment(MLFLOW_EXPERIMENT)
+        with mlflow.start_run(run_name=f"train-{model.name}") as run, tempfile.TemporaryDirectory() as tmp:
+            mlflow.log_params(_flat(params))
+            for key, values in (metric_history or {}).items():
+                for step, v in enumerate(values):
+                    mlflow.log_metric(key, v, step=step)
+            mlflow.log_metrics({_metric_key(k): float(v) for k, v in metrics.items()})
+            mlflow.set_tags(tags)
+            model.save(Path(tmp) / "recommender")
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=RecommenderPyfunc(),
+                artifacts={"recommender": str(Path(tmp) / "recommender")},
+                registered_model_name=self.name, pip_requirements=["torch", "numpy", "pandas"],
+            )
+            version = str(info.registered_model_version)
+            run_id = run.info.run_id
+        for k, v in tags.items():
+            self.client.set_model_version_tag(self.name, version, k, v)
+        for k, v in metrics.items():
+            self.client.set_model_version_tag(self.name, version, f"metric.{_metric_key(k)}", f"{float(v):.6f}")
+        log.info("registered %s version %s (run %s)", self.name, version, run_id)
+        return run_id, version
+
+    def version_for(self, alias: str) -> str | None:
+        """The version behind an alias, or None when the alias (or the model) does not exist."""
+        try:
+            return str(self.client.get_model_version_by_alias(self.name, alias).version)
+        except MlflowException:
+            return None
+
+    def metric(self, version: str, key: str = PRIMARY_METRIC) -> float | None:
+        mv = self.client.get_model_version(self.name, version)
+        run = self.client.get_run(mv.run_id)
+        return run.data.metrics.get(key)
+
+    def set_alias(self, alias: str, version: str) -> None:
+        self.client.set_registered_model_alias(self.name, alias, version)
+
+    def load(self, alias: str = ALIAS_CHAMPION) -> LoadedModel | None:
+        """Load the model behind ``alias``; None when there is none yet."""
+        version = self.version_for(alias)
+        if version is None:
+            return None
+        mlflow.set_tracking_uri(self.tracking_uri)
+        mlflow.set_registry_uri(self.tracking_uri)
+        pyfunc = mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")
+        return LoadedModel(pyfunc.unwrap_python_model().recommender, version, alias)
+
+
+def _metric_key(k: str) -> str:
+    return k.replace("@", "_at_")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,176 @@
+"""The local stack under supervisord: render its config, start, wait for health, stop, show status.
+
+``make up`` / ``make down`` / ``make status`` call ``shoprec stack up|down|status``.
+Everything lives under ``var/``: config, logs, pid files, data. Kafka and Redis
+are started only when their addresses are the local defaults; point
+``SHOPREC_KAFKA_BOOTSTRAP`` / ``SHOPREC_REDIS_URL`` elsewhere to use real ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import httpx
+
+from pipelines.localstack import broker_command, redis_command
+from pipelines.settings import Settings
+
+DEFAULT_KAFKA = "localhost:9092"
+DEFAULT_REDIS = "redis://localhost:6379/0"
+
+
+@dataclass
+class Program:
+    name: str
+    command: list[str]
+    url: str  # what a person opens, or the address
+    health: str  # "tcp:HOST:PORT", "http:URL" or "proc"
+    priority: int = 100
+    env: dict[str, str] | None = None
+
+
+def programs(settings: Settings, root: Path) -> list[Program]:
+    var = (root / settings.var_dir).resolve()
+    bin_dir = Path(sys.executable).parent
+    progs: list[Program] = []
+    if settings.kafka_bootstrap == DEFAULT_KAFKA:
+        progs.append(Program("broker", broker_command(9092), "kafka://localhost:9092", "tcp:127.0.0.1:9092", 10))
+    if settings.redis_url == DEFAULT_REDIS:
+        (var / "redis").mkdir(parents=True, exist_ok=True)
+        progs.append(Program("redis", redis_command(6379, var / "redis"), "redis://localhost:6379",
+                             "tcp:127.0.0.1:6379", 10))
+    mlflow_port = urlparse(settings.mlflow_tracking_uri).port or 5000
+    if urlparse(settings.mlflow_tracking_uri).hostname in ("127.0.0.1", "localhost"):
+        (var / "mlflow").mkdir(parents=True, exist_ok=True)
+        progs.append(Program("mlflow", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port",
+                                        str(mlflow_port), "--workers", "1",
+                                        "--backend-store-uri", f"sqlite:///{var}/mlflow/mlflow.db",
+                                        "--artifacts-destination", f"{var}/mlflow/artifacts"],
+                             f"http://localhost:{mlflow_port}", f"http:http://127.0.0.1:{mlflow_port}/health", 20))
+    (var / "dagster").mkdir(parents=True, exist_ok=True)
+    progs += [
+        Program("dagster", [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", "3000"],
+                "http://localhost:3000", "http:http://127.0.0.1:3000/server_info", 30,
+                env={"DAGSTER_HOME": str(var / "dagster")}),
+        Program("bentoml", [str(bin_dir / "bentoml"), "serve", "bentos.service:Shoprec", "--host", "127.0.0.1",
+                            "--port", "3001"],
+                "http://localhost:3001", "http:http://127.0.0.1:3001/readyz", 30),
+        Program("dashboard", [str(bin_dir / "streamlit"), "run", "dashboard/streamlit_app.py", "--server.port",
+                              "8501", "--server.headless", "true", "--server.address", "127.0.0.1",
+                              "--browser.gatherUsageStats", "false"],
+                "http://localhost:8501", "http:http://127.0.0.1:8501/_stcore/health", 30),
+        Program("consumer", [str(bin_dir / "shoprec"), "consume"], "(stream consumer)", "proc", 40),
+        Program("simulator", [str(bin_dir / "shoprec"), "simulate", "--rate", "20", "--closed-loop"],
+                "(shop simulator, 20 events/s)", "proc", 50),
+    ]
+    return progs
+
+
+def render_config(settings: Settings, root: Path) -> Path:
+    var = (root / settings.var_dir).resolve()
+    (var / "log").mkdir(parents=True, exist_ok=True)
+    conf = var / "supervisord.conf"
+    lines = [
+        "[supervisord]", f"logfile={var}/log/supervisord.log", f"pidfile={var}/supervisord.pid",
+        f"directory={root.resolve()}", "nodaemon=false", "",
+        "[unix_http_server]", f"file={var}/supervisor.sock", "",
+        "[rpcinterface:supervisor]",
+        "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
+        "[supervisorctl]", f"serverurl=unix://{var}/supervisor.sock", "",
+    ]
+    for p in programs(settings, root):
+        env = {"PYTHONUNBUFFERED": "1", **(p.env or {})}
+        lines += [
+            f"[program:{p.name}]", f"command={shlex.join(p.command)}", f"priority={p.priority}",
+            "autorestart=true", "startsecs=2", "startretries=20", "stopasgroup=true", "killasgroup=true",
+            "stopwaitsecs=15", f"stdout_logfile={var}/log/{p.name}.log", "redirect_stderr=true",
+            "environment=" + ",".join(f'{k}="{v}"' for k, v in env.items()), "",
+        ]
+    conf.write_text("\n".join(lines))
+    return conf
+
+
+def _ctl(conf: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "supervisorctl"
+    return subprocess.run([str(exe), "-c", str(conf), *args], capture_output=True, text=True, check=check)
+
+
+def running(conf: Path) -> bool:
+    return conf.exists() and _ctl(conf, "pid").returncode == 0 and _ctl(conf, "pid").stdout.strip().isdigit()
+
+
+def healthy(p: Program, conf: Path) -> bool:
+    kind, _, target = p.health.partition(":")
+    if kind == "tcp":
+        import socket
+
+        host, port = target.rsplit(":", 1)
+        try:
+            with socket.create_connection((host, int(port)), timeout=1):
+                return True
+        except OSError:
+            return False
+    if kind == "http":
+        try:
+            return httpx.get(target, timeout=2).status_code < 500
+        except httpx.HTTPError:
+            return False
+    return "RUNNING" in _ctl(conf, "status", p.name).stdout
+
+
+def up(settings: Settings, root: Path, timeout_s: float = 240, echo=print) -> bool:
+    """Start (or update) the stack and wait until every program is healthy; True when all are."""
+    conf = render_config(settings, root)
+    if running(conf):
+        echo("stack already running: applying config changes and starting anything stopped")
+        _ctl(conf, "update")
+        _ctl(conf, "start", "all")
+    else:
+        exe = Path(sys.executable).parent / "supervisord"
+        subprocess.run([str(exe), "-c", str(conf)], check=True, env={**os.environ})
+    progs = programs(settings, root)
+    deadline = time.monotonic() + timeout_s
+    pending = {p.name for p in progs}
+    while pending and time.monotonic() < deadline:
+        for p in progs:
+            if p.name in pending and healthy(p, conf):
+                pending.discard(p.name)
+                echo(f"  ready: {p.name}")
+        time.sleep(1)
+    echo(table(progs, conf))
+    if pending:
+        echo(f"not healthy after {timeout_s:.0f}s: {', '.join(sorted(pending))}; see {settings.var_dir}/log/<name>.log")
+    return not pending
+
+
+def down(settings: Settings, root: Path) -> None:
+    conf = (root / settings.var_dir).resolve() / "supervisord.conf"
+    if running(conf):
+        _ctl(conf, "shutdown")
+        pid_file = conf.parent / "supervisord.pid"
+        deadline = time.monotonic() + 60
+        while pid_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+
+def table(progs: list[Program], conf: Path) -> str:
+    rows = [("service", "state", "open")]
+    for p in progs:
+        state = _ctl(conf, "status", p.name).stdout.split()
+        rows.append((p.name, state[1] if len(state) > 1 else "?", p.url))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)
+
+
+def status(settings: Settings, root: Path) -> str:
+    conf = (root / settings.var_dir).resolve() / "supervisord.conf"
+    if not running(conf):
+        return "the stack is not running (start it with `make up`)"
+    return table(programs(settings, root), conf)

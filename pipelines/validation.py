@@ -1,0 +1,350 @@
+"""Data quality of lake partitions with Great Expectations 1.x.
+
+The rules live as versioned JSON suites in ``expectations/`` (the source of
+truth; this module never builds expectations in code):
+
+* ``events.json`` (suite ``shoprec_events``): columns, keys not null, known
+  event types, unique ``event_id``, id format, price range, ``item_id`` for every
+  event but impressions, at least one row.
+* ``events_window.json`` (suite ``shoprec_events_window``): every ``ts`` lies in
+  the partition's own hour; run only when the hour is given.
+
+Values owned by :mod:`pipelines.schemas` (``LAKE_COLUMNS``, ``EVENT_TYPES``) are
+not copied into the JSON: the suites name them as ``$PARAMETER``s and
+:func:`validate_events` supplies them at run time.
+
+The GX run follows the 1.x API: an ephemeral context, a pandas data source, a
+dataframe asset, a whole-dataframe batch definition, one ``ValidationDefinition``
+per suite and a ``Checkpoint`` run with ``batch_parameters={"dataframe": df}``.
+The context and checkpoints are built once per process (importing GX alone takes
+seconds) and reused; GX is imported on first use, not when ``pipelines`` is.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from pipelines.schemas import EVENT_TYPES, LAKE_COLUMNS
+
+if TYPE_CHECKING:
+    from great_expectations.core.expectation_suite import ExpectationSuite
+
+EXPECTATIONS_DIR = Path(__file__).resolve().parent.parent / "expectations"
+SUITE_PATH = EXPECTATIONS_DIR / "events.json"
+WINDOW_SUITE_PATH = EXPECTATIONS_DIR / "events_window.json"
+
+#: how many distinct unexpected values a failure reports
+SAMPLE_SIZE = 5
+
+_DATASOURCE = "shoprec_lake"
+_ASSET = "events_partition"
+_BATCH = "whole_partition"
+_RESULT_FORMAT = {"result_format": "SUMMARY", "partial_unexpected_count": 20}
+
+
+# --- suites --------------------------------------------------------------------
+def load_suite(path: Path | str = SUITE_PATH) -> ExpectationSuite:
+    """Build the GX ``ExpectationSuite`` stored as JSON at ``path``.
+
+    Raises:
+        ValueError: the file lacks a name or ``meta.version``, names a column that
+            is not a lake column, or holds an expectation GX cannot build (GX
+            itself would only log and drop it).
+    """
+    from great_expectations.core.expectation_suite import ExpectationSuite
+    from great_expectations.expectations.expectation_configuration import ExpectationConfiguration
+
+    path = Path(path)
+    data = json.loads(path.read_text())
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"{path}: the suite needs a 'name'")
+    if "version" not in (data.get("meta") or {}):
+        raise ValueError(f"{path}: the suite needs 'meta.version'")
+    expectations = data.get("expectations") or []
+    for i, exp in enumerate(expectations):
+        column = (exp.get("kwargs") or {}).get("column")
+        if column is not None and column not in LAKE_COLUMNS:
+            raise ValueError(f"{path}: expectation {i} ({exp.get('type')}) names column {column!r}, "
+                             f"which is not a lake column")
+        try:
+            ExpectationConfiguration(**exp).to_domain_obj()
+        except Exception as err:  # GX raises several unrelated types here
+            raise ValueError(f"{path}: expectation {i} ({exp.get('type')}) is invalid: {err}") from err
+    suite = ExpectationSuite(
+        name=name,
+        expectations=expectations,
+        meta=data.get("meta"),
+        notes=data.get("notes"),
+    )
+    if len(suite.expectations) != len(expectations):  # pragma: no cover - caught above
+        raise ValueError(f"{path}: GX built {len(suite.expectations)} of {len(expectations)} expectations")
+    return suite
+
+
+def suite_parameters() -> dict[str, Any]:
+    """The ``$PARAMETER`` values that come from :mod:`pipelines.schemas`."""
+    return {"lake_columns": list(LAKE_COLUMNS), "event_types": list(EVENT_TYPES)}
+
+
+# --- the cached GX runtime -------------------------------------------------------
+@dataclass
+class _Runtime:
+    context: Any
+    checkpoint: Any  # events suite only
+    windowed: Any  # events suite + window suite
+    versions: dict[str, Any]
+
+
+_runtime: _Runtime | None = None
+_lock = threading.Lock()
+
+
+def _build_runtime() -> _Runtime:
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    context = gx.get_context(mode="ephemeral")
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    batch_definition = (
+        context.data_sources.add_pandas(_DATASOURCE)
+        .add_dataframe_asset(_ASSET)
+        .add_batch_definition_whole_dataframe(_BATCH)
+    )
+    definitions = {}
+    versions = {}
+    for path in (SUITE_PATH, WINDOW_SUITE_PATH):
+        suite = context.suites.add(load_suite(path))
+        versions[suite.name] = suite.meta["version"]
+        definitions[path] = context.validation_definitions.add(
+            gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite))
+    checkpoint = context.checkpoints.add(gx.Checkpoint(
+        name="shoprec_events", validation_definitions=[definitions[SUITE_PATH]],
+        result_format=_RESULT_FORMAT))
+    windowed = context.checkpoints.add(gx.Checkpoint(
+        name="shoprec_events_windowed",
+        validation_definitions=[definitions[SUITE_PATH], definitions[WINDOW_SUITE_PATH]],
+        result_format=_RESULT_FORMAT))
+    return _Runtime(context, checkpoint, windowed, versions)
+
+
+def _get_runtime() -> _Runtime:
+    global _runtime
+    if _runtime is None:
+        with _lock:
+            if _runtime is None:
+                _runtime = _build_runtime()
+    return _runtime
+
+
+def _forget_results(context: Any) -> None:
+    """Drop the results GX keeps in its in-memory store after every run (they would pile up)."""
+    store = context.validation_results_store
+    for key in store.list_keys():
+        store.remove_key(key)
+
+
+# --- report ----------------------------------------------------------------------
+@dataclass
+class ValidationReport:
+    """The outcome of validating one partition.
+
+    ``failed`` holds one dict per failed expectation: ``suite``, ``expectation_type``,
+    ``column``, ``description``, ``unexpected_count``, ``unexpected_percent``,
+    ``observed_value``, ``sample`` (a few offending values, JSON-able) and
+    ``exception`` (when GX could not evaluate it, e.g. a missing column).
+    """
+
+    success: bool
+    evaluated: int
+    failed: list[dict] = field(default_factory=list)
+    statistics: dict = field(default_factory=dict)
+
+    def to_metadata(self) -> dict:
+        """Plain JSON-able values, e.g. for Dagster asset-check metadata."""
+        return _jsonable({
+            "success": self.success,
+            "evaluated": self.evaluated,
+            "failed_count": len(self.failed),
+            "failed_expectations": [_label(f) for f in self.failed],
+            "failed": self.failed,
+            "statistics": self.statistics,
+            "summary": self.summary(),
+        })
+
+    def summary(self) -> str:
+        stats = self.statistics
+        suites = ", ".join(f"{n} v{v}" for n, v in stats.get("suites", {}).items()) or "no suite"
+        rows = stats.get("rows")
+        head = (f"{'PASSED' if self.success else 'FAILED'}: "
+                f"{self.evaluated - len(self.failed)}/{self.evaluated} expectations met "
+                f"on {rows} rows ({suites})")
+        lines = [head]
+        if rows == 0:
+            lines.append("  the partition is empty (0 rows)")
+        for f in self.failed:
+            lines.append("  - " + _describe_failure(f))
+        return "\n".join(lines)
+
+
+def _label(f: dict) -> str:
+    return f"{f['expectation_type']}({f['column']})" if f.get("column") else f["expectation_type"]
+
+
+def _describe_failure(f: dict) -> str:
+    text = _label(f)
+    if f.get("exception"):
+        return f"{text}: could not be evaluated: {f['exception']}"
+    if f["expectation_type"] == "expect_table_columns_to_match_set":
+        return f"{text}: missing columns: " + ", ".join(f.get("sample") or [])
+    if f.get("unexpected_count") is not None:
+        pct = f.get("unexpected_percent")
+        text += f": {f['unexpected_count']} unexpected" + (f" ({pct:.1f}%)" if pct is not None else "")
+    elif f.get("observed_value") is not None:
+        text += f": observed {f['observed_value']!r}"
+    if f.get("sample"):
+        text += ", e.g. " + ", ".join(repr(v) for v in f["sample"])
+    return text
+
+
+def _jsonable(value: Any) -> Any:
+    """Convert numpy/pandas/datetime values (and NaN) into plain JSON values."""
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (datetime, date, pd.Timestamp)):
+        return value.isoformat()
+    if hasattr(value, "item") and not hasattr(value, "__len__"):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float):
+        return None if math.isnan(value) or math.isinf(value) else value
+    if isinstance(value, int):
+        return value
+    try:
+        if pd.isna(value):
+            return None
+    except (TypeError, ValueError):
+        pass
+    if hasattr(value, "tolist"):
+        return _jsonable(value.tolist())
+    return str(value)
+
+
+def _sample(result: dict) -> list:
+    counts = result.get("partial_unexpected_counts")
+    if counts:
+        values = [c.get("value") for c in counts]
+    elif result.get("partial_unexpected_list") is not None:
+        values = list(dict.fromkeys(_jsonable(v) for v in result["partial_unexpected_list"]))
+    else:  # expect_table_columns_to_match_set: all the missing columns
+        return _jsonable((result.get("details") or {}).get("mismatched", {}).get("missing") or [])
+    return [_jsonable(v) for v in values[:SAMPLE_SIZE]]
+
+
+def _failure(suite: str, res: Any) -> dict:
+    config = res.expectation_config
+    result = res.result or {}
+    exception = None
+    info = res.exception_info or {}
+    if info.get("raised_exception"):
+        exception = info.get("exception_message")
+    else:  # GX 1.x may key the info by metric
+        for sub in info.values():
+            if isinstance(sub, dict) and sub.get("raised_exception"):
+                exception = sub.get("exception_message")
+                break
+    return _jsonable({
+        "suite": suite,
+        "expectation_type": config.type,
+        "column": config.kwargs.get("column"),
+        "description": getattr(config, "description", None),
+        "unexpected_count": result.get("unexpected_count"),
+        "unexpected_percent": result.get("unexpected_percent"),
+        "observed_value": result.get("observed_value"),
+        "sample": _sample(result),
+        "exception": exception,
+    })
+
+
+# --- public API ------------------------------------------------------------------
+def _utc(value: datetime | pd.Timestamp | str) -> pd.Timestamp:
+    ts = pd.Timestamp(value)
+    return ts.tz_localize("UTC") if ts.tzinfo is None else ts.tz_convert("UTC")
+
+
+def hour_window(partition_key: str) -> tuple[datetime, datetime]:
+    """``[start, end)`` in UTC of an hourly partition key (``YYYY-MM-DD-HH:00``)."""
+    start = datetime.strptime(partition_key, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc)
+    return start, start + timedelta(hours=1)
+
+
+def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
+                    hour_end: datetime | None = None) -> ValidationReport:
+    """Validate one partition of events against the ``shoprec_events`` suite.
+
+    When ``hour_start`` is given, also check that every ``ts`` lies in
+    ``[hour_start, hour_end)`` (``hour_end`` defaults to one hour later; naive
+    datetimes are taken as UTC).
+
+    Raises:
+        TypeError: ``df`` is not a DataFrame.
+        ValueError: ``hour_end`` without ``hour_start``, or an empty window.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"validate_events needs a pandas DataFrame, not {type(df).__name__}")
+    params = suite_parameters()
+    window = None
+    if hour_start is not None:
+        start = _utc(hour_start)
+        end = _utc(hour_end) if hour_end is not None else start + pd.Timedelta(hours=1)
+        if end <= start:
+            raise ValueError(f"hour_end {end} is not after hour_start {start}")
+        params.update(hour_start=start, hour_end=end)
+        window = [start.isoformat(), end.isoformat()]
+    elif hour_end is not None:
+        raise ValueError("hour_end needs hour_start")
+
+    rt = _get_runtime()
+    checkpoint = rt.windowed if window else rt.checkpoint
+    with _lock:
+        try:
+            result = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=params)
+        finally:
+            _forget_results(rt.context)
+
+    failed: list[dict] = []
+    evaluated = 0
+    suites: dict[str, Any] = {}
+    for run in result.run_results.values():
+        suite = run.suite_name
+        suites[suite] = rt.versions.get(suite)
+        evaluated += len(run.results)
+        failed += [_failure(suite, r) for r in run.results if not r.success]
+    failed.sort(key=lambda f: f["column"] is not None)  # table-level failures (empty, columns) first
+    successful = evaluated - len(failed)
+    statistics = {
+        "rows": len(df),
+        "suites": suites,
+        "window": window,
+        "evaluated_expectations": evaluated,
+        "successful_expectations": successful,
+        "unsuccessful_expectations": len(failed),
+        "success_percent": round(100.0 * successful / evaluated, 2) if evaluated else None,
+    }
+    return ValidationReport(success=bool(result.success) and not failed, evaluated=evaluated,
+                            failed=failed, statistics=statistics)
+
+
+__all__ = ["SUITE_PATH", "WINDOW_SUITE_PATH", "ValidationReport", "hour_window", "load_suite",
+           "suite_parameters", "validate_events"]

@@ -1,0 +1,225 @@
+"""The dashboard's computations (pure functions) and its fetch functions against real Redis / MLflow."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pandas as pd
+import pytest
+from scipy.stats import chi2_contingency
+
+from pipelines import dashboard_data as dd
+from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, RedisKeys
+from pipelines.state import BUCKET_S, OnlineState
+
+NOW = 1_800_000_000.0  # a minute boundary plus 0 s
+B = int(NOW) // BUCKET_S * BUCKET_S  # start of the current bucket
+
+
+def test_counter_names_are_the_serving_contract():
+    assert (dd.STATS_REQUESTS, dd.STATS_CACHE) == ("requests", "cache")
+    assert dd.REQUEST_SOURCES == ("cache", "model", "fallback")
+    assert dd.COLD_FIELDS == ("cold_user", "cold_user_session", "cold_user_trending")
+    assert (dd.CACHE_HIT, dd.CACHE_MISS) == ("hit", "miss")
+    assert dd.ab_stats_name("challenger") == "ab:challenger"
+
+
+def test_rate_pct_totals():
+    assert dd.rate(1, 4) == 0.25 and dd.rate(3, 0) is None
+    assert dd.pct(0.1234) == "12.3 %" and dd.pct(0.05, 2) == "5.00 %"
+    assert dd.pct(None) == dd.pct(math.nan) == "–"
+    assert dd.totals({B: {"hit": 2}, B - 60: {"hit": 1, "miss": 4, "other": 9}}, ["hit", "miss"]) == {"hit": 3, "miss": 4}
+    assert dd.totals({}, ["hit"]) == {"hit": 0}
+
+
+def test_buckets_to_frame_fills_missing_minutes_and_drops_old_ones():
+    buckets = {B: {"hit": 3}, B - 120: {"hit": 1, "miss": 2}, B - 3600: {"hit": 100}}
+    df = dd.buckets_to_frame(buckets, ["hit", "miss"], minutes=60, now_s=NOW + 30)
+    assert len(df) == 60 and df.index.name == "minute"
+    assert df.index.is_monotonic_increasing and str(df.index.tz) == "UTC"
+    assert df.index[-1] == pd.Timestamp(B, unit="s", tz="UTC")
+    assert df["hit"].sum() == 4 and df["miss"].sum() == 2  # the bucket an hour ago is outside the window
+    assert df.loc[pd.Timestamp(B - 120, unit="s", tz="UTC")].tolist() == [1, 2]
+    assert (df.dtypes == "int64").all()
+
+
+def test_ab_table_orders_variants_and_computes_rates():
+    counts = {"zeta": {"impressions": 10, "clicks": 1}, ALIAS_CHALLENGER: {"impressions": 200, "clicks": 20,
+                                                                            "purchases": 4},
+              ALIAS_CHAMPION: {"impressions": 100, "clicks": 5, "carts": 2, "purchases": 1}, "empty": {"clicks": 3}}
+    t = dd.ab_table(counts)
+    assert list(t.index) == [ALIAS_CHAMPION, ALIAS_CHALLENGER, "empty", "zeta"]
+    assert t.loc[ALIAS_CHAMPION, "ctr"] == pytest.approx(0.05)
+    assert t.loc[ALIAS_CHALLENGER, "conversion"] == pytest.approx(0.02)
+    assert t.loc[ALIAS_CHAMPION, "carts"] == 2
+    assert math.isnan(t.loc["empty", "ctr"]) and math.isnan(t.loc["empty", "conversion"])
+    assert dd.ab_table({}).empty
+
+
+def test_ab_timeseries_has_a_column_per_variant_and_metric():
+    per = {ALIAS_CHALLENGER: {B: {"impressions": 4, "clicks": 1}}, ALIAS_CHAMPION: {B - 60: {"impressions": 7}}}
+    ts = dd.ab_timeseries(per, minutes=5, now_s=NOW)
+    assert list(ts.columns) == ["champion impressions", "champion clicks", "challenger impressions",
+                                "challenger clicks"]
+    assert len(ts) == 5 and ts["champion impressions"].sum() == 7 and ts.iloc[-1]["challenger clicks"] == 1
+    assert dd.ab_timeseries({}, minutes=5, now_s=NOW).empty
+
+
+def test_pick_ab_pair():
+    assert dd.pick_ab_pair({ALIAS_CHALLENGER: {"impressions": 1}, ALIAS_CHAMPION: {"impressions": 9},
+                            "x": {"impressions": 100}}) == (ALIAS_CHAMPION, ALIAS_CHALLENGER)
+    assert dd.pick_ab_pair({"a": {"impressions": 5}, "b": {"impressions": 50}, "c": {"impressions": 20}}) == ("b", "c")
+    assert dd.pick_ab_pair({ALIAS_CHAMPION: {"impressions": 5}, ALIAS_CHALLENGER: {"impressions": 0}}) is None
+    assert dd.pick_ab_pair({}) is None
+
+
+@pytest.mark.parametrize("n_a,x_a,n_b,x_b", [(1000, 50, 1000, 80), (5000, 400, 4000, 330), (300, 3, 250, 2)])
+def test_ctr_ztest_matches_the_chi_square_test(n_a, x_a, n_b, x_b):
+    """A pooled two-sided z-test is the 2x2 chi-square test without continuity correction."""
+    counts = {ALIAS_CHAMPION: {"impressions": n_a, "clicks": x_a}, ALIAS_CHALLENGER: {"impressions": n_b, "clicks": x_b}}
+    r = dd.ctr_ztest(counts)
+    chi2, p, _, _ = chi2_contingency([[x_a, n_a - x_a], [x_b, n_b - x_b]], correction=False)
+    assert (r.a, r.b) == (ALIAS_CHAMPION, ALIAS_CHALLENGER)
+    assert r.p_value == pytest.approx(p, rel=1e-9)
+    assert r.z ** 2 == pytest.approx(chi2, rel=1e-9)
+    assert math.copysign(1, r.z) == math.copysign(1, x_b / n_b - x_a / n_a)
+
+
+def test_ctr_ztest_verdicts():
+    sig = dd.ctr_ztest({ALIAS_CHAMPION: {"impressions": 1000, "clicks": 50},
+                        ALIAS_CHALLENGER: {"impressions": 1000, "clicks": 80}})
+    assert sig.significant and sig.p_value < 0.01
+    assert sig.verdict.startswith("challenger gets clicked more") and "significant" in sig.verdict
+    assert sig.lift == pytest.approx(0.6)
+
+    worse = dd.ctr_ztest({ALIAS_CHAMPION: {"impressions": 1000, "clicks": 80},
+                          ALIAS_CHALLENGER: {"impressions": 1000, "clicks": 50}})
+    assert worse.significant and worse.verdict.startswith("champion gets clicked more")
+
+    same = dd.ctr_ztest({ALIAS_CHAMPION: {"impressions": 1000, "clicks": 50},
+                         ALIAS_CHALLENGER: {"impressions": 1000, "clicks": 52}})
+    assert not same.significant and same.verdict.startswith("No significant difference")
+
+    small = dd.ctr_ztest({ALIAS_CHAMPION: {"impressions": 20, "clicks": 0},
+                          ALIAS_CHALLENGER: {"impressions": 20, "clicks": 15}})
+    assert small.p_value < 0.05 and not small.enough_data and not small.significant
+    assert small.verdict.startswith("Not enough data yet")
+
+
+def test_ctr_ztest_edge_cases():
+    assert dd.ctr_ztest({ALIAS_CHAMPION: {"impressions": 100, "clicks": 5}}) is None
+    assert dd.ctr_ztest({}) is None
+    no_clicks = dd.ctr_ztest({"a": {"impressions": 500}, "b": {"impressions": 400}})
+    assert (no_clicks.z, no_clicks.p_value, no_clicks.significant) == (0.0, 1.0, False)
+    assert no_clicks.lift is None
+    # late impressions: more clicks than impressions are capped instead of giving a rate above 100 %
+    capped = dd.ctr_ztest({"a": {"impressions": 100, "clicks": 150}, "b": {"impressions": 100, "clicks": 10}})
+    assert capped.ctr_a == 1.0 and 0 <= capped.p_value <= 1
+    # explicit pair, one without impressions
+    assert dd.ctr_ztest({"a": {"impressions": 10}, "b": {}}, "a", "b") is None
+
+
+def test_cache_summary_and_timeseries():
+    buckets = {B: {"hit": 3, "miss": 1}, B - 60: {"miss": 4}}
+    s = dd.cache_summary(buckets)
+    assert (s.hits, s.misses, s.lookups) == (3, 5, 8) and s.hit_rate == pytest.approx(3 / 8)
+    assert dd.cache_summary({}).hit_rate is None
+    ts = dd.cache_timeseries(buckets, minutes=3, now_s=NOW)
+    assert ts["hit_rate"].tolist()[1:] == [0.0, 0.75] and math.isnan(ts["hit_rate"].iloc[0])
+
+
+def test_requests_by_source():
+    df = dd.requests_by_source({B: {"cache": 2, "model": 5, "cold_user": 4}, B - 60: {"model": 1, "fallback": 2}})
+    assert df["requests"].to_dict() == {"cache": 2, "model": 6, "fallback": 2}
+    assert df["share"].to_dict() == pytest.approx({"cache": 0.2, "model": 0.6, "fallback": 0.2})
+    assert dd.requests_by_source({})["share"].isna().all()
+    ts = dd.source_timeseries({B: {"fallback": 2}}, minutes=2, now_s=NOW)
+    assert list(ts.columns) == ["cache", "model", "fallback"] and ts["fallback"].tolist() == [0, 2]
+
+
+def test_cold_start_summary_and_timeseries():
+    buckets = {B: {"cache": 10, "model": 30, "fallback": 0, "cold_user": 8, "cold_user_session": 6,
+                   "cold_user_trending": 2},
+               B - 60: {"model": 10, "cold_user": 2, "cold_user_trending": 2}}
+    s = dd.cold_start_summary(buckets)
+    assert (s.requests, s.cold, s.from_session, s.from_trending) == (50, 10, 6, 4)
+    assert (s.cold_share, s.session_share, s.trending_share) == (0.2, 0.6, 0.4)
+    empty = dd.cold_start_summary({})
+    assert empty.requests == 0 and empty.cold_share is None and empty.session_share is None
+    ts = dd.cold_start_timeseries(buckets, minutes=3, now_s=NOW)
+    assert ts["requests"].tolist() == [0, 10, 40]
+    assert ts["cold_user_trending"].tolist() == [0, 2, 2]
+    assert math.isnan(ts["cold_share"].iloc[0]) and ts["cold_share"].tolist()[1:] == [0.2, 0.2]
+
+
+def test_dlq_table_and_consumer_summary():
+    t = dd.dlq_table({"schema": 2, "invalid_json": 5, "oversized": 2})
+    assert list(t.index) == ["invalid_json", "oversized", "schema"] and t["records"].tolist() == [5, 2, 2]
+    assert dd.dlq_table({}).empty
+
+    assert dd.consumer_summary({}) is None
+    c = dd.consumer_summary({"lag": "7", "rate_eps": "12.5", "consumed": "900", "updated_ts": str(NOW - 5)},
+                            now_s=NOW)
+    assert (c.lag, c.rate_eps, c.consumed, c.updated_ago_s, c.stale) == (7, 12.5, 900, 5.0, False)
+    old = dd.consumer_summary({"lag": "x", "updated_ts": str(NOW - 600)}, now_s=NOW)
+    assert old.lag is None and old.rate_eps is None and old.stale
+    assert dd.consumer_summary({"lag": "1"}, now_s=NOW).stale  # never said when: treat as stale
+
+
+def test_redact_url():
+    assert dd.redact_url("redis://:pw@host:6380/0") == "redis://:***@host:6380/0"
+    assert dd.redact_url("rediss://user:pw@host/1") == "rediss://user:***@host/1"
+    assert dd.redact_url("redis://localhost:6379/0") == "redis://localhost:6379/0"
+    assert dd.redact_url("sqlite:///tmp/mlflow.db") == "sqlite:///tmp/mlflow.db"
+
+
+# --- fetching from real services ---------------------------------------------------------
+def test_fetch_snapshot_reads_what_serving_and_the_consumer_write(redis_client):
+    state = OnlineState(redis_client, experiment="exp1")
+    state.r.hincrby(RedisKeys.ab("exp1", ALIAS_CHAMPION), "impressions", 4)
+    state.r.hincrby(RedisKeys.ab("other-exp", ALIAS_CHAMPION), "impressions", 99)
+    state.incr_stats(dd.ab_stats_name(ALIAS_CHAMPION), {"impressions": 4, "clicks": 1})
+    state.incr_stats(dd.STATS_REQUESTS, {"model": 2, "cold_user": 1})
+    state.incr_stats(dd.STATS_CACHE, {"miss": 2})
+    state.count_dlq({"schema": 1})
+    state.set_consumer_status(lag=0, updated_ts=time.time())
+
+    snap = dd.fetch_snapshot(state, minutes=5)
+    bucket = int(snap.now_s) // BUCKET_S * BUCKET_S
+    assert snap.minutes == 5
+    assert snap.ab_counts == {ALIAS_CHAMPION: {"impressions": 4}}
+    assert snap.ab_minutes == {ALIAS_CHAMPION: {bucket: {"impressions": 4, "clicks": 1}}}
+    assert snap.requests == {bucket: {"model": 2, "cold_user": 1}}
+    assert snap.cache == {bucket: {"miss": 2}}
+    assert snap.dlq_reasons == {"schema": 1} and snap.consumer_status["lag"] == "0"
+
+
+def test_fetch_snapshot_raises_when_redis_is_down():
+    import redis
+
+    from pipelines.state import connect
+
+    with pytest.raises(redis.RedisError):
+        dd.fetch_snapshot(OnlineState(connect("redis://127.0.0.1:1/0")))
+
+
+def test_fetch_model_aliases(mlflow_with_champion):
+    got = dd.fetch_model_aliases(mlflow_with_champion)
+    assert got[ALIAS_CHALLENGER] is None
+    champ = got[ALIAS_CHAMPION]
+    assert (champ.alias, champ.version, champ.metrics) == (ALIAS_CHAMPION, "1", {"ndcg_at_10": 0.3125})
+    assert champ.created_ms > 0
+    # a model that does not exist: no versions, no error
+    assert dd.fetch_model_aliases(mlflow_with_champion, name="not-registered") == {ALIAS_CHAMPION: None,
+                                                                                  ALIAS_CHALLENGER: None}
+
+
+def test_fetch_model_aliases_fails_fast_when_mlflow_is_down():
+    assert not dd.mlflow_reachable("http://127.0.0.1:1")
+    assert dd.mlflow_reachable("sqlite:///nowhere.db")
+    t0 = time.monotonic()
+    with pytest.raises(dd.MlflowUnavailable, match="127.0.0.1:1") as err:
+        dd.fetch_model_aliases("http://user:pw@127.0.0.1:1")
+    assert "pw" not in str(err.value)
+    assert time.monotonic() - t0 < 5

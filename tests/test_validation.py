@@ -1,0 +1,215 @@
+"""Great Expectations 1.x validation of event partitions (pipelines/validation.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import datetime, timezone
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import lake, schemas, validation
+from pipelines.schemas import COL_EVENT_ID, COL_EVENT_TYPE, COL_ITEM, COL_TS, COL_USER, EVENT_TYPES
+
+HOUR = datetime(2024, 5, 1, 10, tzinfo=timezone.utc)
+HOUR_MS = int(HOUR.timestamp() * 1000)
+
+
+def partition(n: int = 400, seed: int = 0) -> pd.DataFrame:
+    """A clean hourly partition with the lake's column dtypes."""
+    rng = np.random.default_rng(seed)
+    types = rng.choice(list(EVENT_TYPES), n)
+    ms = HOUR_MS + rng.integers(0, 3_600_000, n)
+    purchase = types == "purchase"
+    impression = types == "impression"
+    df = pd.DataFrame({
+        "event_id": [str(uuid.UUID(int=int(rng.integers(0, 2**62)) << 64 | i)) for i in range(n)],
+        "event_type": types,
+        "user_id": [f"u{i % 37}" for i in range(n)],
+        "item_id": [None if imp else f"item-{i % 91}" for i, imp in enumerate(impression)],
+        "session_id": [f"s-{i % 53}" for i in range(n)],
+        "ts": pd.to_datetime(ms, unit="ms", utc=True).astype("datetime64[ms, UTC]"),
+        "price": np.where(purchase, rng.uniform(1, 500, n).round(2), np.nan),
+        "quantity": pd.array([1 if p else None for p in purchase], dtype="Int32"),
+        "request_id": [f"r{i}" if imp else None for i, imp in enumerate(impression)],
+        "variant": [("a" if i % 2 else "b") if imp else None for i, imp in enumerate(impression)],
+        "model_version": [None] * n,
+        "items": [["item-1", "item-2"] if imp else None for imp in impression],
+        "schema_version": np.full(n, 1, dtype="int16"),
+    })
+    assert tuple(df.columns) == schemas.LAKE_COLUMNS
+    return df
+
+
+def failing(report: validation.ValidationReport) -> dict[tuple[str, str | None], dict]:
+    return {(f["expectation_type"], f["column"]): f for f in report.failed}
+
+
+# --- the suite file ---------------------------------------------------------------
+def test_suite_is_loaded_from_versioned_json():
+    raw = json.loads(validation.SUITE_PATH.read_text())
+    suite = validation.load_suite()
+    assert suite.name == raw["name"] == "shoprec_events"
+    assert suite.meta["version"] == raw["meta"]["version"]
+    assert len(suite.expectations) == len(raw["expectations"])
+    window = validation.load_suite(validation.WINDOW_SUITE_PATH)
+    assert window.name == "shoprec_events_window"
+
+
+def test_suite_agrees_with_the_event_schema():
+    raw = json.loads(validation.SUITE_PATH.read_text())
+    by_key = {(e["type"], e["kwargs"].get("column")): e["kwargs"] for e in raw["expectations"]}
+    # values owned by pipelines.schemas are parameters, not copies
+    assert by_key[("expect_column_values_to_be_in_set", COL_EVENT_TYPE)]["value_set"] == {"$PARAMETER": "event_types"}
+    assert validation.suite_parameters()["event_types"] == list(EVENT_TYPES)
+    assert validation.suite_parameters()["lake_columns"] == list(schemas.LAKE_COLUMNS)
+    id_pattern = next(m.pattern for m in schemas.Id.__metadata__ if getattr(m, "pattern", None))
+    assert by_key[("expect_column_values_to_match_regex", COL_USER)]["regex"] == id_pattern
+    assert by_key[("expect_column_values_to_be_unique", COL_EVENT_ID)]["mostly"] >= 0.95
+
+
+def test_a_broken_suite_file_is_refused(tmp_path):
+    raw = json.loads(validation.SUITE_PATH.read_text())
+    bad = dict(raw, expectations=[{"type": "expect_column_values_to_be_frobnicated", "kwargs": {"column": COL_USER}}])
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(ValueError, match="expectation 0"):
+        validation.load_suite(tmp_path / "bad.json")
+    unknown = dict(raw, expectations=[{"type": "expect_column_values_to_not_be_null", "kwargs": {"column": "userid"}}])
+    (tmp_path / "unknown.json").write_text(json.dumps(unknown))
+    with pytest.raises(ValueError, match="not a lake column"):
+        validation.load_suite(tmp_path / "unknown.json")
+    (tmp_path / "unversioned.json").write_text(json.dumps(dict(raw, meta={})))
+    with pytest.raises(ValueError, match="meta.version"):
+        validation.load_suite(tmp_path / "unversioned.json")
+
+
+# --- validation --------------------------------------------------------------------
+def test_clean_partition_passes():
+    df = partition()
+    report = validation.validate_events(df, hour_start=HOUR)
+    assert report.success, report.summary()
+    assert report.failed == []
+    assert report.evaluated == 13
+    assert report.statistics["rows"] == len(df)
+    assert report.statistics["suites"] == {"shoprec_events": 1, "shoprec_events_window": 1}
+    assert report.summary().startswith("PASSED")
+
+
+def test_clean_partition_from_the_lake_passes(tmp_path):
+    events = [schemas.new_event(t, f"user{i % 5}", None if t == "impression" else f"sku:{i}", f"sess{i % 7}",
+                                ts=HOUR_MS + i * 1000, items=["sku:1"] if t == "impression" else None,
+                                price=19.5 if t == "purchase" else None)
+              for i, t in enumerate(EVENT_TYPES * 20)]
+    lake.write_events(tmp_path, events)
+    key = lake.partition_key(HOUR_MS)
+    start, end = validation.hour_window(key)
+    assert start == HOUR
+    report = validation.validate_events(lake.read_partition(tmp_path, key), hour_start=start, hour_end=end)
+    assert report.success, report.summary()
+
+
+def test_planted_faults_fail_and_are_named_with_samples():
+    df = partition()
+    n = len(df)
+    df.loc[df.index[df[COL_ITEM].notna()][:10], COL_EVENT_TYPE] = "signup"
+    df.loc[10:14, COL_TS] = pd.Timestamp(HOUR) + pd.Timedelta(hours=3)  # in the future of this hour
+    dup = int(n * 0.15)  # 15% of rows copy the id of another 15%: 30% of rows share an id
+    df.loc[20:20 + dup - 1, COL_EVENT_ID] = df[COL_EVENT_ID].iloc[n - dup:].to_numpy()
+    df.loc[200:207, COL_USER] = None
+
+    report = validation.validate_events(df, hour_start=HOUR)
+    assert not report.success
+    failed = failing(report)
+    assert set(failed) == {
+        ("expect_column_values_to_be_in_set", COL_EVENT_TYPE),
+        ("expect_column_values_to_be_between", COL_TS),
+        ("expect_column_values_to_be_unique", COL_EVENT_ID),
+        ("expect_column_values_to_not_be_null", COL_USER),
+    }, report.summary()
+
+    assert failed[("expect_column_values_to_be_in_set", COL_EVENT_TYPE)]["sample"] == ["signup"]
+    assert failed[("expect_column_values_to_be_in_set", COL_EVENT_TYPE)]["unexpected_count"] == 10
+    window = failed[("expect_column_values_to_be_between", COL_TS)]
+    assert window["suite"] == "shoprec_events_window"
+    assert window["unexpected_count"] == 5 and window["sample"] == ["2024-05-01T13:00:00+00:00"]
+    dups = failed[("expect_column_values_to_be_unique", COL_EVENT_ID)]
+    assert dups["unexpected_count"] == 2 * dup
+    assert set(dups["sample"]) <= set(df[COL_EVENT_ID].iloc[n - dup:]) and dups["sample"]
+    nulls = failed[("expect_column_values_to_not_be_null", COL_USER)]
+    assert nulls["unexpected_count"] == 8 and nulls["sample"] == [None]
+
+    text = report.summary()
+    assert text.startswith("FAILED: 9/13")
+    assert "expect_column_values_to_be_in_set(event_type): 10 unexpected" in text and "'signup'" in text
+    meta = report.to_metadata()
+    assert json.loads(json.dumps(meta)) == meta
+    assert meta["failed_count"] == 4 and "expect_column_values_to_be_unique(event_id)" in meta["failed_expectations"]
+
+
+def test_few_duplicates_and_impressions_without_item_are_tolerated():
+    df = partition()
+    df.loc[0, COL_EVENT_ID] = df.loc[1, COL_EVENT_ID]  # one redelivery: 2 of 400 rows
+    assert df[COL_ITEM].isna().any()  # impressions carry no item_id
+    assert validation.validate_events(df).success
+
+
+def test_item_id_price_and_user_format_faults():
+    df = partition()
+    views = df.index[df[COL_EVENT_TYPE] == "view"][:3]
+    df.loc[views, COL_ITEM] = None
+    df.loc[df.index[df[COL_EVENT_TYPE] == "purchase"][:2], "price"] = 0.0
+    df.loc[5, COL_USER] = "bad user id!"
+    failed = failing(validation.validate_events(df))
+    assert failed[("expect_column_values_to_not_be_null", COL_ITEM)]["unexpected_count"] == 3
+    assert failed[("expect_column_values_to_be_between", "price")]["sample"] == [0.0]
+    assert failed[("expect_column_values_to_match_regex", COL_USER)]["sample"] == ["bad user id!"]
+    assert len(failed) == 3
+
+
+def test_window_is_checked_only_when_given_and_naive_means_utc():
+    df = partition()
+    df.loc[0, COL_TS] = pd.Timestamp(HOUR) - pd.Timedelta(minutes=1)
+    assert validation.validate_events(df).success  # no window: the suite alone
+    report = validation.validate_events(df, hour_start=HOUR.replace(tzinfo=None))
+    assert set(failing(report)) == {("expect_column_values_to_be_between", COL_TS)}
+    assert report.statistics["window"] == ["2024-05-01T10:00:00+00:00", "2024-05-01T11:00:00+00:00"]
+    with pytest.raises(ValueError, match="hour_end needs hour_start"):
+        validation.validate_events(df, hour_end=HOUR)
+    with pytest.raises(ValueError, match="not after"):
+        validation.validate_events(df, hour_start=HOUR, hour_end=HOUR)
+
+
+def test_empty_partition_fails_with_a_clear_message():
+    empty = partition().iloc[:0]
+    report = validation.validate_events(empty)
+    assert not report.success
+    assert set(failing(report)) == {("expect_table_row_count_to_be_between", None)}
+    assert report.failed[0]["observed_value"] == 0
+    assert "the partition is empty (0 rows)" in report.summary()
+
+    bare = validation.validate_events(pd.DataFrame())
+    assert not bare.success
+    assert bare.failed[0]["expectation_type"] == "expect_table_row_count_to_be_between"
+    columns = failing(bare)[("expect_table_columns_to_match_set", None)]
+    assert sorted(columns["sample"]) == sorted(schemas.LAKE_COLUMNS)
+    assert "missing columns: event_id" in bare.summary()
+    assert json.dumps(bare.to_metadata())
+
+
+def test_runtime_is_cached_and_fast():
+    validation.validate_events(partition(50))
+    runtime = validation._get_runtime()
+    t0 = time.perf_counter()
+    report = validation.validate_events(partition(2000, seed=1), hour_start=HOUR)
+    assert time.perf_counter() - t0 < 3
+    assert report.success
+    assert validation._get_runtime() is runtime
+    assert runtime.context.validation_results_store.list_keys() == []  # results do not pile up
+
+
+def test_not_a_dataframe():
+    with pytest.raises(TypeError, match="DataFrame"):
+        validation.validate_events([{"event_id": "x"}])  # type: ignore[arg-type]
