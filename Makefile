@@ -17,11 +17,15 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) system-deps
 
+# Debian packages: redis-server (online state), nginx (load balancer of `make up-lb`),
+# chromium + chromium-driver (the dashboard's browser test)
+APT_PACKAGES := redis-server nginx chromium chromium-driver
 system-deps:
-	@if [ -z "$$SHOPREC_REDIS_URL" ] && ! command -v redis-server >/dev/null; then \
-	  echo "installing redis-server (apt)"; \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null) \
-	  || { echo "could not install redis-server: install it or set SHOPREC_REDIS_URL"; exit 1; }; \
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing with apt:$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
+	  || { echo "could not install$$missing with apt: install them by hand (redis-server is needed unless SHOPREC_REDIS_URL is set)"; exit 1; }; \
 	fi
 
 up: install

@@ -5,18 +5,18 @@ Thin by design: every decision is made in :mod:`pipelines.serving`.
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
 from typing import Annotated, Any
 
 import bentoml
 from pydantic import BaseModel, Field
-from starlette.responses import JSONResponse
+
+from bentos.guard import ApiKeyAndSizeGuard
 
 with bentoml.importing():
     from pipelines.schemas import Id
-    from pipelines.serving import IngestRejected, RecommendationEngine
+    from pipelines.ingest import EventIngestor, IngestRejected
+    from pipelines.serving import RecommendationEngine
     from pipelines.settings import get_settings
 
 log = logging.getLogger("shoprec.service")
@@ -35,34 +35,6 @@ class RecommendResponse(BaseModel):
     source: str = Field(description="cache | model | fallback")
 
 
-class ApiKeyAndSizeGuard:
-    """ASGI middleware for ``/events``: API key first (401), then body size (413), before any parsing."""
-
-    def __init__(self, app, path: str = "/events"):
-        self.app = app
-        self.path = path
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != self.path:
-            return await self.app(scope, receive, send)
-        settings = get_settings()
-        headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        auth = headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else ""
-        if not token or not any(hmac.compare_digest(token, k.get_secret_value()) for k in settings.api_keys):
-            return await JSONResponse({"error": "missing or invalid API key: send 'Authorization: Bearer <key>'"},
-                                      status_code=401)(scope, receive, send)
-        limit = settings.max_event_bytes * settings.max_events_per_request
-        try:
-            length = int(headers.get("content-length", "0"))
-        except ValueError:
-            length = 0
-        if length > limit:
-            return await JSONResponse({"error": f"request body is {length} bytes; the limit is {limit}"},
-                                      status_code=413)(scope, receive, send)
-        return await self.app(scope, receive, send)
-
-
 @bentoml.service(name="shoprec", http={"port": 3001}, traffic={"timeout": 10}, workers=1)
 class Shoprec:
     """Real-time product recommendations with champion/challenger A/B and a never-failing fallback."""
@@ -72,6 +44,7 @@ class Shoprec:
         self.engine = RecommendationEngine.from_settings(self.settings)
         self.engine.refresh()
         self.engine.start_polling()
+        self.ingestor = EventIngestor(self.settings)
 
     @bentoml.api(route="/recommend")
     def recommend(self, user_id: Id, k: Annotated[int, Field(ge=1, le=100)] = 10,
@@ -88,7 +61,7 @@ class Shoprec:
     def events(self, events: Annotated[list[Any], Field(max_length=1000)], ctx: bentoml.Context) -> dict:
         """Ingest shop events (API key required); 202 once Kafka acknowledged the whole batch."""
         try:
-            n = self.engine.ingest(events)
+            n = self.ingestor.ingest(events)
         except IngestRejected as err:
             ctx.response.status_code = 400
             return {"error": str(err), "errors": err.errors}

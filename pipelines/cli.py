@@ -15,6 +15,9 @@ app = typer.Typer(help="shoprec: real-time product recommendations.", no_args_is
                   pretty_exceptions_show_locals=False)
 stack_app = typer.Typer(help="The local stack (what `make up/down/status` run).", no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+bench_app = typer.Typer(help="Benchmarks (JSON to --out; results are recorded in BENCHMARKS.md).",
+                        no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 
 def _logging(verbose: bool = False) -> None:
@@ -115,6 +118,28 @@ def stack_status() -> None:
 
     typer.echo(stack.status(get_settings(), Path.cwd()))
 
+
+def _register_benchmarks() -> None:
+    from pipelines.bench import ingest, quality, serve
+
+    bench_app.command("quality")(quality.command)
+    bench_app.command("ingest")(ingest.command)
+    bench_app.command("serve")(serve.command)
+
+    @bench_app.command("all")
+    def bench_all() -> None:
+        """Run every benchmark with its defaults (what `make bench` runs)."""
+        import subprocess
+        import sys
+
+        failed = [name for name in ("quality", "ingest", "serve")
+                  if subprocess.run([sys.argv[0], "bench", name]).returncode != 0]
+        if failed:
+            typer.echo(f"benchmarks that failed: {', '.join(failed)}", err=True)
+            raise typer.Exit(1)
+
+
+_register_benchmarks()
 
 if __name__ == "__main__":
     app()

@@ -49,7 +49,11 @@ LAKE_COLUMNS = (
 
 # --- serving counters (time-bucketed in Redis, read by the dashboard) ----------
 STATS_REQUESTS = "requests"  # fields: cache | model | fallback, cold_user, cold_user_session, cold_user_trending
-STATS_CACHE = "cache"  # fields: hit | miss
+STATS_CACHE = "cache"  # fields: hit | miss, and per variant hit:<variant> | miss:<variant>
+STATS_EVENTS = "events"  # fields: one per event type (written by the stream consumer)
+STATS_LATENCY = "latency"  # histogram of /recommend latency: stats:latency:<source>:<bucket>, fields = bucket edges
+#: upper edges (ms) of the latency histogram buckets; the last field is "inf"
+LATENCY_EDGES_MS = (1, 2, 3, 5, 7, 10, 15, 20, 30, 50, 75, 100, 150, 250, 500, 1000, 2500)
 SOURCE_CACHE, SOURCE_MODEL, SOURCE_FALLBACK = "cache", "model", "fallback"
 
 # --- Redis -------------------------------------------------------------------

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import threading
-import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import redis
 from pipelines import kafka_io
 from pipelines.registry import LoadedModel, ModelRegistry
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL,
-                               STATS_CACHE, STATS_REQUESTS, EventError, new_event, validate_event)
+                               STATS_CACHE, STATS_REQUESTS, new_event)
 from pipelines.settings import Settings
 from pipelines.state import OnlineState, connect
 
@@ -40,16 +39,8 @@ class Recommendation:
         return self.__dict__.copy()
 
 
-class IngestRejected(ValueError):
-    """A batch of events with at least one invalid event; ``errors`` lists each."""
-
-    def __init__(self, errors: list[dict]):
-        super().__init__(f"{len(errors)} invalid event(s); nothing was accepted")
-        self.errors = errors
-
-
 class RecommendationEngine:
-    """Answers ``/recommend``, ``/similar`` and ``/events`` for one serving process."""
+    """Answers ``/recommend`` and ``/similar`` for one serving process."""
 
     def __init__(self, settings: Settings, registry: ModelRegistry, state: OnlineState):
         self.settings = settings
@@ -177,28 +168,7 @@ class RecommendationEngine:
         except (OSError, ValueError):
             return []
 
-    # --- events ---------------------------------------------------------------------
-    def ingest(self, events: list, timeout_s: float = 10.0) -> int:
-        """Validate a batch and send it to Kafka; returns the count once the broker acknowledged all.
-
-        Raises:
-            IngestRejected: when any event is invalid (nothing is sent).
-        """
-        errors, valid = [], []
-        for i, ev in enumerate(events):
-            try:
-                valid.append(validate_event(ev, max_age_days=self.settings.max_event_age_days,
-                                            max_future_s=self.settings.max_event_future_s))
-            except EventError as err:
-                errors.append({"index": i, "reason": err.reason, "message": err.message})
-        if errors:
-            raise IngestRejected(errors)
-        futures = kafka_io.send_events(self.producer(), [e.model_dump(exclude_none=True) for e in valid])
-        deadline = time.monotonic() + timeout_s
-        for f in futures:
-            f.get(timeout=max(0.1, deadline - time.monotonic()))
-        return len(valid)
-
+    # --- impressions -------------------------------------------------------------
     def producer(self):
         with self._producer_lock:
             if self._producer is None:

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import redis
 
-from pipelines.schemas import EVENT_WEIGHTS, Event, RedisKeys
+from pipelines.schemas import EVENT_WEIGHTS, LATENCY_EDGES_MS, STATS_EVENTS, STATS_LATENCY, Event, RedisKeys
 
 BUCKET_S = 60
 STATS_TTL_S = 7 * 86_400
@@ -68,6 +68,13 @@ class OnlineState:
             if variant and e.event_type in AB_METRICS:
                 p.hincrby(RedisKeys.ab(self.experiment, variant), AB_METRICS[e.event_type], 1)
                 p.hincrby(RedisKeys.counter(f"ab:{variant}", bucket), AB_METRICS[e.event_type], 1)
+        by_type: dict[str, int] = {}
+        for e in events:
+            by_type[e.event_type] = by_type.get(e.event_type, 0) + 1
+        ev_key = RedisKeys.counter(STATS_EVENTS, bucket)
+        for etype, n in by_type.items():
+            p.hincrby(ev_key, etype, n)
+        p.expire(ev_key, STATS_TTL_S)
         for u in users:
             p.ltrim(RedisKeys.recent(u), 0, self.recent_cap - 1)
             p.delete(RedisKeys.cache(u))
@@ -144,6 +151,11 @@ class OnlineState:
             p.hincrby(key, f, n)
         p.expire(key, STATS_TTL_S)
         p.execute()
+
+    def record_latency(self, source: str, ms: float) -> None:
+        """Count one request's latency in the per-minute histogram of ``source`` (cache | model | fallback)."""
+        edge = next((str(e) for e in LATENCY_EDGES_MS if ms <= e), "inf")
+        self.incr_stats(f"{STATS_LATENCY}:{source}", {edge: 1})
 
     def read_stats(self, name: str, minutes: int = 60) -> dict[int, dict[str, int]]:
         """Counters of the last ``minutes`` buckets: ``{bucket_start_epoch_s: {field: count}}``."""

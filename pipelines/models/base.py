@@ -63,6 +63,23 @@ class Recommender(abc.ABC):
     def recommend_session(self, recent_item_ids: Sequence[str], k: int) -> list[str]:
         return [i for i, _ in self.recommend_session_scored(recent_item_ids, k)]
 
+    def recommend_batch(self, requests: Sequence[tuple[str, Sequence[str]]], k: int,
+                        exclude_seen: bool = True) -> list[Scored]:
+        """Top-k for a batch of requests, each ``(user_id, recent_item_ids newest first)``.
+
+        Known users are ranked from their learned profile, unknown ones from their session
+        (:meth:`recommend_session_scored`). This default loops; models override it with one
+        batched computation (the serving layer's adaptive batching calls this).
+        """
+        known = self.known_users
+        out: list[Scored] = []
+        for user_id, recent in requests:
+            if user_id in known:
+                out.append(self.recommend_scored([user_id], k, exclude_seen)[0])
+            else:
+                out.append(self.recommend_session_scored(list(recent), k))
+        return out
+
     def params(self) -> dict:
         """Hyperparameters (logged to MLflow)."""
         return {}
