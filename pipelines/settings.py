@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     ab_challenger_share: float = Field(0.5, ge=0, le=1, description="traffic share of the challenger when one exists")
     ab_salt: str = "shoprec-ab-1"
     fallback_k: int = 200
+    explore_share: float = Field(0.1, ge=0, le=1,
+                                 description="share of recommendation slots given to new products (cold-start exploration)")
+    new_item_age_h: float = Field(24.0, gt=0, description="a product is 'new' for this many hours after created_at")
 
     # events older/newer than this are rejected
     max_event_age_days: int = Field(30, ge=1)
@@ -82,6 +85,11 @@ class Settings(BaseSettings):
     @property
     def lake_dir(self) -> Path:
         return self.var_dir / "lake" / "events"
+
+    @property
+    def quality_dir(self) -> Path:
+        """Great Expectations reports, one JSON file per validated partition (written by Dagster, read by the dashboard)."""
+        return self.var_dir / "quality"
 
     @property
     def catalog_path(self) -> Path:
