@@ -106,4 +106,17 @@ def load_recommender(path: str | Path) -> Recommender:
 
     path = Path(path)
     meta = json.loads((path / "recommender.json").read_text())
+    if meta["name"] not in REGISTRY:
+        _fill_registry()
     return REGISTRY[meta["name"]]._load(path, meta["params"])
+
+
+def _fill_registry() -> None:
+    """Import every model module so that each registers its name (a loading process may not have)."""
+    import importlib
+    import pkgutil
+
+    import pipelines.models as pkg
+
+    for mod in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"pipelines.models.{mod.name}")
