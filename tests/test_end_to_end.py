@@ -7,7 +7,6 @@ This is the walking skeleton's promise, checked the way a user would: over HTTP,
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 import threading
 import time
@@ -25,8 +24,6 @@ from pipelines.registry import ModelRegistry
 from pipelines.schemas import ALIAS_CHAMPION
 from pipelines.settings import get_settings
 from pipelines.state import OnlineState, connect
-
-ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -97,44 +94,32 @@ def test_simulated_shop_to_trained_model_served_over_http(e2e_settings, tmp_path
         version = ModelRegistry(settings.mlflow_tracking_uri).version_for(ALIAS_CHAMPION)
         assert version is not None
 
-        # 3. a real `bentoml serve` answers from that version
+        # 3. a real `bentoml serve` (it inherits the test's SHOPREC_* environment) answers from that version
         port = localstack.free_port()
-        log_path = tmp_path / "bentoml.log"
-        with open(log_path, "wb") as log, subprocess.Popen(
-            [str(Path(sys.executable).parent / "bentoml"), "serve", "bentos.service:Shoprec",
-             "--host", "127.0.0.1", "--port", str(port)],
-            cwd=ROOT, env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        ) as proc:
-            try:
-                base = f"http://127.0.0.1:{port}"
-                client = httpx.Client(base_url=base, timeout=10)
-                wait_for(lambda: proc.poll() is None and _ok(client, "/readyz"), 90, "bentoml serve to be ready")
-                known_user = lake.read_all(settings.lake_dir).user_id.iloc[0]
+        cmd = [str(Path(sys.executable).parent / "bentoml"), "serve", "bentos.service:Shoprec",
+               "--host", "127.0.0.1", "--port", str(port)]
+        with localstack.running(cmd, port, tmp_path / "bentoml.log", timeout=90):
+            base = f"http://127.0.0.1:{port}"
+            client = httpx.Client(base_url=base, timeout=10)
+            wait_for(lambda: _ok(client, "/readyz"), 90, "bentoml serve to be ready")
+            known_user = lake.read_all(settings.lake_dir).user_id.iloc[0]
 
-                def model_answer():
-                    body = client.post("/recommend", json={"user_id": known_user, "k": 5}).json()
-                    return body if body["source"] in ("model", "cache") else None
+            def model_answer():
+                body = client.post("/recommend", json={"user_id": known_user, "k": 5}).json()
+                return body if body["source"] in ("model", "cache") else None
 
-                body = wait_for(model_answer, 60, "a model answer from /recommend")
-                assert body["model_version"] == version and body["variant"] == ALIAS_CHAMPION
-                assert len(body["items"]) == 5
+            body = wait_for(model_answer, 60, "a model answer from /recommend")
+            assert body["model_version"] == version and body["variant"] == ALIAS_CHAMPION
+            assert len(body["items"]) == 5
 
-                # 4. closed loop: simulated users see the lists and click; the clicks are attributed
-                rec_fn = simulator.http_recommend_fn(base)
-                for _ in range(60):
-                    kafka_io.send_events(producer, sim.step_with_recommender(rec_fn))
-                producer.flush()
-                counts = wait_for(lambda: state.ab_counts().get(ALIAS_CHAMPION, {}).get("clicks", 0) > 0
-                                  and state.ab_counts()[ALIAS_CHAMPION], 60, "attributed clicks in Redis")
-                assert counts["impressions"] >= 60 and counts["clicks"] >= 1
-            finally:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                if proc.returncode not in (0, -15, None):
-                    print(log_path.read_text()[-3000:])
+            # 4. closed loop: simulated users see the lists and click; the clicks are attributed
+            rec_fn = simulator.http_recommend_fn(base)
+            for _ in range(60):
+                kafka_io.send_events(producer, sim.step_with_recommender(rec_fn))
+            producer.flush()
+            counts = wait_for(lambda: state.ab_counts().get(ALIAS_CHAMPION, {}).get("clicks", 0) > 0
+                              and state.ab_counts()[ALIAS_CHAMPION], 60, "attributed clicks in Redis")
+            assert counts["impressions"] >= 60 and counts["clicks"] >= 1
     finally:
         stop.set()
         consumer_thread.join(timeout=30)
