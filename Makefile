@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up down status test test-fast bench install system-deps clean
+.PHONY: up down status test test-fast bench install system-deps clean up-lb down-lb
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -13,13 +13,14 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: pip takes the CPU build on disk instead of a multi-GB CUDA build
 	$(BIN)/pip install -q "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[test]"
+	$(BIN)/pip install -q --no-deps recbole==1.2.1
 	@touch $(STAMP)
 
 install: $(STAMP) system-deps
 
 # Debian packages: redis-server (online state), nginx (load balancer of `make up-lb`),
-# chromium + chromium-driver (the dashboard's browser test)
-APT_PACKAGES := redis-server nginx chromium chromium-driver
+# chromium + chromium-driver (the dashboard's browser test), wrk (load generator of `shoprec bench serve`)
+APT_PACKAGES := redis-server nginx chromium chromium-driver wrk
 system-deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -45,3 +46,11 @@ bench: install
 
 clean: down
 	rm -rf var
+
+# two `bentoml serve` replicas (ports 3101, 3102) behind nginx (deploy/nginx.conf) on http://127.0.0.1:8080,
+# started as the current user with config, pids and logs under var/lb/ (uses Redis/Kafka/MLflow of `make up`)
+up-lb: install
+	$(BIN)/python -m pipelines.serve_process up-lb
+
+down-lb:
+	@test -x $(BIN)/python && $(BIN)/python -m pipelines.serve_process down-lb || true

@@ -1,16 +1,61 @@
-"""ASGI guard of the ingestion path: API key and request size are checked before any parsing."""
+"""ASGI guard of the ingestion path: everything that can be refused before the service parses a body.
+
+In order, for ``POST /events``:
+
+1. API key (``Authorization: Bearer <key>``, one of ``SHOPREC_API_KEYS``; several may be valid at
+   once, so a key is rotated by adding the new one, moving clients, then removing the old) → 401;
+2. declared body size over ``max_request_bytes`` → 413;
+3. per-key rate limit (``events_rate_limit``, sliding window kept in Redis by the ``limits``
+   library, so every replica behind the load balancer counts against the same budget) → 429
+   with ``Retry-After``; when Redis cannot be reached the request is let through (logged):
+   losing events to a rate-limiter outage would be worse than a burst;
+4. body read in chunks and cut off past ``max_request_bytes`` (chunked uploads declare no size) → 413;
+5. more than ``max_events_per_request`` events in the batch → 413.
+
+Per-event validation (400 with a list of errors) is the service's, through :mod:`pipelines.ingest`.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import logging
+import math
+import time
+from functools import lru_cache
 
+import anyio
+import orjson
+from limits import parse_many
+from limits.storage import RedisStorage
+from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.responses import JSONResponse
 
+from pipelines.schemas import RedisKeys
 from pipelines.settings import get_settings
+
+log = logging.getLogger("shoprec.guard")
+
+
+@lru_cache(maxsize=4)
+def _limiter(redis_url: str) -> SlidingWindowCounterRateLimiter:
+    storage = RedisStorage(redis_url, key_prefix=RedisKeys.rate_limit_prefix(), socket_timeout=1,
+                           socket_connect_timeout=1)
+    return SlidingWindowCounterRateLimiter(storage)
+
+
+def _over_limit(redis_url: str, spec: str, key_id: str) -> float | None:
+    """Seconds until the key may send again when it is over any of the limits in ``spec``, else None."""
+    limiter = _limiter(redis_url)
+    for item in parse_many(spec):
+        if not limiter.hit(item, "events", key_id):
+            reset_at = limiter.get_window_stats(item, "events", key_id).reset_time
+            return max(1.0, reset_at - time.time())
+    return None
 
 
 class ApiKeyAndSizeGuard:
-    """ASGI middleware for ``/events``: API key first (401), then body size (413), before any parsing."""
+    """ASGI middleware for ``/events``: 401, 413 and 429 before the body is parsed by the service."""
 
     def __init__(self, app, path: str = "/events"):
         self.app = app
@@ -19,19 +64,66 @@ class ApiKeyAndSizeGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["path"] != self.path:
             return await self.app(scope, receive, send)
+
+        async def refuse(status: int, error: str, headers: dict | None = None):
+            await JSONResponse({"error": error}, status_code=status, headers=headers)(scope, receive, send)
+
         settings = get_settings()
-        headers = {k.decode().lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         auth = headers.get("authorization", "")
-        token = auth[7:] if auth.lower().startswith("bearer ") else ""
-        if not token or not any(hmac.compare_digest(token, k.get_secret_value()) for k in settings.api_keys):
-            return await JSONResponse({"error": "missing or invalid API key: send 'Authorization: Bearer <key>'"},
-                                      status_code=401)(scope, receive, send)
-        limit = settings.max_event_bytes * settings.max_events_per_request
+        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
+        # compare against every key (no early exit), so timing does not tell which prefix matched
+        matches = [hmac.compare_digest(token.encode(), k.get_secret_value().encode()) for k in settings.api_keys]
+        if not token or not any(matches):
+            return await refuse(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                {"WWW-Authenticate": "Bearer"})
+
+        limit = settings.max_request_bytes
         try:
-            length = int(headers.get("content-length", "0"))
+            declared = int(headers.get("content-length", "0"))
         except ValueError:
-            length = 0
-        if length > limit:
-            return await JSONResponse({"error": f"request body is {length} bytes; the limit is {limit}"},
-                                      status_code=413)(scope, receive, send)
-        return await self.app(scope, receive, send)
+            declared = 0
+        if declared > limit:
+            return await refuse(413, f"request body is {declared} bytes; the limit is {limit}: send smaller batches")
+
+        key_id = hashlib.sha256(token.encode()).hexdigest()[:16]  # the key itself never reaches Redis
+        try:
+            wait_s = await anyio.to_thread.run_sync(_over_limit, settings.redis_url, settings.events_rate_limit, key_id)
+        except Exception as err:  # noqa: BLE001 - any storage failure: fail open, say so
+            log.warning("rate limit not checked (Redis unavailable: %s); request let through", err)
+            wait_s = None
+        if wait_s is not None:
+            return await refuse(429, f"rate limit {settings.events_rate_limit} of this API key exceeded; "
+                                     f"retry in {math.ceil(wait_s)} s", {"Retry-After": str(math.ceil(wait_s))})
+
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return await refuse(413, f"request body exceeds {limit} bytes: send smaller batches")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        try:
+            events = orjson.loads(body).get("events") if body else None
+        except (orjson.JSONDecodeError, AttributeError):
+            events = None  # not ours to judge: the service answers 400 with what is wrong
+        if isinstance(events, list) and len(events) > settings.max_events_per_request:
+            return await refuse(413, f"{len(events)} events in one request; the limit is "
+                                     f"{settings.max_events_per_request}: split the batch")
+
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)

@@ -1,4 +1,11 @@
-"""shoprec's BentoML service: ``/recommend``, ``/similar``, ``/events`` (+ BentoML's /healthz, /readyz, /metrics).
+"""shoprec's BentoML services.
+
+* ``Shoprec`` (the API): ``/recommend``, ``/similar``, ``/events``, ``/status``, ``/ping`` plus
+  BentoML's ``/healthz``, ``/readyz`` and Prometheus ``/metrics``. Cache, A/B and fallback live in
+  :class:`pipelines.serving.RecommendationEngine`.
+* ``Scorer``: the models behind the MLflow aliases; its ``score`` API is batchable, so concurrent
+  ``/recommend`` calls are scored together (adaptive batching, one model call per variant per
+  batch), on CUDA when the machine has it (``SHOPREC_SERVE_GPU=true`` requests a GPU).
 
 Thin by design: every decision is made in :mod:`pipelines.serving`.
 """
@@ -6,20 +13,29 @@ Thin by design: every decision is made in :mod:`pipelines.serving`.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Annotated, Any
 
 import bentoml
 from pydantic import BaseModel, Field
 
+from bentos.content_type import JsonOnly
 from bentos.guard import ApiKeyAndSizeGuard
 
 with bentoml.importing():
-    from pipelines.schemas import Id
     from pipelines.ingest import EventIngestor, IngestRejected
-    from pipelines.serving import RecommendationEngine
+    from pipelines.schemas import Id
+    from pipelines.serving import ModelHolder, RecommendationEngine
     from pipelines.settings import get_settings
 
 log = logging.getLogger("shoprec.service")
+
+# batching and resources are decided when the service is defined, from the environment
+_S = get_settings()
+_SCORER_RESOURCES = {"resources": {"gpu": 1}} if _S.serve_gpu else {}
+# BentoML needs max_batch_size > 1 for a batchable API; 1 means "no adaptive batching" (each call scored alone)
+_BATCHING = ({"batchable": True, "max_batch_size": _S.serve_max_batch_size, "max_latency_ms": _S.serve_max_latency_ms}
+             if _S.serve_max_batch_size > 1 else {})
 
 
 class Item(BaseModel):
@@ -35,27 +51,75 @@ class RecommendResponse(BaseModel):
     source: str = Field(description="cache | model | fallback")
 
 
-@bentoml.service(name="shoprec", http={"port": 3001}, traffic={"timeout": 10}, workers=1)
-class Shoprec:
-    """Real-time product recommendations with champion/challenger A/B and a never-failing fallback."""
+_LOGGING = {"access": {"enabled": _S.serve_access_log}}
+
+
+@bentoml.service(name="shoprec-scorer", workers=1, traffic={"timeout": 10}, logging=_LOGGING, **_SCORER_RESOURCES)
+class Scorer:
+    """Scores batches of recommendation requests with the champion / challenger models."""
 
     def __init__(self) -> None:
         self.settings = get_settings()
-        self.engine = RecommendationEngine.from_settings(self.settings)
-        self.engine.refresh()
-        self.engine.start_polling()
+        packaged = self.settings.packaged_model_dir
+        if not packaged.is_absolute():  # relative to the source root, also inside a built Bento
+            packaged = Path(__file__).resolve().parent.parent / packaged
+        self.holder = ModelHolder(self.settings, packaged_dir=packaged)
+        self.holder.refresh()
+        self.holder.start_polling()
+
+    @bentoml.on_shutdown
+    def _stop_polling(self) -> None:
+        self.holder.stop()
+
+    @bentoml.api(**_BATCHING)
+    def score(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One answer per request (see :meth:`pipelines.serving.ModelHolder.score`)."""
+        return self.holder.score(requests)
+
+    @bentoml.api
+    def info(self) -> dict:
+        """Versions served per alias and the champion's popular list (the API's fallback snapshot)."""
+        return {"versions": self.holder.versions(), "popular": self.holder.popular(self.settings.fallback_k)}
+
+    @bentoml.api
+    def similar(self, item_id: str, k: int = 10) -> dict:
+        model = self.holder.models.get("champion")
+        items = model.recommender.similar_items(item_id, k) if model else []
+        return {"item_id": item_id, "items": items, "model_version": model.version if model else None}
+
+
+@bentoml.service(name="shoprec", http={"port": 3001}, traffic={"timeout": 10}, workers=_S.serve_api_workers,
+                 logging=_LOGGING)
+class Shoprec:
+    """Real-time product recommendations with champion/challenger A/B and a never-failing fallback."""
+
+    scorer = bentoml.depends(Scorer)
+
+    def __init__(self) -> None:
+        self.settings = get_settings()
+        self.engine = RecommendationEngine.from_settings(
+            self.settings, score_fn=lambda reqs: self.scorer.to_async.score(reqs),
+            info_fn=lambda: self.scorer.to_async.info())
         self.ingestor = EventIngestor(self.settings)
 
+    @bentoml.on_shutdown
+    def _flush_impressions(self) -> None:
+        self.engine.close()
+
     @bentoml.api(route="/recommend")
-    def recommend(self, user_id: Id, k: Annotated[int, Field(ge=1, le=100)] = 10,
-                  context: dict[str, Any] | None = None) -> RecommendResponse:
+    async def recommend(self, user_id: Id, k: Annotated[int, Field(ge=1, le=_S.max_k)] = _S.default_k,
+                        context: dict[str, Any] | None = None) -> RecommendResponse:
         """Top-k items for a user; ``source`` says whether the list came from the cache, a model or the fallback."""
-        return RecommendResponse(**self.engine.recommend(user_id, k).to_dict())
+        return RecommendResponse(**(await self.engine.recommend(user_id, k)).to_dict())
 
     @bentoml.api(route="/similar")
-    def similar(self, item_id: Id, k: Annotated[int, Field(ge=1, le=100)] = 10) -> dict:
-        """Items similar to one item (from the champion's item embeddings)."""
-        return self.engine.similar(item_id, k)
+    async def similar(self, item_id: Id, k: Annotated[int, Field(ge=1, le=_S.max_k)] = _S.default_k) -> dict:
+        """Items similar to one item (from the champion's item embeddings); empty when no model answers."""
+        try:
+            return await self.scorer.to_async.similar(item_id=item_id, k=k)
+        except Exception as err:
+            log.warning("similar items unavailable: %s", err)
+            return {"item_id": item_id, "items": [], "model_version": None}
 
     @bentoml.api(route="/events")
     def events(self, events: Annotated[list[Any], Field(max_length=1000)], ctx: bentoml.Context) -> dict:
@@ -73,10 +137,17 @@ class Shoprec:
         return {"accepted": n}
 
     @bentoml.api(route="/status")
-    def status(self) -> dict:
-        """Versions being served and the fallback list size."""
-        return {"models": {a: m.version for a, m in self.engine.models.items()},
-                "fallback_items": len(self.engine._fallback)}
+    async def status(self) -> dict:
+        """Versions being served, the fallback list size and impressions waiting for Kafka."""
+        await self.engine.refresh_info()
+        return {"models": self.engine.versions, "fallback_items": self.engine.fallback_size,
+                "experiment": self.engine.experiment.name, "impressions_pending": self.engine.impressions.pending()}
+
+    @bentoml.api(route="/ping")
+    async def ping(self) -> dict:
+        """A trivial endpoint: the framework's own cost (the serving benchmark's floor)."""
+        return {"ok": True}
 
 
 Shoprec.add_asgi_middleware(ApiKeyAndSizeGuard)
+Shoprec.add_asgi_middleware(JsonOnly)

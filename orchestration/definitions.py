@@ -1,29 +1,46 @@
-"""The one Dagster ``Definitions`` of shoprec (``dagster dev -w workspace.yaml``)."""
+"""The one Dagster ``Definitions`` of shoprec (``dagster dev -w workspace.yaml``).
+
+Cadence (README, "Cadence"): every closed hour is validated (``validate_events_job_schedule``);
+trending is refreshed hourly (``refresh_job_schedule``, ``SHOPREC_REFRESH_CRON``); the full
+retrain runs daily (``train_job_schedule``, ``SHOPREC_RETRAIN_CRON``) and earlier when
+``retrain_sensor`` sees enough new events or a drifted event mix.
+"""
+
+from datetime import timedelta, timezone
 
 import dagster as dg
 
-from orchestration import assets
-from orchestration.partitions import hourly_events
+from orchestration import assets, sensors
+from orchestration.jobs import refresh_job, train_job, validate_job
 from orchestration.resources import KafkaResource, LakeResource, MLflowResource, RedisResource
+from pipelines.settings import get_settings
 
-validate_job = dg.define_asset_job("validate_events_job", selection=dg.AssetSelection.assets(assets.events),
-                                   partitions_def=hourly_events,
-                                   description="Validate one hour of lake events (Great Expectations).")
-train_job = dg.define_asset_job(
-    "train_job",
-    selection=dg.AssetSelection.assets(assets.training_interactions, assets.trained_model, assets.popular_fallback),
-    description="Build training data, train, register in MLflow, refresh the fallback list.",
-)
+_s = get_settings()
 
-# the retraining cadence: validate each hour as it closes, retrain daily (see README, "Cadence")
-hourly_validation = dg.build_schedule_from_partitioned_job(validate_job, minute_of_hour=5)
-daily_retrain = dg.ScheduleDefinition(job=train_job, cron_schedule="30 3 * * *", execution_timezone="UTC",
-                                      default_status=dg.DefaultScheduleStatus.STOPPED)
+
+
+@dg.schedule(job=validate_job, cron_schedule="5 * * * *", execution_timezone="UTC",
+             name="validate_events_job_schedule", default_status=dg.DefaultScheduleStatus.STOPPED,
+             description="Validate each hour of the lake five minutes after it closed.")
+def hourly_validation(context: dg.ScheduleEvaluationContext):
+    closed = context.scheduled_execution_time.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+    key = (closed - timedelta(hours=1)).strftime("%Y-%m-%d-%H:00")
+    return dg.RunRequest(run_key=key, partition_key=key)
+
+
+daily_retrain = dg.ScheduleDefinition(name="train_job_schedule", job=train_job, cron_schedule=_s.retrain_cron,
+                                      execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+                                      description="Full retrain on the training window (SHOPREC_RETRAIN_CRON).")
+hourly_refresh = dg.ScheduleDefinition(name="refresh_job_schedule", job=refresh_job, cron_schedule=_s.refresh_cron,
+                                       execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+                                       description="Incremental refresh of trending items (SHOPREC_REFRESH_CRON).")
 
 defs = dg.Definitions(
-    assets=[assets.events, assets.training_interactions, assets.trained_model, assets.popular_fallback],
-    jobs=[validate_job, train_job],
-    schedules=[hourly_validation, daily_retrain],
+    assets=[assets.catalog, assets.events, assets.training_interactions, assets.trained_model,
+            assets.popular_fallback, assets.served_model, assets.trending],
+    jobs=[validate_job, train_job, refresh_job],
+    schedules=[hourly_validation, daily_retrain, hourly_refresh],
+    sensors=[sensors.retrain_sensor, sensors.failure_sensor],
     resources={
         "lake_store": LakeResource(),
         "redis_state": RedisResource(),

@@ -8,9 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import dagster as dg
+import pandas as pd
 from pydantic import Field
 
 from pipelines.registry import ModelRegistry
+from pipelines.schemas import REGISTERED_MODEL
 from pipelines.settings import Settings, get_settings
 from pipelines.state import OnlineState, connect
 
@@ -20,13 +22,24 @@ def _s() -> Settings:
 
 
 class LakeResource(dg.ConfigurableResource):
-    """The Parquet event lake."""
+    """The Parquet event lake, the catalog next to it and the quality reports of its partitions."""
 
     lake_dir: str = Field(default_factory=lambda: str(_s().lake_dir))
+    catalog_file: str = Field(default_factory=lambda: str(_s().catalog_path))
+    quality_dir: str = Field(default_factory=lambda: str(_s().quality_dir))
 
     @property
     def path(self) -> Path:
         return Path(self.lake_dir)
+
+    @property
+    def quality_path(self) -> Path:
+        return Path(self.quality_dir)
+
+    def catalog(self) -> pd.DataFrame | None:
+        """The catalog, or None when there is no catalog file yet."""
+        path = Path(self.catalog_file)
+        return pd.read_parquet(path) if path.exists() else None
 
 
 class RedisResource(dg.ConfigurableResource):
@@ -44,9 +57,16 @@ class MLflowResource(dg.ConfigurableResource):
     """The MLflow tracking server and model registry."""
 
     tracking_uri: str = Field(default_factory=lambda: _s().mlflow_tracking_uri)
+    model_name: str = Field(REGISTERED_MODEL, description="registered model (tests use their own)")
 
     def registry(self) -> ModelRegistry:
-        return ModelRegistry(self.tracking_uri)
+        return ModelRegistry(self.tracking_uri, name=self.model_name)
+
+    def version_url(self, version: str) -> str | None:
+        """Link to a model version in the MLflow UI (None for a file/SQLite store without a UI)."""
+        if not self.tracking_uri.startswith("http"):
+            return None
+        return f"{self.tracking_uri.rstrip('/')}/#/models/{self.model_name}/versions/{version}"
 
 
 class KafkaResource(dg.ConfigurableResource):

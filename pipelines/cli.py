@@ -45,8 +45,9 @@ def init() -> None:
 
 
 @app.command()
-def consume(verbose: bool = False) -> None:
-    """Run one stream consumer (Kafka → lake + Redis; invalid records → DLQ) until stopped."""
+def consume(verbose: bool = False,
+            idle_exit_s: float = typer.Option(None, help="exit after this many seconds without a record")) -> None:
+    """Run one stream consumer (Kafka → lake + Redis; invalid records → DLQ) until stopped (SIGINT/SIGTERM)."""
     from pipelines import kafka_io
     from pipelines.consumer import StreamConsumer
     from pipelines.state import OnlineState, connect
@@ -56,7 +57,7 @@ def consume(verbose: bool = False) -> None:
     kafka_io.ensure_topics(s)
     state = OnlineState(connect(s.redis_url), recent_cap=s.recent_items_cap, cache_ttl_s=s.cache_ttl_s,
                         experiment=s.ab_experiment)
-    StreamConsumer(s, state).run(_stop_on_signals())
+    StreamConsumer(s, state).run(_stop_on_signals(), idle_exit_s=idle_exit_s)
 
 
 @app.command()

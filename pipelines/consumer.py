@@ -1,30 +1,71 @@
 """The stream consumer: Kafka ``shop.events`` → validation → lake + Redis, invalid → DLQ.
 
-Per poll batch: validate every record; send rejects to ``shop.events.dlq`` with
-a reason header; append valid events to the Parquet lake (durable rename);
-fold them into the online state in Redis; wait for the DLQ acks; then commit
-the offsets. A crash anywhere before the commit replays the batch.
+Per poll batch:
+
+1. validate every record (:func:`pipelines.schemas.parse_event`); claim each valid event's
+   ``event_id`` in Redis with the record's Kafka position (``partition:offset``);
+2. send rejects (and duplicates) to ``shop.events.dlq`` with the original bytes and a
+   ``reason`` header, count them per reason in Redis;
+3. write the valid events to the Parquet lake, one file per Kafka partition and hour, named
+   by the partition's offset range in the batch; durable (tmp + fsync + rename) on return;
+4. meanwhile, in a helper thread, fold them into the online state in Redis (one script call
+   plus one pipeline); steps 3 and 4 both finish before step 5;
+5. wait for the DLQ acks, then commit the offsets.
+
+Exactly once in the lake, and why it is built this way. A crash anywhere before step 5
+replays the batch from the last committed offset. Two mechanisms make the replay harmless:
+
+* Files carry their offset range (:func:`pipelines.lake.batch_file_name`). Commits happen only
+  at batch ends, after the batch's files are durable, so on (re)gaining a partition every file
+  of that partition whose range reaches the resume offset is a batch that was never committed;
+  :func:`pipelines.lake.remove_uncommitted` deletes those before the first replayed batch is
+  written. Unlike deterministic file names alone, this stays correct when the replayed batch
+  has different boundaries (another ``max_poll_records``, another fetch split, another hour
+  split) than the one that crashed. A member that loses the partition during a rebalance finds
+  its commit refused and deletes its own files of that batch.
+* The event_id index in Redis (``SET NX GET`` with the record's position, one script call per
+  batch) tells a genuine duplicate (same event_id, another position: client retries, a
+  producer that sent twice) from the same record seen again after a crash (same position), so
+  a replay is never rejected as a duplicate and a duplicate never gets stored twice.
+
+The Redis online state is at-least-once: a crash between step 4 and step 5 applies that batch's
+counters again on replay (a bounded, visible error of at most one batch; the lake, which
+training and the dashboard read, is exact). When Redis is down the consumer retries with
+exponential backoff and does not commit, so nothing is lost; when its event_id index was lost
+(a Redis without persistence restarted), duplicates sent across that gap are not recognised.
+
+For tests, ``SHOPREC_CRASH_AT=<point>[:<n>]`` makes the process SIGKILL itself the ``n``-th time
+(default first) it reaches a point: ``after_dlq``, ``after_lake_write``, ``after_redis``,
+``before_commit``, ``after_commit``.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
+import uuid
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis
+from kafka import TopicPartition
+from kafka.errors import CommitFailedError
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from pipelines import kafka_io, lake
-from pipelines.schemas import EventError, TOPIC_EVENTS, parse_event
+from pipelines.schemas import LAKE_COLUMNS, TOPIC_EVENTS, Event, EventError, parse_event
 from pipelines.settings import Settings
 from pipelines.state import OnlineState
 
 log = logging.getLogger(__name__)
 
 JOIN_WAIT_MS = 15_000
+CRASH_POINTS = ("after_dlq", "after_lake_write", "after_redis", "before_commit", "after_commit")
+_REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
 @dataclass
@@ -34,6 +75,31 @@ class ConsumerStats:
     rejected: Counter = field(default_factory=Counter)
     batches: int = 0
     last_commit_ts: float = 0.0
+
+
+class _CrashHook:
+    """Test hook: SIGKILL this process at a named point (``SHOPREC_CRASH_AT=point[:n]``)."""
+
+    def __init__(self, spec: str | None):
+        self.point, self.remaining = None, 0
+        if spec:
+            point, _, n = spec.partition(":")
+            if point not in CRASH_POINTS:
+                raise ValueError(f"SHOPREC_CRASH_AT={spec!r}: the point must be one of {', '.join(CRASH_POINTS)}")
+            self.point, self.remaining = point, int(n or 1)
+
+    def __call__(self, point: str) -> None:
+        if point == self.point:
+            self.remaining -= 1
+            if self.remaining <= 0:
+                log.warning("SHOPREC_CRASH_AT=%s: killing myself", point)
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _redis_retry(fn):
+    """Retry a Redis call with exponential backoff (0.2 s → 5 s) for up to 10 minutes while Redis is down."""
+    return retry(retry=retry_if_exception_type(_REDIS_DOWN), wait=wait_exponential(multiplier=0.2, max=5),
+                 stop=stop_after_delay(600), before_sleep=before_sleep_log(log, logging.WARNING), reraise=True)(fn)
 
 
 class StreamConsumer:
@@ -47,10 +113,16 @@ class StreamConsumer:
         self.producer = kafka_io.make_producer(settings)
         self.stats = ConsumerStats()
         self.log_every_s = log_every_s
-        self._last_log = time.monotonic()
-        self._last_logged_count = 0
-        self._last_trending = 0.0
+        self.writer = uuid.uuid4().hex[:8]
+        self._crash = _CrashHook(os.environ.get("SHOPREC_CRASH_AT"))
+        self._owned: set[TopicPartition] = set()  # partitions cleaned since they were (re)assigned
+        now = time.monotonic()
+        self._last_log = self._last_status = self._last_trending = now
+        self._last_logged_count = self._last_status_count = 0
+        self._rate = 0.0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-state")
 
+    # --- one batch ---------------------------------------------------------------------------
     def process_batch(self, timeout_ms: int | None = None) -> int:
         """Poll once and handle what came; returns the number of records handled."""
         timeout_ms = timeout_ms or self.settings.consumer_poll_ms
@@ -59,47 +131,109 @@ class StreamConsumer:
             # one; tansu answers a join after ~3 s, so short polls can rejoin forever. Wait it out.
             timeout_ms = max(timeout_ms, JOIN_WAIT_MS)
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.consumer_max_records)
-        records = [r for batch in polled.values() for r in batch]
-        if not records:
-            self._maybe_log()
-            return 0
-        valid, seen, rejected = [], set(), Counter()
-        for rec in records:
-            try:
-                ev = parse_event(rec.value, max_bytes=self.settings.max_event_bytes,
-                                 max_age_days=self.settings.max_event_age_days,
-                                 max_future_s=self.settings.max_event_future_s)
-                if ev.event_id in seen:
-                    raise EventError("duplicate", f"event_id {ev.event_id} was already seen in this batch")
-            except EventError as err:
-                rejected[err.reason] += 1
-                kafka_io.send_dlq(self.producer, rec.value, err.reason, err.message, rec.key)
-                continue
-            seen.add(ev.event_id)
-            valid.append(ev)
-        if valid:
-            lake.write_events(self.settings.lake_dir, [e.model_dump() for e in valid])
-            self._redis(self.state.apply_events, valid)
+        self._owned &= self.consumer.assignment()
+        n = sum(len(recs) for recs in polled.values())
+        if n:
+            self._handle(polled)
+        self._periodic()
+        return n
+
+    def _handle(self, polled: dict) -> None:
+        s = self.settings
+        now_ms = int(time.time() * 1000)
+        rejected: Counter = Counter()
+        # (tp, record, event) of the records that parsed; claimed in Redis below
+        parsed: list[tuple[TopicPartition, object, Event]] = []
+        for tp, recs in polled.items():
+            for rec in recs:
+                try:
+                    ev = parse_event(rec.value, max_bytes=s.max_event_bytes, now_ms=now_ms,
+                                     max_age_days=s.max_event_age_days, max_future_s=s.max_event_future_s)
+                except EventError as err:
+                    rejected[err.reason] += 1
+                    kafka_io.send_dlq(self.producer, rec.value, err.reason, err.message, rec.key, rec.headers)
+                    continue
+                parsed.append((tp, rec, ev))
+        valid: dict[TopicPartition, list[Event]] = {}
+        if parsed:
+            positions = [f"{tp.partition}:{rec.offset}" for tp, rec, _ in parsed]
+            holders = self._redis(self.state.claim_event_ids, [ev.event_id for _, _, ev in parsed], positions,
+                                  s.dedup_window_s)
+            for (tp, rec, ev), position, holder in zip(parsed, positions, holders):
+                if holder is not None and holder != position:
+                    rejected["duplicate"] += 1
+                    kafka_io.send_dlq(self.producer, rec.value, "duplicate",
+                                      f"event_id {ev.event_id} was already stored (record at {holder})", rec.key,
+                                      rec.headers)
+                else:
+                    valid.setdefault(tp, []).append(ev)
         if rejected:
-            self.producer.flush()
             self._redis(self.state.count_dlq, dict(rejected))
             log.warning("rejected %d records: %s", sum(rejected.values()), dict(rejected))
-        self.consumer.commit()
-        self.stats.consumed += len(records)
-        self.stats.stored += len(valid)
+        self._crash("after_dlq")
+        events = [ev for evs in valid.values() for ev in evs]
+        # the Redis fold runs beside the lake write (both mostly wait: on Redis, on Parquet encoding and
+        # fsync, which release the GIL); both finish before the commit, so crash safety is unchanged
+        applied = self._pool.submit(self._redis, self.state.apply_events, events) if events else None
+        try:
+            written = self._write_lake(polled, valid)
+        finally:
+            if applied is not None:
+                applied.result()
+        self._crash("after_lake_write")
+        self._crash("after_redis")
+        if rejected:
+            self.producer.flush()  # the DLQ copies must be in Kafka before their offsets are committed
+        self._crash("before_commit")
+        try:
+            self.consumer.commit()
+        except CommitFailedError as err:
+            # the group rebalanced under us: the partitions' new owner replays this batch, so the
+            # files written here must go (it deletes uncommitted files too, but may have looked already)
+            for path in written:
+                path.unlink(missing_ok=True)
+            self._owned.clear()
+            log.warning("commit refused after a rebalance (%s); %d files of this batch removed", err, len(written))
+            return
+        self._crash("after_commit")
+        n = sum(len(recs) for recs in polled.values())
+        self.stats.consumed += n
+        self.stats.stored += len(events)
         self.stats.rejected.update(rejected)
         self.stats.batches += 1
         self.stats.last_commit_ts = time.time()
-        self._maybe_log()
-        return len(records)
+
+    def _write_lake(self, polled: dict, valid: dict[TopicPartition, list[Event]]) -> list:
+        """One durable file per Kafka partition and hour, named by the partition's offsets in this batch."""
+        s = self.settings
+        for tp, recs in polled.items():
+            if tp not in self._owned:
+                # first batch since this partition was (re)assigned: drop files of uncommitted batches
+                now_ms = int(time.time() * 1000)
+                removed = lake.remove_uncommitted(s.lake_dir, tp.topic, tp.partition, recs[0].offset,
+                                                  since_ms=now_ms - (s.max_event_age_days + 1) * 86_400_000,
+                                                  until_ms=now_ms + s.max_event_future_s * 1000 + 3_600_000)
+                if removed:
+                    log.info("partition %s resumes at %d: removed %d uncommitted lake files",
+                             tp.partition, recs[0].offset, len(removed))
+                self._owned.add(tp)
+        written = []
+        for tp, events in valid.items():
+            recs = polled[tp]
+            by_hour: dict[int, list[Event]] = {}
+            for ev in events:
+                by_hour.setdefault(ev.ts // 3_600_000, []).append(ev)
+            name = lake.batch_file_name(tp.topic, tp.partition, recs[0].offset, recs[-1].offset, self.writer)
+            for hour, evs in by_hour.items():
+                written.append(lake.write_hour(s.lake_dir, hour, _columns(evs), name))
+        return written
 
     @staticmethod
-    @retry(retry=retry_if_exception_type(redis.ConnectionError | redis.TimeoutError),
-           wait=wait_exponential(multiplier=0.2, max=5), stop=stop_after_delay(600),
-           before_sleep=before_sleep_log(log, logging.WARNING), reraise=True)
+    @_redis_retry
     def _redis(fn, *args):
         return fn(*args)
 
+    # --- progress ------------------------------------------------------------------------------
     def lag(self) -> int:
         """Records behind the partition ends (from ``highwater``, which is exact on tansu)."""
         total = 0
@@ -110,7 +244,8 @@ class StreamConsumer:
                 total += max(0, hw - pos)
         return total
 
-    def _maybe_log(self) -> None:
+    def _periodic(self) -> None:
+        """Refresh trending, write the status hash for the dashboard, log rate and lag."""
         now = time.monotonic()
         if now - self._last_trending > 2.0:
             self._last_trending = now
@@ -118,18 +253,20 @@ class StreamConsumer:
                 self.state.refresh_trending()
             except redis.RedisError as err:
                 log.warning("trending refresh skipped: %s", err)
-        if now - self._last_log < self.log_every_s:
-            return
-        rate = (self.stats.consumed - self._last_logged_count) / (now - self._last_log)
-        lag = self.lag()
-        log.info("consumed=%d stored=%d rejected=%d rate=%.0f ev/s lag=%d", self.stats.consumed, self.stats.stored,
-                 sum(self.stats.rejected.values()), rate, lag)
-        try:
-            self.state.set_consumer_status(lag=lag, rate_eps=round(rate, 1), consumed=self.stats.consumed,
-                                           last_commit_ts=self.stats.last_commit_ts, updated_ts=time.time())
-        except redis.RedisError as err:
-            log.warning("consumer status not written: %s", err)
-        self._last_log, self._last_logged_count = now, self.stats.consumed
+        if now - self._last_status >= self.settings.consumer_status_every_s:
+            self._rate = (self.stats.consumed - self._last_status_count) / (now - self._last_status)
+            self._last_status, self._last_status_count = now, self.stats.consumed
+            try:
+                self.state.set_consumer_status(lag=self.lag(), rate_eps=round(self._rate, 1),
+                                               consumed=self.stats.consumed, last_commit_ts=self.stats.last_commit_ts,
+                                               updated_ts=time.time())
+            except redis.RedisError as err:
+                log.warning("consumer status not written: %s", err)
+        if now - self._last_log >= self.log_every_s:
+            rate = (self.stats.consumed - self._last_logged_count) / (now - self._last_log)
+            self._last_log, self._last_logged_count = now, self.stats.consumed
+            log.info("consumed=%d stored=%d rejected=%d rate=%.0f ev/s lag=%d", self.stats.consumed,
+                     self.stats.stored, sum(self.stats.rejected.values()), rate, self.lag())
 
     def run(self, stop: threading.Event | None = None, *, idle_exit_s: float | None = None) -> ConsumerStats:
         """Consume until ``stop`` is set (or no record came for ``idle_exit_s``)."""
@@ -146,8 +283,14 @@ class StreamConsumer:
         return self.stats
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         try:
             self.producer.flush(timeout=5)
         finally:
             self.producer.close(timeout=5)
             self.consumer.close()
+
+
+def _columns(events: list[Event]) -> dict[str, list]:
+    """Lake columns of validated events (attribute access; no per-event dict)."""
+    return {name: [getattr(e, name) for e in events] for name in LAKE_COLUMNS}

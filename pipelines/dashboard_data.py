@@ -1,9 +1,11 @@
-"""What the Streamlit dashboard shows, computed from the counters in Redis and the MLflow registry.
+"""What the Streamlit dashboard shows, computed from the counters in Redis, the event lake, the
+catalog, the Great Expectations reports and the MLflow registry.
 
 Two kinds of functions:
 
 * ``fetch_*`` read raw data (an :class:`~pipelines.state.OnlineState`, an MLflow
-  tracking URI) and raise when a service cannot be reached;
+  tracking URI, the lake and catalog Parquet files, the GX report folder) and raise
+  when a service cannot be reached;
 * everything else is a pure function of those raw dicts (rates, the CTR z-test,
   per-minute DataFrames), so it is unit-tested without any service.
 
@@ -19,6 +21,10 @@ Counter names (written by serving, read here; the values live in
 * ``STATS_CACHE`` (``cache``): ``hit`` | ``miss``.
 * ``ab:{variant}`` (see :func:`ab_stats_name`): impressions, clicks, carts,
   purchases per minute; totals per variant come from ``OnlineState.ab_counts()``.
+* ``events`` (one field per event type, written by the stream consumer) and
+  ``latency:{source}`` (histogram, field = upper bucket edge in ms or ``inf``).
+
+The A/B statistics themselves live in :mod:`pipelines.abstats`.
 """
 
 from __future__ import annotations
@@ -32,8 +38,9 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
-from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, REGISTERED_MODEL, SOURCE_CACHE, SOURCE_FALLBACK,
-                               SOURCE_MODEL, STATS_CACHE, STATS_REQUESTS)
+from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, EVENT_TYPES, LATENCY_EDGES_MS, REGISTERED_MODEL,
+                               REDIS_PREFIX, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL, STATS_CACHE, STATS_EVENTS, STATS_LATENCY,
+                               STATS_REQUESTS, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START)
 from pipelines.state import BUCKET_S, OnlineState
 
 __all__ = [
@@ -61,6 +68,11 @@ WINDOW_MINUTES = 60
 ALPHA = 0.05
 #: below this many impressions in a variant the dashboard says "not enough data" instead of a verdict
 MIN_IMPRESSIONS = 100
+
+
+def latency_stats_name(source: str) -> str:
+    """Name of the per-minute latency histogram of one request source (``latency:cache`` ...)."""
+    return f"{STATS_LATENCY}:{source}"
 
 
 def ab_stats_name(variant: str) -> str:
@@ -107,13 +119,15 @@ def buckets_to_frame(buckets: Buckets, fields: Sequence[str], *, minutes: int = 
     Minutes without a bucket are 0; buckets outside the window are dropped.
     """
     index = _minute_index(minutes, time.time() if now_s is None else now_s)
-    df = pd.DataFrame(0, index=index, columns=list(fields), dtype="int64")
-    for start, counts in buckets.items():
-        ts = pd.Timestamp(int(start), unit="s", tz="UTC")
-        if ts in df.index:
-            for f in fields:
-                df.loc[ts, f] = int(counts.get(f, 0))
-    return df
+    fields = list(fields)
+    if not buckets:
+        return pd.DataFrame(0, index=index, columns=fields, dtype="int64")
+    starts = list(buckets)
+    values = [[int(buckets[b].get(f, 0)) for f in fields] for b in starts]
+    raw = pd.DataFrame(values, columns=fields, dtype="int64",
+                       index=pd.to_datetime([int(b) for b in starts], unit="s", utc=True))
+    raw = raw.groupby(level=0).sum()
+    return raw.reindex(index, fill_value=0).astype("int64").rename_axis("minute")
 
 
 def _ratio_series(num: pd.Series, den: pd.Series) -> pd.Series:
@@ -344,6 +358,7 @@ class ConsumerSummary:
     consumed: int | None
     updated_ago_s: float | None
     stale: bool
+    last_commit_ago_s: float | None = None
 
 
 def consumer_summary(status: Mapping[str, str], *, now_s: float | None = None,
@@ -364,8 +379,10 @@ def consumer_summary(status: Mapping[str, str], *, now_s: float | None = None,
     updated = num("updated_ts", float)
     now_s = time.time() if now_s is None else now_s
     ago = max(0.0, now_s - updated) if updated is not None else None
+    commit = num("last_commit_ts", float)
+    commit_ago = max(0.0, now_s - commit) if commit else None
     return ConsumerSummary(num("lag", int), num("rate_eps", float), num("consumed", int), ago,
-                           stale=ago is None or ago > stale_after_s)
+                           stale=ago is None or ago > stale_after_s, last_commit_ago_s=commit_ago)
 
 
 # --- fetching -----------------------------------------------------------------------------------------
@@ -396,6 +413,8 @@ class Snapshot:
     cache: dict[int, dict[str, int]]
     dlq_reasons: dict[str, int] = field(default_factory=dict)
     consumer_status: dict[str, str] = field(default_factory=dict)
+    events: dict[int, dict[str, int]] = field(default_factory=dict)
+    latency: dict[str, dict[int, dict[str, int]]] = field(default_factory=dict)
 
 
 def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES) -> Snapshot:
@@ -415,6 +434,8 @@ def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES) -> Snapsho
         cache=state.read_stats(STATS_CACHE, minutes),
         dlq_reasons=state.dlq_reasons(),
         consumer_status=state.consumer_status(),
+        events=state.read_stats(STATS_EVENTS, minutes),
+        latency={src: state.read_stats(latency_stats_name(src), minutes) for src in REQUEST_SOURCES},
     )
 
 
@@ -429,6 +450,8 @@ class ModelVersionInfo:
     run_id: str | None
     created_ms: int | None
     metrics: dict[str, float]
+    window_start: str | None = None
+    window_end: str | None = None
 
 
 def mlflow_reachable(tracking_uri: str, timeout_s: float = 1.5) -> bool:
@@ -487,5 +510,525 @@ def fetch_model_aliases(tracking_uri: str, name: str = REGISTERED_MODEL, *,
                     metrics[k[len("metric."):]] = float(v)
                 except ValueError:
                     pass
-        out[alias] = ModelVersionInfo(alias, str(mv.version), mv.run_id, mv.creation_timestamp, metrics)
+        tags = mv.tags or {}
+        out[alias] = ModelVersionInfo(alias, str(mv.version), mv.run_id, mv.creation_timestamp, metrics,
+                                      tags.get(TAG_DATA_WINDOW_START), tags.get(TAG_DATA_WINDOW_END))
     return out
+
+
+# --- overview: events, serving rate and latency -----------------------------------------------------
+def events_timeseries(event_buckets: Buckets, *, minutes: int = WINDOW_MINUTES,
+                      now_s: float | None = None) -> pd.DataFrame:
+    """Per minute: events consumed by type (one column per type in ``EVENT_TYPES``)."""
+    return buckets_to_frame(event_buckets, EVENT_TYPES, minutes=minutes, now_s=now_s)
+
+
+def requests_per_second(request_buckets: Buckets, *, last_minutes: int = 5, now_s: float | None = None) -> float:
+    """Mean ``/recommend`` requests per second over the last ``last_minutes`` complete minutes."""
+    now_s = time.time() if now_s is None else now_s
+    current = int(now_s) // BUCKET_S * BUCKET_S
+    lo = current - last_minutes * BUCKET_S
+    n = sum(int(c.get(s, 0)) for start, c in request_buckets.items() if lo <= int(start) < current
+            for s in REQUEST_SOURCES)
+    return n / (last_minutes * BUCKET_S)
+
+
+LATENCY_FIELDS = tuple(str(e) for e in LATENCY_EDGES_MS) + ("inf",)
+
+
+def latency_histogram(hist_buckets: Buckets) -> pd.Series:
+    """Total count per histogram bucket (index = upper edge in ms, ``inf`` last)."""
+    t = totals(hist_buckets, LATENCY_FIELDS)
+    return pd.Series([t[f] for f in LATENCY_FIELDS], index=pd.Index(LATENCY_FIELDS, name="le_ms"), dtype="int64")
+
+
+def latency_quantile(hist: pd.Series, q: float) -> float | None:
+    """The ``q`` quantile (0-1) of a latency histogram as the upper edge (ms) of the bucket that holds it.
+
+    An upper bound: the true quantile lies in that bucket. ``inf`` when it falls past the last edge,
+    None without observations.
+    """
+    total = int(hist.sum())
+    if total == 0:
+        return None
+    rank = q * total
+    for edge, cum in zip(hist.index, hist.cumsum()):
+        if cum >= rank:
+            return math.inf if edge == "inf" else float(edge)
+    return math.inf
+
+
+@dataclass(frozen=True)
+class LatencySummary:
+    source: str
+    requests: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+def latency_summary(latency: Mapping[str, Buckets], sources: Sequence[str] = REQUEST_SOURCES) -> pd.DataFrame:
+    """One row per source (and ``all``): requests, p50_ms, p99_ms (bucket upper edges, NaN without data)."""
+    rows = []
+    hists = {src: latency_histogram(latency.get(src, {})) for src in sources}
+    hists["all"] = sum(hists.values(), latency_histogram({}))
+    for src, h in hists.items():
+        p50, p99 = latency_quantile(h, 0.5), latency_quantile(h, 0.99)
+        rows.append({"source": src, "requests": int(h.sum()),
+                     "p50_ms": math.nan if p50 is None else p50, "p99_ms": math.nan if p99 is None else p99})
+    return pd.DataFrame(rows).set_index("source")
+
+
+def fmt_ms(x: float | None) -> str:
+    """``"≤ 15 ms"`` (histogram quantiles are bucket upper edges), ``"> 2500 ms"`` past the last edge."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "–"
+    if math.isinf(x):
+        return f"> {LATENCY_EDGES_MS[-1]} ms"
+    return f"≤ {x:g} ms"
+
+
+def fmt_age(seconds: float | None) -> str:
+    """A duration for people: ``"42 s"``, ``"5 min"``, ``"3.2 h"``, ``"2.0 d"``."""
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "–"
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 172_800:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86_400:.1f} d"
+
+
+# --- cache by variant --------------------------------------------------------------------------------
+def cache_by_variant(cache_buckets: Buckets) -> pd.DataFrame:
+    """Hits, misses and hit_rate per variant from the ``hit:<variant>`` / ``miss:<variant>`` fields."""
+    acc: dict[str, dict[str, int]] = {}
+    for counts in cache_buckets.values():
+        for f, n in counts.items():
+            kind, _, variant = f.partition(":")
+            if variant and kind in (CACHE_HIT, CACHE_MISS):
+                acc.setdefault(variant, {CACHE_HIT: 0, CACHE_MISS: 0})[kind] += int(n)
+    rows = [{"variant": v, "hits": c[CACHE_HIT], "misses": c[CACHE_MISS],
+             "hit_rate": c[CACHE_HIT] / (c[CACHE_HIT] + c[CACHE_MISS]) if c[CACHE_HIT] + c[CACHE_MISS] else math.nan}
+            for v, c in sorted(acc.items(), key=lambda kv: _variant_order(kv[0]))]
+    return pd.DataFrame(rows, columns=["variant", "hits", "misses", "hit_rate"]).set_index("variant")
+
+
+@dataclass(frozen=True)
+class RedisInfo:
+    used_memory: int
+    used_memory_human: str
+    maxmemory: int
+    keys: int
+    keys_by_family: dict[str, int]
+    scanned_all: bool
+
+
+def key_family(key: str) -> str:
+    """The family of a shoprec key: ``shoprec:stats:cache:29000000`` -> ``stats:cache``, ``shoprec:cache:u1`` -> ``cache``."""
+    parts = key.split(":")
+    if parts and parts[0] + ":" == REDIS_PREFIX:
+        parts = parts[1:]
+    if not parts:
+        return key
+    if parts[0] in ("stats", "ab", "trending", "dlq", "consumer", "popular", "users") and len(parts) > 2:
+        return ":".join(parts[:2]) if parts[0] != "stats" else ":".join(parts[:-1])
+    return parts[0]
+
+
+def fetch_redis_info(client, *, max_scan: int = 200_000) -> RedisInfo:
+    """Memory used and key counts by family (a SCAN of at most ``max_scan`` keys).
+
+    Raises:
+        redis.RedisError: when Redis cannot be reached.
+    """
+    mem = client.info("memory")
+    total = int(client.dbsize())
+    fams: dict[str, int] = {}
+    seen = 0
+    for key in client.scan_iter(match=REDIS_PREFIX + "*", count=2000):
+        fam = key_family(key)
+        fams[fam] = fams.get(fam, 0) + 1
+        seen += 1
+        if seen >= max_scan:
+            break
+    return RedisInfo(int(mem.get("used_memory", 0)), str(mem.get("used_memory_human", "")),
+                     int(mem.get("maxmemory", 0)), total, dict(sorted(fams.items(), key=lambda kv: -kv[1])),
+                     scanned_all=seen < max_scan)
+
+
+# --- A/B report ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ABConfig:
+    """What the A/B analysis is planned for (from settings and the experiment definition)."""
+
+    shares: Mapping[str, float] = field(default_factory=lambda: {ALIAS_CHAMPION: 0.5, ALIAS_CHALLENGER: 0.5})
+    alpha: float = 0.05
+    power: float = 0.8
+    mde: float = 0.1
+    srm_alpha: float = 0.001
+    experiment: str = "default"
+
+    @classmethod
+    def from_settings(cls, s) -> ABConfig:
+        """Shares and experiment name from :class:`pipelines.experiment.Experiment` (settings or its YAML file).
+
+        Raises:
+            ValueError: when the experiment file is unreadable or its shares are invalid.
+        """
+        from pipelines.experiment import Experiment
+
+        exp = Experiment.from_settings(s)
+        return cls(dict(exp.variants), s.ab_alpha, s.ab_power, s.ab_mde, s.ab_srm_alpha, exp.name)
+
+    def expected_shares(self, a: str, b: str) -> dict[str, float]:
+        """Configured shares of ``a`` and ``b`` (50/50 when either is not part of the experiment)."""
+        if self.shares.get(a, 0) > 0 and self.shares.get(b, 0) > 0:
+            return {a: float(self.shares[a]), b: float(self.shares[b])}
+        return {a: 0.5, b: 0.5}
+
+
+@dataclass
+class ABReport:
+    """Everything the A/B page shows. ``variants``: one row per variant with rates and interval bounds;
+    ``lifts``: one row per metric (lift, low, high, p_value) of ``b`` over ``a``."""
+
+    a: str | None
+    b: str | None
+    variants: pd.DataFrame
+    lifts: pd.DataFrame
+    srm: Any  # abstats.SrmResult | None
+    verdict: Any  # abstats.Verdict | None
+    config: ABConfig
+    srm_unit: str = "impressions"
+
+
+def ab_report(counts: Mapping[str, Mapping[str, int]], revenue: Mapping[str, Any] | None = None,
+              config: ABConfig = ABConfig(), users: Mapping[str, int] | None = None) -> ABReport:
+    """Per-variant rates with intervals, lifts of challenger over champion, SRM check and verdict.
+
+    Args:
+        counts: totals per variant (``OnlineState.ab_counts()``): impressions, clicks, carts, purchases.
+        revenue: per variant, revenue of each impression from the lake (array, one value per impression,
+            mostly 0); revenue per impression is its mean. Missing variants show no revenue numbers.
+        users: distinct users per variant (from the lake). The split check counts these when both
+            variants have some: users are what is randomised, and a heavy user's many impressions
+            would make a fair split look skewed. Otherwise it counts impressions.
+    """
+    from pipelines import abstats
+
+    revenue = revenue or {}
+    alpha = config.alpha
+    rows = []
+    for variant in sorted(counts, key=_variant_order):
+        c = {f: int(counts[variant].get(f, 0)) for f in AB_FIELDS}
+        n = c["impressions"]
+        ctr = abstats.rate_interval(c["clicks"], n, alpha)
+        conv = abstats.rate_interval(c["purchases"], n, alpha)
+        rev = revenue.get(variant)
+        rpi = abstats.mean_interval(rev if rev is not None else [], alpha)
+        rows.append({"variant": variant, **c, "ctr": ctr.value, "ctr_low": ctr.low, "ctr_high": ctr.high,
+                     "conversion": conv.value, "conversion_low": conv.low, "conversion_high": conv.high,
+                     "revenue_impressions": 0 if rev is None else len(rev),
+                     "revenue": math.nan if rev is None else float(sum(rev)),
+                     "rpi": rpi.value, "rpi_low": rpi.low, "rpi_high": rpi.high})
+    variants = pd.DataFrame(rows).set_index("variant") if rows else pd.DataFrame()
+    lift_cols = ["lift", "low", "high", "p_value"]
+    pair = pick_ab_pair(counts)
+    if pair is None:
+        return ABReport(None, None, variants, pd.DataFrame(columns=lift_cols), None, None, config, "impressions")
+    a, b = pair
+    ca, cb = variants.loc[a], variants.loc[b]
+    lifts = {}
+    for metric, field_ in (("CTR", "clicks"), ("conversion", "purchases")):
+        r = abstats.rate_lift(int(ca[field_]), int(ca.impressions), int(cb[field_]), int(cb.impressions), alpha)
+        lifts[metric] = [math.nan] * 4 if r is None else [r.lift, r.low, r.high, r.p_value]
+    ml = abstats.mean_lift(revenue[a], revenue[b], alpha) if a in revenue and b in revenue else None
+    lifts["revenue per impression"] = [math.nan] * 4 if ml is None else [ml.lift, ml.low, ml.high, ml.p_value]
+    lifts_df = pd.DataFrame.from_dict(lifts, orient="index", columns=lift_cols)
+    lifts_df.index.name = "metric"
+    shares = config.expected_shares(a, b)
+    if users and users.get(a, 0) > 0 and users.get(b, 0) > 0:
+        srm_unit, observed = "users", {v: int(users[v]) for v in (a, b)}
+    else:
+        srm_unit, observed = "impressions", {v: int(variants.loc[v, "impressions"]) for v in (a, b)}
+    srm = abstats.srm_check(observed, shares, config.srm_alpha)
+    ratio = shares[b] / shares[a] if shares[a] > 0 else 1.0
+    v = abstats.verdict(a, b, int(ca.clicks), int(ca.impressions), int(cb.clicks), int(cb.impressions),
+                        alpha=alpha, power=config.power, mde=config.mde, ratio=ratio)
+    return ABReport(a, b, variants, lifts_df, srm, v, config, srm_unit)
+
+
+def cumulative_lift_frame(per_variant: Mapping[str, Buckets], a: str, b: str, *, minutes: int,
+                          now_s: float | None = None, alpha: float = 0.05, max_points: int = 240) -> pd.DataFrame:
+    """Cumulative CTR lift of ``b`` over ``a`` over time (columns lift, low, high; index = time, UTC).
+
+    Per-minute counters are summed into at most ``max_points`` steps; leading steps without a
+    defined lift are dropped.
+    """
+    from pipelines import abstats
+
+    now_s = time.time() if now_s is None else now_s
+    fa = buckets_to_frame(per_variant.get(a, {}), ("impressions", "clicks"), minutes=minutes, now_s=now_s)
+    fb = buckets_to_frame(per_variant.get(b, {}), ("impressions", "clicks"), minutes=minutes, now_s=now_s)
+    first = (fa["impressions"] + fb["impressions"]).to_numpy().nonzero()[0]
+    if not len(first):
+        return pd.DataFrame(columns=["lift", "low", "high"])
+    fa, fb = fa.iloc[first[0]:], fb.iloc[first[0]:]
+    step = max(1, math.ceil(len(fa) / max_points))
+    if step > 1:
+        groups = [i // step for i in range(len(fa))]
+        idx = fa.index[[min(len(fa) - 1, (g + 1) * step - 1) for g in sorted(set(groups))]]
+        fa, fb = fa.groupby(groups).sum(), fb.groupby(groups).sum()
+        fa.index = fb.index = idx
+    arr = abstats.cumulative_lift(fa.to_numpy(), fb.to_numpy(), alpha)
+    out = pd.DataFrame(arr, index=fa.index, columns=["lift", "low", "high"])
+    return out.dropna()
+
+
+# --- lake reads (revenue, new products) --------------------------------------------------------------
+def _lake_files(lake_dir, start_s: float, end_s: float) -> list:
+    from datetime import datetime, timedelta, timezone
+    from pathlib import Path
+
+    from pipelines.lake import partition_dir
+
+    files = []
+    t = datetime.fromtimestamp(start_s, tz=timezone.utc).replace(minute=0, second=0, microsecond=0)
+    end = datetime.fromtimestamp(end_s, tz=timezone.utc)
+    while t < end:
+        files += sorted(partition_dir(Path(lake_dir), t.strftime("%Y-%m-%d-%H:00")).glob("*.parquet"))
+        t += timedelta(hours=1)
+    return files
+
+
+def read_lake_columns(lake_dir, start_s: float, end_s: float, columns: Sequence[str],
+                      event_types: Sequence[str]) -> pd.DataFrame:
+    """Only ``columns`` of the events of ``event_types`` in the hourly partitions of ``[start_s, end_s)``.
+
+    Reads the partition folders of :mod:`pipelines.lake` with a column projection and a filter, so a week of
+    events stays fast. ``ts`` comes back as UTC epoch milliseconds (int64).
+    """
+    import pyarrow.dataset as ds
+
+    from pipelines.lake import LAKE_SCHEMA
+
+    cols = list(dict.fromkeys(["event_type", *columns]))
+    files = _lake_files(lake_dir, start_s, end_s)
+    if not files:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+    table = ds.dataset([str(f) for f in files], schema=LAKE_SCHEMA, format="parquet").to_table(
+        columns=cols, filter=ds.field("event_type").isin(list(event_types)))
+    df = table.to_pandas()
+    if "ts" in df:
+        df["ts"] = df["ts"].astype("datetime64[ms, UTC]").astype("int64")
+    return df
+
+
+def revenue_per_impression(impressions: pd.DataFrame, purchases: pd.DataFrame) -> dict[str, Any]:
+    """Revenue of every impression, per variant.
+
+    Args:
+        impressions: columns request_id, variant (one row per impression).
+        purchases: columns request_id, variant, price, quantity (quantity missing = 1).
+
+    Returns:
+        ``{variant: numpy array}`` with one value per impression: the ``price * quantity`` of the
+        purchases that carry its ``request_id`` (0 for most). Purchases without a matching impression
+        are not counted (their list was not shown in the window).
+    """
+    import numpy as np
+
+    imp = impressions.dropna(subset=["request_id", "variant"]).drop_duplicates("request_id")
+    if imp.empty:
+        return {}
+    pur = purchases.dropna(subset=["request_id"]) if not purchases.empty else purchases
+    if pur.empty:
+        rev = pd.Series(0.0, index=imp["request_id"])
+    else:
+        amount = pur["price"].fillna(0).astype("float64") * pur["quantity"].fillna(1).astype("float64")
+        by_req = amount.groupby(pur["request_id"].to_numpy()).sum()
+        rev = by_req.reindex(imp["request_id"]).fillna(0.0)
+    values = rev.to_numpy()
+    return {v: values[(imp["variant"] == v).to_numpy()] for v in imp["variant"].unique()}
+
+
+@dataclass
+class LakeAB:
+    """What the A/B page reads from the lake: revenue of every impression and distinct users, per variant."""
+
+    revenue: dict[str, Any] = field(default_factory=dict)
+    users: dict[str, int] = field(default_factory=dict)
+
+
+def fetch_lake_ab(lake_dir, *, hours: int, now_s: float | None = None) -> LakeAB:
+    """Revenue per impression (see :func:`revenue_per_impression`) and distinct users per variant over the
+    last ``hours`` of the lake."""
+    now_s = time.time() if now_s is None else now_s
+    df = read_lake_columns(lake_dir, now_s - hours * 3600, now_s + 3600,
+                           ["user_id", "request_id", "variant", "price", "quantity"], ["impression", "purchase"])
+    if df.empty:
+        return LakeAB()
+    imp = df[df["event_type"] == "impression"]
+    users = imp.dropna(subset=["variant"]).groupby("variant")["user_id"].nunique()
+    return LakeAB(revenue_per_impression(imp, df[df["event_type"] == "purchase"]),
+                  {str(k): int(v) for k, v in users.items()})
+
+
+@dataclass
+class NewItemReport:
+    """Cold start of products launched in the last ``age_h`` hours."""
+
+    new_items: int
+    with_impression: int
+    median_first_impression_s: float | None
+    median_first_click_s: float | None
+    clicked: int
+    new_slots: int
+    all_slots: int
+    explore_share: float
+    hourly: pd.DataFrame  # index hour (UTC); columns slots, new_slots, new_share
+
+    @property
+    def impressed_share(self) -> float | None:
+        return rate(self.with_impression, self.new_items)
+
+    @property
+    def slot_share(self) -> float | None:
+        """Share of all impression slots (items shown) in the last ``age_h`` that went to new products."""
+        return rate(self.new_slots, self.all_slots)
+
+
+def new_item_report(catalog: pd.DataFrame, impressions: pd.DataFrame, clicks: pd.DataFrame, *, now_ms: int,
+                    age_h: float = 24.0, explore_share: float = 0.1) -> NewItemReport:
+    """How products launched in the last ``age_h`` hours were shown and clicked.
+
+    Args:
+        catalog: columns item_id, created_at (UTC epoch ms).
+        impressions: columns ts (epoch ms), items (list of item ids shown).
+        clicks: columns ts (epoch ms), item_id.
+        now_ms: the present (epoch ms).
+
+    ``hourly`` counts, per hour, the impression slots and those taken by a product that was new
+    (younger than ``age_h``) at the time it was shown.
+    """
+    age_ms = int(age_h * 3_600_000)
+    created = pd.Series(catalog["created_at"].astype("int64").to_numpy(), index=catalog["item_id"].astype(str))
+    created = created[~created.index.duplicated(keep="last")]
+    new = created[(created > now_ms - age_ms) & (created <= now_ms)]
+    if impressions.empty:
+        slots = pd.DataFrame({"ts": pd.Series(dtype="int64"), "item_id": pd.Series(dtype="object")})
+    else:
+        slots = impressions[["ts", "items"]].explode("items").dropna().rename(columns={"items": "item_id"})
+        slots["ts"] = slots["ts"].astype("int64")
+    # .astype: mapping an empty string column gives a string column, not numbers
+    slot_created = slots["item_id"].map(created).astype("float64")
+    age = slots["ts"] - slot_created
+    slots = slots.assign(is_new=((age >= 0) & (age < age_ms)).fillna(False).astype(bool))
+    recent = slots[slots["ts"] > now_ms - age_ms]
+    launched = slots["item_id"].map(new).astype("float64")
+    new_slots_now = slots[slots["item_id"].isin(new.index) & (slots["ts"] >= launched)]
+    first_imp = new_slots_now.groupby("item_id")["ts"].min()
+    t_imp = (first_imp - new.reindex(first_imp.index)) / 1000.0
+    if clicks.empty:
+        t_click = pd.Series(dtype="float64")
+    else:
+        c = clicks[clicks["item_id"].isin(new.index)]
+        c = c[c["ts"].astype("int64") >= c["item_id"].map(new).astype("float64")]
+        first_click = c.groupby("item_id")["ts"].min().astype("int64")
+        t_click = (first_click - new.reindex(first_click.index)) / 1000.0
+    if slots.empty:
+        hourly = pd.DataFrame(columns=["slots", "new_slots", "new_share"])
+    else:
+        hour = pd.to_datetime(slots["ts"] // 3_600_000 * 3_600_000, unit="ms", utc=True)
+        hourly = slots.groupby(hour.rename("hour")).agg(slots=("item_id", "size"), new_slots=("is_new", "sum"))
+        hourly["new_share"] = hourly["new_slots"] / hourly["slots"]
+    return NewItemReport(
+        new_items=len(new), with_impression=len(first_imp),
+        median_first_impression_s=float(t_imp.median()) if len(t_imp) else None,
+        median_first_click_s=float(t_click.median()) if len(t_click) else None, clicked=len(t_click),
+        new_slots=int(recent["is_new"].sum()), all_slots=len(recent), explore_share=explore_share, hourly=hourly)
+
+
+def fetch_new_item_report(catalog_path, lake_dir, *, age_h: float, explore_share: float, hours: int,
+                          now_s: float | None = None) -> NewItemReport | None:
+    """:func:`new_item_report` from the catalog Parquet and the last ``hours`` of the lake; None without a catalog."""
+    from pathlib import Path
+
+    if not Path(catalog_path).exists():
+        return None
+    now_s = time.time() if now_s is None else now_s
+    catalog = pd.read_parquet(catalog_path, columns=["item_id", "created_at"])
+    df = read_lake_columns(lake_dir, now_s - hours * 3600, now_s + 3600, ["ts", "items", "item_id"],
+                           ["impression", "click"])
+    return new_item_report(catalog, df[df["event_type"] == "impression"], df[df["event_type"] == "click"],
+                           now_ms=int(now_s * 1000), age_h=age_h, explore_share=explore_share)
+
+
+# --- data quality (Great Expectations reports written by Dagster) -------------------------------------
+def fetch_quality_reports(quality_dir) -> list[dict]:
+    """Every report ``<quality_dir>/<partition>.json`` (unreadable files come back with an ``error``)."""
+    import json
+    from pathlib import Path
+
+    out = []
+    for f in sorted(Path(quality_dir).glob("*.json")):
+        try:
+            rep = json.loads(f.read_text())
+            if not isinstance(rep, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as err:
+            rep = {"partition": f.stem, "success": None, "error": f"cannot read {f.name}: {err}"}
+        rep.setdefault("partition", f.stem)
+        out.append(rep)
+    return out
+
+
+def dagster_run_url(base_url: str, run_id: str | None) -> str | None:
+    return f"{base_url.rstrip('/')}/runs/{run_id}" if run_id else None
+
+
+def quality_table(reports: Sequence[Mapping[str, Any]], dagster_url: str) -> pd.DataFrame:
+    """One row per partition, newest partition first: status, evaluated, failed, validated_at, run link."""
+    rows = []
+    for r in reports:
+        failed = r.get("failed") or []
+        success = r.get("success")
+        rows.append({"partition": str(r.get("partition")),
+                     "status": "error" if r.get("error") else ("passed" if success else "failed"),
+                     "evaluated": r.get("evaluated"), "failed": len(failed),
+                     "validated_at": r.get("validated_at"),
+                     "dagster_run": dagster_run_url(dagster_url, r.get("dagster_run_id"))})
+    df = pd.DataFrame(rows, columns=["partition", "status", "evaluated", "failed", "validated_at", "dagster_run"])
+    return df.sort_values("partition", ascending=False).set_index("partition")
+
+
+def failing_expectations(reports: Sequence[Mapping[str, Any]]) -> pd.DataFrame:
+    """Every failing expectation of every report with its examples (``sample``) as text."""
+    import json
+
+    rows = []
+    for r in reports:
+        for f in r.get("failed") or []:
+            sample = f.get("sample")
+            rows.append({"partition": str(r.get("partition")), "suite": f.get("suite"),
+                         "expectation": f.get("expectation_type"), "column": f.get("column"),
+                         "description": f.get("description"), "unexpected": f.get("unexpected_count"),
+                         "unexpected %": f.get("unexpected_percent"),
+                         "observed": None if f.get("observed_value") is None else str(f.get("observed_value")),
+                         "examples": None if sample is None else json.dumps(sample, default=str)[:300],
+                         "exception": f.get("exception")})
+    cols = ["partition", "suite", "expectation", "column", "description", "unexpected", "unexpected %",
+            "observed", "examples", "exception"]
+    return pd.DataFrame(rows, columns=cols).sort_values("partition", ascending=False, kind="stable")
+
+
+__all__ += [
+    "latency_stats_name", "events_timeseries", "requests_per_second",
+    "LATENCY_FIELDS", "latency_histogram", "latency_quantile", "LatencySummary", "latency_summary", "fmt_ms",
+    "fmt_age", "cache_by_variant", "RedisInfo", "key_family", "fetch_redis_info", "ABConfig", "ABReport",
+    "ab_report", "cumulative_lift_frame", "read_lake_columns", "revenue_per_impression", "LakeAB", "fetch_lake_ab",
+    "NewItemReport", "new_item_report", "fetch_new_item_report", "fetch_quality_reports", "dagster_run_url",
+    "quality_table", "failing_expectations",
+]

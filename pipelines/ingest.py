@@ -9,6 +9,8 @@ from __future__ import annotations
 import threading
 import time
 
+import orjson
+
 from pipelines import kafka_io
 from pipelines.schemas import Event, EventError, validate_event
 from pipelines.settings import Settings
@@ -23,18 +25,31 @@ class IngestRejected(ValueError):
 
 
 def validate_batch(events: list, settings: Settings) -> tuple[list[Event], list[dict]]:
-    """Validate each event of a batch with the consumer's rules.
+    """Validate each event of a batch with the consumer's rules (size, schema, ts window, duplicates).
 
     Returns:
-        ``(valid, errors)``; each error is ``{"index", "reason", "message"}``.
+        ``(valid, errors)``; each error is ``{"index", "reason", "message"}`` with the consumer's reason codes.
     """
-    errors, valid = [], []
+    errors, valid, seen = [], [], {}
+    now_ms = int(time.time() * 1000)
     for i, ev in enumerate(events):
         try:
-            valid.append(validate_event(ev, max_age_days=settings.max_event_age_days,
-                                        max_future_s=settings.max_event_future_s))
+            size = len(orjson.dumps(ev))
+            if size > settings.max_event_bytes:
+                raise EventError("oversized", f"event is {size} bytes as JSON; the limit is {settings.max_event_bytes}")
+            event = validate_event(ev, now_ms=now_ms, max_age_days=settings.max_event_age_days,
+                                   max_future_s=settings.max_event_future_s)
+            if event.event_id in seen:
+                raise EventError("duplicate", f"event_id {event.event_id} is also event {seen[event.event_id]} "
+                                              "of this batch")
         except EventError as err:
             errors.append({"index": i, "reason": err.reason, "message": err.message})
+            continue
+        except (TypeError, orjson.JSONEncodeError) as err:  # e.g. nesting deeper than JSON allows
+            errors.append({"index": i, "reason": "schema", "message": f"event cannot be encoded as JSON: {err}"})
+            continue
+        seen[event.event_id] = i
+        valid.append(event)
     return valid, errors
 
 

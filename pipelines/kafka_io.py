@@ -6,10 +6,10 @@ Every client gets the connection and SASL/SSL settings from
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterable
 
+import orjson
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -25,7 +25,7 @@ FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "max_po
 
 def ensure_topics(settings: Settings) -> None:
     """Create shoprec's topics; a topic that already exists is left as it is."""
-    admin = KafkaAdminClient(client_id="shoprec-admin", **settings.kafka_client_kwargs())
+    admin = make_admin(settings)
     try:
         wanted = [
             NewTopic(TOPIC_EVENTS, settings.kafka_events_partitions, 1),
@@ -41,33 +41,46 @@ def ensure_topics(settings: Settings) -> None:
         admin.close()
 
 
+def make_admin(settings: Settings, **overrides) -> KafkaAdminClient:
+    """An admin client (topic creation) with the shared connection and SASL/SSL settings."""
+    return KafkaAdminClient(**{"client_id": "shoprec-admin", **settings.kafka_client_kwargs(), **overrides})
+
+
 def make_producer(settings: Settings, **overrides) -> KafkaProducer:
     """A producer for raw bytes; keys are strings (user_id for events)."""
-    kw = dict(acks=1, linger_ms=5, retries=5, key_serializer=lambda k: k.encode() if k is not None else None,
-              max_request_size=16 * 1024 * 1024)
+    # max_request_size: a hostile 10 MB record must reach the consumer to be quarantined, not fail here
+    kw = dict(acks=1, linger_ms=5, retries=5, key_serializer=_key_bytes, max_request_size=16 * 1024 * 1024)
     kw.update(overrides)
-    return KafkaProducer(**settings.kafka_client_kwargs(), **kw)
+    return KafkaProducer(**{**settings.kafka_client_kwargs(), **kw})
+
+
+def _key_bytes(key: str | bytes | None) -> bytes | None:
+    return key.encode() if isinstance(key, str) else key
 
 
 def make_consumer(settings: Settings, topics: Iterable[str] = (TOPIC_EVENTS,), *, group: str | None = None,
                   **overrides) -> KafkaConsumer:
-    """A group consumer that commits by hand (offsets move only after the batch is durable)."""
+    """A group consumer that commits by hand (offsets move only after the batch is durable).
+
+    Fetches are large (a hostile 10 MB record must be fetched to be quarantined) and wait at most
+    100 ms for data, which bounds what an idle-then-busy stream adds to event freshness.
+    """
     kw = dict(group_id=group or settings.consumer_group, enable_auto_commit=False, auto_offset_reset="earliest",
               max_poll_records=settings.consumer_max_records, fetch_max_bytes=32 * 1024 * 1024,
-              max_partition_fetch_bytes=16 * 1024 * 1024, **FAST_GROUP)
+              max_partition_fetch_bytes=16 * 1024 * 1024, fetch_max_wait_ms=100, **FAST_GROUP)
     kw.update(overrides)
     # topics go to the constructor: a subscribe() after construction can leave kafka-python
     # rejoining the group forever on tansu (joined subscription stays empty)
-    return KafkaConsumer(*topics, **settings.kafka_client_kwargs(), **kw)
+    return KafkaConsumer(*topics, **{**settings.kafka_client_kwargs(), **kw})
 
 
 def send_events(producer: KafkaProducer, events: Iterable[dict], topic: str = TOPIC_EVENTS) -> list:
     """Send event dicts keyed by user_id; returns the send futures (``.get()`` to await the ack)."""
-    return [producer.send(topic, key=ev.get("user_id"), value=json.dumps(ev, separators=(",", ":")).encode())
-            for ev in events]
+    return [producer.send(topic, key=ev.get("user_id"), value=orjson.dumps(ev)) for ev in events]
 
 
-def send_dlq(producer: KafkaProducer, raw: bytes, reason: str, message: str, key: bytes | None = None):
-    """Quarantine a rejected record: original bytes, reason and message in headers."""
-    return producer.send(TOPIC_DLQ, value=raw, key=key.decode("utf-8", "replace") if key else None,
-                         headers=[(DLQ_REASON_HEADER, reason.encode()), ("error", message[:500].encode())])
+def send_dlq(producer: KafkaProducer, raw: bytes | None, reason: str, message: str, key: bytes | None = None,
+             headers: Iterable[tuple[str, bytes]] = ()):
+    """Quarantine a rejected record: original value, key and headers, plus ``reason`` and ``error`` headers."""
+    return producer.send(TOPIC_DLQ, value=raw, key=key,
+                         headers=[*headers, (DLQ_REASON_HEADER, reason.encode()), ("error", message[:500].encode())])

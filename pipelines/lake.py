@@ -1,13 +1,23 @@
 """The event lake: Parquet files in hourly partitions.
 
 Layout: ``<lake_dir>/date=YYYY-MM-DD/hour=HH/<name>.parquet``. Every file is
-written under a temporary name, flushed and renamed, so a reader never sees a
-half-written file and a crash leaves at most an ignored ``.tmp`` behind.
+written under a temporary name, fsynced, renamed and its folder fsynced, so a
+reader never sees a half-written file and a crash leaves at most an ignored
+``.tmp`` behind.
+
+Files written by the stream consumer carry the Kafka position they hold in
+their name: ``<topic>-<partition>-<first offset>-<last offset>-<writer>.parquet``
+(see :func:`batch_file_name`). That is what makes the lake exactly-once after a
+crash: offsets are committed only after a batch's files are durable, so any file
+whose offset range reaches the committed offset or beyond is a batch whose commit
+never happened; :func:`remove_uncommitted` deletes those before the batch is
+consumed again (see :mod:`pipelines.consumer`).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
@@ -63,16 +73,79 @@ def write_events(lake_dir: Path, events: Iterable[dict], *, prefix: str = "batch
         cols["schema_version"] = [r.get("schema_version", 1) for r in rows]
         table = pa.Table.from_pydict(cols, schema=LAKE_SCHEMA)
         folder = partition_dir(lake_dir, key)
-        folder.mkdir(parents=True, exist_ok=True)
-        final = folder / f"{prefix}-{uuid.uuid4().hex}.parquet"
-        tmp = folder / f".{final.name}.tmp"
-        with open(tmp, "wb") as fh:
-            pq.write_table(table, fh, compression="zstd")
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, final)
-        written.append(final)
+        written.append(write_table(folder, f"{prefix}-{uuid.uuid4().hex}.parquet", table))
     return written
+
+
+def write_table(folder: Path, name: str, table: pa.Table) -> Path:
+    """Write one Parquet file durably: temp name, fsync, rename, fsync of the folder.
+
+    A file of the same name is replaced atomically.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    final = folder / name
+    tmp = folder / f".{name}.tmp"
+    with open(tmp, "wb") as fh:
+        pq.write_table(table, fh, compression="zstd")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself must survive a power cut, not just the bytes
+    finally:
+        os.close(dir_fd)
+    return final
+
+
+# --- files of the stream consumer, named by their Kafka position ---------------------------------
+_BATCH_FILE = re.compile(r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{12})-(?P<last>\d{12})-(?P<writer>\w+)\.parquet$")
+
+
+def batch_file_name(topic: str, partition: int, first_offset: int, last_offset: int, writer: str) -> str:
+    """Name of a consumer batch file holding the valid records of ``[first_offset, last_offset]``.
+
+    ``writer`` (the consumer instance) keeps two members of a group that briefly both think they
+    own a partition (a rebalance) from replacing each other's files.
+    """
+    return f"{topic}-{partition}-{first_offset:012d}-{last_offset:012d}-{writer}.parquet"
+
+
+def write_hour(lake_dir: Path, hour: int, columns: dict[str, list], name: str) -> Path:
+    """Write the rows of one hourly partition (``hour`` in epoch hours) given as lake columns."""
+    return write_table(_hour_dir(lake_dir, hour), name, pa.Table.from_pydict(columns, schema=LAKE_SCHEMA))
+
+
+def _hour_dir(lake_dir: Path, hour: int) -> Path:
+    dt = datetime.fromtimestamp(hour * 3600, tz=timezone.utc)
+    return Path(lake_dir) / f"date={dt:%Y-%m-%d}" / f"hour={dt:%H}"
+
+
+def remove_uncommitted(lake_dir: Path, topic: str, partition: int, from_offset: int, *,
+                       since_ms: int, until_ms: int) -> list[Path]:
+    """Delete the consumer batch files of one Kafka partition that reach ``from_offset`` or later.
+
+    Called with the committed offset a consumer resumes from: such files were written but their
+    offsets never committed, so the records are about to be consumed (and written) again.
+    Only hourly folders whose hour lies in ``[since_ms, until_ms]`` are searched (events outside
+    the accepted ts window never reach the lake).
+
+    Returns:
+        The files deleted.
+    """
+    removed = []
+    first = str(_hour_dir(lake_dir, since_ms // 3_600_000).relative_to(lake_dir))
+    last = str(_hour_dir(lake_dir, until_ms // 3_600_000).relative_to(lake_dir))
+    for folder in Path(lake_dir).glob("date=*/hour=*"):
+        if not first <= str(folder.relative_to(lake_dir)) <= last:
+            continue
+        for f in folder.iterdir():
+            name = f.name[1:-4] if f.name.endswith(".tmp") else f.name
+            m = _BATCH_FILE.match(name)
+            if m and m["topic"] == topic and int(m["partition"]) == partition and int(m["last"]) >= from_offset:
+                f.unlink(missing_ok=True)
+                removed.append(f)
+    return removed
 
 
 def read_partition(lake_dir: Path, key: str) -> pd.DataFrame:

@@ -7,11 +7,11 @@ the ``/events`` endpoint, so both reject the same records for the same reasons.
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 from typing import Annotated, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
 
 SCHEMA_VERSION = 1
@@ -97,6 +97,21 @@ class RedisKeys:
     dlq_reasons = REDIS_PREFIX + "dlq:reasons"
     consumer_status = REDIS_PREFIX + "consumer:status"
 
+    @staticmethod
+    def event_id(event_id: str) -> str:
+        """Kafka position (``partition:offset``) of the record that first carried an event_id (duplicate check)."""
+        return f"{REDIS_PREFIX}eid:{event_id}"
+
+    @staticmethod
+    def rate_limit_prefix() -> str:
+        """Prefix of the per-API-key rate-limit windows of ``/events`` (kept by the ``limits`` library)."""
+        return f"{REDIS_PREFIX}ratelimit"
+
+    @staticmethod
+    def purchased(user_id: str) -> str:
+        """Sorted set of the items a user bought (score = epoch ms); serving never recommends them again soon."""
+        return f"{REDIS_PREFIX}bought:{user_id}"
+
 
 # --- schemas -----------------------------------------------------------------
 Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
@@ -179,6 +194,10 @@ def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int
         ev = Event.model_validate(data)
     except ValidationError as err:
         raise EventError(*_describe(err)) from None
+    return _check_ts(ev, now_ms, max_age_days, max_future_s)
+
+
+def _check_ts(ev: Event, now_ms: int | None, max_age_days: int, max_future_s: int) -> Event:
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     if ev.ts > now_ms + max_future_s * 1000:
         raise EventError("ts_in_future", f"ts {ev.ts} is more than {max_future_s}s in the future; send UTC epoch milliseconds")
@@ -187,23 +206,41 @@ def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int
     return ev
 
 
-def parse_event(raw: bytes, *, max_bytes: int = 16_384, **kw) -> Event:
+#: reasons a record can be rejected for (the DLQ ``reason`` header and the ``dlq:reasons`` hash fields)
+REJECT_REASONS = ("empty", "oversized", "undecodable", "invalid_json", "schema", "missing_field", "unknown_field",
+                  "unknown_event_type", "ts_in_future", "ts_too_old", "duplicate")
+
+
+def parse_event(raw: bytes | None, *, max_bytes: int = 16_384, now_ms: int | None = None, max_age_days: int = 30,
+                max_future_s: int = 300) -> Event:
     """Decode and validate one Kafka record value.
 
+    The common case (a valid event) takes one pass of pydantic's Rust JSON parser; only a
+    record that fails it is decoded again, step by step, to name the reason.
+
     Raises:
-        EventError: reason ``oversized``, ``undecodable``, ``invalid_json`` or a schema reason.
+        EventError: reason ``empty``, ``oversized``, ``undecodable``, ``invalid_json`` or a schema reason.
     """
+    if not raw:
+        raise EventError("empty", "record has no value; send one JSON event per record")
     if len(raw) > max_bytes:
         raise EventError("oversized", f"record is {len(raw)} bytes; the limit is {max_bytes}")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise EventError("undecodable", "record is not UTF-8 text") from None
-    try:
-        data = json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        raise EventError("invalid_json", "record is not valid JSON") from None
-    return validate_event(data, **kw)
+        ev = Event.model_validate_json(raw)
+    except ValidationError:
+        ev = None
+    if ev is None:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EventError("undecodable", "record is not UTF-8 text") from None
+        try:
+            data = orjson.loads(text)
+        except orjson.JSONDecodeError as err:
+            raise EventError("invalid_json", f"record is not valid JSON ({str(err)[:120]})") from None
+        # the fast path failed, so this names the precise reason
+        return validate_event(data, now_ms=now_ms, max_age_days=max_age_days, max_future_s=max_future_s)
+    return _check_ts(ev, now_ms, max_age_days, max_future_s)
 
 
 def new_event(event_type: str, user_id: str, item_id: str | None, session_id: str, *,
@@ -220,3 +257,18 @@ def new_event(event_type: str, user_id: str, item_id: str | None, session_id: st
     }
     ev.update({k: v for k, v in extra.items() if v is not None})
     return ev
+
+# --- catalog / model lifecycle (orchestration) ----------------------------------
+#: columns of the catalog Parquet file (``Settings.catalog_path``), in :class:`CatalogItem` order
+CATALOG_COLUMNS = tuple(CatalogItem.model_fields)
+COL_CATEGORY = "category"
+#: MLflow run/version tags written by the training gate (read by the dashboard and by people)
+TAG_DATA_WINDOW_START, TAG_DATA_WINDOW_END = "data_window_start", "data_window_end"
+TAG_GATE_DECISION = "gate_decision"
+TAG_GX_SUCCESS = "gx_success"
+
+# --- serving (bentos/) ------------------------------------------------------------
+#: fields of the ``requests`` counter besides the sources: requests whose model call failed or ran past the deadline
+STATS_MODEL_ERROR, STATS_MODEL_TIMEOUT = "model_error", "model_timeout"
+#: a purchase stops an item from being recommended to its buyer for this long
+PURCHASE_MEMORY_S = 30 * 86_400

@@ -1,32 +1,328 @@
-"""The serving core behind the BentoML service: models by alias, cache, A/B split, fallback.
+"""The serving core behind the BentoML services (``bentos/``).
 
-It never fails a request: when the cache is down it scores without it; when no
-model can answer it serves popular items from a local snapshot with
-``source: fallback``.
+Two halves, one per BentoML service:
+
+* :class:`ModelHolder` (the scoring service): loads the versions behind the MLflow aliases,
+  polls the registry and swaps a new version in atomically, scores a *batch* of requests
+  with one batched model call per variant (:func:`score_batch`) and applies the business
+  rules (:mod:`pipelines.rules`).
+* :class:`RecommendationEngine` (the API service): A/B assignment, the Redis cache, the
+  deadline on the scoring call, the popular-items fallback, counters and impression logging.
+
+It never fails a request: when Redis is down it scores without the cache; when the scoring
+call fails, raises or runs past ``serve_deadline_ms`` it serves popular items from a local
+snapshot with ``source: fallback``; when Kafka is down impressions wait in a bounded buffer
+(:class:`ImpressionLog`) and are retried.
 """
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
+import collections
 import json
 import logging
 import threading
+import time
 import uuid
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
 from pipelines import kafka_io
+from pipelines.experiment import Experiment
+from pipelines.models import Recommender, load_recommender
+from pipelines.models.base import Scored
 from pipelines.registry import LoadedModel, ModelRegistry
+from pipelines.rules import Catalog, apply_rules
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL,
-                               STATS_CACHE, STATS_REQUESTS, new_event)
+                               STATS_CACHE, STATS_LATENCY, STATS_MODEL_ERROR, STATS_MODEL_TIMEOUT, STATS_REQUESTS,
+                               new_event)
 from pipelines.settings import Settings
-from pipelines.state import OnlineState, connect
+from pipelines.state import AsyncServingState, OnlineState, connect, latency_field
 
 log = logging.getLogger(__name__)
 
+ALIASES = (ALIAS_CHAMPION, ALIAS_CHALLENGER)
+#: extra candidates asked from the model so that the business rules can drop some
+RULES_HEADROOM = 20
+#: seconds Redis is skipped after an error (a dead Redis must not cost every request a timeout)
+REDIS_RETRY_S = 2.0
+#: counters are summed in memory and written to Redis this often (one round trip, not one per request)
+STATS_FLUSH_S = 1.0
 
+
+# --- scoring (the scoring service) ----------------------------------------------------
+def score_batch(model: Recommender, requests: Sequence[tuple[str, Sequence[str]]], k: int,
+                exclude_seen: bool = True) -> tuple[list[Scored], list[bool]]:
+    """Top-k for a batch of ``(user_id, recent_items_newest_first)`` in as few model calls as possible.
+
+    A model that overrides :meth:`Recommender.recommend_batch` is trusted to batch itself.
+    Otherwise known users go through one ``recommend_scored`` call and, when the model exposes
+    ``session_vector`` + ``score_users`` (BPR), cold users' session vectors are stacked into one
+    ``score_users`` call; users with no usable session share one popular list.
+
+    Returns:
+        ``(lists, cold)``: per request its top-k and whether the user was unknown to the model.
+    """
+    known = model.known_users
+    cold = [u not in known for u, _ in requests]
+    if type(model).recommend_batch is not Recommender.recommend_batch:
+        return model.recommend_batch(requests, k, exclude_seen), cold
+    out: list[Scored] = [[] for _ in requests]
+    warm_pos = [n for n, c in enumerate(cold) if not c]
+    if warm_pos:
+        for n, row in zip(warm_pos, model.recommend_scored([requests[n][0] for n in warm_pos], k, exclude_seen)):
+            out[n] = row
+    cold_pos = [n for n, c in enumerate(cold) if c]
+    if cold_pos and hasattr(model, "session_vector") and hasattr(model, "score_users"):
+        import torch
+
+        index = {i: n for n, i in enumerate(model.item_ids)}
+        vec_pos, vecs, exclude = [], [], []
+        popular: Scored | None = None
+        for n in cold_pos:
+            recent = list(requests[n][1])
+            v = model.session_vector(recent)
+            if v is None:
+                popular = popular if popular is not None else model.recommend_session_scored([], k)
+                out[n] = popular
+            else:
+                vec_pos.append(n)
+                vecs.append(v)
+                exclude.append(sorted({index[i] for i in recent if i in index}))
+        if vecs:
+            scores, idx = model.score_users(torch.stack(vecs), k, exclude)
+            ids = model.item_ids
+            for n, srow, irow in zip(vec_pos, scores.tolist(), idx.tolist()):
+                out[n] = [(ids[i], s) for s, i in zip(srow, irow) if s != float("-inf")]
+    else:
+        for n in cold_pos:
+            out[n] = model.recommend_session_scored(list(requests[n][1]), k)
+    return out, cold
+
+
+class ModelHolder:
+    """The models of one scoring process, by alias, swapped atomically when the registry changes.
+
+    ``models`` is replaced as a whole (never mutated), so a batch that started on the old
+    version finishes on it and the next batch uses the new one: no request is dropped.
+    """
+
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None, packaged_dir: Path | None = None):
+        self.settings = settings
+        self.packaged_dir = packaged_dir or settings.packaged_model_dir
+        self._packaged: LoadedModel | None = None
+        self.registry = registry or ModelRegistry(settings.mlflow_tracking_uri, name=settings.mlflow_model_name)
+        self.models: dict[str, LoadedModel] = {}
+        self.catalog = Catalog(settings.catalog_path, reload_s=settings.catalog_reload_s,
+                               new_item_age_h=settings.new_item_age_h)
+        self._stop = threading.Event()
+        self._refresh_lock = threading.Lock()
+
+    def refresh(self) -> dict[str, str]:
+        """Load the versions behind the aliases that changed; an alias that was removed stops serving."""
+        with self._refresh_lock:
+            models = dict(self.models)
+            for alias in ALIASES:
+                try:
+                    version = self.registry.version_for(alias)
+                    if version is None:
+                        if alias in models and models[alias] is not self._packaged:
+                            log.info("alias %s removed; no longer serving it", alias)
+                            models.pop(alias)
+                    elif alias not in models or models[alias].version != version:
+                        loaded = self.registry.load(alias)
+                        if loaded is not None:
+                            models[alias] = loaded
+                            log.info("serving %s = version %s", alias, loaded.version)
+                except Exception as err:  # registry down or a broken model: keep what we have
+                    log.warning("could not refresh %s from MLflow (%s); keeping the current model", alias, err)
+            if ALIAS_CHAMPION not in models:
+                if self._packaged is None:
+                    self._packaged = load_packaged(self.packaged_dir)
+                if self._packaged is not None:
+                    log.info("serving the packaged champion (version %s)", self._packaged.version)
+                    models[ALIAS_CHAMPION] = self._packaged
+            self.models = models
+            return self.versions()
+
+    def versions(self) -> dict[str, str]:
+        return {a: m.version for a, m in self.models.items()}
+
+    def start_polling(self) -> threading.Thread:
+        def loop():
+            while not self._stop.wait(self.settings.model_poll_s):
+                self.refresh()
+
+        t = threading.Thread(target=loop, name="model-poller", daemon=True)
+        t.start()
+        return t
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def popular(self, k: int) -> Scored:
+        """The champion's popular list (what a user with no history gets): the fallback snapshot's source."""
+        model = self.models.get(ALIAS_CHAMPION)
+        if model is None:
+            return []
+        self.catalog.maybe_reload()
+        items = model.recommender.recommend_session_scored([], k + RULES_HEADROOM)
+        return [(i, float(s)) for i, s in items if i not in self.catalog.out_of_stock][:k]
+
+    def score(self, requests: Sequence[dict]) -> list[dict]:
+        """Score a batch of requests (the scoring service's batchable API).
+
+        Args:
+            requests: dicts with ``user_id``, ``variant``, ``k``, and optional ``recent`` (items,
+                newest first) and ``bought`` (items the user purchased).
+
+        Returns:
+            Per request ``{"items": [[item_id, score], ...], "model_version", "variant", "cold"}``,
+            or ``{"error": message}`` when that variant cannot answer (the caller falls back).
+        """
+        self.catalog.maybe_reload()
+        models = self.models  # one consistent snapshot for the whole batch
+        out: list[dict] = [{} for _ in requests]
+        by_variant: dict[str, list[int]] = collections.defaultdict(list)
+        for n, req in enumerate(requests):
+            variant = req.get("variant") or ALIAS_CHAMPION
+            by_variant[variant if variant in models else ALIAS_CHAMPION].append(n)
+        for variant, positions in by_variant.items():
+            model = models.get(variant)
+            if model is None:
+                for n in positions:
+                    out[n] = {"error": "no model is registered as champion yet"}
+                continue
+            rec = model.recommender
+            kk = max(int(requests[n].get("k", 10)) for n in positions)
+            batch = [(str(requests[n]["user_id"]), list(requests[n].get("recent") or ())) for n in positions]
+            try:
+                lists, cold = score_batch(rec, batch, kk + RULES_HEADROOM)
+            except Exception as err:
+                log.exception("model %s v%s raised on a batch of %d", variant, model.version, len(batch))
+                for n in positions:
+                    out[n] = {"error": f"model raised: {err}"}
+                continue
+            for j, (n, scored, is_cold) in enumerate(zip(positions, lists, cold)):
+                req = requests[n]
+                items = apply_rules(
+                    scored, int(req.get("k", 10)), out_of_stock=self.catalog.out_of_stock,
+                    bought=set(req.get("bought") or ()), category=self.catalog.category,
+                    max_per_category=self.settings.max_per_category, new_items=self.catalog.new_items,
+                    explore_share=self.settings.explore_share, rank_new=self._content_ranker(rec, *batch[j]))
+                out[n] = {"items": [[i, round(float(s), 6)] for i, s in items], "model_version": model.version,
+                          "variant": variant, "cold": bool(is_cold)}
+        return out
+
+
+    def _content_ranker(self, rec: Recommender, user_id: str, recent: Sequence[str]):
+        """Orders exploration candidates with the model's content path (``rank_new_items``), if it has one."""
+        rank_new_items = getattr(rec, "rank_new_items", None)
+        frame = self.catalog.new_frame
+        if rank_new_items is None or frame is None:
+            return None
+
+        def rank(candidates: Sequence[str]) -> list[str]:
+            wanted = set(candidates)
+            try:
+                ranked = rank_new_items(user_id, list(recent), len(frame), catalog=frame)
+            except Exception as err:  # the content path is a nicety: fall back to recency
+                log.warning("rank_new_items failed (%s); exploring by recency", err)
+                return list(candidates)
+            return [i for i, _ in ranked if i in wanted]
+
+        return rank
+
+
+def load_packaged(folder: Path) -> LoadedModel | None:
+    """The champion packaged into a Bento (``bentos/package.py``), or None when there is none."""
+    meta = Path(folder) / "champion.json"
+    if not meta.exists():
+        return None
+    try:
+        info = json.loads(meta.read_text())
+        return LoadedModel(load_recommender(Path(folder) / "champion"), str(info["version"]), ALIAS_CHAMPION)
+    except Exception as err:
+        log.warning("the packaged champion in %s cannot be loaded (%s)", folder, err)
+        return None
+
+
+# --- impressions ------------------------------------------------------------------------
+class ImpressionLog:
+    """Sends impression events to Kafka from a background thread; buffers and retries while Kafka is down.
+
+    :meth:`log` never blocks and never raises. At most ``capacity`` events wait; beyond that the
+    oldest are dropped (counted in ``dropped``).
+    """
+
+    def __init__(self, settings: Settings, capacity: int | None = None):
+        self.settings = settings
+        self.buffer: collections.deque[dict] = collections.deque(maxlen=capacity or settings.impression_buffer)
+        self.sent = 0
+        self.dropped = 0
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._producer = None
+        self._thread = threading.Thread(target=self._run, name="impressions", daemon=True)
+        self._thread.start()
+
+    def log(self, event: dict) -> None:
+        if len(self.buffer) == self.buffer.maxlen:
+            self.dropped += 1
+        self.buffer.append(event)
+        self._wake.set()
+
+    def pending(self) -> int:
+        return len(self.buffer)
+
+    def close(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+        if self._producer is not None:
+            self._producer.close(timeout=timeout)
+
+    def _run(self) -> None:
+        backoff = 0.5
+        while not self._stop.is_set():
+            self._wake.wait(1.0)
+            self._wake.clear()
+            while self.buffer and not self._stop.is_set():
+                batch = []
+                while self.buffer and len(batch) < 500:
+                    batch.append(self.buffer.popleft())
+                if self._send(batch):
+                    backoff = 0.5
+                    continue
+                self.buffer.extendleft(reversed(batch))  # keep order; retry after a pause
+                self._stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+
+    def _send(self, batch: list[dict]) -> bool:
+        try:
+            if self._producer is None:
+                self._producer = kafka_io.make_producer(self.settings, max_block_ms=3000, request_timeout_ms=3000,
+                                                        delivery_timeout_ms=10_000, retries=2)
+            futures = kafka_io.send_events(self._producer, batch)
+            for f in futures:
+                f.get(timeout=15)
+            self.sent += len(batch)
+            return True
+        except Exception as err:
+            log.warning("impressions not delivered (%s); %d buffered, retrying", err, len(self.buffer) + len(batch))
+            if self._producer is not None:
+                try:
+                    self._producer.close(timeout=0)
+                except Exception:  # noqa: BLE001 - a broken producer is replaced anyway
+                    pass
+                self._producer = None
+            return False
+
+
+# --- the API side -------------------------------------------------------------------------
 @dataclass
 class Recommendation:
     request_id: str
@@ -39,157 +335,210 @@ class Recommendation:
         return self.__dict__.copy()
 
 
-class RecommendationEngine:
-    """Answers ``/recommend`` and ``/similar`` for one serving process."""
+ScoreFn = Callable[[list[dict]], Awaitable[list[dict]]]
+InfoFn = Callable[[], Awaitable[dict]]
 
-    def __init__(self, settings: Settings, registry: ModelRegistry, state: OnlineState):
+
+class RecommendationEngine:
+    """Answers ``/recommend`` for one API process; scoring happens behind ``score_fn``.
+
+    Args:
+        settings: shoprec settings.
+        state: Redis online state (cache, counters, recent items, purchases).
+        score_fn: async call of the scoring service's batchable API (one request per call; the
+            scoring service batches concurrent calls).
+        info_fn: async call returning ``{"versions": {alias: version}, "popular": [[item, score]]}``.
+        impressions: where impression events go (default: a Kafka :class:`ImpressionLog`).
+    """
+
+    def __init__(self, settings: Settings, state: OnlineState, score_fn: ScoreFn, info_fn: InfoFn,
+                 impressions: ImpressionLog | None = None):
         self.settings = settings
-        self.registry = registry
         self.state = state
-        self.models: dict[str, LoadedModel] = {}
-        self._producer = None
-        self._producer_lock = threading.Lock()
+        self.astate = AsyncServingState(settings.redis_url, recent_cap=settings.recent_items_cap,
+                                        cache_ttl_s=settings.cache_ttl_s)
+        self._stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+        self._stats_lock = threading.Lock()
         self._stop = threading.Event()
+        threading.Thread(target=self._flush_loop, name="stats-flush", daemon=True).start()
+        self.score_fn = score_fn
+        self.info_fn = info_fn
+        self.experiment = Experiment.from_settings(settings)
+        self.impressions = impressions if impressions is not None else ImpressionLog(settings)
+        self.versions: dict[str, str] = {}
+        self._info_at = 0.0
+        self._info_task: asyncio.Task | None = None
+        self._redis_down_until = 0.0
         self._snapshot_path = settings.var_dir / "serving" / "fallback.json"
         self._fallback: list[tuple[str, float]] = self._read_snapshot()
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> RecommendationEngine:
+    def from_settings(cls, settings: Settings, score_fn: ScoreFn, info_fn: InfoFn) -> RecommendationEngine:
         state = OnlineState(connect(settings.redis_url), recent_cap=settings.recent_items_cap,
                             cache_ttl_s=settings.cache_ttl_s, experiment=settings.ab_experiment)
-        return cls(settings, ModelRegistry(settings.mlflow_tracking_uri), state)
+        return cls(settings, state, score_fn, info_fn)
 
-    # --- model lifecycle -------------------------------------------------------------
-    def refresh(self) -> dict[str, str | None]:
-        """Load the versions behind ``champion``/``challenger`` when they changed; swap atomically."""
-        models = dict(self.models)
-        for alias in (ALIAS_CHAMPION, ALIAS_CHALLENGER):
-            try:
-                version = self.registry.version_for(alias)
-                if version is None:
-                    models.pop(alias, None)
-                elif alias not in models or models[alias].version != version:
-                    models[alias] = self.registry.load(alias)
-                    log.info("serving %s = version %s", alias, version)
-            except Exception as err:  # registry down or a broken model: keep what we have
-                log.warning("could not refresh %s from MLflow (%s); keeping the current model", alias, err)
-        self.models = models
-        self._refresh_fallback()
-        return {a: m.version for a, m in models.items()}
-
-    def start_polling(self) -> threading.Thread:
-        def loop():
-            while not self._stop.is_set():
-                self.refresh()
-                self._stop.wait(self.settings.model_poll_s)
-
-        t = threading.Thread(target=loop, name="model-poller", daemon=True)
-        t.start()
-        return t
-
-    def stop(self) -> None:
+    def close(self) -> None:
         self._stop.set()
-        if self._producer is not None:
-            self._producer.close(timeout=2)
+        self.flush_stats()
+        self.impressions.close()
 
-    # --- A/B ----------------------------------------------------------------------
-    def assign_variant(self, user_id: str) -> str:
-        """Sticky assignment by a salted hash of the user id."""
-        if ALIAS_CHALLENGER not in self.models or ALIAS_CHAMPION not in self.models:
-            return ALIAS_CHAMPION
-        h = int.from_bytes(hashlib.sha256(f"{self.settings.ab_salt}:{user_id}".encode()).digest()[:8], "big")
-        return ALIAS_CHALLENGER if (h % 10_000) < self.settings.ab_challenger_share * 10_000 else ALIAS_CHAMPION
+    # --- counters: summed in memory, flushed in one round trip ------------------------------
+    def _count(self, counters: dict[str, dict[str, int]]) -> None:
+        with self._stats_lock:
+            for name, fields in counters.items():
+                self._stats[name].update(fields)
 
-    # --- recommend -----------------------------------------------------------------
-    def recommend(self, user_id: str, k: int) -> Recommendation:
-        request_id = uuid.uuid4().hex
-        variant = self.assign_variant(user_id)
-        stats: dict[str, int] = {}
-        rec = None
+    def flush_stats(self) -> None:
+        """Write the counters summed since the last flush (kept for the next flush when Redis is down)."""
+        with self._stats_lock:
+            pending, self._stats = self._stats, collections.defaultdict(collections.Counter)
+        if not pending:
+            return
+        counters = {k: dict(v) for k, v in pending.items()}
         try:
-            rec = self._from_cache(request_id, user_id, variant, k, stats)
-            if rec is None:
-                rec = self._from_model(request_id, user_id, variant, k, stats)
+            self.state.record_request(counters)
+        except redis.RedisError as err:  # Redis is down: keep them for the next flush
+            log.warning("counters not written (%s); keeping them", err)
+            self._count(counters)
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(STATS_FLUSH_S):
+            self.flush_stats()
+
+    # --- versions and fallback, from the scorer ----------------------------------------
+    async def refresh_info(self) -> dict[str, str]:
+        """Ask the scoring service which versions it serves and for its popular list; keep the last known on failure."""
+        try:
+            info = await asyncio.wait_for(self.info_fn(), timeout=2.0)
+            self.versions = dict(info.get("versions") or {})
+            popular = [(str(i), float(s)) for i, s in info.get("popular") or []]
         except Exception as err:
-            log.warning("model could not answer for %s (%s); serving the fallback list", user_id, err)
+            log.warning("scoring service did not answer /info (%s); keeping versions %s", err, self.versions)
+            popular = []
+        redis_popular = self._redis(self.state.popular_fallback, self.settings.fallback_k)
+        self._update_fallback(redis_popular or popular)
+        return self.versions
+
+    def _maybe_refresh_info(self) -> None:
+        now = time.monotonic()
+        if now - self._info_at >= self.settings.serve_info_poll_s and (self._info_task is None or self._info_task.done()):
+            self._info_at = now
+            self._info_task = asyncio.ensure_future(self.refresh_info())
+
+    # --- recommend --------------------------------------------------------------------
+    async def recommend(self, user_id: str, k: int) -> Recommendation:
+        """The top-k for a user: from the cache, the model (through the scorer) or the fallback. Never raises."""
+        t0 = time.perf_counter()
+        if not self._info_at:
+            self._info_at = time.monotonic()
+            await self.refresh_info()
+        else:
+            self._maybe_refresh_info()
+        request_id = uuid.uuid4().hex
+        variant = self.experiment.assign(user_id, self.versions.keys())
+        counters: dict[str, dict[str, int]] = {}
+        rec = await self._from_cache(request_id, user_id, variant, k, counters)
+        if rec is None:
+            rec = await self._from_model(request_id, user_id, variant, k, counters)
         if rec is None:
             rec = Recommendation(request_id, self._fallback_items(k), variant, None, SOURCE_FALLBACK)
-        stats[rec.source] = 1
-        self._safe(self.state.incr_stats, STATS_REQUESTS, stats)
-        self._log_impression(user_id, rec)
+        counters.setdefault(STATS_REQUESTS, {})[rec.source] = 1
+        ms = (time.perf_counter() - t0) * 1000
+        counters[f"{STATS_LATENCY}:{rec.source}"] = {latency_field(ms): 1}
+        self._count(counters)
+        if rec.items:
+            self.impressions.log(new_event(
+                "impression", user_id, None, request_id, items=[i["item_id"] for i in rec.items],
+                request_id=request_id, variant=rec.variant, model_version=rec.model_version))
         return rec
 
-    def _from_cache(self, request_id, user_id, variant, k, stats) -> Recommendation | None:
-        cached = self._safe(self.state.get_cached, user_id, variant)
-        model = self.models.get(variant)
-        if cached and model and cached.get("model_version") == model.version and len(cached["items"]) >= k:
-            self._safe(self.state.incr_stats, STATS_CACHE, {"hit": 1})
-            return Recommendation(request_id, cached["items"][:k], variant, cached["model_version"], SOURCE_CACHE)
-        self._safe(self.state.incr_stats, STATS_CACHE, {"miss": 1})
+    async def _from_cache(self, request_id, user_id, variant, k, counters) -> Recommendation | None:
+        if not self.settings.serve_cache:
+            return None
+        cached = await self._aredis(self.astate.get_cached, user_id, variant)
+        version = self.versions.get(variant)
+        hit = bool(cached and version and cached.get("model_version") == version and len(cached["items"]) >= k)
+        word = "hit" if hit else "miss"
+        counters[STATS_CACHE] = {word: 1, f"{word}:{variant}": 1}
+        if hit:
+            return Recommendation(request_id, cached["items"][:k], variant, version, SOURCE_CACHE)
         return None
 
-    def _from_model(self, request_id, user_id, variant, k, stats) -> Recommendation | None:
-        model = self.models.get(variant)
-        if model is None:
+    async def _from_model(self, request_id, user_id, variant, k, counters) -> Recommendation | None:
+        recent, bought = await self._aredis(self.astate.user_context, user_id) or ([], set())
+        kk = max(k, self.settings.serve_cache_n) if self.settings.serve_cache else k
+        req = {"user_id": user_id, "variant": variant, "k": kk, "recent": recent, "bought": sorted(bought)}
+        try:
+            res = (await asyncio.wait_for(self.score_fn([req]), timeout=self.settings.serve_deadline_ms / 1000))[0]
+        except (asyncio.TimeoutError, TimeoutError):
+            log.warning("scoring took longer than %d ms for %s; serving the fallback", self.settings.serve_deadline_ms,
+                        user_id)
+            counters.setdefault(STATS_REQUESTS, {})[STATS_MODEL_TIMEOUT] = 1
             return None
-        rec = model.recommender
-        if user_id in rec.known_users:
-            scored = rec.recommend_scored([user_id], k, exclude_seen=True)[0]
-        else:
-            recent = self._safe(self.state.recent_items, user_id) or []
-            stats["cold_user"] = 1
-            stats["cold_user_session" if recent else "cold_user_trending"] = 1
-            scored = rec.recommend_session_scored(recent, k)
-        items = [{"item_id": i, "score": round(float(s), 6)} for i, s in scored]
-        self._safe(self.state.set_cached, user_id, variant, {"items": items, "model_version": model.version})
-        return Recommendation(request_id, items, variant, model.version, SOURCE_MODEL)
-
-    def similar(self, item_id: str, k: int) -> dict:
-        model = self.models.get(ALIAS_CHAMPION)
-        items = model.recommender.similar_items(item_id, k) if model else []
-        return {"item_id": item_id, "items": items, "model_version": model.version if model else None}
+        except Exception as err:
+            log.warning("scoring service failed for %s (%s); serving the fallback", user_id, err)
+            counters.setdefault(STATS_REQUESTS, {})[STATS_MODEL_ERROR] = 1
+            return None
+        if "error" in res or not res.get("items"):
+            if "error" in res:
+                log.warning("no model answer for %s: %s", user_id, res["error"])
+            return None
+        items = [{"item_id": i, "score": s} for i, s in res["items"]]
+        version, served_variant = res["model_version"], res.get("variant", variant)
+        if self.versions.get(served_variant) != version:  # the scorer swapped before we heard of it
+            self.versions = {**self.versions, served_variant: version}
+        if res.get("cold"):
+            counters.setdefault(STATS_REQUESTS, {}).update(
+                {"cold_user": 1, "cold_user_session" if recent else "cold_user_trending": 1})
+        if self.settings.serve_cache:
+            await self._aredis(self.astate.set_cached, user_id, served_variant, {"items": items, "model_version": version})
+        return Recommendation(request_id, items[:k], served_variant, version, SOURCE_MODEL)
 
     # --- fallback -----------------------------------------------------------------
     def _fallback_items(self, k: int) -> list[dict]:
         return [{"item_id": i, "score": round(float(s), 6)} for i, s in self._fallback[:k]]
 
-    def _refresh_fallback(self) -> None:
-        items = self._safe(self.state.popular_fallback, self.settings.fallback_k)
+    @property
+    def fallback_size(self) -> int:
+        return len(self._fallback)
+
+    def _update_fallback(self, items: list[tuple[str, float]]) -> None:
+        items = [(str(i), float(s)) for i, s in items]
         if items and items != self._fallback:
             self._fallback = items
-            self._snapshot_path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self._snapshot_path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(items))
-            tmp.replace(self._snapshot_path)
+            try:
+                self._snapshot_path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = self._snapshot_path.with_suffix(f".{uuid.uuid4().hex[:6]}.tmp")
+                tmp.write_text(json.dumps(items))
+                tmp.replace(self._snapshot_path)
+            except OSError as err:
+                log.warning("could not write the fallback snapshot %s: %s", self._snapshot_path, err)
 
     def _read_snapshot(self) -> list[tuple[str, float]]:
         try:
-            return [tuple(x) for x in json.loads(Path(self._snapshot_path).read_text())]
-        except (OSError, ValueError):
+            return [(str(i), float(s)) for i, s in json.loads(Path(self._snapshot_path).read_text())]
+        except (OSError, ValueError, TypeError):
             return []
 
-    # --- impressions -------------------------------------------------------------
-    def producer(self):
-        with self._producer_lock:
-            if self._producer is None:
-                self._producer = kafka_io.make_producer(self.settings)
-            return self._producer
-
-    def _log_impression(self, user_id: str, rec: Recommendation) -> None:
-        if not rec.items:
-            return
-        ev = new_event("impression", user_id, None, rec.request_id, items=[i["item_id"] for i in rec.items],
-                       request_id=rec.request_id, variant=rec.variant, model_version=rec.model_version)
+    async def _aredis(self, fn, *args):
+        """:meth:`_redis` for the ``redis.asyncio`` calls of the request path."""
+        if time.monotonic() < self._redis_down_until:
+            return None
         try:
-            kafka_io.send_events(self.producer(), [ev])
-        except Exception as err:  # Kafka down must not fail a recommendation
-            log.warning("impression not logged: %s", err)
+            return await fn(*args)
+        except (redis.RedisError, OSError) as err:
+            self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+            log.warning("redis unavailable (%s): serving without it for %.0fs", err, REDIS_RETRY_S)
+            return None
 
-    @staticmethod
-    def _safe(fn, *args):
-        """Call a Redis operation; on a Redis outage return None instead of failing the request."""
+    def _redis(self, fn, *args):
+        """Call a Redis operation; on an outage return None (and skip Redis for a moment) instead of failing."""
+        if time.monotonic() < self._redis_down_until:
+            return None
         try:
             return fn(*args)
         except redis.RedisError as err:
-            log.warning("redis unavailable (%s): serving without it", err)
+            self._redis_down_until = time.monotonic() + REDIS_RETRY_S
+            log.warning("redis unavailable (%s): serving without it for %.0fs", err, REDIS_RETRY_S)
             return None

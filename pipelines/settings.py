@@ -76,11 +76,69 @@ class Settings(BaseSettings):
                                  description="share of recommendation slots given to new products (cold-start exploration)")
     new_item_age_h: float = Field(24.0, gt=0, description="a product is 'new' for this many hours after created_at")
 
+    # dashboard / A/B analysis
+    ab_alpha: float = Field(0.05, gt=0, lt=0.5, description="significance level of the A/B tests (two-sided)")
+    ab_power: float = Field(0.8, gt=0.5, lt=1, description="power the A/B test is planned for")
+    ab_mde: float = Field(0.10, gt=0, description="minimum detectable effect: relative CTR lift (0.1 = +10 %)")
+    ab_srm_alpha: float = Field(0.001, gt=0, lt=0.5, description="p-value below which the split is a sample-ratio mismatch")
+    dagster_url: str = Field("http://localhost:3000", description="Dagster UI base URL (links to runs)")
+    dashboard_lake_hours: int = Field(168, ge=1, description="hours of the lake the dashboard reads (revenue, new products)")
+
     # events older/newer than this are rejected
     max_event_age_days: int = Field(30, ge=1)
     max_event_future_s: int = Field(300, ge=0)
 
     train: TrainConfig = TrainConfig()
+
+    # model lifecycle (orchestration/): cadence, early-retrain triggers, evaluation gate, cache warm-up
+    auto_promote: bool = Field(False, description="SHOPREC_AUTO_PROMOTE: a candidate that beats the champion by "
+                                                  "promote_margin becomes champion without a person")
+    promote_margin: float = Field(0.02, ge=0, description="relative holdout NDCG gain over the champion needed "
+                                                          "for automatic promotion (0.02 = 2%)")
+    challenger_tolerance: float = Field(0.05, ge=0, le=1, description="relative holdout NDCG loss vs the champion "
+                                                                      "a candidate may have and still be challenger")
+    holdout_hours: int = Field(6, ge=1, description="the last hours of the training window, held out to compare "
+                                                    "candidate and champion on the same data")
+    train_window_days: int = Field(7, ge=1, description="days of lake events a retrain reads")
+    refresh_cron: str = Field("10 * * * *", description="incremental refresh (trending, fallback, cache warm-up)")
+    retrain_cron: str = Field("30 3 * * *", description="full retrain")
+    retrain_min_new_events: int = Field(50_000, ge=1, description="the sensor retrains early after this many new events")
+    drift_psi_threshold: float = Field(0.2, gt=0, description="the sensor retrains early when the PSI of the event "
+                                                              "mix (event types or categories) exceeds this")
+    retrain_sensor_interval_s: int = Field(300, ge=30)
+    model_max_age_h: float = Field(26.0, gt=0, description="the served model shows as stale (FreshnessPolicy) after this")
+    volume_band_factor: float = Field(4.0, gt=1, description="an hour's row count must lie within "
+                                                             "[median / f, median * f] of recent hours")
+    volume_history_hours: int = Field(24, ge=3, description="recent partitions the volume band is learned from")
+    warm_cache_users: int = Field(1000, ge=0, description="most active users whose top-N is precomputed in Redis")
+    warm_cache_k: int = Field(20, ge=1)
+
+    # ingestion (stream consumer and /events)
+    dedup_window_s: int = Field(86_400, ge=60, description="how long an event_id is remembered to reject duplicates")
+    consumer_status_every_s: float = Field(2.0, gt=0, description="how often the consumer writes lag/rate to Redis")
+    max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest /events body (413 above)")
+    events_rate_limit: str = Field("100/second", description="per-API-key request limit of /events, in the "
+                                   "`limits` notation (e.g. '100/second;3000/minute'); shared through Redis")
+
+    # serving (bentos/): adaptive batching, deadlines, cache, business rules, A/B experiment file
+    mlflow_model_name: str = Field("shoprec-recommender", description="registered model the service serves "
+                                                                      "(schemas.REGISTERED_MODEL; tests override it)")
+    serve_max_batch_size: int = Field(64, ge=1, description="adaptive batching: most requests scored in one call")
+    serve_max_latency_ms: int = Field(20, ge=1, description="adaptive batching: latency budget of one batch")
+    serve_gpu: bool = Field(False, description="request a GPU for the scoring service (resources={'gpu': 1})")
+    serve_deadline_ms: int = Field(1000, ge=1, description="a model answer slower than this is replaced by the fallback")
+    serve_cache: bool = Field(True, description="serve and store top-N lists in the Redis cache")
+    serve_cache_n: int = Field(50, ge=1, description="length of the cached top-N list")
+    serve_api_workers: int = Field(1, ge=1, description="processes of the API service")
+    serve_info_poll_s: float = Field(1.0, gt=0, description="how often the API service asks the scorer which versions it serves")
+    max_per_category: int = Field(3, ge=1, description="at most this many products of one category in the top 10")
+    catalog_reload_s: float = Field(60.0, gt=0, description="how often serving re-reads the catalog Parquet file")
+    ab_experiment_file: Path | None = Field(None, description="YAML experiment (name, salt, variants: alias -> share); "
+                                                              "overrides ab_experiment/ab_salt/ab_challenger_share")
+    impression_buffer: int = Field(100_000, ge=1, description="impressions kept in memory while Kafka is unreachable")
+    packaged_model_dir: Path = Field(Path("bentos/packaged"), description="champion packaged into the Bento "
+                                                                          "(served when MLflow is unreachable)")
+    serve_access_log: bool = Field(False, description="BentoML access log (one line per request; costs throughput)")
 
     @property
     def lake_dir(self) -> Path:

@@ -10,17 +10,48 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 
 import redis
 
-from pipelines.schemas import EVENT_WEIGHTS, LATENCY_EDGES_MS, STATS_EVENTS, STATS_LATENCY, Event, RedisKeys
+from pipelines.schemas import (EVENT_WEIGHTS, LATENCY_EDGES_MS, PURCHASE_MEMORY_S, STATS_EVENTS, STATS_LATENCY, Event,
+                               RedisKeys)
 
 BUCKET_S = 60
 STATS_TTL_S = 7 * 86_400
 TRENDING_HALF_LIFE_H = 6.0
 TRENDING_WINDOW_H = 48
 REQUEST_TTL_S = 86_400
+
+# SET NX GET per id; an array reply keeps nil as false, so the caller maps false to None
+_CLAIM_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  out[i] = redis.call('SET', key, ARGV[i + 1], 'NX', 'GET', 'EX', ARGV[1])
+end
+return out
+"""
+
+# ARGV: cap, n_users, then per user (key, n, item_1..item_n) in push order, then n_trending, then per
+# entry (key, weight, item). Keys travel in ARGV, so on Redis Cluster this batch would need splitting by slot.
+_FOLD_LUA = """
+local cap = tonumber(ARGV[1])
+local i = 3
+for _ = 1, tonumber(ARGV[2]) do
+  local key, n = ARGV[i], tonumber(ARGV[i + 1])
+  redis.call('LPUSH', key, unpack(ARGV, i + 2, i + 1 + n))
+  redis.call('LTRIM', key, 0, cap - 1)
+  i = i + 2 + n
+end
+local nz = tonumber(ARGV[i])
+i = i + 1
+for _ = 1, nz do
+  redis.call('ZINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2])
+  i = i + 3
+end
+return 1
+"""
 
 AB_METRICS = {"impression": "impressions", "click": "clicks", "purchase": "purchases", "add_to_cart": "carts"}
 
@@ -39,50 +70,100 @@ class OnlineState:
         self.recent_cap = recent_cap
         self.cache_ttl_s = cache_ttl_s
         self.experiment = experiment
+        self._claim = None
+        self._fold = None
 
     # --- writes from the stream consumer ------------------------------------
     def apply_events(self, events: Sequence[Event]) -> None:
-        """Fold one batch of valid events into the online state (two pipelined round trips)."""
+        """Fold one batch of valid events into the online state (one or two pipelined round trips).
+
+        Commands are aggregated per key (one LPUSH per user, one ZINCRBY per hour and item, one
+        HINCRBY per variant and metric), so a 5,000-event batch costs a few thousand commands, not
+        tens of thousands. Events must come in offset order: a user's newest item ends up first.
+        """
         if not events:
             return
-        unattributed = [e.request_id for e in events if e.event_type in AB_METRICS and e.event_type != "impression"
-                        and e.request_id and not e.variant]
+        unattributed = {e.request_id for e in events if e.event_type in AB_METRICS and e.event_type != "impression"
+                        and e.request_id and not e.variant}
         variants: dict[str, str] = {}
         if unattributed:
-            got = self.r.mget([RedisKeys.request(r) for r in unattributed])
-            variants = {rid: v for rid, v in zip(unattributed, got) if v}
+            rids = list(unattributed)
+            got = self.r.mget([RedisKeys.request(r) for r in rids])
+            variants = {rid: v for rid, v in zip(rids, got) if v}
+        recent: dict[str, list[str]] = {}
+        trending: Counter = Counter()
+        ab: Counter = Counter()
+        by_type: Counter = Counter()
+        requests: dict[str, str] = {}
+        purchases: dict[str, dict[str, int]] = {}
+        for e in events:
+            etype = e.event_type
+            by_type[etype] += 1
+            if etype == "purchase":
+                purchases.setdefault(e.user_id, {})[e.item_id] = e.ts
+            weight = EVENT_WEIGHTS.get(etype)
+            if weight is not None:
+                recent.setdefault(e.user_id, []).append(e.item_id)
+                trending[(e.ts // 3_600_000, e.item_id)] += weight
+            metric = AB_METRICS.get(etype)
+            if metric is None:
+                continue
+            if etype == "impression":
+                if e.request_id and e.variant:
+                    requests[e.request_id] = e.variant
+                variant = e.variant
+            else:
+                variant = e.variant or (variants.get(e.request_id) if e.request_id else None)
+            if variant:
+                ab[(variant, metric)] += 1
+        # the per-user and per-item writes (most of the commands) go as one script call: packing one
+        # command of many arguments costs the client far less than thousands of small commands
+        fold: list = [self.recent_cap, len(recent)]
+        for user, items in recent.items():
+            fold += [RedisKeys.recent(user), len(items), *items]
+        fold.append(len(trending))
+        for (hour, item), w in trending.items():
+            fold += [RedisKeys.trending_hour(hour), w, item]
+        if self._fold is None:
+            self._fold = self.r.register_script(_FOLD_LUA)
         p = self.r.pipeline(transaction=False)
-        touched_hours = set()
+        self._fold(args=fold, client=p)
         bucket = int(time.time()) // BUCKET_S
-        users = set()
-        for e in events:
-            if e.event_type in EVENT_WEIGHTS:
-                users.add(e.user_id)
-                p.lpush(RedisKeys.recent(e.user_id), e.item_id)
-                hour = e.ts // 3_600_000
-                touched_hours.add(hour)
-                p.zincrby(RedisKeys.trending_hour(hour), EVENT_WEIGHTS[e.event_type], e.item_id)
-            if e.event_type == "impression" and e.request_id and e.variant:
-                p.set(RedisKeys.request(e.request_id), e.variant, ex=REQUEST_TTL_S)
-            variant = e.variant or (variants.get(e.request_id) if e.request_id else None)
-            if variant and e.event_type in AB_METRICS:
-                p.hincrby(RedisKeys.ab(self.experiment, variant), AB_METRICS[e.event_type], 1)
-                p.hincrby(RedisKeys.counter(f"ab:{variant}", bucket), AB_METRICS[e.event_type], 1)
-        by_type: dict[str, int] = {}
-        for e in events:
-            by_type[e.event_type] = by_type.get(e.event_type, 0) + 1
+        if recent:
+            p.unlink(*[RedisKeys.cache(u) for u in recent])  # invalidate their cached top-N lists
+            p.sadd(RedisKeys.known_users, *recent)
+        for hour in {h for h, _ in trending}:
+            p.expire(RedisKeys.trending_hour(hour), TRENDING_WINDOW_H * 3600)
+        for rid, variant in requests.items():
+            p.set(RedisKeys.request(rid), variant, ex=REQUEST_TTL_S)
+        for (variant, metric), n in ab.items():
+            p.hincrby(RedisKeys.ab(self.experiment, variant), metric, n)
+            p.hincrby(RedisKeys.counter(f"ab:{variant}", bucket), metric, n)
+        for user, bought in purchases.items():  # serving never recommends what the user just bought
+            key = RedisKeys.purchased(user)
+            p.zadd(key, bought)
+            p.zremrangebyscore(key, 0, max(bought.values()) - PURCHASE_MEMORY_S * 1000)
+            p.expire(key, PURCHASE_MEMORY_S)
         ev_key = RedisKeys.counter(STATS_EVENTS, bucket)
         for etype, n in by_type.items():
             p.hincrby(ev_key, etype, n)
         p.expire(ev_key, STATS_TTL_S)
-        for u in users:
-            p.ltrim(RedisKeys.recent(u), 0, self.recent_cap - 1)
-            p.delete(RedisKeys.cache(u))
-        if users:
-            p.sadd(RedisKeys.known_users, *users)
-        for h in touched_hours:
-            p.expire(RedisKeys.trending_hour(h), TRENDING_WINDOW_H * 3600)
         p.execute()
+
+    def claim_event_ids(self, event_ids: Sequence[str], positions: Sequence[str], ttl_s: int) -> list[str | None]:
+        """Remember each event_id with the Kafka position that carried it; returns the earlier holder.
+
+        One server-side script call per batch. For each id the answer is ``None`` (first time seen),
+        the record's own position (the same record consumed again after a crash: not a duplicate), or
+        another position (a duplicate event). Ids are forgotten after ``ttl_s``.
+        """
+        if not event_ids:
+            return []
+        if self._claim is None:
+            self._claim = self.r.register_script(_CLAIM_LUA)
+        keys = [RedisKeys.event_id(e) for e in event_ids]
+        got = self._claim(keys=keys, args=[ttl_s, *positions])
+        return [g if g else None for g in got]
 
     def refresh_trending(self, now_s: float | None = None) -> None:
         """Merge the hourly item counts of the last two days into ``trending`` with exponential decay."""
@@ -178,3 +259,77 @@ class OnlineState:
 
     def consumer_status(self) -> dict[str, str]:
         return self.r.hgetall(RedisKeys.consumer_status)
+
+    # --- serving: one round trip per request phase ------------------------------------
+    def user_context(self, user_id: str, n_recent: int | None = None) -> tuple[list[str], set[str]]:
+        """The user's recent items (newest first) and the items they bought, in one round trip."""
+        p = self.r.pipeline(transaction=False)
+        p.lrange(RedisKeys.recent(user_id), 0, (n_recent or self.recent_cap) - 1)
+        p.zrange(RedisKeys.purchased(user_id), 0, -1)
+        recent, bought = p.execute()
+        return recent, set(bought)
+
+    def mark_purchased(self, user_id: str, item_ids: Sequence[str], ts_ms: int | None = None) -> None:
+        """Remember purchases (serving filters them out); entries older than ``PURCHASE_MEMORY_S`` are dropped."""
+        if not item_ids:
+            return
+        now_ms = int(time.time() * 1000) if ts_ms is None else ts_ms
+        key = RedisKeys.purchased(user_id)
+        p = self.r.pipeline(transaction=False)
+        p.zadd(key, {i: now_ms for i in item_ids})
+        p.zremrangebyscore(key, 0, now_ms - PURCHASE_MEMORY_S * 1000)
+        p.expire(key, PURCHASE_MEMORY_S)
+        p.execute()
+
+    def record_request(self, counters: dict[str, dict[str, int]], latency: tuple[str, float] | None = None) -> None:
+        """Add several one-minute counters (``{name: {field: n}}``) and one latency sample in one round trip."""
+        key_of = lambda name: RedisKeys.counter(name, int(time.time()) // BUCKET_S)  # noqa: E731
+        if latency is not None:
+            source, ms = latency
+            edge = next((str(e) for e in LATENCY_EDGES_MS if ms <= e), "inf")
+            counters = {**counters, f"{STATS_LATENCY}:{source}": {edge: 1}}
+        p = self.r.pipeline(transaction=False)
+        for name, fields in counters.items():
+            key = key_of(name)
+            for f, n in fields.items():
+                p.hincrby(key, f, n)
+            p.expire(key, STATS_TTL_S)
+        p.execute()
+
+
+class AsyncServingState:
+    """The per-request reads and writes of serving on ``redis.asyncio``: a round trip never blocks the event loop.
+
+    Same keys and formats as :class:`OnlineState` (``get_cached``/``set_cached``/``user_context``).
+    """
+
+    def __init__(self, url: str, *, recent_cap: int = 50, cache_ttl_s: int = 300, timeout_s: float = 2.0):
+        import redis.asyncio as aioredis
+
+        self.r = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                         decode_responses=True, max_connections=256)
+        self.recent_cap = recent_cap
+        self.cache_ttl_s = cache_ttl_s
+
+    async def get_cached(self, user_id: str, variant: str) -> dict | None:
+        raw = await self.r.hget(RedisKeys.cache(user_id), variant)
+        return json.loads(raw) if raw else None
+
+    async def set_cached(self, user_id: str, variant: str, payload: dict) -> None:
+        key = RedisKeys.cache(user_id)
+        async with self.r.pipeline(transaction=False) as p:
+            p.hset(key, variant, json.dumps(payload))
+            p.expire(key, self.cache_ttl_s)
+            await p.execute()
+
+    async def user_context(self, user_id: str) -> tuple[list[str], set[str]]:
+        async with self.r.pipeline(transaction=False) as p:
+            p.lrange(RedisKeys.recent(user_id), 0, self.recent_cap - 1)
+            p.zrange(RedisKeys.purchased(user_id), 0, -1)
+            recent, bought = await p.execute()
+        return recent, set(bought)
+
+
+def latency_field(ms: float) -> str:
+    """The histogram field (bucket upper edge, or ``"inf"``) a latency of ``ms`` counts in."""
+    return next((str(e) for e in LATENCY_EDGES_MS if ms <= e), "inf")

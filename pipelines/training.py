@@ -5,17 +5,24 @@ Dagster assets call these functions; they know nothing about Dagster.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipelines import metrics
+from pipelines import drift, lake, metrics, validation
+from pipelines.drift import DriftReport
 from pipelines.models import Recommender, get_recommender
 from pipelines.registry import PRIMARY_METRIC, ModelRegistry
-from pipelines.schemas import (ALIAS_CHAMPION, COL_EVENT_TYPE, COL_ITEM, COL_TS, COL_USER, COL_WEIGHT,
-                               EVENT_WEIGHTS)
+from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_EVENT_TYPE, COL_ITEM, COL_TS, COL_USER,
+                               COL_WEIGHT, EVENT_WEIGHTS, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
+                               TAG_GATE_DECISION)
 from pipelines.settings import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -42,29 +49,83 @@ class TrainResult:
     window: tuple[str, str]
     fit_s: float
     extra_tags: dict[str, str] = field(default_factory=dict)
+    #: the split the metrics were computed on; the champion is scored on the same one
+    train_df: pd.DataFrame | None = field(default=None, repr=False)
+    test_df: pd.DataFrame | None = field(default=None, repr=False)
+    holdout: str = ""
+    #: per-epoch values (e.g. ``{"loss": [...]}``) when the model reports them as ``history``
+    history: dict[str, list[float]] = field(default_factory=dict)
 
 
-def train(interactions: pd.DataFrame, cfg: TrainConfig, items: pd.DataFrame | None = None) -> TrainResult:
-    """Fit ``cfg.model`` on all but each user's last ``holdout_per_user`` interactions and evaluate on those.
+def holdout_split(interactions: pd.DataFrame, hours: int | None,
+                  holdout_per_user: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Split off the last ``hours`` of the window as the holdout (a time-based split).
+
+    Falls back to each user's last ``holdout_per_user`` interactions when the window is too
+    short for an hour-based split (the holdout would be empty, hold everything, or hold no
+    user the training part knows).
+
+    Returns:
+        ``(train, test, description)``.
+    """
+    if hours:
+        ts = pd.to_datetime(interactions[COL_TS], utc=True)
+        cutoff = ts.max() - pd.Timedelta(hours=hours)
+        is_test = (ts > cutoff).to_numpy()
+        train_df, test_df = interactions[~is_test], interactions[is_test]
+        share = is_test.mean() if len(interactions) else 0.0
+        if 0.01 <= share <= 0.5 and test_df[COL_USER].isin(set(train_df[COL_USER])).any():
+            return (train_df.reset_index(drop=True), test_df.reset_index(drop=True),
+                    f"last {hours}h (after {cutoff.isoformat()})")
+    train_df, test_df = metrics.time_split(interactions, holdout_per_user=holdout_per_user)
+    return train_df, test_df, f"last {holdout_per_user} interaction(s) per user"
+
+
+def build_model(cfg: TrainConfig) -> Recommender:
+    """An untrained ``cfg.model`` given the hyperparameters of ``cfg`` that it accepts.
+
+    Every model takes ``dim, epochs, lr, weight_decay, batch_size, seed`` or a subset of
+    them (the popularity baseline takes none); all of ``cfg`` is logged either way.
+    """
+    from pipelines.models import REGISTRY
+
+    params = cfg.model_dump(exclude={"holdout_per_user", "k", "min_improvement", "model"})
+    try:
+        return get_recommender(cfg.model, **params)
+    except TypeError:
+        accepted = inspect.signature(REGISTRY[cfg.model].__init__).parameters
+        return get_recommender(cfg.model, **{k: v for k, v in params.items() if k in accepted})
+
+
+def train(interactions: pd.DataFrame, cfg: TrainConfig, items: pd.DataFrame | None = None, *,
+          holdout_hours: int | None = None) -> TrainResult:
+    """Fit ``cfg.model`` on the window minus its holdout and evaluate it on the holdout.
+
+    Args:
+        interactions: ``user_id, item_id, ts, weight`` (:func:`build_interactions`).
+        cfg: hyperparameters (logged to MLflow as they are).
+        items: the catalog, passed to models that use content (``None`` when there is none).
+        holdout_hours: hold out the last hours of the window (see :func:`holdout_split`);
+            None holds out each user's last ``cfg.holdout_per_user`` interactions.
 
     Raises:
         ValueError: when there is nothing to train on.
     """
     if interactions.empty:
         raise ValueError("no interactions to train on: run the simulator (`shoprec simulate`) or wait for traffic")
-    train_df, test_df = metrics.time_split(interactions, holdout_per_user=cfg.holdout_per_user)
-    params = cfg.model_dump(exclude={"holdout_per_user", "k", "min_improvement", "model"})
-    if cfg.model == "popularity":
-        params = {}
-    model = get_recommender(cfg.model, **params)
+    train_df, test_df, holdout = holdout_split(interactions, holdout_hours, cfg.holdout_per_user)
+    model = build_model(cfg)
     t0 = time.perf_counter()
     model.fit(train_df, items)
     fit_s = time.perf_counter() - t0
     scores = metrics.evaluate(model, train_df, test_df, k=cfg.k)
     ts = pd.to_datetime(interactions[COL_TS], utc=True)
     window = (ts.min().isoformat(), ts.max().isoformat())
-    log.info("trained %s on %d interactions in %.1fs: %s", cfg.model, len(train_df), fit_s, scores)
-    return TrainResult(model, scores, cfg.model_dump(), len(train_df), len(test_df), window, fit_s)
+    history = getattr(model, "history", None)
+    history = {str(k): [float(x) for x in v] for k, v in history.items()} if isinstance(history, dict) else {}
+    log.info("trained %s on %d interactions in %.1fs, holdout %s: %s", cfg.model, len(train_df), fit_s, holdout, scores)
+    return TrainResult(model, scores, cfg.model_dump(), len(train_df), len(test_df), window, fit_s,
+                       train_df=train_df, test_df=test_df, holdout=holdout, history=history)
 
 
 @dataclass
@@ -74,32 +135,80 @@ class Registration:
     promoted: bool
     reason: str
     champion_before: str | None
+    #: ``champion``, ``challenger`` or None (registered, but given no alias)
+    alias: str | None = None
+    candidate_score: float = 0.0
+    champion_score: float | None = None
 
 
-def register_and_gate(registry: ModelRegistry, result: TrainResult, *, min_improvement: float = 0.0,
-                      extra_tags: dict[str, str] | None = None) -> Registration:
-    """Register the candidate; it becomes ``champion`` when it is the first or beats the champion.
+def decide(candidate: float, champion: float | None, *, tolerance: float, margin: float,
+           auto_promote: bool) -> tuple[str | None, str]:
+    """The evaluation gate: which alias a candidate gets from its holdout score.
 
-    The comparison is on the primary offline metric (NDCG@k of each model's own time holdout).
+    Args:
+        candidate: the candidate's primary metric on the holdout.
+        champion: the champion's primary metric on the same holdout (None when there is no champion).
+        tolerance: relative loss vs the champion a challenger may have, in ``[0, 1]``.
+        margin: relative gain over the champion needed for automatic promotion.
+        auto_promote: whether the gate may move ``champion`` at all.
+
+    Returns:
+        ``(alias or None, reason)``.
     """
-    tags = {"data_window_start": result.window[0], "data_window_end": result.window[1],
-            "n_train": str(result.n_train), "n_test": str(result.n_test), "model_family": result.params["model"],
-            **(extra_tags or {})}
-    run_id, version = registry.log_and_register(result.model, params=result.params, metrics=result.metrics,
-                                                tags=tags)
-    champion = registry.version_for(ALIAS_CHAMPION)
-    new = result.metrics.get(PRIMARY_METRIC.replace("_at_", "@"), 0.0)
     if champion is None:
-        promoted, reason = True, "first registered model"
-    else:
-        old = registry.metric(champion) or 0.0
-        promoted = new > old + min_improvement
-        reason = (f"NDCG {new:.4f} vs champion v{champion} {old:.4f} "
-                  f"({'beats' if promoted else 'does not beat'} it by more than {min_improvement})")
-    if promoted:
-        registry.set_alias(ALIAS_CHAMPION, version)
-    log.info("version %s: %s -> %s", version, reason, "champion" if promoted else "not promoted")
-    return Registration(run_id, version, promoted, reason, champion)
+        return ALIAS_CHAMPION, "first registered model"
+    text = f"holdout {PRIMARY_METRIC} {candidate:.4f} vs champion {champion:.4f}"
+    if auto_promote and candidate > champion * (1 + margin) and candidate > champion:
+        return ALIAS_CHAMPION, f"{text}: beats it by more than {margin:.0%} (auto-promote on)"
+    if candidate >= champion * (1 - tolerance):
+        return ALIAS_CHALLENGER, (f"{text}: within {tolerance:.0%} of it" if candidate <= champion * (1 + margin)
+                                  else f"{text}: beats it by more than {margin:.0%}; promote it in MLflow "
+                                       f"(auto-promote off)")
+    return None, f"{text}: worse by more than {tolerance:.0%}, no alias"
+
+
+def register_and_gate(registry: ModelRegistry, result: TrainResult, *, tolerance: float = 0.05,
+                      margin: float = 0.02, auto_promote: bool = False,
+                      extra_tags: dict[str, str] | None = None) -> Registration:
+    """Score the champion on the candidate's holdout, register the candidate, give it its alias.
+
+    The candidate becomes ``champion`` when it is the first model, or when ``auto_promote``
+    is on and it beats the champion by ``margin``; ``challenger`` when it is not worse than
+    the champion by more than ``tolerance``; otherwise it is registered with no alias.
+    A person promotes a challenger by moving the ``champion`` alias in MLflow.
+    """
+    k = result.params.get("k", 10)
+    candidate = float(result.metrics.get(f"ndcg@{k}", 0.0))
+    champion_version = registry.version_for(ALIAS_CHAMPION)
+    champion_score = None
+    if champion_version is not None:
+        champion_score = _champion_score(registry, result, k)
+    alias, reason = decide(candidate, champion_score, tolerance=tolerance, margin=margin, auto_promote=auto_promote)
+    tags = {TAG_DATA_WINDOW_START: result.window[0], TAG_DATA_WINDOW_END: result.window[1],
+            "n_train": str(result.n_train), "n_test": str(result.n_test), "model_family": result.params["model"],
+            "holdout": result.holdout, TAG_GATE_DECISION: alias or "rejected", "gate_reason": reason,
+            "champion_before": champion_version or "",
+            "champion_holdout_ndcg": "" if champion_score is None else f"{champion_score:.6f}",
+            **result.extra_tags, **(extra_tags or {})}
+    run_id, version = registry.log_and_register(result.model, params=result.params, metrics=result.metrics,
+                                                tags=tags, metric_history=result.history or None)
+    if alias is not None:
+        registry.set_alias(alias, version)
+    log.info("version %s: %s -> %s", version, reason, alias or "no alias")
+    return Registration(run_id, version, alias == ALIAS_CHAMPION, reason, champion_version, alias,
+                        candidate, champion_score)
+
+
+def _champion_score(registry: ModelRegistry, result: TrainResult, k: int) -> float:
+    """The champion's NDCG@k on the candidate's own holdout (0.0 when it cannot be loaded)."""
+    try:
+        champion = registry.load(ALIAS_CHAMPION)
+    except Exception as err:  # a broken champion must not block a good candidate
+        log.warning("could not load the champion to compare (%s); scoring it 0", err)
+        return 0.0
+    if champion is None or result.test_df is None:
+        return 0.0
+    return float(metrics.evaluate(champion.recommender, result.train_df, result.test_df, k=k)[f"ndcg@{k}"])
 
 
 def popular_items(interactions: pd.DataFrame, k: int = 200) -> list[tuple[str, float]]:
@@ -109,3 +218,111 @@ def popular_items(interactions: pd.DataFrame, k: int = 200) -> list[tuple[str, f
     w = interactions[COL_WEIGHT] if COL_WEIGHT in interactions else 1.0
     counts = (interactions.assign(_w=w).groupby(COL_ITEM)["_w"].sum().sort_values(ascending=False).head(k))
     return [(str(i), float(s)) for i, s in counts.items()]
+
+
+# --- early retraining ------------------------------------------------------------
+@dataclass
+class RetrainTrigger:
+    """Whether to retrain before the schedule, and why."""
+
+    fire: bool
+    reason: str
+    new_events: int
+    drift: DriftReport | None = None
+
+
+def _hours(start: datetime, end: datetime) -> list[str]:
+    t = start.replace(minute=0, second=0, microsecond=0)
+    out = []
+    while t < end:
+        out.append(t.strftime("%Y-%m-%d-%H:00"))
+        t += timedelta(hours=1)
+    return out
+
+
+def _read_columns(lake_dir: Path, keys: list[str], columns: list[str]) -> pd.DataFrame:
+    files = [f for k in keys for f in sorted(lake.partition_dir(lake_dir, k).glob("*.parquet"))]
+    if not files:
+        return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
+    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]).to_pandas()
+
+
+def retrain_trigger(lake_dir: Path, since: datetime, now: datetime, *, min_new_events: int,
+                    psi_threshold: float, catalog: pd.DataFrame | None = None,
+                    reference_hours: int = 24) -> RetrainTrigger:
+    """Decide whether to retrain early: enough new events since ``since``, or a drifted event mix.
+
+    New events are those of the lake with ``since < ts <= now``; the drift compares their
+    mix (event types, and categories when a catalog is given) with the ``reference_hours``
+    before ``since`` (what the last model was trained on most recently).
+    """
+    since = since.astimezone(timezone.utc)
+    cols = [COL_EVENT_TYPE, COL_ITEM, COL_TS]
+    keys = _hours(since, now)
+    first = _read_columns(lake_dir, keys[:1], cols)
+    new_first = first[pd.to_datetime(first[COL_TS], utc=True) > pd.Timestamp(since)]
+    later = sum(validation.partition_rows(lake_dir, k) for k in keys[1:])
+    n_new = len(new_first) + later
+    if n_new >= min_new_events:
+        return RetrainTrigger(True, f"{n_new} new events since {since.isoformat()} (threshold {min_new_events})",
+                              n_new)
+    current = pd.concat([new_first, _read_columns(lake_dir, keys[1:], cols)], ignore_index=True)
+    reference = _read_columns(lake_dir, _hours(since - timedelta(hours=reference_hours), since), cols)
+    reference = reference[pd.to_datetime(reference[COL_TS], utc=True) <= pd.Timestamp(since)]
+    report = drift.event_mix_drift(reference, current, threshold=psi_threshold, catalog=catalog)
+    if report.drifted:
+        return RetrainTrigger(True, f"event mix drifted: {report.summary()}", n_new, report)
+    return RetrainTrigger(False, f"{n_new} of {min_new_events} new events; {report.summary()}", n_new, report)
+
+
+# --- training window and cache warm-up --------------------------------------------
+@dataclass
+class Window:
+    """Lake events of a training window, from the partitions that passed validation."""
+
+    events: pd.DataFrame
+    passed: list[str]
+    failed: list[str]
+
+
+def load_window(lake_dir: Path, quality_dir: Path, start: datetime, end: datetime, **validate_kw) -> Window:
+    """Events of the hourly partitions in ``[start, end)`` whose quality report passed.
+
+    A partition never validated is validated first (see :func:`validation.split_by_quality`);
+    a failed one is left out, so training never consumes data that broke a suite.
+    ``validate_kw`` goes to :func:`validation.validate_partition` (``known_items``, ...).
+    """
+    keys = [k for k in _hours(start, end) if any(lake.partition_dir(lake_dir, k).glob("*.parquet"))]
+    passed, failed = validation.split_by_quality(lake_dir, keys, quality_dir, **validate_kw)
+    files = [f for k in passed for f in sorted(lake.partition_dir(lake_dir, k).glob("*.parquet"))]
+    if failed:
+        log.warning("training leaves out %d partition(s) that failed validation: %s", len(failed), failed)
+    return Window(lake.read_files(files), passed, failed)
+
+
+def active_users(interactions: pd.DataFrame, n: int) -> list[str]:
+    """The ``n`` users with the most interactions, most active first."""
+    if interactions.empty or n <= 0:
+        return []
+    return [str(u) for u in interactions[COL_USER].value_counts().head(n).index]
+
+
+def warm_cache(state, loaded, users: list[str], k: int, variant: str) -> int:
+    """Write each known user's top-``k`` of ``loaded`` (a ``registry.LoadedModel``) to the Redis cache.
+
+    The payload is the one serving writes (``pipelines.serving``), so the next ``/recommend``
+    of these users is a cache hit with this model version.
+
+    Returns:
+        How many users were warmed (users the model does not know are skipped).
+    """
+    known = set(map(str, loaded.recommender.known_users))
+    users = [u for u in users if u in known]
+    done = 0
+    for i in range(0, len(users), 256):
+        chunk = users[i:i + 256]
+        for user, scored in zip(chunk, loaded.recommender.recommend_scored(chunk, k, exclude_seen=True)):
+            items = [{"item_id": it, "score": round(float(s), 6)} for it, s in scored]
+            state.set_cached(user, variant, {"items": items, "model_version": loaded.version})
+            done += 1
+    return done

@@ -8,6 +8,29 @@ truth; this module never builds expectations in code):
   event but impressions, at least one row.
 * ``events_window.json`` (suite ``shoprec_events_window``): every ``ts`` lies in
   the partition's own hour; run only when the hour is given.
+* ``events_catalog.json`` (suite ``shoprec_events_catalog``): at most 5% of item
+  events name a product missing from the catalog; run when the catalog is known.
+* ``events_volume.json`` (suite ``shoprec_events_volume``): the hour's row count
+  lies in a band learned from recent hours (:func:`volume_band`); run when there
+  is enough history.
+* ``catalog.json`` (suite ``shoprec_catalog``): the product catalog
+  (``Settings.catalog_path``), checked by :func:`validate_catalog`.
+
+Quality reports on disk (the contract with the dashboard's *Data quality* page):
+:func:`write_report` writes one JSON file per validated partition to
+``Settings.quality_dir / f"{partition_key}.json"`` (the catalog's key is
+``catalog``), an object with exactly these fields::
+
+    partition      str   the hourly partition key "YYYY-MM-DD-HH:00" (or "catalog")
+    success        bool  every expectation met
+    evaluated      int   number of expectations evaluated
+    failed         list  one dict per failed expectation, as ValidationReport.failed
+    statistics     dict  as ValidationReport.statistics (rows, suites and versions, ...)
+    dagster_run_id str | null  the Dagster run that validated it
+    validated_at   str   ISO 8601 UTC time of the validation
+
+A later validation of the same partition overwrites its file. Training reads these
+files to use only partitions that passed (:func:`validate_partition`).
 
 Values owned by :mod:`pipelines.schemas` (``LAKE_COLUMNS``, ``EVENT_TYPES``) are
 not copied into the JSON: the suites name them as ``$PARAMETER``s and
@@ -24,15 +47,19 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipelines.schemas import EVENT_TYPES, LAKE_COLUMNS
+from pipelines.schemas import CATALOG_COLUMNS, EVENT_TYPES, LAKE_COLUMNS
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_suite import ExpectationSuite
@@ -40,6 +67,12 @@ if TYPE_CHECKING:
 EXPECTATIONS_DIR = Path(__file__).resolve().parent.parent / "expectations"
 SUITE_PATH = EXPECTATIONS_DIR / "events.json"
 WINDOW_SUITE_PATH = EXPECTATIONS_DIR / "events_window.json"
+EVENTS_CATALOG_SUITE_PATH = EXPECTATIONS_DIR / "events_catalog.json"
+VOLUME_SUITE_PATH = EXPECTATIONS_DIR / "events_volume.json"
+CATALOG_SUITE_PATH = EXPECTATIONS_DIR / "catalog.json"
+SUITE_PATHS = (SUITE_PATH, WINDOW_SUITE_PATH, EVENTS_CATALOG_SUITE_PATH, VOLUME_SUITE_PATH, CATALOG_SUITE_PATH)
+#: the key of the catalog's quality report
+CATALOG_KEY = "catalog"
 
 #: how many distinct unexpected values a failure reports
 SAMPLE_SIZE = 5
@@ -70,11 +103,13 @@ def load_suite(path: Path | str = SUITE_PATH) -> ExpectationSuite:
     if "version" not in (data.get("meta") or {}):
         raise ValueError(f"{path}: the suite needs 'meta.version'")
     expectations = data.get("expectations") or []
+    table = data["meta"].get("table", "events")
+    columns = CATALOG_COLUMNS if table == "catalog" else LAKE_COLUMNS
     for i, exp in enumerate(expectations):
         column = (exp.get("kwargs") or {}).get("column")
-        if column is not None and column not in LAKE_COLUMNS:
+        if column is not None and column not in columns:
             raise ValueError(f"{path}: expectation {i} ({exp.get('type')}) names column {column!r}, "
-                             f"which is not a lake column")
+                             f"which is not a {'catalog' if table == 'catalog' else 'lake'} column")
         try:
             ExpectationConfiguration(**exp).to_domain_obj()
         except Exception as err:  # GX raises several unrelated types here
@@ -92,20 +127,32 @@ def load_suite(path: Path | str = SUITE_PATH) -> ExpectationSuite:
 
 def suite_parameters() -> dict[str, Any]:
     """The ``$PARAMETER`` values that come from :mod:`pipelines.schemas`."""
-    return {"lake_columns": list(LAKE_COLUMNS), "event_types": list(EVENT_TYPES)}
+    return {"lake_columns": list(LAKE_COLUMNS), "event_types": list(EVENT_TYPES),
+            "catalog_columns": list(CATALOG_COLUMNS)}
 
 
 # --- the cached GX runtime -------------------------------------------------------
 @dataclass
 class _Runtime:
     context: Any
-    checkpoint: Any  # events suite only
-    windowed: Any  # events suite + window suite
+    definitions: dict[Path, Any]  # one ValidationDefinition per suite file
     versions: dict[str, Any]
+    checkpoints: dict[tuple[Path, ...], Any] = field(default_factory=dict)
+
+    def checkpoint(self, paths: tuple[Path, ...]) -> Any:
+        """The checkpoint running exactly these suites (built once, then reused)."""
+        import great_expectations as gx
+
+        if paths not in self.checkpoints:
+            name = "shoprec__" + "__".join(p.stem for p in paths)
+            self.checkpoints[paths] = self.context.checkpoints.add(gx.Checkpoint(
+                name=name, validation_definitions=[self.definitions[p] for p in paths],
+                result_format=_RESULT_FORMAT))
+        return self.checkpoints[paths]
 
 
 _runtime: _Runtime | None = None
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def _build_runtime() -> _Runtime:
@@ -121,19 +168,12 @@ def _build_runtime() -> _Runtime:
     )
     definitions = {}
     versions = {}
-    for path in (SUITE_PATH, WINDOW_SUITE_PATH):
+    for path in SUITE_PATHS:
         suite = context.suites.add(load_suite(path))
         versions[suite.name] = suite.meta["version"]
         definitions[path] = context.validation_definitions.add(
             gx.ValidationDefinition(name=suite.name, data=batch_definition, suite=suite))
-    checkpoint = context.checkpoints.add(gx.Checkpoint(
-        name="shoprec_events", validation_definitions=[definitions[SUITE_PATH]],
-        result_format=_RESULT_FORMAT))
-    windowed = context.checkpoints.add(gx.Checkpoint(
-        name="shoprec_events_windowed",
-        validation_definitions=[definitions[SUITE_PATH], definitions[WINDOW_SUITE_PATH]],
-        result_format=_RESULT_FORMAT))
-    return _Runtime(context, checkpoint, windowed, versions)
+    return _Runtime(context, definitions, versions)
 
 
 def _get_runtime() -> _Runtime:
@@ -290,12 +330,15 @@ def hour_window(partition_key: str) -> tuple[datetime, datetime]:
 
 
 def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
-                    hour_end: datetime | None = None) -> ValidationReport:
+                    hour_end: datetime | None = None, known_items: Sequence[str] | None = None,
+                    volume: tuple[int, int] | None = None) -> ValidationReport:
     """Validate one partition of events against the ``shoprec_events`` suite.
 
     When ``hour_start`` is given, also check that every ``ts`` lies in
     ``[hour_start, hour_end)`` (``hour_end`` defaults to one hour later; naive
-    datetimes are taken as UTC).
+    datetimes are taken as UTC). When ``known_items`` (the catalog's item ids) is
+    given, also check the share of events for unknown products; when ``volume``
+    (``(min_rows, max_rows)``, see :func:`volume_band`) is given, the row count.
 
     Raises:
         TypeError: ``df`` is not a DataFrame.
@@ -315,11 +358,36 @@ def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
     elif hour_end is not None:
         raise ValueError("hour_end needs hour_start")
 
+    paths = [SUITE_PATH] + ([WINDOW_SUITE_PATH] if window else [])
+    if known_items is not None:
+        paths.append(EVENTS_CATALOG_SUITE_PATH)
+        params["known_items"] = sorted(set(map(str, known_items)))
+    if volume is not None:
+        paths.append(VOLUME_SUITE_PATH)
+        params.update(volume_min=int(volume[0]), volume_max=int(volume[1]))
+    report = _run(tuple(paths), df, params)
+    report.statistics["window"] = window
+    if volume is not None:
+        report.statistics["volume_band"] = [int(volume[0]), int(volume[1])]
+    return report
+
+
+def validate_catalog(df: pd.DataFrame) -> ValidationReport:
+    """Validate the product catalog against the ``shoprec_catalog`` suite.
+
+    Raises:
+        TypeError: ``df`` is not a DataFrame.
+    """
+    if not isinstance(df, pd.DataFrame):
+        raise TypeError(f"validate_catalog needs a pandas DataFrame, not {type(df).__name__}")
+    return _run((CATALOG_SUITE_PATH,), df, suite_parameters())
+
+
+def _run(paths: tuple[Path, ...], df: pd.DataFrame, params: dict[str, Any]) -> ValidationReport:
     rt = _get_runtime()
-    checkpoint = rt.windowed if window else rt.checkpoint
     with _lock:
         try:
-            result = checkpoint.run(batch_parameters={"dataframe": df}, expectation_parameters=params)
+            result = rt.checkpoint(paths).run(batch_parameters={"dataframe": df}, expectation_parameters=params)
         finally:
             _forget_results(rt.context)
 
@@ -336,7 +404,6 @@ def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
     statistics = {
         "rows": len(df),
         "suites": suites,
-        "window": window,
         "evaluated_expectations": evaluated,
         "successful_expectations": successful,
         "unsuccessful_expectations": len(failed),
@@ -346,5 +413,143 @@ def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
                             failed=failed, statistics=statistics)
 
 
-__all__ = ["SUITE_PATH", "WINDOW_SUITE_PATH", "ValidationReport", "hour_window", "load_suite",
-           "suite_parameters", "validate_events"]
+# --- partitions of the lake, quality reports on disk ----------------------------
+def volume_band(counts: Sequence[int], factor: float = 4.0, min_history: int = 3) -> tuple[int, int] | None:
+    """The row-count band ``[median / factor, median * factor]`` learned from recent hours.
+
+    Args:
+        counts: row counts of recent partitions (empty hours left out).
+        factor: width of the band, > 1.
+        min_history: with fewer counts there is no band (None): nothing to learn from yet.
+    """
+    counts = [int(c) for c in counts if c > 0]
+    if len(counts) < min_history:
+        return None
+    median = float(pd.Series(counts).median())
+    return max(1, math.floor(median / factor)), math.ceil(median * factor)
+
+
+def partition_rows(lake_dir: Path, key: str) -> int:
+    """Rows of one hourly partition, from the Parquet footers (no data is read)."""
+    from pipelines import lake
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in lake.partition_dir(lake_dir, key).glob("*.parquet"))
+
+
+def read_partition_lenient(lake_dir: Path, key: str) -> pd.DataFrame:
+    """The partition as the lake schema; files that do not fit the schema are read as they are.
+
+    A file written with the wrong column types must reach the suite (and fail it with a
+    named expectation) instead of crashing the read.
+    """
+    from pipelines import lake
+
+    try:
+        return lake.read_partition(lake_dir, key)
+    except (pa.ArrowException, ValueError, TypeError):
+        files = sorted(lake.partition_dir(lake_dir, key).glob("*.parquet"))
+        return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+
+
+def report_path(quality_dir: Path, partition: str) -> Path:
+    return Path(quality_dir) / f"{partition}.json"
+
+
+def write_report(report: ValidationReport, partition: str, quality_dir: Path,
+                 dagster_run_id: str | None = None) -> Path:
+    """Write ``report`` as the quality file of ``partition`` (format in the module docstring); atomic."""
+    path = report_path(quality_dir, partition)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = _jsonable({
+        "partition": partition,
+        "success": report.success,
+        "evaluated": report.evaluated,
+        "failed": report.failed,
+        "statistics": report.statistics,
+        "dagster_run_id": dagster_run_id,
+        "validated_at": datetime.now(timezone.utc).isoformat(),
+    })
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(body, indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_report(quality_dir: Path, partition: str) -> dict | None:
+    """The quality file of ``partition``, or None when it was never validated."""
+    try:
+        return json.loads(report_path(quality_dir, partition).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def validate_partition(lake_dir: Path, key: str, *, quality_dir: Path | None = None,
+                       known_items: Sequence[str] | None = None, band_factor: float = 4.0,
+                       history_hours: int = 24, dagster_run_id: str | None = None
+                       ) -> tuple[ValidationReport, pd.DataFrame]:
+    """Validate one hourly partition of the lake with every suite that applies; write its report.
+
+    The volume band is learned from the ``history_hours`` partitions before ``key``.
+
+    Returns:
+        ``(report, events)``; the report is also written to ``quality_dir`` when given.
+    """
+    df = read_partition_lenient(lake_dir, key)
+    start, end = hour_window(key)
+    history = [partition_rows(lake_dir, (start - timedelta(hours=h)).strftime("%Y-%m-%d-%H:00"))
+               for h in range(1, history_hours + 1)]
+    report = validate_events(df, hour_start=start, hour_end=end, known_items=known_items,
+                             volume=volume_band(history, band_factor))
+    if quality_dir is not None:
+        write_report(report, key, quality_dir, dagster_run_id)
+    return report, df
+
+
+def split_by_quality(lake_dir: Path, keys: Sequence[str], quality_dir: Path, **validate_kw
+                     ) -> tuple[list[str], list[str]]:
+    """Which of ``keys`` (partitions with files) training may use.
+
+    A partition is usable when its latest quality report passed; one never validated is
+    validated now (and its report written), so training never reads unchecked data.
+
+    Returns:
+        ``(passed, failed)`` partition keys.
+    """
+    passed, failed = [], []
+    for key in keys:
+        rep = read_report(quality_dir, key)
+        ok = rep["success"] if rep is not None else validate_partition(
+            lake_dir, key, quality_dir=quality_dir, **validate_kw)[0].success
+        (passed if ok else failed).append(key)
+    return passed, failed
+
+
+def sample_rows(df: pd.DataFrame, failed: Sequence[dict], n: int = 3) -> list[dict]:
+    """Up to ``n`` whole rows of ``df`` per failed column expectation that hold an offending value.
+
+    Returns:
+        JSON-able dicts with the expectation label added under ``_expectation``.
+    """
+    out: list[dict] = []
+    for f in failed:
+        column, sample = f.get("column"), f.get("sample") or []
+        if column is None or column not in df or not sample:
+            continue
+        values = df[column].map(lambda v: _jsonable(v))
+        rows = df[values.isin([v for v in sample if v is not None])] if any(v is not None for v in sample) \
+            else df[df[column].isna()]
+        for row in rows.head(n).to_dict("records"):
+            out.append(_jsonable({"_expectation": _label(f), **row}))
+    return out
+
+
+def describe_report(data: dict) -> str:
+    """The summary text of a quality report file (see :func:`write_report`)."""
+    report = ValidationReport(success=bool(data.get("success")), evaluated=int(data.get("evaluated") or 0),
+                              failed=list(data.get("failed") or []), statistics=dict(data.get("statistics") or {}))
+    return f"partition {data.get('partition')}: {report.summary()}"
+
+
+__all__ = ["CATALOG_KEY", "SUITE_PATH", "WINDOW_SUITE_PATH", "ValidationReport", "hour_window", "load_suite",
+           "describe_report", "read_report", "sample_rows", "split_by_quality", "suite_parameters",
+           "validate_catalog", "validate_events", "validate_partition", "volume_band", "write_report"]

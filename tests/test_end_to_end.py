@@ -40,11 +40,19 @@ def wait_for(cond, timeout: float, what: str, step: float = 0.2):
 
 
 @pytest.fixture()
-def e2e_settings(tmp_path, broker, redis_url, monkeypatch):
-    """Settings on the session broker and Redis, with a private MLflow store (the real model name)."""
+def own_broker(tmp_path):
+    """A broker of this test alone: the lake must hold exactly what this shop sent, no other test's events."""
+    port = localstack.free_port()
+    with localstack.running(localstack.broker_command(port), port, tmp_path / "tansu.log"):
+        yield f"127.0.0.1:{port}"
+
+
+@pytest.fixture()
+def e2e_settings(tmp_path, own_broker, redis_url, monkeypatch):
+    """Settings on a private broker and the session Redis, with a private MLflow store (the real model name)."""
     env = {
         "SHOPREC_VAR_DIR": str(tmp_path / "var"),
-        "SHOPREC_KAFKA_BOOTSTRAP": broker,
+        "SHOPREC_KAFKA_BOOTSTRAP": own_broker,
         "SHOPREC_REDIS_URL": redis_url,
         "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
         "SHOPREC_CONSUMER_GROUP": f"e2e-{os.getpid()}-{time.monotonic_ns()}",

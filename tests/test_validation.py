@@ -92,9 +92,9 @@ def test_clean_partition_passes():
     report = validation.validate_events(df, hour_start=HOUR)
     assert report.success, report.summary()
     assert report.failed == []
-    assert report.evaluated == 13
+    assert report.evaluated == 16
     assert report.statistics["rows"] == len(df)
-    assert report.statistics["suites"] == {"shoprec_events": 1, "shoprec_events_window": 1}
+    assert report.statistics["suites"] == {"shoprec_events": 2, "shoprec_events_window": 1}
     assert report.summary().startswith("PASSED")
 
 
@@ -142,7 +142,7 @@ def test_planted_faults_fail_and_are_named_with_samples():
     assert nulls["unexpected_count"] == 8 and nulls["sample"] == [None]
 
     text = report.summary()
-    assert text.startswith("FAILED: 9/13")
+    assert text.startswith("FAILED: 12/16")
     assert "expect_column_values_to_be_in_set(event_type): 10 unexpected" in text and "'signup'" in text
     meta = report.to_metadata()
     assert json.loads(json.dumps(meta)) == meta

@@ -1,9 +1,12 @@
-"""Cache: hit rate of the per-user recommendation cache and how requests were served."""
+"""Cache: hit rate of the per-user recommendation cache, by variant, latency of hits and misses, Redis memory."""
 
+import altair as alt
+import pandas as pd
 import streamlit as st
 
 from dashboard import ui
 from pipelines import dashboard_data as dd
+from pipelines.schemas import SOURCE_CACHE, SOURCE_MODEL
 
 ui.sidebar()
 st.title("Cache")
@@ -23,18 +26,61 @@ def render() -> None:
         c[0].metric("Hit rate", dd.pct(cache.hit_rate))
         c[1].metric("Hits", f"{cache.hits:,}")
         c[2].metric("Misses", f"{cache.misses:,}")
-        ts = dd.cache_timeseries(snap.cache, minutes=snap.minutes, now_s=snap.now_s)
-        st.line_chart((100 * ts["hit_rate"]).rename("hit rate %"))
+        ts = dd.cache_timeseries(snap.cache, minutes=snap.minutes, now_s=snap.now_s).reset_index()
+        ui.altair(alt.Chart(ts).mark_line(point=True).encode(
+            x=alt.X("minute:T", title=None), y=alt.Y("hit_rate:Q", axis=alt.Axis(format="%"), title="hit rate"),
+            tooltip=["minute:T", "hit:Q", "miss:Q", alt.Tooltip("hit_rate:Q", format=".1%")]).properties(height=200))
+        by_variant = dd.cache_by_variant(snap.cache)
+        if not by_variant.empty:
+            st.markdown("**Hit rate by variant**")
+            c = st.columns(len(by_variant))
+            for col, (variant, row) in zip(c, by_variant.iterrows()):
+                col.metric(f"{variant} hit rate", dd.pct(row.hit_rate),
+                           help=f"{int(row.hits):,} hits, {int(row.misses):,} misses")
+
+    st.subheader("Latency of hits and misses")
+    lat = dd.latency_summary(snap.latency)
+    hit, miss = lat.loc[SOURCE_CACHE], lat.loc[SOURCE_MODEL]
+    if int(hit.requests) + int(miss.requests) == 0:
+        ui.no_traffic(f"no `/recommend` latency recorded in the last {snap.minutes} minutes")
+    else:
+        c = st.columns(4)
+        c[0].metric("Hit p50", dd.fmt_ms(hit.p50_ms))
+        c[1].metric("Hit p99", dd.fmt_ms(hit.p99_ms))
+        c[2].metric("Miss p50", dd.fmt_ms(miss.p50_ms), help="requests scored by the model")
+        c[3].metric("Miss p99", dd.fmt_ms(miss.p99_ms))
+        hists = pd.concat({"hit (cache)": dd.latency_histogram(snap.latency.get(SOURCE_CACHE, {})),
+                           "miss (model)": dd.latency_histogram(snap.latency.get(SOURCE_MODEL, {}))},
+                          names=["kind"]).rename("requests").reset_index()
+        ui.altair(alt.Chart(hists).mark_bar(opacity=0.7).encode(
+            x=alt.X("le_ms:N", sort=list(dd.LATENCY_FIELDS), title="latency ≤ ms"), y="requests:Q",
+            color="kind:N", xOffset="kind:N").properties(height=200))
 
     st.subheader("Requests by source")
     sources = dd.requests_by_source(snap.requests)
     if int(sources["requests"].sum()) == 0:
         ui.no_traffic(f"no recommendation requests in the last {snap.minutes} minutes")
+    else:
+        c = st.columns(len(sources))
+        for col, (source, row) in zip(c, sources.iterrows()):
+            col.metric(f"From {source}", f"{int(row.requests):,}", help=f"{dd.pct(row.share)} of requests")
+
+
+def memory() -> None:
+    st.subheader("Redis")
+    info = ui.redis_info()
+    if info is None:
         return
-    c = st.columns(len(sources))
-    for col, (source, row) in zip(c, sources.iterrows()):
-        col.metric(f"From {source}", f"{int(row.requests):,}", help=f"{dd.pct(row.share)} of requests")
-    st.bar_chart(dd.source_timeseries(snap.requests, minutes=snap.minutes, now_s=snap.now_s))
+    c = st.columns(3)
+    c[0].metric("Memory used", info.used_memory_human or f"{info.used_memory:,} B",
+                help="no limit" if not info.maxmemory else f"maxmemory {info.maxmemory:,} B")
+    c[1].metric("Keys", f"{info.keys:,}")
+    c[2].metric("Key families", f"{len(info.keys_by_family):,}")
+    if info.keys_by_family:
+        st.dataframe(pd.DataFrame({"keys": info.keys_by_family}).rename_axis("family"))
+        if not info.scanned_all:
+            st.caption("Counts by family come from the first keys scanned; the total above is exact.")
 
 
 ui.live(render)
+ui.live(memory)

@@ -1,5 +1,6 @@
-"""Cold start: how many requests come from users with no history, and how they are served."""
+"""Cold start: requests from users with no history and how they are served; how new products get shown."""
 
+import altair as alt
 import streamlit as st
 
 from dashboard import ui
@@ -9,31 +10,80 @@ ui.sidebar()
 st.title("Cold start")
 
 
-def render() -> None:
+def users() -> None:
+    st.subheader("New users")
     snap = ui.snapshot()
     if snap is None:
         return
     summary = dd.cold_start_summary(snap.requests)
     st.caption(f"Last {snap.minutes} minutes. A request is *cold* when its user has no history at all; "
-               "it is served from the user's current session, or trending items when the session has no "
-               "clicks yet. Counted when the model answers (a repeat within the cache TTL is a cache hit).")
+               "it is served from the user's current session, trending items when the session has no "
+               "clicks yet, or otherwise by the model. Counted when the model answers (a repeat within the "
+               "cache TTL is a cache hit).")
     if summary.requests == 0:
         ui.no_traffic(f"no recommendation requests in the last {snap.minutes} minutes")
         return
-    c = st.columns(4)
+    by_model = max(summary.cold - summary.from_session - summary.from_trending, 0)
+    c = st.columns(5)
     c[0].metric("Requests", f"{summary.requests:,}")
     c[1].metric("From new users", dd.pct(summary.cold_share), help=f"{summary.cold:,} requests")
     c[2].metric("New users served from session", dd.pct(summary.session_share),
                 help=f"{summary.from_session:,} requests")
     c[3].metric("New users served trending", dd.pct(summary.trending_share),
                 help=f"{summary.from_trending:,} requests")
+    c[4].metric("New users served by model", dd.pct(dd.rate(by_model, summary.cold)), help=f"{by_model:,} requests")
 
     ts = dd.cold_start_timeseries(snap.requests, minutes=snap.minutes, now_s=snap.now_s)
+    served = ts[[dd.COLD_USER_SESSION, dd.COLD_USER_TRENDING]].rename(
+        columns={dd.COLD_USER_SESSION: "session", dd.COLD_USER_TRENDING: "trending"})
+    served["model"] = (ts[dd.COLD_USER] - ts[dd.COLD_USER_SESSION] - ts[dd.COLD_USER_TRENDING]).clip(lower=0)
+    long = served.reset_index().melt("minute", var_name="served by", value_name="requests")
     st.markdown("**New-user requests per minute**, by how they were served")
-    st.bar_chart(ts[[dd.COLD_USER_SESSION, dd.COLD_USER_TRENDING]].rename(
-        columns={dd.COLD_USER_SESSION: "session", dd.COLD_USER_TRENDING: "trending"}))
-    st.markdown("**Share of requests from new users** per minute (%)")
-    st.line_chart((100 * ts["cold_share"]).rename("new-user share %"))
+    ui.altair(alt.Chart(long).mark_bar().encode(x=alt.X("minute:T", title=None), y="requests:Q",
+                                                color="served by:N").properties(height=200))
+    st.markdown("**Share of requests from new users** per minute")
+    share = ts[["cold_share"]].reset_index()
+    ui.altair(alt.Chart(share).mark_line(point=True).encode(
+        x=alt.X("minute:T", title=None), y=alt.Y("cold_share:Q", axis=alt.Axis(format="%"), title="new-user share"))
+        .properties(height=180))
 
 
-ui.live(render)
+def products() -> None:
+    s = ui.settings()
+    st.subheader(f"New products (launched in the last {s.new_item_age_h:g} h)")
+    rep = ui.new_items()
+    if rep is False:
+        return
+    if rep is None:
+        st.info(f"No catalog at `{s.catalog_path}` yet: the simulator or the catalog topic writes it "
+                "(`make up`).", icon=":material/hourglass_empty:")
+        return
+    if rep.new_items == 0:
+        st.info(f"No product was launched in the last {s.new_item_age_h:g} h.", icon=":material/hourglass_empty:")
+    c = st.columns(5)
+    c[0].metric("New products", f"{rep.new_items:,}")
+    c[1].metric("Shown at least once", dd.pct(rep.impressed_share), help=f"{rep.with_impression:,} products")
+    c[2].metric("Median time to first impression", dd.fmt_age(rep.median_first_impression_s))
+    c[3].metric("Median time to first click", dd.fmt_age(rep.median_first_click_s),
+                help=f"over the {rep.clicked:,} new products clicked so far")
+    c[4].metric("Share of impression slots", dd.pct(rep.slot_share, 2),
+                delta=None if rep.slot_share is None else f"{100 * (rep.slot_share - rep.explore_share):+.2f} pp vs budget",
+                delta_color="off", help=f"exploration budget `explore_share` = {dd.pct(rep.explore_share)}")
+    if rep.slot_share is not None and rep.slot_share > rep.explore_share * 1.2:
+        st.warning(f"New products take {dd.pct(rep.slot_share)} of the recommendation slots, above the exploration "
+                   f"budget of {dd.pct(rep.explore_share)}.", icon=":material/warning:")
+    if rep.hourly.empty:
+        st.caption("No impressions in the lake yet.")
+        return
+    st.markdown("**Share of impression slots given to new products**, per hour, against the budget")
+    df = rep.hourly.reset_index()
+    line = alt.Chart(df).mark_line(point=True).encode(
+        x=alt.X("hour:T", title=None), y=alt.Y("new_share:Q", axis=alt.Axis(format="%"), title="new-product share"),
+        tooltip=["hour:T", "slots:Q", "new_slots:Q", alt.Tooltip("new_share:Q", format=".2%")])
+    budget = alt.Chart(df.assign(budget=rep.explore_share)).mark_rule(color="red", strokeDash=[4, 4]).encode(
+        y="budget:Q")
+    ui.altair((line + budget).properties(height=220))
+
+
+ui.live(users)
+ui.live(products)

@@ -1,12 +1,165 @@
-"""`shoprec bench serve`: see the issue for what it measures and its JSON format."""
+"""`shoprec bench serve`: the BentoML service under load, four scenarios in one run.
+
+It starts its own Redis (free port) and an MLflow store (SQLite) holding a BPR model over a
+50,000-item catalog as ``champion``, then for each scenario a real ``bentoml serve`` on a free
+port, warms it up and drives it from a separate process (``wrk`` from Debian; an asyncio httpx
+client when wrk is missing) at fixed concurrency for a fixed time:
+
+* ``floor``: ``POST /ping``, a trivial endpoint of the same server (the framework's own cost);
+* ``cached``: ``POST /recommend`` for users whose lists are in the Redis cache;
+* ``model``: ``POST /recommend`` with the cache off and adaptive batching on;
+* ``model_unbatched``: the same with ``max_batch_size=1``.
+
+Each gives ``{"rps", "p50_ms", "p99_ms", "errors"}`` (errors = non-2xx answers, socket errors
+and timeouts). The JSON also carries the targets and whether each was met.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import typer
 
+log = logging.getLogger(__name__)
 
-def command(out: Path = typer.Option(Path("var/bench/serve.json"), help="where to write the JSON result")) -> None:
-    """Not built yet."""
-    raise typer.BadParameter("the serve benchmark is not built yet")
+N_ITEMS = 50_000
+N_USERS = 20_000
+CACHED_USERS = 2_000
+
+
+def _prepare(work: Path, redis_url: str, n_items: int) -> dict[str, str]:
+    """Catalog, trained model registered as champion; returns the environment for ``bentoml serve``."""
+    import numpy as np
+    import pandas as pd
+
+    from pipelines import simulator
+    from pipelines.models import get_recommender
+    from pipelines.registry import ModelRegistry
+    from pipelines.schemas import ALIAS_CHAMPION
+
+    var = work / "var"
+    catalog = simulator.make_catalog(n_items, seed=0)
+    simulator.save_catalog(catalog, var / "lake" / "catalog.parquet")
+    rng = np.random.default_rng(0)
+    ids = catalog["item_id"].to_numpy()
+    n = N_USERS * 10
+    inter = pd.DataFrame({"user_id": [f"u{u}" for u in rng.integers(0, N_USERS, n)],
+                          "item_id": ids[rng.zipf(1.3, n) % len(ids)],
+                          "ts": pd.to_datetime(1_790_000_000_000 + np.arange(n) * 1000, unit="ms", utc=True)})
+    inter = pd.concat([inter, pd.DataFrame({"user_id": "u0", "item_id": ids,  # every item in the model
+                                            "ts": pd.Timestamp("2026-01-01", tz="UTC")})])
+    model = get_recommender("bpr", dim=64, epochs=1, batch_size=16_384, device="cpu").fit(inter)
+    uri = f"sqlite:///{work}/mlflow.db"
+    registry = ModelRegistry(uri)
+    _, version = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.0}, tags={})
+    registry.set_alias(ALIAS_CHAMPION, version)
+    return {"SHOPREC_VAR_DIR": str(var), "SHOPREC_REDIS_URL": redis_url, "MLFLOW_TRACKING_URI": uri, "SHOPREC_EXPLORE_SHARE": "0.1"}
+
+
+_WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+local bodies = {%(bodies)s}
+request = function()
+  return wrk.format(nil, nil, nil, bodies[math.random(#bodies)])
+end
+done = function(summary, latency, requests)
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+    latency:percentile(50), latency:percentile(99), summary.errors.connect, summary.errors.read,
+    summary.errors.write, summary.errors.status, summary.errors.timeout))
+end
+"""
+
+
+def drive(url: str, bodies: list[dict], concurrency: int, seconds: float, work: Path) -> dict:
+    """Closed-loop load from a separate process; returns ``{"rps", "p50_ms", "p99_ms", "errors"}``."""
+    if shutil.which("wrk"):
+        script = work / "load.lua"
+        script.write_text(_WRK_SCRIPT % {"bodies": ",".join(json.dumps(json.dumps(b)) for b in bodies)})
+        out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "--timeout", "5s",
+                              "-s", str(script), url], capture_output=True, text=True, check=True).stdout
+        m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", out)
+        req, dur_us, p50, p99, *errs = (int(x) for x in m.groups())
+        return {"rps": round(req / (dur_us / 1e6), 1), "p50_ms": round(p50 / 1000, 2), "p99_ms": round(p99 / 1000, 2),
+                "errors": sum(errs)}
+    cmd = [sys.executable, "-m", "pipelines.bench.loadgen", url, str(concurrency), str(seconds)]
+    out = subprocess.run(cmd, input=json.dumps(bodies), capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = N_ITEMS) -> dict:
+    import httpx
+
+    from pipelines import localstack
+    from pipelines.serve_process import bento_serving
+
+    results: dict = {}
+    with tempfile.TemporaryDirectory(prefix="shoprec-bench-serve-") as tmp:
+        work = Path(tmp)
+        rport = localstack.free_port()
+        kport = localstack.free_port()
+        with localstack.running(localstack.redis_command(rport, work), rport, work / "redis.log"), \
+                localstack.running(localstack.broker_command(kport), kport, work / "broker.log"):
+            t0 = time.perf_counter()
+            env = _prepare(work, f"redis://127.0.0.1:{rport}/0", n_items)
+            env["SHOPREC_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{kport}"
+            log.info("model over %d items registered in %.0fs", n_items, time.perf_counter() - t0)
+            users = [{"user_id": f"u{u}", "k": 10} for u in range(1, CACHED_USERS + 1)]
+            cold = [{"user_id": f"new-{u}", "k": 10} for u in range(CACHED_USERS)]
+            mixed = users[: CACHED_USERS // 2] + cold[: CACHED_USERS // 2]
+            scenarios = [
+                ({}, [("floor", "/ping", [{}]), ("cached", "/recommend", users)]),
+                ({"SHOPREC_SERVE_CACHE": "false"}, [("model", "/recommend", mixed)]),
+                ({"SHOPREC_SERVE_CACHE": "false", "SHOPREC_SERVE_MAX_BATCH_SIZE": "1"},
+                 [("model_unbatched", "/recommend", mixed)]),
+            ]
+            for extra, runs in scenarios:
+                port = localstack.free_port()
+                base = f"http://127.0.0.1:{port}"
+                with bento_serving(port, {**env, **extra}, work / "bentoml.log"):
+                    with httpx.Client(base_url=base, timeout=30) as c:  # warm up: fill the cache, load paths
+                        for b in users[:200] + cold[:50]:
+                            c.post("/recommend", json=b)
+                        if not extra:
+                            for b in users:
+                                c.post("/recommend", json=b)
+                            assert c.post("/recommend", json=users[0]).json()["source"] == "cache"
+                    for name, path, bodies in runs:
+                        drive(base + path, bodies, concurrency, 3, work)  # warm-up under load
+                        results[name] = drive(base + path, bodies, concurrency, seconds, work)
+                        log.info("%s: %s", name, results[name])
+    cached, floor, model, unb = results["cached"], results["floor"], results["model"], results["model_unbatched"]
+    report = {
+        "date": time.strftime("%Y-%m-%d"), "concurrency": concurrency, "seconds": seconds, "n_items": n_items,
+        "driver": "wrk" if shutil.which("wrk") else "asyncio-httpx", **results,
+        "targets": {
+            "cached_p99_le_10ms": cached["p99_ms"] <= 10,
+            "cached_p99_le_1.5x_floor": cached["p99_ms"] <= 1.5 * floor["p99_ms"],
+            "model_p99_le_30ms": model["p99_ms"] <= 30,
+            "model_rps_ge_3x_unbatched": model["rps"] >= 3 * unb["rps"],
+            "errors_zero": all(r["errors"] == 0 for r in results.values()),
+        },
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2))
+    return report
+
+
+def command(out: Path = typer.Option(Path("var/bench/serve.json"), help="where to write the JSON result"),
+            seconds: float = typer.Option(10.0, help="measured seconds per scenario"),
+            concurrency: int = typer.Option(64, help="concurrent clients"),
+            items: int = typer.Option(N_ITEMS, help="catalog size")) -> None:
+    """Serving under load: floor, cached, model (batched) and model_unbatched; JSON to --out."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.ERROR)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    report = run(out, seconds, concurrency, items)
+    typer.echo(json.dumps(report, indent=2))

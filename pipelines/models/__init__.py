@@ -13,8 +13,9 @@ def register(cls: type[Recommender]) -> type[Recommender]:
 
 
 def get_recommender(name: str = "bpr", **params) -> Recommender:
-    """Build an untrained recommender by name (see ``REGISTRY`` for the names)."""
-    from pipelines.models import bpr, popularity  # noqa: F401  (fill the registry)
+    """Build an untrained recommender by name (see ``REGISTRY`` for the names; ``shoprec`` is the
+    production hybrid, ``itemitem`` and ``twotower`` its parts, ``bpr`` and ``popularity`` baselines)."""
+    from pipelines.models import bpr, hybrid, itemitem, popularity, twotower  # noqa: F401  (fill the registry)
 
     try:
         cls = REGISTRY[name]

@@ -7,6 +7,11 @@ from starlette.testclient import TestClient
 
 from pipelines import schemas
 from pipelines.state import OnlineState
+from tests.bentos.conftest import wait_for
+
+
+def _total(redis_client, name: str, field: str) -> int:
+    return sum(b.get(field, 0) for b in OnlineState(redis_client).read_stats(name).values())
 
 
 @pytest.fixture()
@@ -14,11 +19,19 @@ def client_for(monkeypatch):
     """Build the service's ASGI app for the current settings (env) and a registered model name."""
     opened = []
 
-    def make(model_name: str | None = None):
+    def make(model_name: str | None = None, **env):
+        """A client of a fresh app (the previous app is shut down first: its scorer is shared until then)."""
+        from pipelines.settings import get_settings
+
+        while opened:
+            opened.pop().__exit__(None, None, None)
+
+        monkeypatch.setenv("SHOPREC_MLFLOW_MODEL_NAME", model_name or "no-such-model")
+        for key, value in env.items():
+            monkeypatch.setenv(f"SHOPREC_{key.upper()}", str(value))
+        get_settings.cache_clear()
         from bentos import service
 
-        if model_name:
-            monkeypatch.setattr(service, "RecommendationEngine", _engine_for(model_name))
         _forget_bentoml_metrics()
         c = TestClient(service.Shoprec.to_asgi())
         c.__enter__()
@@ -41,20 +54,6 @@ def _forget_bentoml_metrics():
             reg.unregister(collector)
 
 
-def _engine_for(model_name):
-    from pipelines.registry import ModelRegistry
-    from pipelines.serving import RecommendationEngine
-
-    class Engine(RecommendationEngine):
-        @classmethod
-        def from_settings(cls, settings):
-            eng = super().from_settings(settings)
-            eng.registry = ModelRegistry(settings.mlflow_tracking_uri, name=model_name)
-            return eng
-
-    return Engine
-
-
 def test_known_and_new_users_get_model_answers(settings, redis_client, registered_champion, client_for):
     registry, reg = registered_champion
     c = client_for(registry.name)
@@ -71,8 +70,7 @@ def test_known_and_new_users_get_model_answers(settings, redis_client, registere
     # a brand-new user: still a model answer (session-based / popular), counted as cold start
     new = c.post("/recommend", json={"user_id": "brand-new-user"}).json()
     assert new["source"] == "model" and len(new["items"]) == 10
-    stats = OnlineState(redis_client).read_stats(schemas.STATS_REQUESTS)
-    assert sum(b.get("cold_user", 0) for b in stats.values()) == 1
+    wait_for(lambda: _total(redis_client, schemas.STATS_REQUESTS, "cold_user") == 1, 10, "the cold-start counter")
 
 
 def test_no_model_serves_fallback(settings, redis_client, client_for):
@@ -103,3 +101,95 @@ def test_events_need_a_key_and_valid_json(settings, redis_client, client_for):
                                          "message": invalid.json()["errors"][0]["message"]}]
     ok = c.post("/events", json={"events": [ev]}, headers=auth)
     assert ok.status_code == 202 and ok.json() == {"accepted": 1}
+
+
+def _consume_impressions(settings, request_ids: set[str], timeout: float = 30.0) -> dict[str, dict]:
+    """Read shop.events from the start (no consumer group) until impressions for all request ids arrived."""
+    import json
+    import time
+
+    from kafka import KafkaConsumer, TopicPartition
+
+    consumer = KafkaConsumer(**settings.kafka_client_kwargs(), enable_auto_commit=False, consumer_timeout_ms=500)
+    parts = [TopicPartition(schemas.TOPIC_EVENTS, p) for p in range(settings.kafka_events_partitions)]
+    consumer.assign(parts)
+    consumer.seek_to_beginning(*parts)
+    found: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline and not request_ids <= found.keys():
+            for records in consumer.poll(timeout_ms=500).values():
+                for r in records:
+                    ev = json.loads(r.value)
+                    if ev.get("event_type") == "impression" and ev.get("request_id") in request_ids:
+                        found[ev["request_id"]] = ev
+    finally:
+        consumer.close()
+    return found
+
+
+def test_cached_unknown_and_just_clicked_users(settings, redis_client, registered_champion, client_for):
+    registry, reg = registered_champion
+    c = client_for(registry.name)
+    first = c.post("/recommend", json={"user_id": "u2", "k": 5}).json()
+    cached = c.post("/recommend", json={"user_id": "u2", "k": 3}).json()
+    assert (first["source"], cached["source"]) == ("model", "cache")
+    assert cached["items"] == first["items"][:3] and cached["model_version"] == reg.version
+    # counters are flushed to Redis once a second
+    wait_for(lambda: _total(redis_client, schemas.STATS_CACHE, "hit:champion") == 1, 10, "the cache hit counter")
+    assert _total(redis_client, schemas.STATS_CACHE, "miss:champion") == 1
+    assert _total(redis_client, schemas.STATS_CACHE, "hit") == 1
+    latency = OnlineState(redis_client).read_stats(f"{schemas.STATS_LATENCY}:cache")
+    assert sum(sum(b.values()) for b in latency.values()) == 1
+
+    # a shopper the model never saw gets a model answer, then the cached one
+    before = c.post("/recommend", json={"user_id": "walk-in", "k": 5}).json()
+    assert before["source"] == "model" and len(before["items"]) == 5
+    assert c.post("/recommend", json={"user_id": "walk-in", "k": 5}).json()["source"] == "cache"
+    # their click arrives (the stream consumer folds it into Redis and drops their cached lists)
+    clicked = "i3"  # an odd-group item: their session now points at the odd half of the catalog
+    OnlineState(redis_client).apply_events([schemas.Event(**schemas.new_event("click", "walk-in", clicked, "s1"))])
+    after = c.post("/recommend", json={"user_id": "walk-in", "k": 5}).json()
+    assert after["source"] == "model"
+    assert after["items"] != before["items"] and clicked not in [i["item_id"] for i in after["items"]]
+    assert all(int(i["item_id"][1:]) % 2 == 1 for i in after["items"][:4])
+
+
+@pytest.mark.parametrize("k", [0, 101, "ten"])
+def test_k_out_of_range_is_400_with_a_message(settings, redis_client, client_for, k):
+    c = client_for()
+    r = c.post("/recommend", json={"user_id": "u0", "k": k})
+    assert r.status_code == 400
+    body = r.json()
+    assert "validation error" in body["error"]
+    assert body["detail"][0]["loc"] == ["k"] and body["detail"][0]["msg"]  # says which field and why
+
+
+def test_business_rules_stock_purchases_category_cap_and_new_products(settings, redis_client, registered_champion,
+                                                                     client_for):
+    import time
+
+    import pandas as pd
+
+    registry, _ = registered_champion
+    now = int(time.time() * 1000)
+    rows = [{"item_id": f"i{n}", "title": f"item {n}", "category": "even" if n % 2 == 0 else f"odd-{n % 5}",
+             "brand": "b", "price": 9.5, "created_at": now - 90 * 86_400_000, "in_stock": n != 4} for n in range(40)]
+    rows.append({"item_id": "fresh-1", "title": "new", "category": "new", "brand": "b", "price": 5.0,
+                 "created_at": now - 3_600_000, "in_stock": True})
+    settings.catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_parquet(settings.catalog_path)
+    # u0 is in the even group: its model list is all even items (one category)
+    plain = client_for(registry.name, max_per_category=10, explore_share=0).post(
+        "/recommend", json={"user_id": "u0", "k": 10}).json()
+    assert plain["source"] == "model"
+    assert "i4" not in [i["item_id"] for i in plain["items"]]  # out of stock
+    OnlineState(redis_client).mark_purchased("u0", [plain["items"][0]["item_id"]])
+    redis_client.delete(schemas.RedisKeys.cache("u0"))
+    c = client_for(registry.name, max_per_category=3, explore_share=0.2)
+    body = c.post("/recommend", json={"user_id": "u0", "k": 10}).json()
+    ids = [i["item_id"] for i in body["items"]]
+    assert plain["items"][0]["item_id"] not in ids  # bought
+    assert sum(1 for i in ids if i.startswith("i") and int(i[1:]) % 2 == 0) <= 3  # at most 3 of "even"
+    assert ids.index("fresh-1") == 4  # the new product takes an exploration slot (every 5th with a 20% share)
+    assert len(ids) == 10

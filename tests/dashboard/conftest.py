@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.schemas import ALIAS_CHAMPION, REGISTERED_MODEL
+from pipelines.schemas import ALIAS_CHAMPION, REGISTERED_MODEL, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START
 from pipelines.settings import get_settings
 
 APP = str(Path(__file__).resolve().parents[2] / "dashboard" / "streamlit_app.py")
@@ -28,25 +28,33 @@ def mlflow_with_champion(tmp_path_factory) -> str:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     client.create_registered_model(REGISTERED_MODEL)
     mv = client.create_model_version(REGISTERED_MODEL, source=str(d / "artifacts"),
-                                     tags={"metric.ndcg_at_10": "0.312500"})
+                                     tags={"metric.ndcg_at_10": "0.312500",
+                                           TAG_DATA_WINDOW_START: "2026-11-17T00:00:00+00:00",
+                                           TAG_DATA_WINDOW_END: "2026-11-24T00:00:00+00:00"})
     client.set_registered_model_alias(REGISTERED_MODEL, ALIAS_CHAMPION, mv.version)
     return uri
 
 
 @pytest.fixture()
-def dashboard_env(monkeypatch):
-    """Returns ``use(redis_url, mlflow_uri)``: points settings at them and empties Streamlit's caches."""
+def dashboard_env(monkeypatch, tmp_path):
+    """Returns ``use(redis_url, mlflow_uri)``: points settings at them (and a private, empty ``var/`` dir)
+    and empties Streamlit's caches. Returns the settings in effect."""
     import streamlit as st
 
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
-    def use(redis_url: str, mlflow_uri: str) -> None:
+    def use(redis_url: str, mlflow_uri: str, **env: str):
         monkeypatch.setenv("SHOPREC_REDIS_URL", redis_url)
         monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
-        monkeypatch.delenv("SHOPREC_AB_EXPERIMENT", raising=False)
+        monkeypatch.setenv("SHOPREC_VAR_DIR", str(tmp_path / "var"))
+        for k in ("SHOPREC_AB_EXPERIMENT", "SHOPREC_AB_EXPERIMENT_FILE", "SHOPREC_AB_CHALLENGER_SHARE"):
+            monkeypatch.delenv(k, raising=False)
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
         get_settings.cache_clear()
         st.cache_data.clear()
         st.cache_resource.clear()
+        return get_settings()
 
     yield use
     get_settings.cache_clear()

@@ -1,21 +1,31 @@
-"""The Streamlit dashboard end to end with ``AppTest``: services down, empty Redis, Redis with counters."""
+"""The Streamlit dashboard end to end with ``AppTest``: services down, nothing recorded yet, and real data.
+
+Real Redis (session fixture), a real MLflow SQLite registry, a real Parquet lake, catalog and
+Great Expectations reports in a private ``var/`` dir; every page is rendered by Streamlit's
+``AppTest`` and the numbers shown are compared with what the test wrote.
+"""
 
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
-from scipy.stats import norm
+from statsmodels.stats import proportion as sm_proportion
 from streamlit.testing.v1 import AppTest
 
 from pipelines import dashboard_data as dd
-from pipelines.schemas import RedisKeys
+from pipelines.lake import write_events
+from pipelines.schemas import RedisKeys, new_event
+from pipelines.simulator import make_catalog, save_catalog
 from pipelines.state import OnlineState
 from tests.dashboard.conftest import APP
 
-PAGES = ("app_pages/ab_traffic.py", "app_pages/cold_start.py", "app_pages/cache.py")
+PAGES = ("app_pages/overview.py", "app_pages/ab_test.py", "app_pages/cold_start.py", "app_pages/cache.py",
+         "app_pages/data_quality.py")
 DEAD_REDIS = "redis://:s3cret@127.0.0.1:1/0"
 DEAD_MLFLOW = "http://127.0.0.1:1"
+HOUR_MS = 3_600_000
 
 
 def run_page(page: str) -> AppTest:
@@ -31,99 +41,226 @@ def metrics(at: AppTest) -> dict[str, str]:
 
 
 def texts(elements) -> str:
-    return "\n".join(e.value for e in elements)
+    return "\n".join(str(e.value) for e in elements)
 
 
+def charts(at: AppTest) -> int:
+    return len(at.get("vega_lite_chart")) + len(at.get("arrow_vega_lite_chart"))
+
+
+# --- services down / nothing yet --------------------------------------------------------------------
 @pytest.mark.parametrize("page", PAGES)
-def test_services_down_show_a_warning_not_a_traceback(dashboard_env, page):
+def test_services_down_show_a_message_not_a_traceback(dashboard_env, page):
     dashboard_env(DEAD_REDIS, DEAD_MLFLOW)
     at = run_page(page)
-    warnings = texts(at.warning)
-    assert "Redis is down" in warnings and "make up" in warnings
-    assert "s3cret" not in warnings  # the password in the URL is not shown
-    if page == PAGES[0]:
-        assert "MLflow is down" in warnings
-    assert not at.error
+    messages = texts(at.warning) + texts(at.info)
+    if page.endswith("data_quality.py"):  # reads files only: says there are none yet
+        assert "No validation results" in messages
+    else:
+        assert "Redis is down" in messages and "make up" in messages
+        assert "s3cret" not in messages  # the password is redacted
+    if page.endswith("overview.py"):
+        assert "MLflow is down" in messages
 
 
 @pytest.mark.parametrize("page", PAGES)
-def test_empty_redis_says_no_traffic(dashboard_env, redis_client, redis_url, page):
-    dashboard_env(redis_url, DEAD_MLFLOW)
+def test_empty_stack_says_no_data_yet(dashboard_env, redis_client, redis_url, mlflow_with_champion, page):
+    dashboard_env(redis_url, mlflow_with_champion)
     at = run_page(page)
-    assert "No traffic yet" in texts(at.info)
-    assert "Redis is down" not in texts(at.warning)
+    assert not at.warning and not at.error
+    assert at.info, "an empty stack must say that there is no data yet"
 
 
-def seed(state: OnlineState) -> None:
-    """Counters as serving and the stream consumer write them."""
-    ab = {"champion": {"impressions": 1000, "clicks": 50, "carts": 20, "purchases": 10},
-          "challenger": {"impressions": 1000, "clicks": 80, "carts": 25, "purchases": 12}}
+# --- with data --------------------------------------------------------------------------------------
+AB = {"champion": {"impressions": 1000, "clicks": 50, "carts": 20, "purchases": 10},
+      "challenger": {"impressions": 1000, "clicks": 80, "carts": 25, "purchases": 12}}
+
+
+def seed_redis(state: OnlineState, ab=AB) -> None:
     for variant, counts in ab.items():
         for f, n in counts.items():
             state.r.hincrby(RedisKeys.ab(state.experiment, variant), f, n)
         state.incr_stats(dd.ab_stats_name(variant), counts)
     state.incr_stats(dd.STATS_REQUESTS, {"cache": 30, "model": 60, "fallback": 10, "cold_user": 20,
-                                         "cold_user_session": 15, "cold_user_trending": 5})
-    state.incr_stats(dd.STATS_CACHE, {"hit": 30, "miss": 70})
+                                         "cold_user_session": 10, "cold_user_trending": 5})
+    state.incr_stats(dd.STATS_CACHE, {"hit": 30, "miss": 70, "hit:champion": 20, "miss:champion": 30,
+                                      "hit:challenger": 10, "miss:challenger": 40})
+    state.incr_stats("events", {"view": 50, "click": 10})
+    state.incr_stats(dd.latency_stats_name("cache"), {"1": 9})
+    state.incr_stats(dd.latency_stats_name("model"), {"15": 10})
     state.count_dlq({"invalid_json": 3, "schema": 1})
-    state.set_consumer_status(lag=5, rate_eps=12.5, consumed=100, updated_ts=time.time())
+    now = time.time()
+    state.set_consumer_status(lag=5, rate_eps=12.5, consumed=100, last_commit_ts=now - 3, updated_ts=now)
+
+
+def seed_lake(settings) -> dict:
+    """10 impressions per variant; champion: two purchases of 2 x 10.00, challenger: one of 50.00.
+
+    Catalog: 4 old products and 2 launched 2 h and 30 min ago; the older new one is shown 1 h after
+    its launch and clicked 90 min after it.
+    """
+    now = int(time.time() * 1000)
+    catalog = make_catalog(4, seed=1, start_ms=now - 40 * 86_400_000)
+    new = catalog.iloc[:2].copy()
+    new["item_id"] = ["n00001", "n00002"]
+    new["created_at"] = [now - 2 * HOUR_MS, now - HOUR_MS // 2]
+    import pandas as pd
+
+    save_catalog(pd.concat([catalog, new], ignore_index=True), settings.catalog_path)
+    old = catalog["item_id"].tolist()
+    events = []
+    for variant in ("champion", "challenger"):
+        for j in range(10):
+            rid = f"{variant}-{j}"
+            items = [old[j % 4], "n00001"] if (variant == "champion" and j == 0) else [old[j % 4], old[(j + 1) % 4]]
+            ts = now - HOUR_MS if (variant == "champion" and j == 0) else now - 10 * 60_000
+            events.append(new_event("impression", f"u{j}", None, f"s{j}", ts=ts, request_id=rid, variant=variant,
+                                    items=items))
+    events.append(new_event("click", "u0", "n00001", "s0", ts=now - 2 * HOUR_MS + 90 * 60_000,
+                            request_id="champion-0", variant="champion"))
+    for j in (1, 2):
+        events.append(new_event("purchase", f"u{j}", old[0], f"s{j}", ts=now - 5 * 60_000, price=10.0, quantity=2,
+                                request_id=f"champion-{j}"))
+    events.append(new_event("purchase", "u3", old[1], "s3", ts=now - 5 * 60_000, price=50.0,
+                            request_id="challenger-3", variant="challenger"))
+    write_events(settings.lake_dir, events)
+    return {"slots": 40, "new_slots": 1}
+
+
+def seed_quality(settings) -> None:
+    settings.quality_dir.mkdir(parents=True, exist_ok=True)
+    ok = {"partition": "2026-11-24-11:00", "success": True, "evaluated": 12, "failed": [], "statistics": {},
+          "dagster_run_id": "run-ok-1", "validated_at": "2026-11-24T12:05:00Z"}
+    bad = {"partition": "2026-11-24-12:00", "success": False, "evaluated": 12, "statistics": {},
+           "dagster_run_id": "run-bad-2", "validated_at": "2026-11-24T13:05:00Z",
+           "failed": [{"suite": "events", "expectation_type": "expect_column_values_to_not_be_null",
+                       "column": "user_id", "description": "every event has a user", "unexpected_count": 7,
+                       "unexpected_percent": 0.7, "observed_value": None, "sample": ["evt-a", "evt-b"],
+                       "exception": None}]}
+    for rep in (ok, bad):
+        (settings.quality_dir / f"{rep['partition']}.json").write_text(json.dumps(rep))
 
 
 @pytest.fixture()
 def seeded(dashboard_env, redis_client, redis_url, mlflow_with_champion):
-    seed(OnlineState(redis_client))
-    dashboard_env(redis_url, mlflow_with_champion)
+    s = dashboard_env(redis_url, mlflow_with_champion, SHOPREC_DAGSTER_URL="http://dagster.example:3000")
+    seed_redis(OnlineState(redis_client))
+    lake = seed_lake(s)
+    seed_quality(s)
+    return s, lake
 
 
-def test_ab_page_shows_ctr_test_and_models(seeded):
-    at = run_page("app_pages/ab_traffic.py")
+def test_overview_shows_models_traffic_ingestion(seeded):
+    at = run_page(PAGES[0])
     m = metrics(at)
-    assert m["champion impressions"] == "1,000"
-    assert m["champion CTR"] == "5.00 %"
-    assert m["challenger CTR"] == "8.00 %"
-    assert m["champion conversion"] == "1.00 %"
-    assert m["challenger purchases"] == "12"
-    # pooled two-proportion z-test: 50/1000 vs 80/1000
-    pooled = 130 / 2000
-    z = (0.08 - 0.05) / (pooled * (1 - pooled) * (2 / 1000)) ** 0.5
-    assert m["p-value"] == f"{2 * norm.sf(z):.3g}"
-    assert m["CTR lift of challenger"] == "60.0 %"
-    assert "challenger gets clicked more" in texts(at.success)
     assert m["Champion"] == "v1" and m["Challenger"] == "none"
-    assert "ndcg_at_10 0.3125" in texts(at.caption)
-    assert not at.warning
-    assert len(at.get("vega_lite_chart")) == 1
-    # ingestion
+    captions = texts(at.caption)
+    assert "ndcg_at_10 0.3125" in captions and "trained on 2026-11-17T00:00 → 2026-11-24T00:00" in captions
+    assert m["Events (window)"] == "60"
+    assert (m["p50 latency"], m["p99 latency"]) == ("≤ 15 ms", "≤ 15 ms")  # 9 at ≤1 ms, 10 at ≤15 ms
     assert m["Consumer lag (records)"] == "5" and m["Rate (events/s)"] == "12.5"
-    dlq = at.dataframe[0].value
+    assert m["Last commit"].endswith("s ago")
+    assert m["Dead-letter records"] == "4"
+    dlq = [d.value for d in at.dataframe if "records" in d.value.columns][0]
     assert dlq["records"].to_dict() == {"invalid_json": 3, "schema": 1}
+    assert charts(at) == 1 and not at.warning
 
 
-def test_cold_start_page_shows_shares(seeded):
-    at = run_page("app_pages/cold_start.py")
+def test_ab_page_shows_rates_lift_verdict_and_revenue(seeded):
+    at = run_page(PAGES[1])
     m = metrics(at)
-    assert m["Requests"] == "100"
-    assert m["From new users"] == "20.0 %"
-    assert m["New users served from session"] == "75.0 %"
-    assert m["New users served trending"] == "25.0 %"
-    assert len(at.get("vega_lite_chart")) == 2
+    assert m["champion impressions"] == "1,000" and m["challenger purchases"] == "12"
+    assert m["champion CTR"] == "5.00 %" and m["challenger CTR"] == "8.00 %"
+    assert m["champion conversion"] == "1.00 %"
+    # revenue per impression from the lake: 2 x (2 x 10.00) / 10 and 50.00 / 10
+    assert m["champion revenue/impression"] == "4.000" and m["challenger revenue/impression"] == "5.000"
+    assert m["CTR lift"] == "60.0 %"
+    p = sm_proportion.test_proportions_2indep(80, 1000, 50, 1000, compare="ratio", method="score",
+                                              correction=False).pvalue
+    assert m["CTR p-value"] == f"{p:.3g}"
+    # 1,000 impressions per variant are far from the ~31,000 needed for a 10 % change of a 5 % CTR
+    assert m["Verdict"] == "not enough data"
+    info = texts(at.info)
+    assert "Not enough data yet" in info and "more are still needed" in info and "challenger is ahead" in info
+    assert not at.error  # 1000/1000 matches the configured 50/50 split
+    table = at.dataframe[0].value
+    assert table.loc["champion", "CTR 95% CI"] == "3.81 % – 6.53 %"
+    assert charts(at) == 1  # cumulative lift
 
 
-def test_cache_page_shows_hit_rate_and_sources(seeded):
-    at = run_page("app_pages/cache.py")
-    m = metrics(at)
-    assert m["Hit rate"] == "30.0 %"
-    assert (m["Hits"], m["Misses"]) == ("30", "70")
-    assert (m["From cache"], m["From model"], m["From fallback"]) == ("30", "60", "10")
-    assert len(at.get("vega_lite_chart")) == 2
-    assert not at.warning and not at.info
+def test_ab_page_names_the_winner_and_flags_a_skewed_split(dashboard_env, redis_client, redis_url):
+    dashboard_env(redis_url, DEAD_MLFLOW)
+    seed_redis(OnlineState(redis_client), {"champion": {"impressions": 40_000, "clicks": 2_000},
+                                           "challenger": {"impressions": 40_000, "clicks": 2_600}})
+    at = run_page(PAGES[1])
+    assert metrics(at)["Verdict"] == "winner: challenger"
+    assert "challenger wins" in texts(at.success) and not at.error
+
+    redis_client.flushdb()
+    dashboard_env(redis_url, DEAD_MLFLOW)
+    seed_redis(OnlineState(redis_client), {"champion": {"impressions": 40_000, "clicks": 2_000},
+                                           "challenger": {"impressions": 44_000, "clicks": 2_200}})
+    at = run_page(PAGES[1])
+    assert "Sample-ratio mismatch" in texts(at.error)
+
+
+def test_ab_page_reads_the_configured_shares(dashboard_env, redis_client, redis_url):
+    """A 80/20 split that is configured as 80/20 is no mismatch; the same split configured 50/50 is."""
+    seed_redis(OnlineState(redis_client), {"champion": {"impressions": 8_000, "clicks": 400},
+                                           "challenger": {"impressions": 2_000, "clicks": 100}})
+    dashboard_env(redis_url, DEAD_MLFLOW, SHOPREC_AB_CHALLENGER_SHARE="0.2")
+    assert not run_page(PAGES[1]).error
+    dashboard_env(redis_url, DEAD_MLFLOW)
+    assert "Sample-ratio mismatch" in texts(run_page(PAGES[1]).error)
 
 
 def test_one_variant_only_explains_there_is_no_test(dashboard_env, redis_client, redis_url):
     state = OnlineState(redis_client)
     state.r.hincrby(RedisKeys.ab(state.experiment, "champion"), "impressions", 10)
     dashboard_env(redis_url, DEAD_MLFLOW)
-    at = run_page("app_pages/ab_traffic.py")
+    at = run_page(PAGES[1])
     assert "Only one variant has traffic" in texts(at.info)
-    assert "p-value" not in metrics(at)
-    assert "MLflow is down" in texts(at.warning)
+    assert "CTR p-value" not in metrics(at)
+
+
+def test_cold_start_page_shows_new_users_and_new_products(seeded):
+    at = run_page(PAGES[2])
+    m = metrics(at)
+    assert m["Requests"] == "100"
+    assert m["From new users"] == "20.0 %"
+    assert m["New users served from session"] == "50.0 %"
+    assert m["New users served trending"] == "25.0 %"
+    assert m["New users served by model"] == "25.0 %"
+    assert m["New products"] == "2"
+    assert m["Shown at least once"] == "50.0 %"
+    assert m["Median time to first impression"] == "60 min"
+    assert m["Median time to first click"] == "90 min"
+    assert m["Share of impression slots"] == "2.50 %"  # 1 of 40 slots
+    assert charts(at) == 3
+
+
+def test_cache_page_shows_hit_rates_latency_and_memory(seeded):
+    at = run_page(PAGES[3])
+    m = metrics(at)
+    assert m["Hit rate"] == "30.0 %" and (m["Hits"], m["Misses"]) == ("30", "70")
+    assert m["champion hit rate"] == "40.0 %" and m["challenger hit rate"] == "20.0 %"
+    assert (m["Hit p50"], m["Miss p50"]) == ("≤ 1 ms", "≤ 15 ms")
+    assert (m["From cache"], m["From model"], m["From fallback"]) == ("30", "60", "10")
+    assert int(m["Keys"].replace(",", "")) >= 10
+    assert m["Memory used"]
+    fams = [d.value for d in at.dataframe if "keys" in d.value.columns][0]["keys"].to_dict()
+    assert fams["stats:cache"] == 1 and fams["ab:default"] == 2
+    assert charts(at) == 2 and not at.warning
+
+
+def test_data_quality_page_lists_partitions_failures_and_run_links(seeded):
+    at = run_page(PAGES[4])
+    m = metrics(at)
+    assert (m["Partitions validated"], m["Partitions failing"]) == ("2", "1")
+    assert m["Latest partition"] == "2026-11-24-12:00"
+    assert "1 partition(s) fail validation" in texts(at.error)
+    table = at.dataframe[0].value
+    assert table.loc["2026-11-24-12:00", "dagster_run"] == "http://dagster.example:3000/runs/run-bad-2"
+    fails = at.dataframe[1].value
+    assert fails.iloc[0]["expectation"] == "expect_column_values_to_not_be_null"
+    assert fails.iloc[0]["unexpected"] == 7 and "evt-a" in fails.iloc[0]["examples"]

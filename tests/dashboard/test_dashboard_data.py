@@ -10,7 +10,7 @@ import pytest
 from scipy.stats import chi2_contingency
 
 from pipelines import dashboard_data as dd
-from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, RedisKeys
+from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, LATENCY_EDGES_MS, RedisKeys
 from pipelines.state import BUCKET_S, OnlineState
 
 NOW = 1_800_000_000.0  # a minute boundary plus 0 s
@@ -223,3 +223,150 @@ def test_fetch_model_aliases_fails_fast_when_mlflow_is_down():
         dd.fetch_model_aliases("http://user:pw@127.0.0.1:1")
     assert "pw" not in str(err.value)
     assert time.monotonic() - t0 < 5
+
+
+# --- overview, cache, lake and quality helpers -----------------------------------------------------
+def test_latency_quantiles_are_bucket_upper_edges():
+    h = dd.latency_histogram({B: {"5": 10, "10": 80}, B - 60: {"inf": 10, "junk": 3}})
+    assert int(h.sum()) == 100 and h.index[-1] == "inf"
+    assert dd.latency_quantile(h, 0.5) == 10.0 and dd.latency_quantile(h, 0.05) == 5.0
+    assert dd.latency_quantile(h, 0.99) == math.inf
+    assert dd.latency_quantile(dd.latency_histogram({}), 0.5) is None
+    s = dd.latency_summary({"cache": {B: {"1": 3}}, "model": {B: {"50": 1}}})
+    assert s.loc["all", "requests"] == 4 and s.loc["all", "p50_ms"] == 1.0 and s.loc["all", "p99_ms"] == 50.0
+    assert math.isnan(s.loc["fallback", "p50_ms"])
+    assert (dd.fmt_ms(15.0), dd.fmt_ms(math.inf), dd.fmt_ms(math.nan)) == ("≤ 15 ms", "> 2500 ms", "–")
+    assert dd.LATENCY_FIELDS[:-1] == tuple(str(e) for e in LATENCY_EDGES_MS)
+
+
+def test_requests_per_second_uses_complete_minutes():
+    buckets = {B: {"model": 600}, B - 60: {"cache": 30, "model": 30}, B - 300: {"model": 240}, B - 360: {"model": 999}}
+    assert dd.requests_per_second(buckets, now_s=NOW + 10) == pytest.approx((60 + 240) / 300)
+    assert dd.events_timeseries({B: {"view": 3}}, minutes=2, now_s=NOW)["view"].tolist() == [0, 3]
+
+
+def test_fmt_age():
+    assert [dd.fmt_age(x) for x in (5, 3600, 5 * 3600, 3 * 86_400, None)] == ["5 s", "60 min", "5.0 h", "3.0 d", "–"]
+
+
+def test_cache_by_variant_and_key_family():
+    t = dd.cache_by_variant({B: {"hit": 9, "hit:challenger": 1, "miss:challenger": 3, "hit:champion": 4},
+                             B - 60: {"miss:champion": 4}})
+    assert list(t.index) == [ALIAS_CHAMPION, ALIAS_CHALLENGER]
+    assert t.loc[ALIAS_CHAMPION, "hit_rate"] == 0.5 and t.loc[ALIAS_CHALLENGER, "hit_rate"] == 0.25
+    assert dd.cache_by_variant({}).empty
+    assert dd.key_family(RedisKeys.counter("latency:cache", 123)) == "stats:latency:cache"
+    assert dd.key_family(RedisKeys.ab("exp", "champion")) == "ab:exp"
+    assert dd.key_family(RedisKeys.cache("u1")) == "cache" and dd.key_family(RedisKeys.trending) == "trending"
+
+
+def test_fetch_redis_info(redis_client):
+    state = OnlineState(redis_client)
+    state.incr_stats("cache", {"hit": 1})
+    state.set_cached("u1", "champion", {"items": []})
+    info = dd.fetch_redis_info(redis_client)
+    assert info.keys == 2 and info.keys_by_family == {"stats:cache": 1, "cache": 1} and info.scanned_all
+    assert info.used_memory > 0 and info.used_memory_human
+
+
+def test_consumer_summary_last_commit():
+    c = dd.consumer_summary({"updated_ts": str(NOW), "last_commit_ts": str(NOW - 12)}, now_s=NOW)
+    assert c.last_commit_ago_s == 12.0
+    assert dd.consumer_summary({"updated_ts": str(NOW), "last_commit_ts": "0.0"}, now_s=NOW).last_commit_ago_s is None
+
+
+def test_revenue_per_impression_joins_purchases_by_request_id():
+    imp = pd.DataFrame({"request_id": ["r1", "r2", "r3", "r3", None], "variant": ["a", "a", "b", "b", "a"]})
+    pur = pd.DataFrame({"request_id": ["r1", "r1", "r3", "zz", None], "variant": [None, "a", "b", "a", "a"],
+                        "price": [10.0, 5.0, 7.0, 99.0, 1.0], "quantity": [2, None, 1, 1, 1]})
+    rev = dd.revenue_per_impression(imp, pur)
+    assert sorted(rev["a"].tolist()) == [0.0, 25.0]  # 2 x 10 + 5 (quantity missing = 1)
+    assert rev["b"].tolist() == [7.0]  # a repeated impression event counts once
+    assert dd.revenue_per_impression(imp.iloc[:0], pur) == {}
+    assert dd.revenue_per_impression(imp, pur.iloc[:0])["a"].tolist() == [0.0, 0.0]
+
+
+def test_fetch_lake_ab_reads_only_the_window(tmp_path):
+    from pipelines.lake import write_events
+    from pipelines.schemas import new_event
+
+    now = int(NOW * 1000)
+    write_events(tmp_path, [
+        new_event("impression", "u1", None, "s", ts=now - 60_000, request_id="r1", variant="champion", items=["i1"]),
+        new_event("impression", "u1", None, "s", ts=now - 50_000, request_id="r2", variant="champion", items=["i1"]),
+        new_event("impression", "u2", None, "s", ts=now - 60_000, request_id="r3", variant="challenger", items=["i1"]),
+        new_event("purchase", "u2", "i1", "s", ts=now - 30_000, request_id="r3", price=4.0, quantity=3),
+        new_event("view", "u2", "i1", "s", ts=now - 30_000),
+        new_event("impression", "u9", None, "s", ts=now - 30 * 3_600_000, request_id="old", variant="champion",
+                  items=["i1"]),
+    ])
+    got = dd.fetch_lake_ab(tmp_path, hours=2, now_s=NOW)
+    assert got.users == {"champion": 1, "challenger": 1}
+    assert got.revenue["challenger"].tolist() == [12.0] and got.revenue["champion"].tolist() == [0.0, 0.0]
+    assert dd.fetch_lake_ab(tmp_path / "nothing", hours=2, now_s=NOW) == dd.LakeAB()
+    df = dd.read_lake_columns(tmp_path, NOW - 7200, NOW + 3600, ["ts"], ["view"])
+    assert df["ts"].tolist() == [now - 30_000]
+
+
+def test_new_item_report():
+    now = int(NOW * 1000)
+    h = 3_600_000
+    catalog = pd.DataFrame({"item_id": ["old", "n1", "n2", "n3", "future"],
+                            "created_at": [now - 100 * h, now - 10 * h, now - 4 * h, now - h, now + h]})
+    imp = pd.DataFrame({"ts": [now - 9 * h, now - 2 * h, now - 30 * h],
+                        "items": [["old", "n1"], ["n2", "old", "n1", "old"], ["old", "old"]]})
+    clicks = pd.DataFrame({"ts": [now - 2 * h + 60_000, now - 8 * h], "item_id": ["n2", "old"]})
+    r = dd.new_item_report(catalog, imp, clicks, now_ms=now, age_h=24, explore_share=0.1)
+    assert (r.new_items, r.with_impression, r.clicked) == (3, 2, 1)
+    assert r.impressed_share == pytest.approx(2 / 3)
+    assert r.median_first_impression_s == pytest.approx(((1 + 2) / 2) * 3600)  # n1 after 1 h, n2 after 2 h
+    assert r.median_first_click_s == pytest.approx(2 * 3600 + 60)
+    assert (r.new_slots, r.all_slots, r.slot_share) == (3, 6, 0.5)  # the impression 30 h ago is outside
+    assert r.hourly["slots"].sum() == 8 and r.hourly["new_share"].tolist() == [0.0, 0.5, 0.5]
+    no_new_clicks = dd.new_item_report(catalog, imp, clicks[clicks["item_id"] == "old"], now_ms=now)
+    assert no_new_clicks.clicked == 0 and no_new_clicks.median_first_click_s is None
+    strings = catalog.astype({"item_id": "string"})  # the lake's Arrow-backed strings
+    assert dd.new_item_report(strings, imp, clicks.astype({"item_id": "string"}).iloc[1:], now_ms=now).clicked == 0
+    empty = dd.new_item_report(catalog, imp.iloc[:0], clicks.iloc[:0], now_ms=now)
+    assert empty.with_impression == 0 and empty.slot_share is None and empty.hourly.empty
+
+
+def test_quality_tables(tmp_path):
+    import json
+
+    (tmp_path / "2026-11-24-10:00.json").write_text(json.dumps({"partition": "2026-11-24-10:00", "success": True,
+                                                                "evaluated": 5, "dagster_run_id": "abc"}))
+    (tmp_path / "2026-11-24-11:00.json").write_text(json.dumps({
+        "partition": "2026-11-24-11:00", "success": False, "evaluated": 5,
+        "failed": [{"suite": "events", "expectation_type": "expect_x", "column": "price", "unexpected_count": 2,
+                    "sample": [-1, -2]}]}))
+    (tmp_path / "broken.json").write_text("{not json")
+    reps = dd.fetch_quality_reports(tmp_path)
+    t = dd.quality_table(reps, "http://dagster:3000/")
+    assert list(t.index) == ["broken", "2026-11-24-11:00", "2026-11-24-10:00"]
+    assert t["status"].tolist() == ["error", "failed", "passed"]
+    assert t.loc["2026-11-24-10:00", "dagster_run"] == "http://dagster:3000/runs/abc"
+    assert pd.isna(t.loc["2026-11-24-11:00", "dagster_run"])
+    f = dd.failing_expectations(reps)
+    assert len(f) == 1 and f.iloc[0]["examples"] == "[-1, -2]" and f.iloc[0]["column"] == "price"
+
+
+def test_ab_report_and_cumulative_lift_frame():
+    counts = {ALIAS_CHAMPION: {"impressions": 1000, "clicks": 50}, ALIAS_CHALLENGER: {"impressions": 1000, "clicks": 80}}
+    r = dd.ab_report(counts, {}, dd.ABConfig())
+    assert (r.a, r.b, r.srm_unit) == (ALIAS_CHAMPION, ALIAS_CHALLENGER, "impressions")
+    assert r.lifts.loc["CTR", "lift"] == pytest.approx(0.6)
+    assert math.isnan(r.lifts.loc["revenue per impression", "lift"]) and math.isnan(r.variants.loc[ALIAS_CHAMPION, "rpi"])
+    skew = dd.ab_report(counts, {}, dd.ABConfig(), users={ALIAS_CHAMPION: 700, ALIAS_CHALLENGER: 300})
+    assert skew.srm_unit == "users" and skew.srm.mismatch
+    cfg = dd.ABConfig(shares={ALIAS_CHAMPION: 0.7, ALIAS_CHALLENGER: 0.3})
+    assert not dd.ab_report(counts, {}, cfg, users={ALIAS_CHAMPION: 700, ALIAS_CHALLENGER: 300}).srm.mismatch
+    assert dd.ab_report({ALIAS_CHAMPION: {"impressions": 5}}).verdict is None
+
+    per = {ALIAS_CHAMPION: {B - 120: {"impressions": 100, "clicks": 5}, B: {"impressions": 100, "clicks": 5}},
+           ALIAS_CHALLENGER: {B - 120: {"impressions": 100, "clicks": 10}, B: {"impressions": 100, "clicks": 6}}}
+    cum = dd.cumulative_lift_frame(per, ALIAS_CHAMPION, ALIAS_CHALLENGER, minutes=10, now_s=NOW)
+    assert len(cum) == 3 and cum["lift"].tolist() == pytest.approx([1.0, 1.0, 0.6])
+    coarse = dd.cumulative_lift_frame(per, ALIAS_CHAMPION, ALIAS_CHALLENGER, minutes=10, now_s=NOW, max_points=2)
+    assert len(coarse) == 2 and coarse["lift"].iloc[-1] == pytest.approx(0.6)
+    assert dd.cumulative_lift_frame({}, "a", "b", minutes=5, now_s=NOW).empty

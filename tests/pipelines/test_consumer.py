@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import uuid
 
 from kafka import KafkaConsumer
@@ -12,16 +11,7 @@ from pipelines import kafka_io, lake
 from pipelines.consumer import StreamConsumer
 from pipelines.schemas import TOPIC_DLQ, new_event
 from pipelines.state import OnlineState
-
-
-def wait_until(cond, timeout=30.0, step=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        got = cond()
-        if got is not None and got is not False:
-            return got
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+from tests.pipelines.conftest import wait_until
 
 
 def test_valid_events_reach_lake_and_redis_invalid_go_to_dlq(settings, redis_client):
@@ -83,3 +73,13 @@ def test_redis_counts_ab_clicks_through_request_id(redis_client):
     state.apply_events([validate_event(imp)])
     state.apply_events([validate_event(click)])
     assert state.ab_counts() == {"challenger": {"impressions": 1, "clicks": 1}}
+
+
+def test_a_purchase_is_remembered_so_serving_can_leave_it_out(redis_client):
+    from pipelines.schemas import validate_event
+
+    state = OnlineState(redis_client)
+    state.apply_events([validate_event(new_event("view", "u9", "a", "s9")),
+                        validate_event(new_event("purchase", "u9", "b", "s9", price=12.5, quantity=1))])
+    recent, bought = state.user_context("u9")
+    assert bought == {"b"} and recent[:2] == ["b", "a"]

@@ -1,0 +1,98 @@
+"""Overview: events flowing in, the stream consumer, the dead-letter queue, the models and serving latency."""
+
+import time
+from datetime import datetime, timezone
+
+import altair as alt
+import streamlit as st
+
+from dashboard import ui
+from pipelines import dashboard_data as dd
+from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, REGISTERED_MODEL
+
+ui.sidebar()
+st.title("Overview")
+
+
+def models() -> None:
+    st.subheader("Models")
+    aliases = ui.model_aliases()
+    if aliases is None:
+        return
+    cols = st.columns(2)
+    for col, alias in zip(cols, (ALIAS_CHAMPION, ALIAS_CHALLENGER)):
+        info = aliases.get(alias)
+        with col:
+            if info is None:
+                st.metric(alias.capitalize(), "none")
+                st.caption(f"No `{REGISTERED_MODEL}@{alias}` in the registry yet."
+                           + (" Training registers one (Dagster job in `make up`)." if alias == ALIAS_CHAMPION
+                              else " All traffic goes to the champion."))
+                continue
+            age = time.time() - info.created_ms / 1000 if info.created_ms else None
+            st.metric(alias.capitalize(), f"v{info.version}", help="registered model version")
+            lines = []
+            if info.created_ms:
+                created = datetime.fromtimestamp(info.created_ms / 1000, tz=timezone.utc)
+                lines.append(f"registered {created:%Y-%m-%d %H:%M} UTC ({dd.fmt_age(age)} ago)")
+            if info.window_start or info.window_end:
+                lines.append(f"trained on {(info.window_start or '?')[:16]} → {(info.window_end or '?')[:16]}")
+            lines += [f"{k} {v:.4f}" for k, v in sorted(info.metrics.items())]
+            st.caption(" · ".join(lines) if lines else "no metrics recorded on this version")
+
+
+def traffic() -> None:
+    snap = ui.snapshot()
+    if snap is None:
+        return
+    st.subheader("Serving")
+    lat = dd.latency_summary(snap.latency)
+    rps = dd.requests_per_second(snap.requests, now_s=snap.now_s)
+    c = st.columns(3)
+    c[0].metric("Requests/s", f"{rps:,.2f}", help="mean over the last 5 complete minutes")
+    c[1].metric("p50 latency", dd.fmt_ms(lat.loc["all", "p50_ms"]),
+                help=f"last {snap.minutes} minutes; upper edge of the histogram bucket")
+    c[2].metric("p99 latency", dd.fmt_ms(lat.loc["all", "p99_ms"]))
+    if int(lat.loc["all", "requests"]):
+        shown = lat.assign(p50=lat["p50_ms"].map(dd.fmt_ms), p99=lat["p99_ms"].map(dd.fmt_ms))
+        st.dataframe(shown[["requests", "p50", "p99"]])
+    else:
+        ui.no_traffic(f"no `/recommend` latency recorded in the last {snap.minutes} minutes")
+
+    st.subheader("Events per minute")
+    ev = dd.events_timeseries(snap.events, minutes=snap.minutes, now_s=snap.now_s)
+    if int(ev.to_numpy().sum()) == 0:
+        st.info(f"No events consumed in the last {snap.minutes} minutes. The stream consumer counts them "
+                "(`make up` starts it and a simulated shop).", icon=":material/hourglass_empty:")
+    else:
+        st.metric("Events (window)", f"{int(ev.to_numpy().sum()):,}", help=f"last {snap.minutes} minutes")
+        long = ev.reset_index().melt("minute", var_name="event type", value_name="events")
+        ui.altair(alt.Chart(long).mark_area().encode(
+            x=alt.X("minute:T", title=None), y=alt.Y("events:Q", stack=True), color="event type:N",
+            tooltip=["minute:T", "event type:N", "events:Q"]).properties(height=220))
+
+    st.subheader("Ingestion")
+    consumer = dd.consumer_summary(snap.consumer_status, now_s=snap.now_s)
+    if consumer is None:
+        st.info("The stream consumer has not reported yet (`make up` starts it).", icon=":material/hourglass_empty:")
+    else:
+        c = st.columns(4)
+        c[0].metric("Consumer lag (records)", "–" if consumer.lag is None else f"{consumer.lag:,}")
+        c[1].metric("Rate (events/s)", "–" if consumer.rate_eps is None else f"{consumer.rate_eps:,.1f}")
+        c[2].metric("Last commit", "–" if consumer.last_commit_ago_s is None
+                    else f"{dd.fmt_age(consumer.last_commit_ago_s)} ago")
+        c[3].metric("Last report", "–" if consumer.updated_ago_s is None
+                    else f"{dd.fmt_age(consumer.updated_ago_s)} ago")
+        if consumer.stale:
+            st.warning("The stream consumer has not reported for over a minute: it may be down "
+                       "(`make status`; `make up` restarts it).", icon=":material/warning:")
+    dlq = dd.dlq_table(snap.dlq_reasons)
+    if dlq.empty:
+        st.caption("Dead-letter queue: no rejected records.")
+    else:
+        st.metric("Dead-letter records", f"{int(dlq['records'].sum()):,}")
+        st.dataframe(dlq)
+
+
+ui.live(models)
+ui.live(traffic)

@@ -1,0 +1,92 @@
+"""The A/B experiment: variants mapped to MLflow aliases, traffic shares, sticky salted-hash assignment.
+
+An experiment comes from settings (``ab_experiment``, ``ab_salt``, ``ab_challenger_share``) or
+from a YAML file (``SHOPREC_AB_EXPERIMENT_FILE``)::
+
+    name: ranking-2026-11
+    salt: ranking-2026-11-a
+    variants:          # variant name (= MLflow alias) -> traffic share; shares sum to 1
+      champion: 0.8
+      challenger: 0.2
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION
+from pipelines.settings import Settings
+
+_SCALE = 2**64
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """One running experiment.
+
+    Attributes:
+        name: experiment name (the A/B counters in Redis are kept under it).
+        salt: mixed into the hash; a new salt reshuffles every user.
+        variants: variant name (an MLflow alias) -> traffic share in [0, 1]; shares sum to 1.
+    """
+
+    name: str
+    salt: str
+    variants: dict[str, float] = field(default_factory=lambda: {ALIAS_CHAMPION: 1.0})
+
+    def __post_init__(self):
+        if not self.variants or any(s < 0 for s in self.variants.values()):
+            raise ValueError(f"experiment {self.name!r}: give each variant a share >= 0")
+        total = sum(self.variants.values())
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"experiment {self.name!r}: traffic shares sum to {total:g}; make them sum to 1")
+        if ALIAS_CHAMPION not in self.variants:
+            raise ValueError(f"experiment {self.name!r} needs a '{ALIAS_CHAMPION}' variant (the default)")
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Experiment:
+        if settings.ab_experiment_file:
+            return cls.from_yaml(settings.ab_experiment_file)
+        share = settings.ab_challenger_share
+        return cls(settings.ab_experiment, settings.ab_salt, {ALIAS_CHAMPION: 1.0 - share, ALIAS_CHALLENGER: share})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Experiment:
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text())
+        except OSError as err:
+            raise ValueError(f"cannot read the experiment file {path}: {err}; fix SHOPREC_AB_EXPERIMENT_FILE") from None
+        if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
+            raise ValueError(f"{path}: expected 'name', 'salt' and a 'variants' mapping of alias -> share")
+        name = str(data.get("name", "default"))
+        return cls(name, str(data.get("salt", name)), {str(k): float(v) for k, v in data["variants"].items()})
+
+    def bucket(self, user_id: str) -> float:
+        """The user's sticky position in [0, 1) (a salted SHA-256 hash)."""
+        h = hashlib.sha256(f"{self.salt}:{user_id}".encode()).digest()
+        return int.from_bytes(h[:8], "big") / _SCALE
+
+    def assign(self, user_id: str, available: Collection[str] | None = None) -> str:
+        """The variant of ``user_id``.
+
+        Args:
+            user_id: the user.
+            available: variants that can serve right now (aliases with a loaded model); a user whose
+                variant is not available goes to the champion. ``None`` means all.
+        """
+        x = self.bucket(user_id)
+        acc = 0.0
+        chosen = ALIAS_CHAMPION
+        for variant, share in self.variants.items():
+            acc += share
+            if x < acc:
+                chosen = variant
+                break
+        if available is not None and chosen not in available:
+            return ALIAS_CHAMPION
+        return chosen

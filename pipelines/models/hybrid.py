@@ -1,0 +1,155 @@
+"""``shoprec``, the production hybrid: item-to-item + content-aware embeddings + trending.
+
+For each request the three parts score every item from the same profile (a known user's
+training items plus their real-time session, newest click weighted most), each part's scores
+are standardised per request (:func:`~pipelines.models.scoring.zscore_rows`) and blended:
+``w_itemitem * z(item-item) + w_embed * z(two-tower) + w_pop * z(log trending)``. A click
+therefore moves the next list at once, without retraining; a brand-new user with no session
+gets trending items (the empty-profile fallback); a product with no interaction yet gets its
+score from the content half of the item tower (:meth:`ShopRec.rank_new_items` ranks only those,
+for the serving layer's exploration slots).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines.models import register
+from pipelines.models.base import Scored
+from pipelines.models.itemitem import ItemItem
+from pipelines.models.popularity import interaction_weights, item_popularity
+from pipelines.models.scoring import Profiles, ScoringRecommender, zscore_rows
+from pipelines.models.twotower import TwoTower
+
+log = logging.getLogger(__name__)
+
+
+@register
+class ShopRec(ScoringRecommender):
+    """The blend of :class:`ItemItem`, :class:`TwoTower` and time-decayed popularity.
+
+    Args:
+        dim, epochs, lr, weight_decay, batch_size, seed, device: the embedding part's training
+            (the keys of ``TrainConfig``).
+        l2, neighbours, dense_max_items: the item-to-item part (see :class:`ItemItem`).
+        w_itemitem, w_embed, w_pop: blend weights.
+        half_life_days: decay of the trending part (``None``: plain popularity).
+        session_weight: weight of the newest session item relative to a training item.
+        temperature, id_dropout, user_embedding: see :class:`TwoTower`.
+    """
+
+    name = "shoprec"
+
+    def __init__(self, dim: int = 64, epochs: int = 20, lr: float = 0.005, weight_decay: float = 0.0,
+                 batch_size: int = 4096, seed: int = 2020, device: str = "auto",
+                 l2: float = 300.0, neighbours: int = 1000, dense_max_items: int = 6000,
+                 w_itemitem: float = 1.0, w_embed: float = 0.5, w_pop: float = 0.05,
+                 half_life_days: float | None = 7.0, session_weight: float = 2.0,
+                 temperature: float = 0.2, id_dropout: float = 0.3, user_embedding: bool = False):
+        super().__init__(seed=seed, device=device, session_weight=session_weight)
+        self.w_itemitem, self.w_embed, self.w_pop = float(w_itemitem), float(w_embed), float(w_pop)
+        self.half_life_days = None if half_life_days is None else float(half_life_days)
+        self.itemitem = ItemItem(l2=l2, neighbours=neighbours, dense_max_items=dense_max_items, seed=seed,
+                                 device=device, session_weight=session_weight)
+        self.embed = TwoTower(dim=dim, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                              seed=seed, device=device, session_weight=session_weight, temperature=temperature,
+                              id_dropout=id_dropout, user_embedding=user_embedding)
+        self.trending = np.zeros(0, dtype="float64")
+        self.fit_seconds: dict[str, float] = {}
+
+    def fit(self, interactions: pd.DataFrame, items: pd.DataFrame | None = None) -> ShopRec:
+        """Fit both learned parts and the trending scores on the same item index."""
+        _, icodes, _ = self._index(interactions, items)
+        t0 = time.perf_counter()
+        self.itemitem.fit(interactions, items)
+        t1 = time.perf_counter()
+        self.embed.fit(interactions, items)
+        t2 = time.perf_counter()
+        self.fit_seconds = {"itemitem": t1 - t0, "embed": t2 - t1}
+        if self.itemitem.item_ids != self._item_ids or self.embed.item_ids != self._item_ids:
+            raise RuntimeError("the parts of the hybrid indexed items differently")
+        w = interaction_weights(interactions, self.half_life_days)
+        self.trending = item_popularity(icodes, w, len(self._item_ids))
+        log.info("shoprec fitted in %.1fs (item-item %.1fs, embeddings %.1fs)", t2 - t0, t1 - t0, t2 - t1)
+        return self
+
+    def part_scores(self, profiles: Profiles) -> dict[str, torch.Tensor]:
+        """The standardised score matrices ``[B, n_items]`` of each part (for tuning the blend)."""
+        trend = torch.from_numpy(np.log1p(self.trending).astype("float32")).to(self._device)
+        return {"itemitem": zscore_rows(self.itemitem._score(profiles)),
+                "embed": zscore_rows(self.embed._score(profiles)),
+                "pop": zscore_rows(trend.expand(profiles.n_rows, -1))}
+
+    def _score(self, profiles: Profiles) -> torch.Tensor:
+        parts = self.part_scores(profiles)
+        return self.w_itemitem * parts["itemitem"] + self.w_embed * parts["embed"] + self.w_pop * parts["pop"]
+
+    def _fallback_scores(self) -> np.ndarray:
+        """A new user with no session gets trending items."""
+        return self.trending
+
+    def _item_similarity(self, code: int) -> torch.Tensor:
+        ii = self.itemitem._item_similarity(code).clamp_min(-1e3)
+        return zscore_rows(ii[None])[0] + self.w_embed * zscore_rows(self.embed._item_similarity(code)[None])[0]
+
+    # --- new products ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def rank_new_items(self, user_id: str | None, recent_item_ids: Sequence[str], k: int,
+                       catalog: pd.DataFrame | None = None) -> Scored:
+        """Rank products without interactions for one user/session from their content alone.
+
+        Args:
+            user_id: a known user (their training items join the profile) or ``None``/unknown.
+            recent_item_ids: the session, newest first.
+            k: list length.
+            catalog: rows of products added after training (catalog columns); default: the
+                catalog items the model saw without interactions (:attr:`new_item_ids`).
+
+        Returns:
+            Top-k ``(item_id, score)`` among those products, best first (the exploration candidates).
+        """
+        if catalog is None:
+            ids = self.new_item_ids
+            vectors = self.embed._content_part[self._n_warm:]
+        else:
+            ids = [str(i) for i in catalog["item_id"]]
+            vectors = self.embed.content_embedding(catalog)
+        if not ids or k <= 0:
+            return []
+        profiles, _ = self.embed._profiles([(user_id, list(recent_item_ids))])
+        scores = self.embed.score_candidates(profiles, vectors)[0]
+        if not len(profiles.rows):  # nobody to personalise for: the content vector's norm ranks
+            scores = vectors.norm(dim=1)
+        top = torch.topk(scores, min(k, len(ids)))
+        return [(ids[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
+
+    def params(self) -> dict:
+        ii, em = self.itemitem, self.embed
+        return {"dim": em.dim, "epochs": em.epochs, "lr": em.lr, "weight_decay": em.weight_decay,
+                "batch_size": em.batch_size, "seed": self.seed, "device": self.device, "l2": ii.l2,
+                "neighbours": ii.neighbours, "dense_max_items": ii.dense_max_items,
+                "w_itemitem": self.w_itemitem, "w_embed": self.w_embed, "w_pop": self.w_pop,
+                "half_life_days": self.half_life_days, "session_weight": self.session_weight,
+                "temperature": em.temperature, "id_dropout": em.id_dropout,
+                "user_embedding": em.user_embedding}
+
+    def _save(self, path: Path) -> None:
+        super()._save(path)
+        self.itemitem.save(path / "itemitem")
+        self.embed.save(path / "embed")
+        torch.save({"trending": torch.from_numpy(self.trending)}, path / "trending.pt")
+
+    @classmethod
+    def _load(cls, path: Path, params: dict) -> ShopRec:
+        model = super()._load(path, params)
+        model.itemitem = ItemItem._load(path / "itemitem", model.itemitem.params())
+        model.embed = TwoTower._load(path / "embed", model.embed.params())
+        model.trending = torch.load(path / "trending.pt", weights_only=True)["trending"].numpy()
+        return model

@@ -1,0 +1,162 @@
+"""Item-to-item recommender: EASE on small catalogs, cosine co-visitation on large ones.
+
+References:
+    Harald Steck. "Embarrassingly Shallow Autoencoders for Sparse Data." WWW 2019.
+    https://arxiv.org/abs/1905.03375
+    Badrul Sarwar et al. "Item-based collaborative filtering recommendation algorithms." WWW 2001.
+
+Either way the model keeps a sparse top-N neighbour table: ``neighbours[i]`` are the N items
+whose weights ``w[i, j]`` are largest, and a profile ``x`` (weighted items) scores item ``j`` with
+``sum_i x_i w[i, j]``. With at most ``dense_max_items`` items the weights are EASE's closed form
+``B = I - P / diag(P)``, ``P = (X^T X + l2 I)^-1`` (diagonal zeroed); above that, a dense inverse
+is out of reach (50,000 items would need 10 GB), so the weights are co-visitation counts
+``C = X^T X`` normalised as ``C_ij / (c_i^alpha c_j^(1-alpha))`` and computed in item chunks with
+sparse matrix products, never holding more than one ``[chunk, n_items]`` block.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+from pipelines.models import register
+from pipelines.models.scoring import Profiles, ScoringRecommender
+
+log = logging.getLogger(__name__)
+
+_DENSE_SCORING_MAX = 8192  # up to this many items a dense [n, n] weight matrix scores by one matmul
+
+
+@register
+class ItemItem(ScoringRecommender):
+    """Item-to-item weights kept as a top-N neighbour table.
+
+    Args:
+        l2: EASE's L2 regularisation (larger = smoother).
+        neighbours: N, weights kept per item (the table is ``[n_items, N]``).
+        dense_max_items: largest catalog for EASE; larger ones use co-visitation.
+        alpha: co-visitation normalisation exponent (0.5 = cosine).
+        seed, device, session_weight: see :class:`~pipelines.models.scoring.ScoringRecommender`.
+    """
+
+    name = "itemitem"
+
+    def __init__(self, l2: float = 300.0, neighbours: int = 1000, dense_max_items: int = 6000, alpha: float = 0.5,
+                 seed: int = 2020, device: str = "auto", session_weight: float = 1.0):
+        super().__init__(seed=seed, device=device, session_weight=session_weight)
+        self.l2 = float(l2)
+        self.neighbours = int(neighbours)
+        self.dense_max_items = int(dense_max_items)
+        self.alpha = float(alpha)
+        self.nb_index = torch.zeros(0, 0, dtype=torch.int32)  # [n_items, N]
+        self.nb_weight = torch.zeros(0, 0)  # [n_items, N]
+        self._dense: torch.Tensor | None = None
+
+    def fit(self, interactions: pd.DataFrame, items: pd.DataFrame | None = None) -> ItemItem:
+        """Fit on interactions; catalog items without interactions get no neighbours."""
+        t0 = time.perf_counter()
+        ucodes, icodes, _ = self._index(interactions, items)
+        n_users, n_items = len(self._user_ids), len(self._item_ids)
+        pairs = np.unique(ucodes * n_items + icodes)
+        u, i = pairs // n_items, pairs % n_items
+        if n_items <= self.dense_max_items:
+            self._fit_ease(u, i, n_users, n_items)
+        else:
+            self._fit_covisit(u, i, n_users, n_items)
+        self._dense = None
+        log.info("itemitem fitted %d items (%s, N=%d) in %.1fs", n_items,
+                 "ease" if n_items <= self.dense_max_items else "co-visitation", self.nb_index.shape[1],
+                 time.perf_counter() - t0)
+        return self
+
+    def _keep_top(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n = min(self.neighbours, max(weights.shape[1] - 1, 1))
+        w, idx = torch.topk(weights, n, dim=1)
+        return idx.to(torch.int32), w
+
+    def _fit_ease(self, u: np.ndarray, i: np.ndarray, n_users: int, n_items: int) -> None:
+        dev = self._device
+        x = torch.zeros(n_users, n_items, device=dev, dtype=torch.float64)
+        x[torch.from_numpy(u).to(dev), torch.from_numpy(i).to(dev)] = 1.0
+        g = x.T @ x
+        g.diagonal().add_(self.l2)
+        p = torch.linalg.inv(g)
+        b = -p / p.diagonal()[None, :]
+        b.diagonal().zero_()
+        self.nb_index, self.nb_weight = self._keep_top(b.float())
+
+    def _fit_covisit(self, u: np.ndarray, i: np.ndarray, n_users: int, n_items: int, chunk: int = 1024) -> None:
+        ones = torch.ones(len(u))
+        xt = torch.sparse_coo_tensor(torch.from_numpy(np.stack([i, u])), ones, (n_items, n_users),
+                                     check_invariants=False).coalesce()
+        x = xt.t().coalesce()
+        row_start = np.searchsorted(xt.indices()[0].numpy(), np.arange(n_items + 1))
+        counts = torch.from_numpy(np.bincount(i, minlength=n_items).astype("float32"))
+        inv_a = counts.clamp_min(1).pow(-self.alpha)
+        inv_b = counts.clamp_min(1).pow(-(1 - self.alpha))
+        idx_out, w_out = [], []
+        for start in range(0, n_items, chunk):
+            stop = min(start + chunk, n_items)
+            block = torch.sparse.mm(_coo_rows(xt, row_start, start, stop), x).to_dense()  # [chunk, n_items]
+            block = block * inv_a[start:stop, None] * inv_b[None, :]
+            block[torch.arange(stop - start), torch.arange(start, stop)] = 0.0
+            idx, w = self._keep_top(block)
+            idx_out.append(idx)
+            w_out.append(w)
+        self.nb_index = torch.cat(idx_out).to(self._device)
+        self.nb_weight = torch.cat(w_out).to(self._device)
+
+    def _dense_weights(self) -> torch.Tensor:
+        if self._dense is None:
+            n = len(self._item_ids)
+            w = torch.zeros(n, n, device=self._device)
+            w.scatter_(1, self.nb_index.long().to(self._device), self.nb_weight.to(self._device))
+            self._dense = w
+        return self._dense
+
+    def _score(self, profiles: Profiles) -> torch.Tensor:
+        n_items = len(self._item_ids)
+        if n_items <= _DENSE_SCORING_MAX:
+            return profiles.dense(n_items, self._device) @ self._dense_weights()
+        scores = torch.zeros(profiles.n_rows * n_items, device=self._device)
+        if len(profiles.rows):
+            dev = self._device
+            items = torch.from_numpy(profiles.items).to(dev)
+            rows = torch.from_numpy(profiles.rows).to(dev)
+            w = torch.from_numpy(profiles.weights.astype("float32")).to(dev)
+            nb = self.nb_index[items].long()  # [nnz, N]
+            flat = rows[:, None] * n_items + nb
+            scores.index_add_(0, flat.reshape(-1), (self.nb_weight[items] * w[:, None]).reshape(-1))
+        return scores.view(profiles.n_rows, n_items)
+
+    def _item_similarity(self, code: int) -> torch.Tensor:
+        sims = torch.full((len(self._item_ids),), -1e9, device=self._device)
+        sims[self.nb_index[code].long()] = self.nb_weight[code]
+        return sims
+
+    def table_bytes(self) -> int:
+        """Memory held by the neighbour table."""
+        return self.nb_index.element_size() * self.nb_index.nelement() + \
+            self.nb_weight.element_size() * self.nb_weight.nelement()
+
+    def params(self) -> dict:
+        return {"l2": self.l2, "neighbours": self.neighbours, "dense_max_items": self.dense_max_items,
+                "alpha": self.alpha, **super().params()}
+
+    def _state(self) -> dict:
+        return {"nb_index": self.nb_index, "nb_weight": self.nb_weight}
+
+    def _restore(self, state: dict) -> None:
+        self.nb_index, self.nb_weight = state["nb_index"], state["nb_weight"]
+
+
+def _coo_rows(m: torch.Tensor, row_start: np.ndarray, start: int, stop: int) -> torch.Tensor:
+    """Rows ``[start, stop)`` of a coalesced sparse COO matrix (``row_start[r]``: first entry of row r)."""
+    a, b = int(row_start[start]), int(row_start[stop])
+    idx = m.indices()[:, a:b].clone()
+    idx[0] -= start
+    return torch.sparse_coo_tensor(idx, m.values()[a:b], (stop - start, m.shape[1]), check_invariants=False)

@@ -1,0 +1,257 @@
+"""Two-tower embedding model with a content-aware item tower, trained with a softmax over items.
+
+References:
+    Dawen Liang et al. "Variational Autoencoders for Collaborative Filtering." WWW 2018 (the
+    multinomial likelihood over all items, with the input history dropped out: Mult-DAE).
+    Xinyang Yi et al. "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
+    Recommendations." RecSys 2019 (two towers, sampled softmax).
+
+Item tower: ``v_i = e_i + W c_i`` with ``e_i`` an id embedding (dropped out during training with
+probability ``id_dropout`` so the content part learns to stand alone) and ``c_i`` the mean of
+the embeddings of the item's content tokens (:mod:`pipelines.models.content`: category, brand,
+price band, title words). A product nobody has clicked has ``e_i = 0``: its embedding comes from
+content alone. User tower: ``u = p_u + A mean(v_j for j in the profile)``; a user the model has
+not seen has ``p_u = 0``, so the session alone places them. Training takes batches of users,
+drops half of each history from the input and maximises the log-likelihood of the whole history
+under ``softmax(u . v / temperature)`` over all items, or, above ``full_softmax_max`` items, over
+the batch's items plus ``n_negatives`` uniformly sampled ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipelines.models import register
+from pipelines.models.content import ContentFeatures
+from pipelines.models.scoring import Profiles, ScoringRecommender
+from pipelines.schemas import COL_ITEM
+
+log = logging.getLogger(__name__)
+
+
+class _Towers(nn.Module):
+    def __init__(self, n_users: int, n_items: int, n_tokens: int, dim: int, gen: torch.Generator):
+        super().__init__()
+        self.user = nn.Parameter(torch.empty(n_users, dim).normal_(0, 0.01, generator=gen))
+        self.item = nn.Parameter(torch.empty(n_items, dim).normal_(0, 0.01, generator=gen))
+        self.token = nn.Parameter(torch.empty(max(n_tokens, 1), dim).normal_(0, 0.1, generator=gen))
+        self.content = nn.Linear(dim, dim, bias=False)
+        self.context = nn.Linear(dim, dim, bias=False)
+        with torch.no_grad():
+            self.content.weight.copy_(torch.eye(dim) + 0.01 * torch.randn(dim, dim, generator=gen))
+            self.context.weight.copy_(torch.eye(dim) + 0.01 * torch.randn(dim, dim, generator=gen))
+
+
+@register
+class TwoTower(ScoringRecommender):
+    """Embedding model whose item tower reads content features.
+
+    Args:
+        dim: embedding size.
+        epochs: passes over all users.
+        lr: Adam learning rate.
+        weight_decay: L2 coefficient (Adam ``weight_decay``).
+        batch_size: interactions per training step (users per step = batch_size / mean history).
+        temperature: softmax temperature.
+        input_dropout: share of each history hidden from the user tower during training.
+        id_dropout: probability that an item's id embedding is dropped in a step (content only).
+        n_negatives: sampled items per step when the catalog exceeds ``full_softmax_max``.
+        full_softmax_max: largest catalog trained with the softmax over every item.
+        user_embedding: learn ``p_u`` per user (off: users are their profile only, as in Mult-DAE).
+        seed, device, session_weight: see :class:`~pipelines.models.scoring.ScoringRecommender`.
+    """
+
+    name = "twotower"
+
+    def __init__(self, dim: int = 64, epochs: int = 30, lr: float = 0.005, weight_decay: float = 0.0,
+                 batch_size: int = 4096, temperature: float = 0.2, input_dropout: float = 0.5,
+                 id_dropout: float = 0.3, n_negatives: int = 4096, full_softmax_max: int = 8192,
+                 user_embedding: bool = True, seed: int = 2020, device: str = "auto", session_weight: float = 1.0):
+        super().__init__(seed=seed, device=device, session_weight=session_weight)
+        self.dim, self.epochs, self.lr, self.weight_decay = int(dim), int(epochs), float(lr), float(weight_decay)
+        self.batch_size, self.temperature = int(batch_size), float(temperature)
+        self.input_dropout, self.id_dropout = float(input_dropout), float(id_dropout)
+        self.n_negatives, self.full_softmax_max = int(n_negatives), int(full_softmax_max)
+        self.user_embedding = bool(user_embedding)
+        self.content = ContentFeatures()
+        self.user_emb = torch.zeros(0, self.dim)
+        self.item_emb = torch.zeros(0, self.dim)  # final item vectors [n_items, dim]
+        self.context_w = torch.eye(self.dim)
+        self._content_part = torch.zeros(0, self.dim)  # content-only item vectors [n_items, dim]
+        self._token_emb = torch.zeros(0, self.dim)
+        self._content_w = torch.eye(self.dim)
+
+    # --- training ----------------------------------------------------------------
+    def fit(self, interactions: pd.DataFrame, items: pd.DataFrame | None = None) -> TwoTower:
+        """Train both towers; ``items`` (the catalog) feeds the item tower's content features."""
+        t0 = time.perf_counter()
+        self._index(interactions, items)
+        dev, n_users, n_items = self._device, len(self._user_ids), len(self._item_ids)
+        tokens, offsets = self._catalog_tokens(items)
+        tok_t, off_t = torch.from_numpy(tokens).to(dev), torch.from_numpy(offsets).to(dev)
+        gen = torch.Generator().manual_seed(self.seed)
+        rng = np.random.default_rng(self.seed)
+        net = _Towers(n_users, n_items, len(self.content.vocab), self.dim, gen).to(dev)
+        opt = torch.optim.Adam(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        indptr, indices = self._indptr, self._indices
+        lengths = np.diff(indptr)
+        users_per_step = max(8, int(self.batch_size / max(lengths.mean(), 1.0)))
+        full = n_items <= self.full_softmax_max
+        has_content = len(tokens) > 0
+
+        def item_vectors(codes: torch.Tensor, drop_ids: bool) -> torch.Tensor:
+            vec = net.item[codes]
+            if drop_ids and self.id_dropout > 0:
+                keep = (torch.rand(len(codes), 1, device=dev) >= self.id_dropout).float()
+                vec = vec * keep
+            if has_content:
+                bag = F.embedding_bag(_bag_tokens(tok_t, off_t, codes, len(tokens)), net.token,
+                                      _bag_offsets(off_t, codes, len(tokens)), mode="mean")
+                vec = vec + net.content(bag)
+            return vec
+
+        torch.manual_seed(self.seed)
+        for epoch in range(1, self.epochs + 1):
+            order = rng.permutation(n_users)
+            total = 0.0
+            for start in range(0, n_users, users_per_step):
+                ub = order[start:start + users_per_step]
+                starts, counts = indptr[ub], lengths[ub]
+                rows = np.repeat(np.arange(len(ub)), counts)
+                cols = indices[np.repeat(starts, counts) + (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts))]
+                keep = rng.random(len(cols)) >= self.input_dropout
+                if full:
+                    cand = torch.arange(n_items, device=dev)
+                    target_cols = torch.from_numpy(cols).to(dev)
+                else:
+                    cand_np, inv = np.unique(np.concatenate([cols, rng.integers(0, n_items, self.n_negatives)]),
+                                             return_inverse=True)
+                    cand = torch.from_numpy(cand_np).to(dev)
+                    target_cols = torch.from_numpy(inv[:len(cols)]).to(dev)
+                v_cand = item_vectors(cand, drop_ids=True)  # [C, dim]
+                # the user tower reads the kept part of the history
+                kr, kc = rows[keep], cols[keep]
+                v_in = item_vectors(torch.from_numpy(kc).to(dev), drop_ids=True)
+                bag = torch.zeros(len(ub), self.dim, device=dev).index_add_(0, torch.from_numpy(kr).to(dev), v_in)
+                n_in = torch.from_numpy(np.bincount(kr, minlength=len(ub)).astype("float32")).to(dev).clamp_min(1)
+                u = net.context(bag / n_in[:, None])
+                if self.user_embedding:
+                    u = u + net.user[torch.from_numpy(ub).to(dev)]
+                logp = F.log_softmax(u @ v_cand.T / self.temperature, dim=1)  # [B, C]
+                loss = -logp[torch.from_numpy(rows).to(dev), target_cols].sum() / len(ub)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(ub)
+            log.info("twotower epoch %d/%d: loss %.4f, %.1fs", epoch, self.epochs, total / n_users,
+                     time.perf_counter() - t0)
+
+        with torch.no_grad():
+            item = net.item.detach().clone()
+            item[self._n_warm:] = 0.0  # never trained: their embedding is their content
+            self._token_emb = net.token.detach().clone()
+            self._content_w = net.content.weight.detach().clone()
+            self._content_part = self._content_vectors(tok_t, off_t, n_items)
+            self.item_emb = item + self._content_part
+            self.user_emb = net.user.detach().clone() * float(self.user_embedding)
+            self.context_w = net.context.weight.detach().clone()
+        log.info("twotower fitted %d users x %d items (%d content tokens) in %.1fs on %s", n_users, n_items,
+                 len(self.content.vocab), time.perf_counter() - t0, dev)
+        return self
+
+    def _catalog_tokens(self, items: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
+        """Token bags in item index order (no catalog: no tokens)."""
+        n_items = len(self._item_ids)
+        if items is None or not len(items):
+            self.content = ContentFeatures()
+            return np.zeros(0, "int64"), np.zeros(n_items, "int64")
+        catalog = items.assign(**{COL_ITEM: items[COL_ITEM].astype(str)}).drop_duplicates(COL_ITEM, keep="last")
+        catalog = catalog.set_index(COL_ITEM).reindex(self._item_ids).reset_index()
+        self.content = ContentFeatures().fit(catalog)
+        return self.content.transform(catalog)
+
+    def _content_vectors(self, tokens: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
+        if not len(tokens) or not len(self._token_emb):
+            return torch.zeros(n, self.dim, device=self._device)
+        bag = F.embedding_bag(tokens, self._token_emb, offsets, mode="mean")
+        return bag @ self._content_w.T
+
+    def content_embedding(self, items: pd.DataFrame) -> torch.Tensor:
+        """Content-only item vectors ``[len(items), dim]`` for catalog rows (e.g. products added after training)."""
+        tokens, offsets = self.content.transform(items)
+        return self._content_vectors(torch.from_numpy(tokens).to(self._device),
+                                     torch.from_numpy(offsets).to(self._device), len(items))
+
+    # --- scoring -----------------------------------------------------------------------
+    def user_vectors(self, profiles: Profiles) -> torch.Tensor:
+        """``[B, dim]``: ``p_u`` (known users) plus the projected weighted mean of the profile's items."""
+        dev = self._device
+        bag = torch.zeros(profiles.n_rows, self.dim, device=dev)
+        if len(profiles.rows):
+            rows = torch.from_numpy(profiles.rows).to(dev)
+            w = torch.from_numpy(profiles.weights.astype("float32")).to(dev)
+            bag.index_add_(0, rows, self.item_emb[torch.from_numpy(profiles.items).to(dev)] * w[:, None])
+            tot = torch.zeros(profiles.n_rows, device=dev).index_add_(0, rows, w).clamp_min(1e-12)
+            bag = bag / tot[:, None]
+        u = bag @ self.context_w.T
+        known = torch.from_numpy(profiles.user_codes).to(dev)
+        mask = known >= 0
+        if mask.any():
+            u[mask] = u[mask] + self.user_emb[known[mask]]
+        return u
+
+    def _score(self, profiles: Profiles) -> torch.Tensor:
+        return self.user_vectors(profiles) @ self.item_emb.T
+
+    def score_candidates(self, profiles: Profiles, item_vectors: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, C]`` of arbitrary item vectors ``[C, dim]`` (e.g. :meth:`content_embedding`)."""
+        return self.user_vectors(profiles) @ item_vectors.T
+
+    def _item_similarity(self, code: int) -> torch.Tensor:
+        normed = F.normalize(self.item_emb, dim=1)
+        return normed @ normed[code]
+
+    def params(self) -> dict:
+        return {"dim": self.dim, "epochs": self.epochs, "lr": self.lr, "weight_decay": self.weight_decay,
+                "batch_size": self.batch_size, "temperature": self.temperature,
+                "input_dropout": self.input_dropout, "id_dropout": self.id_dropout,
+                "n_negatives": self.n_negatives, "full_softmax_max": self.full_softmax_max,
+                "user_embedding": self.user_embedding, **super().params()}
+
+    def _state(self) -> dict:
+        return {"user_emb": self.user_emb, "item_emb": self.item_emb, "context_w": self.context_w,
+                "content_part": self._content_part, "token_emb": self._token_emb, "content_w": self._content_w,
+                "content": self.content.state()}
+
+    def _restore(self, state: dict) -> None:
+        self.user_emb, self.item_emb, self.context_w = state["user_emb"], state["item_emb"], state["context_w"]
+        self._content_part, self._token_emb = state["content_part"], state["token_emb"]
+        self._content_w = state["content_w"]
+        self.content = ContentFeatures.from_state(state["content"])
+
+
+def _bag_offsets(offsets: torch.Tensor, codes: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """EmbeddingBag offsets of the bags of items ``codes`` gathered by :func:`_bag_tokens`."""
+    lengths = _bag_lengths(offsets, codes, n_tokens)
+    return torch.cumsum(lengths, 0) - lengths
+
+
+def _bag_lengths(offsets: torch.Tensor, codes: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    ends = torch.cat([offsets[1:], torch.tensor([n_tokens], device=offsets.device)])
+    return (ends - offsets)[codes]
+
+
+def _bag_tokens(tokens: torch.Tensor, offsets: torch.Tensor, codes: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """The concatenated token bags of items ``codes``."""
+    lengths = _bag_lengths(offsets, codes, n_tokens)
+    starts = offsets[codes]
+    total = int(lengths.sum())
+    rel = torch.arange(total, device=tokens.device) - torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
+    return tokens[torch.repeat_interleave(starts, lengths) + rel]

@@ -1,0 +1,60 @@
+"""A/B: the split matches the configured shares, is sticky, and every answer's impression carries its variant."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines import kafka_io
+from pipelines.experiment import Experiment
+from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION
+from tests.bentos.test_service import _consume_impressions, client_for  # noqa: F401  (fixture)
+
+
+@pytest.mark.parametrize("shares", [{"champion": 0.5, "challenger": 0.5}, {"champion": 0.8, "challenger": 0.2}])
+def test_10k_users_split_within_1pp_and_sticky(shares):
+    exp = Experiment("ranking", "salt-1", shares)
+    users = [f"user-{n}" for n in range(10_000)]
+    got = [exp.assign(u) for u in users]
+    for variant, share in shares.items():
+        assert abs(got.count(variant) / len(users) - share) <= 0.01, variant
+    assert [exp.assign(u) for u in users] == got  # sticky
+    reshuffled = [Experiment("ranking", "salt-2", shares).assign(u) for u in users[:1000]]
+    assert reshuffled != got[:1000]  # a new salt reshuffles users
+
+
+def test_no_challenger_sends_everyone_to_the_champion():
+    exp = Experiment("ranking", "s", {"champion": 0.5, "challenger": 0.5})
+    assert {exp.assign(f"u{n}", available={ALIAS_CHAMPION}) for n in range(1000)} == {ALIAS_CHAMPION}
+
+
+def test_experiment_from_yaml(tmp_path):
+    f = tmp_path / "exp.yaml"
+    f.write_text("name: ranking-nov\nsalt: nov-a\nvariants:\n  champion: 0.7\n  challenger: 0.3\n")
+    exp = Experiment.from_yaml(f)
+    assert (exp.name, exp.salt, exp.variants) == ("ranking-nov", "nov-a", {"champion": 0.7, "challenger": 0.3})
+    f.write_text("variants:\n  champion: 0.7\n  challenger: 0.7\n")
+    with pytest.raises(ValueError, match="sum to 1"):
+        Experiment.from_yaml(f)
+
+
+def test_both_variants_served_and_impressions_carry_variant_and_version(settings, redis_client,
+                                                                        registered_champion, client_for):
+    registry, reg = registered_champion
+    model = registry.load(ALIAS_CHAMPION).recommender  # the same model again, registered as the challenger
+    _, challenger_version = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.1},
+                                                      tags={})
+    registry.set_alias(ALIAS_CHALLENGER, challenger_version)
+    kafka_io.ensure_topics(settings)
+    c = client_for(registry.name, ab_challenger_share=0.5)
+    answers = [c.post("/recommend", json={"user_id": f"ab-{n}", "k": 3}).json() for n in range(40)]
+    exp = Experiment.from_settings(settings.model_copy(update={"ab_challenger_share": 0.5}))
+    for n, a in enumerate(answers):
+        assert a["variant"] == exp.assign(f"ab-{n}")
+        assert a["model_version"] == (reg.version if a["variant"] == ALIAS_CHAMPION else challenger_version)
+    assert {a["variant"] for a in answers} == {ALIAS_CHAMPION, ALIAS_CHALLENGER}
+    impressions = _consume_impressions(settings, {a["request_id"] for a in answers})
+    assert len(impressions) == len(answers)
+    for a in answers:
+        ev = impressions[a["request_id"]]
+        assert (ev["variant"], ev["model_version"]) == (a["variant"], a["model_version"])
+        assert ev["items"] == [i["item_id"] for i in a["items"]]

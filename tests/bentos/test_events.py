@@ -1,0 +1,126 @@
+"""``POST /events`` through the BentoML service's ASGI app: keys, limits, validation, Kafka acks."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+from kafka import KafkaConsumer
+from starlette.testclient import TestClient
+
+from pipelines import kafka_io
+from pipelines.schemas import TOPIC_EVENTS, new_event
+from pipelines.settings import get_settings
+from tests.bentos.test_service import _forget_bentoml_metrics
+
+
+@pytest.fixture()
+def events_client(settings, redis_client, monkeypatch):
+    """The service's ASGI app with two valid keys, small limits and a fresh rate-limit budget per test."""
+    keys = [f"key-a-{uuid.uuid4().hex[:6]}", f"key-b-{uuid.uuid4().hex[:6]}"]
+    monkeypatch.setenv("SHOPREC_API_KEYS", json.dumps(keys))
+    monkeypatch.setenv("SHOPREC_MAX_REQUEST_BYTES", "20000")
+    monkeypatch.setenv("SHOPREC_MAX_EVENTS_PER_REQUEST", "20")
+    monkeypatch.setenv("SHOPREC_EVENTS_RATE_LIMIT", "5/minute")
+    get_settings.cache_clear()
+    kafka_io.ensure_topics(get_settings())
+    from bentos import service
+
+    _forget_bentoml_metrics()
+    with TestClient(service.Shoprec.to_asgi()) as c:
+        yield c, [{"Authorization": f"Bearer {k}"} for k in keys]
+    get_settings.cache_clear()
+
+
+def _event(tag: str, **change) -> dict:
+    return {**new_event("view", f"u-{tag}", "item-1", f"s-{tag}"), **change}
+
+
+def test_401_without_a_valid_key_and_every_configured_key_works(events_client):
+    c, (key_a, key_b) = events_client
+    body = {"events": [_event("k")]}
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic a2V5"}):
+        r = c.post("/events", json=body, headers=headers)
+        assert r.status_code == 401 and "API key" in r.json()["error"]
+        assert r.headers["www-authenticate"] == "Bearer"
+    # two keys valid at once: the old one keeps working while clients move to the new one
+    assert c.post("/events", json=body, headers=key_a).status_code == 202
+    assert c.post("/events", json={"events": [_event("k")]}, headers=key_b).status_code == 202
+
+
+def test_413_over_the_body_size_or_the_batch_length(events_client):
+    c, (key, _) = events_client
+    big = {"events": [_event("big", model_version="x" * 60) for _ in range(100)]}  # > 20,000 bytes
+    r = c.post("/events", json=big, headers=key)
+    assert r.status_code == 413 and "limit" in r.json()["error"]
+
+    def chunks():  # no Content-Length: the guard must count what it reads
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 4096):
+            yield data[i:i + 4096]
+    assert c.post("/events", content=chunks(), headers={**key, "Content-Type": "application/json"}).status_code == 413
+
+    long = {"events": [_event("long") for _ in range(21)]}  # small in bytes, over 20 events
+    r = c.post("/events", json=long, headers=key)
+    assert r.status_code == 413 and "split the batch" in r.json()["error"]
+
+
+def test_429_over_the_rate_limit_of_one_key_only(events_client):
+    c, (key_a, key_b) = events_client
+    codes = [c.post("/events", json={"events": [_event("rl")]}, headers=key_a).status_code for _ in range(7)]
+    assert codes[:5] == [202] * 5 and codes[5:] == [429, 429]
+    r = c.post("/events", json={"events": [_event("rl")]}, headers=key_a)
+    assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1 and "rate limit" in r.json()["error"]
+    # another key has its own budget
+    assert c.post("/events", json={"events": [_event("rl")]}, headers=key_b).status_code == 202
+
+
+def test_400_lists_every_bad_event_and_sends_nothing(events_client):
+    c, (key, _) = events_client
+    tag = uuid.uuid4().hex[:8]
+    good = _event(tag)
+    batch = [good, _event(tag, event_type="teleport"), {"user_id": f"u-{tag}"}, _event(tag, ts=1),
+             _event(tag, user_id="a\nb"), good, _event(tag, items=["i"] * 300)]
+    r = c.post("/events", json={"events": batch}, headers=key)
+    assert r.status_code == 400
+    errors = {e["index"]: e["reason"] for e in r.json()["errors"]}
+    assert errors == {1: "unknown_event_type", 2: "missing_field", 3: "ts_too_old", 4: "schema", 5: "duplicate",
+                      6: "schema"}
+    assert all(e["message"] for e in r.json()["errors"])
+    # all or nothing: a later accepted event of the same user (same partition) arrives, the good one never did
+    marker = _event(tag)
+    assert c.post("/events", json={"events": [marker]}, headers=key).status_code == 202
+    assert _in_kafka({good["event_id"], marker["event_id"]}, until=marker["event_id"]) == {marker["event_id"]}
+
+
+def test_202_means_the_events_are_in_kafka(events_client):
+    c, (key, _) = events_client
+    tag = uuid.uuid4().hex[:8]
+    batch = [_event(tag) for _ in range(10)]
+    r = c.post("/events", json={"events": batch}, headers=key)
+    assert r.status_code == 202 and r.json() == {"accepted": 10}
+    assert _in_kafka({e["event_id"] for e in batch}) == {e["event_id"] for e in batch}
+
+
+def _in_kafka(event_ids: set[str], until: str | None = None, timeout_ms: int = 20_000) -> set[str]:
+    """Which of ``event_ids`` are in ``shop.events`` (reading stops once all, or ``until``, were seen)."""
+    s = get_settings()
+    consumer = KafkaConsumer(TOPIC_EVENTS, group_id=f"check-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
+                             consumer_timeout_ms=timeout_ms, max_partition_fetch_bytes=16 * 1024 * 1024,
+                             **kafka_io.FAST_GROUP, **s.kafka_client_kwargs())
+    found = set()
+    try:
+        for rec in consumer:
+            if rec.value and b'"event_id"' in rec.value:
+                try:
+                    eid = json.loads(rec.value).get("event_id")
+                except (ValueError, AttributeError):
+                    continue
+                if eid in event_ids:
+                    found.add(eid)
+                    if found == event_ids or eid == until:
+                        break
+    finally:
+        consumer.close()
+    return found

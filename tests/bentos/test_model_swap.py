@@ -1,0 +1,40 @@
+"""Promoting a new version in MLflow while clients send requests: nothing fails, answers switch promptly."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from pipelines import localstack
+from pipelines.schemas import ALIAS_CHAMPION
+from pipelines.serve_process import bento_serving
+from tests.bentos.conftest import steady_load, wait_for
+
+pytestmark = pytest.mark.slow
+
+POLL_S = 2.0
+
+
+def test_promotion_under_load_switches_within_the_polling_interval(settings, serve_env, registered_champion,
+                                                                   tmp_path):
+    registry, reg = registered_champion
+    port = localstack.free_port()
+    env = {**serve_env, "SHOPREC_MLFLOW_MODEL_NAME": registry.name, "SHOPREC_MODEL_POLL_S": str(POLL_S)}
+    with bento_serving(port, env, tmp_path / "bentoml.log"), steady_load(f"http://127.0.0.1:{port}") as answers:
+        wait_for(lambda: len(answers) > 50, 30, "traffic on the old version")
+        model = registry.load(ALIAS_CHAMPION).recommender
+        _, new_version = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.2}, tags={})
+        registry.set_alias(ALIAS_CHAMPION, new_version)
+        promoted = time.monotonic()
+        wait_for(lambda: any(b.get("model_version") == new_version for _, _, b in answers[-5:]), 30,
+                 "answers from the new version")
+        time.sleep(1.0)  # a little traffic after the switch
+    failed = [a for a in answers if a[1] != 200]
+    assert not failed, failed[:5]
+    first_new = min(t for t, _, b in answers if b.get("model_version") == new_version)
+    # one registry poll, plus loading the model from MLflow (a few seconds on this 2-core machine)
+    assert first_new - promoted <= POLL_S + 6.0
+    after = [b["model_version"] for t, _, b in answers if t > first_new + 1.0 and b["source"] in ("model", "cache")]
+    assert after and set(after) == {new_version}  # no flapping back to the old version
+    assert {b.get("model_version") for _, _, b in answers} >= {reg.version, new_version}

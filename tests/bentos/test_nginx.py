@@ -1,0 +1,36 @@
+"""Two ``bentoml serve`` replicas behind nginx (deploy/nginx.conf): one dies under load, no request fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from contextlib import ExitStack
+
+import pytest
+
+from pipelines import localstack
+from pipelines.serve_process import bento_serving, kill_now, nginx_running
+from tests.bentos.conftest import steady_load, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")),
+                                                   reason="nginx is not installed (apt-get install nginx)")]
+
+
+def test_killing_a_replica_under_load_fails_no_request(settings, serve_env, registered_champion, tmp_path):
+    registry, _ = registered_champion
+    env = {**serve_env, "SHOPREC_MLFLOW_MODEL_NAME": registry.name}
+    ports = [localstack.free_port(), localstack.free_port()]
+    lb_port = localstack.free_port()
+    with ExitStack() as stack:
+        replicas = [stack.enter_context(bento_serving(p, env, tmp_path / f"replica{n}.log"))
+                    for n, p in enumerate(ports)]
+        stack.enter_context(nginx_running(lb_port, ports, tmp_path / "nginx"))
+        answers = stack.enter_context(steady_load(f"http://127.0.0.1:{lb_port}"))
+        wait_for(lambda: len(answers) > 40, 30, "traffic through nginx")
+        kill_now(replicas[0])  # no goodbye: connections refused / reset from now on
+        before = len(answers)
+        wait_for(lambda: len(answers) > before + 80, 60, "traffic after the kill")
+        time.sleep(0.5)
+    statuses = [s for _, s, _ in answers]
+    assert statuses.count(200) == len(statuses), {s: statuses.count(s) for s in set(statuses)}

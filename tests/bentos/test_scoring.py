@@ -1,0 +1,40 @@
+"""The scoring core: one batched call gives what per-request calls give; the business rules."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.rules import apply_rules
+from pipelines.serving import score_batch
+from tests.conftest import synthetic_interactions
+
+
+@pytest.fixture(scope="module")
+def bpr():
+    from pipelines.models import get_recommender
+
+    return get_recommender("bpr", dim=16, epochs=5, device="cpu").fit(synthetic_interactions())
+
+
+def test_batched_scoring_equals_one_by_one(bpr):
+    requests = [("u0", []), ("walk-in", ["i3", "i5"]), ("u1", ["i2"]), ("nobody", []), ("other", ["zzz", "i4"])]
+    lists, cold = score_batch(bpr, requests, 7)
+    assert cold == [False, True, False, True, True]
+    for (user, recent), got in zip(requests, lists):
+        want = bpr.recommend_scored([user], 7)[0] if user in bpr.known_users else bpr.recommend_session_scored(recent, 7)
+        assert [i for i, _ in got] == [i for i, _ in want]
+        assert [s for _, s in got] == pytest.approx([s for _, s in want], rel=1e-5, abs=1e-5)
+
+
+def test_rules_drop_stock_and_purchases_cap_categories_and_spread_exploration():
+    scored = [(f"a{n}", 10.0 - n * 0.1) for n in range(8)] + [(f"b{n}", 5.0 - n * 0.1) for n in range(8)]
+    category = {i: i[0] for i, _ in scored}
+    out = apply_rules(scored, 10, out_of_stock={"a0"}, bought={"b0"}, category=category, max_per_category=3)
+    ids = [i for i, _ in out]
+    assert "a0" not in ids and "b0" not in ids
+    assert ids[:6] == ["a1", "a2", "a3", "b1", "b2", "b3"]  # three of each category, best first
+    assert ids[6:] == ["a4", "a5", "a6", "a7"]  # the deferred ones fill up the list, in their order
+    explored = apply_rules(scored, 20, category=category, max_per_category=20, new_items=["n1", "n2", "n3", "n4"],
+                           explore_share=0.2)
+    assert [n for n, (i, _) in enumerate(explored) if i.startswith("n")] == [4, 9, 14, 19]
+    assert explored[4][1] < explored[3][1]

@@ -1,0 +1,196 @@
+"""The item-to-item, two-tower and ``shoprec`` hybrid models: the shared contract plus what users notice.
+
+The two taste groups of ``two_groups()`` (A-items and B-items) make the right answers obvious:
+A-people get A-items, a click on a B-item pulls a list towards B-items, and a new product that
+looks like the A-items (same category, brand, price band, title words) ranks first for an A-person.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from pipelines.models import get_recommender, load_recommender
+from pipelines.models.content import ContentFeatures
+from pipelines.models.hybrid import ShopRec
+from pipelines.models.itemitem import ItemItem
+from pipelines.models.twotower import TwoTower
+from pipelines.schemas import COL_ITEM, COL_USER
+from tests.models.test_models import RecommenderContract, frame, two_groups
+
+FAST_EMBED = {"dim": 16, "epochs": 80, "lr": 0.05, "device": "cpu"}
+
+
+def catalog(extra_new: bool = True) -> pd.DataFrame:
+    """Content for the A/B items: A-items are cheap red Acme shoes, B-items pricey blue Zeta lamps."""
+    rows = []
+    for g, (cat, brand, price, word) in {"A": ("shoes", "Acme", 20.0, "red runner"),
+                                         "B": ("lamps", "Zeta", 300.0, "blue desk")}.items():
+        for i in range(6):
+            rows.append({"item_id": f"{g}{i}", "title": f"{brand} {word} {i}", "category": cat, "brand": brand,
+                         "price": price + i, "created_at": 0, "in_stock": True})
+        if extra_new:  # never clicked yet
+            rows.append({"item_id": f"NEW{g}", "title": f"{brand} {word} new", "category": cat, "brand": brand,
+                         "price": price + 2.5, "created_at": 1, "in_stock": True})
+    return pd.DataFrame(rows)
+
+
+def same(rows: list, expected: list) -> None:
+    """Equal lists, scores up to float rounding (one matmul over a batch may round differently)."""
+    assert [[i for i, _ in r] for r in rows] == [[i for i, _ in r] for r in expected]
+    assert np.allclose([s for r in rows for _, s in r], [s for r in expected for _, s in r], rtol=1e-5, atol=1e-6)
+
+
+class TestItemItemEASE(RecommenderContract):
+    probe_user = "a0"
+    probe_expected = {"A3", "A4", "A5"}
+
+    def make(self, **params) -> ItemItem:
+        return get_recommender("itemitem", **{"l2": 1.0, "device": "cpu", **params})
+
+    def data(self) -> pd.DataFrame:
+        return two_groups()
+
+    def test_similar_items_stay_in_the_group(self, fitted):
+        assert set(fitted.similar_items("A0", 3)) <= {f"A{i}" for i in range(6)}
+
+
+class TestItemItemCoVisitation(TestItemItemEASE):
+    """The path for catalogs too big for EASE: sparse co-visitation, a top-N neighbour table."""
+
+    def make(self, **params) -> ItemItem:
+        return get_recommender("itemitem", **{"dense_max_items": 0, "device": "cpu", **params})
+
+    def test_neighbour_table_is_top_n(self):
+        model = self.make(neighbours=4).fit(self.data())
+        assert tuple(model.nb_index.shape) == (12, 4)
+        assert model.table_bytes() == 12 * 4 * (4 + 4)
+        assert set(model.similar_items("B1", 4)) <= {f"B{i}" for i in range(6)}
+
+
+class TestTwoTower(RecommenderContract):
+    probe_user = "a0"
+    probe_expected = {"A3", "A4", "A5"}
+
+    def make(self, **params) -> TwoTower:
+        return get_recommender("twotower", **{**FAST_EMBED, **params})
+
+    def data(self) -> pd.DataFrame:
+        return two_groups()
+
+    def test_new_product_gets_a_content_embedding(self):
+        model = self.make().fit(self.data(), catalog())
+        assert set(model.new_item_ids) == {"NEWA", "NEWB"}
+        code = model.item_ids.index("NEWA")
+        assert torch.linalg.norm(model.item_emb[code]) > 0
+        # the new A-like product is recommended to an A-person before the new B-like one
+        ranked = [i for i in model.recommend(["a1"], len(model.item_ids))[0] if i.startswith("NEW")]
+        assert ranked == ["NEWA", "NEWB"]
+
+    def test_content_embedding_of_a_product_added_after_training(self):
+        model = self.make().fit(self.data(), catalog())
+        later = catalog().iloc[[0]].assign(item_id="LATER", title="Acme red runner later")
+        vec = model.content_embedding(later)
+        assert vec.shape == (1, 16) and torch.linalg.norm(vec) > 0
+
+
+class TestShopRec(RecommenderContract):
+    probe_user = "a0"
+    probe_expected = {"A3", "A4", "A5"}
+
+    def make(self, **params) -> ShopRec:
+        return get_recommender("shoprec", **{**FAST_EMBED, "l2": 1.0, "half_life_days": None, **params})
+
+    def data(self) -> pd.DataFrame:
+        return two_groups()
+
+    def test_is_the_production_default_and_takes_the_training_config(self):
+        from pipelines.settings import TrainConfig
+
+        params = TrainConfig().model_dump(exclude={"holdout_per_user", "k", "min_improvement", "model"})
+        model = get_recommender("shoprec", **params)
+        assert {k: model.params()[k] for k in params} == params
+
+    def test_one_new_click_changes_the_next_list(self, fitted):
+        n = len(fitted.item_ids)
+        before = [i for i, _ in fitted.recommend_batch([("a0", [])], n)[0]]
+        after = [i for i, _ in fitted.recommend_batch([("a0", ["B0"])], n)[0]]
+        assert before[:3] == sorted(before[:3]) or set(before[:3]) == {"A3", "A4", "A5"}
+        assert "B0" not in after  # the clicked item is not offered again
+        # B-items (the clicked one's neighbours) move up the list, without retraining
+        assert after.index("B1") < before.index("B1") and after.index("B2") < before.index("B2")
+
+    def test_session_changes_the_session_list(self, fitted):
+        a = fitted.recommend_session(["A0"], 3)
+        b = fitted.recommend_session(["B0"], 3)
+        assert all(i.startswith("A") for i in a) and all(i.startswith("B") for i in b)
+
+    def test_batch_equals_one_request_at_a_time(self, fitted):
+        requests = [("a0", []), ("b1", ["A2"]), ("nobody", ["B3", "B1"]), ("nobody", []), ("a2", ["nope"])]
+        batch = fitted.recommend_batch(requests, 4)
+        same(batch, [fitted.recommend_batch([r], 4)[0] for r in requests])
+        same(batch[:1], fitted.recommend_scored(["a0"], 4))
+        same(batch[2:3], [fitted.recommend_session_scored(["B3", "B1"], 4)])
+        for (_, session), row in zip(requests, batch):
+            assert len(row) == 4 and not set(session) & {i for i, _ in row}
+
+    def test_new_user_without_history_gets_trending(self):
+        df = frame([("u1", "old"), ("u2", "old"), ("u3", "old"), ("u4", "new"), ("u5", "new")])
+        df.loc[df[COL_ITEM] == "old", "ts"] -= 30 * 86_400_000
+        model = self.make(half_life_days=1.0, epochs=2).fit(df)
+        assert model.recommend_batch([("stranger", [])], 2)[0][0][0] == "new"
+        assert model.recommend_session([], 2) == ["new", "old"]
+
+    def test_new_products_are_scored_from_content(self):
+        model = self.make().fit(self.data(), catalog())
+        assert set(model.new_item_ids) == {"NEWA", "NEWB"}
+        ranked = model.rank_new_items("a1", [], 2)
+        assert [i for i, _ in ranked] == ["NEWA", "NEWB"] and all(s != 0.0 for _, s in ranked)
+        # a session of B-clicks turns it round for someone the model has never seen
+        assert model.rank_new_items(None, ["B1", "B2"], 2)[0][0] == "NEWB"
+        # products added after training, described by catalog rows
+        later = catalog(extra_new=False).iloc[[1, 8]].assign(item_id=["LATER_A", "LATER_B"])
+        assert model.rank_new_items("b2", [], 1, catalog=later)[0][0] == "LATER_B"
+
+    def test_save_load_keeps_content_and_trending(self, tmp_path):
+        model = self.make().fit(self.data(), catalog())
+        model.save(tmp_path / "m")
+        loaded = load_recommender(tmp_path / "m")
+        assert loaded.rank_new_items("a1", [], 2) == model.rank_new_items("a1", [], 2)
+        assert loaded.recommend_batch([("a0", ["B1"])], 5) == model.recommend_batch([("a0", ["B1"])], 5)
+
+
+def test_content_features_tokens():
+    feats = ContentFeatures(n_bands=2, min_count=1).fit(catalog())
+    assert {"category=shoes", "brand=Zeta", "title:runner"} <= set(feats.vocab)
+    assert any(t.startswith("price#") for t in feats.vocab)
+    tokens, offsets = feats.transform(catalog().iloc[:2])
+    assert len(offsets) == 2 and len(tokens) > 0
+    # a row with no known token gives an empty bag, not an error
+    tokens, offsets = feats.transform(pd.DataFrame({"item_id": ["x"], "title": ["zzz"]}))
+    assert len(tokens) == 0 and list(offsets) == [0]
+
+
+def test_fit_is_deterministic_for_a_seed(synthetic_interactions_df):
+    a = ShopRec(dim=8, epochs=3, device="cpu").fit(synthetic_interactions_df)
+    b = ShopRec(dim=8, epochs=3, device="cpu").fit(synthetic_interactions_df)
+    users = sorted(a.known_users)[:10]
+    assert a.recommend_scored(users, 5) == b.recommend_scored(users, 5)
+    assert np.array_equal(a.embed.item_emb.numpy(), b.embed.item_emb.numpy())
+
+
+@pytest.fixture()
+def synthetic_interactions_df():
+    from tests.conftest import synthetic_interactions
+
+    return synthetic_interactions()
+
+
+def test_taste_groups_are_found_in_the_synthetic_data(synthetic_interactions_df):
+    model = ShopRec(dim=16, epochs=20, device="cpu").fit(synthetic_interactions_df)
+    users = sorted(set(synthetic_interactions_df[COL_USER]))
+    for user, recs in zip(users, model.recommend(users, 5)):
+        group = int(user[1:]) % 2
+        assert all(int(i[1:]) % 2 == group for i in recs)

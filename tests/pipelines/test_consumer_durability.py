@@ -1,0 +1,79 @@
+"""Crash safety and consumer groups, with ``shoprec consume`` as real child processes."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from pipelines import kafka_io
+from pipelines.state import OnlineState
+from tests.pipelines.conftest import dumps, lake_counts, produce, start_consumer, tagged_events, wait_until
+
+pytestmark = pytest.mark.slow
+
+
+def _stop(proc, sig=signal.SIGTERM, timeout=30):
+    proc.send_signal(sig)
+    return proc.wait(timeout=timeout)
+
+
+def test_sigkill_at_every_point_leaves_every_event_exactly_once(settings, redis_client, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOPREC_CONSUMER_MAX_RECORDS", "150")  # many small batches, so every crash is mid-stream
+    kafka_io.ensure_topics(settings)
+    events = tagged_events(1500)
+    resent = events[:40]  # a client retry: the same events sent twice must be stored once
+    produce(settings, events, raw=[(e["user_id"], dumps(e)) for e in resent])
+    log = tmp_path / "consumer.log"
+
+    # the consumer kills itself at each named point of a batch, a few batches in
+    for point in ("after_lake_write:2", "before_commit:3", "after_dlq:2", "after_redis:1", "after_lake_write:1"):
+        proc = start_consumer(log, SHOPREC_CRASH_AT=point)
+        assert proc.wait(timeout=90) == -signal.SIGKILL, f"the consumer did not crash at {point}: see {log}"
+
+    # and once from outside, at a moment of the test's choosing, while new events stream in
+    more = tagged_events(600)
+    proc = start_consumer(log)
+    state = OnlineState(redis_client)
+    produce(settings, more)
+    wait_until(lambda: int(state.consumer_status().get("consumed", 0)) > 0, timeout=60, what="the consumer to commit")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+    proc = start_consumer(log, "--idle-exit-s", "4")
+    assert proc.wait(timeout=120) == 0, f"see {log}"
+
+    counts = lake_counts(settings, [e["event_id"] for e in events + more])
+    missing = len(events) + len(more) - len(counts)
+    doubled = {e: n for e, n in counts.items() if n > 1}
+    assert missing == 0 and not doubled, f"{missing} events missing, {len(doubled)} doubled; see {log}"
+    assert state.dlq_reasons().get("duplicate", 0) >= len(resent)
+    assert "removed" in log.read_text()  # some restart did find uncommitted files to drop
+
+
+def test_two_consumers_share_partitions_and_one_stopping_loses_nothing(settings, redis_client, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOPREC_CONSUMER_MAX_RECORDS", "200")
+    kafka_io.ensure_topics(settings)
+    first = tagged_events(1500)
+    produce(settings, first)
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = start_consumer(log_a)
+    b = start_consumer(log_b)
+    try:
+        # both members get a share: each writes lake files of its own partitions
+        def both_working():
+            names = {p.name.rsplit("-", 1)[-1] for p in settings.lake_dir.glob("date=*/hour=*/shop.events-*.parquet")}
+            return len(names) >= 2
+        wait_until(both_working, timeout=60, what="both group members to write lake files")
+        assert _stop(a) == 0  # graceful stop mid-stream: b takes over a's partitions
+        second = tagged_events(1500)
+        produce(settings, second)
+        wanted = [e["event_id"] for e in first + second]
+        wait_until(lambda: len(lake_counts(settings, wanted)) == len(wanted), timeout=90,
+                   what="every event in the lake after one member stopped")
+    finally:
+        for p in (a, b):
+            if p.poll() is None:
+                _stop(p)
+    counts = lake_counts(settings, wanted)
+    assert set(counts.values()) == {1}, f"doubled events: see {log_a} and {log_b}"

@@ -1,0 +1,50 @@
+"""Kafka connection and SASL/SSL settings reach every client shoprec creates."""
+
+from __future__ import annotations
+
+from pipelines import kafka_io
+from pipelines.settings import Settings
+
+
+def _client_settings(bootstrap: str, protocol: str) -> Settings:
+    return Settings(kafka_bootstrap=bootstrap, kafka_security_protocol=protocol, kafka_sasl_mechanism="SCRAM-SHA-512",
+                    kafka_sasl_username="alice", kafka_sasl_password="s3cret",
+                    kafka_ssl_cafile="/etc/ssl/certs/ca-certificates.crt")
+
+
+def _assert_passed_through(config: dict, bootstrap: str, protocol: str) -> None:
+    assert config["bootstrap_servers"] == bootstrap.split(",")
+    assert config["security_protocol"] == protocol
+    assert config["sasl_mechanism"] == "SCRAM-SHA-512"
+    assert config["sasl_plain_username"] == "alice"
+    assert config["sasl_plain_password"] == "s3cret"
+    assert config["ssl_cafile"] == "/etc/ssl/certs/ca-certificates.crt"
+
+
+def test_sasl_ssl_settings_reach_producer_and_consumer():
+    s = _client_settings("10.0.0.1:9093,10.0.0.2:9093", "SASL_SSL")
+    producer = kafka_io.make_producer(s, api_version=(2, 6))  # a given api_version: no connection at construction
+    consumer = kafka_io.make_consumer(s, api_version=(2, 6))
+    try:
+        _assert_passed_through(producer.config, "10.0.0.1:9093,10.0.0.2:9093", "SASL_SSL")
+        _assert_passed_through(consumer.config, "10.0.0.1:9093,10.0.0.2:9093", "SASL_SSL")
+    finally:
+        producer.close(timeout=0)
+        consumer.close()
+
+
+def test_settings_reach_the_admin_client_and_all_clients_work_on_the_broker(broker):
+    # the local broker speaks PLAINTEXT only; the SASL fields still travel with every client's config
+    s = _client_settings(broker, "PLAINTEXT")
+    admin = kafka_io.make_admin(s)
+    try:
+        _assert_passed_through(admin.config, broker, "PLAINTEXT")
+    finally:
+        admin.close()
+    kafka_io.ensure_topics(s)  # the admin built from these settings really talks to the broker
+    consumer = kafka_io.make_consumer(s, group="kwargs-check")
+    try:
+        _assert_passed_through(consumer.config, broker, "PLAINTEXT")
+        assert consumer.partitions_for_topic("shop.events")
+    finally:
+        consumer.close()
