@@ -128,6 +128,14 @@ def _register_benchmarks() -> None:
     bench_app.command("ingest")(ingest.command)
     bench_app.command("serve")(serve.command)
 
+    @bench_app.command("dashboard", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+    def bench_dashboard(ctx: typer.Context) -> None:
+        """Dashboard page load times on a week of simulated traffic (options: `python -m dashboard.bench --help`)."""
+        import subprocess
+        import sys
+
+        raise typer.Exit(subprocess.run([sys.executable, "-m", "dashboard.bench", *ctx.args]).returncode)
+
     @bench_app.command("all")
     def bench_all() -> None:
         """Run every benchmark with its defaults (what `make bench` runs)."""

@@ -13,11 +13,13 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from pipelines.schemas import REGISTERED_MODEL
+
 
 class TrainConfig(BaseModel):
     """Hyperparameters of a training run; logged to MLflow with every run."""
 
-    model: str = "bpr"
+    model: str = Field("shoprec", description="recommender name (pipelines.models.get_recommender)")
     dim: int = Field(64, ge=4, le=1024, description="embedding size")
     epochs: int = Field(15, ge=1, le=500)
     lr: float = Field(0.01, gt=0)
@@ -121,7 +123,7 @@ class Settings(BaseSettings):
                                    "`limits` notation (e.g. '100/second;3000/minute'); shared through Redis")
 
     # serving (bentos/): adaptive batching, deadlines, cache, business rules, A/B experiment file
-    mlflow_model_name: str = Field("shoprec-recommender", description="registered model the service serves "
+    mlflow_model_name: str = Field(REGISTERED_MODEL, description="registered model the service serves "
                                                                       "(schemas.REGISTERED_MODEL; tests override it)")
     serve_max_batch_size: int = Field(64, ge=1, description="adaptive batching: most requests scored in one call")
     serve_max_latency_ms: int = Field(20, ge=1, description="adaptive batching: latency budget of one batch")
