@@ -73,6 +73,7 @@ class ShopRec(ScoringRecommender):
         self.embed.fit(interactions, items)
         t2 = time.perf_counter()
         self.fit_seconds = {"itemitem": t1 - t0, "embed": t2 - t1}
+        self.history = {f"embed_{k}": v for k, v in self.embed.history.items()}
         if self.itemitem.item_ids != self._item_ids or self.embed.item_ids != self._item_ids:
             raise RuntimeError("the parts of the hybrid indexed items differently")
         w = interaction_weights(interactions, self.half_life_days)

@@ -118,6 +118,7 @@ class TwoTower(ScoringRecommender):
             return vec
 
         torch.manual_seed(self.seed)
+        self.history = {"train_loss": []}  # per epoch; training logs it to MLflow as a metric per step
         for epoch in range(1, self.epochs + 1):
             order = rng.permutation(n_users)
             total = 0.0
@@ -150,6 +151,7 @@ class TwoTower(ScoringRecommender):
                 loss.backward()
                 opt.step()
                 total += float(loss.detach()) * len(ub)
+            self.history["train_loss"].append(total / n_users)
             log.info("twotower epoch %d/%d: loss %.4f, %.1fs", epoch, self.epochs, total / n_users,
                      time.perf_counter() - t0)
 

@@ -44,12 +44,15 @@ def test_training_registers_a_champion_with_tags_and_a_worse_model_gets_no_alias
     assert meta["holdout"].startswith("last 1h") and meta["ndcg@10"] > 0.2
     tags = registry.client.get_model_version(registry.name, version).tags
     assert tags["gate_decision"] == ALIAS_CHAMPION and tags["gx_success"] == "true"
-    assert tags["dagster_run_id"] == first.run_id and tags["model_family"] == "bpr"
+    assert tags["dagster_run_id"] == first.run_id and tags["model_family"] == s.train.model == "shoprec"
     assert tags["gx_partitions_used"] == "5"
     assert pd.Timestamp(tags["data_window_start"]) >= pd.Timestamp(hours[0])
     assert pd.Timestamp(tags["data_window_end"]) < pd.Timestamp(hours[-1]) + pd.Timedelta(hours=1)
     run = registry.client.get_run(meta["mlflow_run_id"])
-    assert run.data.params["epochs"] == "30" and run.data.params["model"] == "bpr"
+    assert run.data.params["epochs"] == "30" and run.data.params["model"] == "shoprec"
+    # the embedding part's training loss, one value per epoch, falling
+    losses = [m.value for m in registry.client.get_metric_history(meta["mlflow_run_id"], "embed_train_loss")]
+    assert len(losses) == 30 and losses[-1] < losses[0]
 
     # every partition was validated once and has its quality report for the dashboard
     for hour in hours:
