@@ -100,6 +100,23 @@ class Recommender(abc.ABC):
     def _load(cls, path: Path, params: dict) -> Recommender: ...
 
 
+class IndexedRecommender(Recommender, abc.ABC):
+    """A recommender that keeps ``_user_index`` (user id -> row) and ``_item_ids`` (row -> item id)."""
+
+    _user_index: dict[str, int]
+    _item_ids: list[str]
+
+    @property
+    def known_users(self):
+        """Users seen in training (a set-like view)."""
+        return self._user_index.keys()
+
+    @property
+    def item_ids(self) -> list[str]:
+        """Item ids in index order (the rows of the model's item tables)."""
+        return self._item_ids
+
+
 def load_recommender(path: str | Path) -> Recommender:
     """Load any recommender written by :meth:`Recommender.save`."""
     from pipelines.models import REGISTRY

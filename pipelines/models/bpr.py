@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.models import register
-from pipelines.models.base import Recommender, Scored
+from pipelines.models.base import IndexedRecommender, Scored
 from pipelines.models.popularity import encode, interaction_weights, item_popularity
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def _csr_rows(indptr: np.ndarray, indices: np.ndarray, rows: np.ndarray) -> tupl
 
 
 @register
-class BPR(Recommender):
+class BPR(IndexedRecommender):
     """Matrix factorisation with an item bias, trained with BPR in torch.
 
     Args:
@@ -304,16 +304,6 @@ class BPR(Recommender):
         return [self._item_ids[i] for i in torch.topk(sims, kk).indices.tolist()]
 
     # --- introspection -----------------------------------------------------------
-    @property
-    def known_users(self):
-        """Users seen in training (a set-like view)."""
-        return self._user_index.keys()
-
-    @property
-    def item_ids(self) -> list[str]:
-        """Item ids in index order (the order of the rows of :attr:`item_emb`)."""
-        return self._item_ids
-
     def params(self) -> dict:
         return {"dim": self.dim, "epochs": self.epochs, "lr": self.lr, "weight_decay": self.weight_decay,
                 "batch_size": self.batch_size, "seed": self.seed, "device": self.device}

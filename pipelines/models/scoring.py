@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines.models.base import Recommender, Scored
+from pipelines.models.base import IndexedRecommender, Scored
 from pipelines.models.bpr import _resolve_device
 from pipelines.models.popularity import encode, interaction_weights, item_popularity, seen_csr
 from pipelines.schemas import COL_ITEM
@@ -49,7 +49,7 @@ class Profiles:
         return x
 
 
-class ScoringRecommender(Recommender, abc.ABC):
+class ScoringRecommender(IndexedRecommender, abc.ABC):
     """A recommender defined by a ``[B, n_items]`` score function over weighted item profiles.
 
     Args:
@@ -209,16 +209,6 @@ class ScoringRecommender(Recommender, abc.ABC):
         return [self._item_ids[i] for i in torch.topk(sims, min(k, len(self._item_ids) - 1)).indices.tolist()]
 
     # --- introspection -----------------------------------------------------------
-    @property
-    def known_users(self):
-        """Users seen in training (a set-like view)."""
-        return self._user_index.keys()
-
-    @property
-    def item_ids(self) -> list[str]:
-        """Item ids in index order; items only in the catalog (no interaction yet) come last."""
-        return self._item_ids
-
     @property
     def new_item_ids(self) -> list[str]:
         """Catalog items that had no interaction in the training data (scored from content only)."""
