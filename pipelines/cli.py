@@ -122,11 +122,12 @@ def stack_status() -> None:
 
 
 def _register_benchmarks() -> None:
-    from pipelines.bench import ingest, quality, serve
+    from pipelines.bench import gpu, ingest, quality, serve
 
     bench_app.command("quality")(quality.command)
     bench_app.command("ingest")(ingest.command)
     bench_app.command("serve")(serve.command)
+    bench_app.command("gpu")(gpu.command)
 
     @bench_app.command("dashboard", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def bench_dashboard(ctx: typer.Context) -> None:

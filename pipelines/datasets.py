@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipelines.schemas import COL_ITEM, COL_TS, COL_USER, COL_WEIGHT
+from pipelines.columns import COL_ITEM, COL_TS, COL_USER, COL_WEIGHT
 
 ML100K = "ml-100k"
 

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines.models.base import Recommender
-from pipelines.schemas import COL_ITEM, COL_TS, COL_USER
+from pipelines.columns import COL_ITEM, COL_TS, COL_USER
 
 Ranked = Sequence[Sequence[str]]
 Relevant = Sequence[set[str]]

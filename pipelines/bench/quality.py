@@ -28,7 +28,7 @@ import pandas as pd
 import typer
 
 from pipelines import metrics
-from pipelines.schemas import COL_ITEM, COL_USER
+from pipelines.columns import COL_ITEM, COL_USER
 
 log = logging.getLogger(__name__)
 
@@ -260,20 +260,27 @@ def cold_start_ml100k(inter: pd.DataFrame, items: pd.DataFrame, params: dict) ->
     return out
 
 
-def run_synthetic(n_events: int = 1_000_000, n_items: int = 50_000, n_users: int = 100_000,
-                  epochs: int = 3) -> dict:
-    """Scale: fit the hybrid on simulator events over a big catalog; time it and weigh its item table."""
+def synthetic_interactions(n_events: int = 1_000_000, n_items: int = 50_000, n_users: int = 100_000
+                           ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Interactions (weighted by event type) and catalog of a simulated shop, for the scale runs."""
     from pipelines import simulator
-    from pipelines.models.hybrid import ShopRec
-    from pipelines.schemas import COL_TS, COL_WEIGHT
+    from pipelines.columns import COL_TS, COL_WEIGHT
 
-    t0 = time.perf_counter()
     catalog = simulator.make_catalog(n_items, seed=0)
     sim = simulator.ShopSimulator(catalog, n_users=n_users, seed=0, new_item_rate=0)
     weights = {"view": 1.0, "add_to_cart": 3.0, "purchase": 5.0}
     rows = [(e["user_id"], e["item_id"], e["ts"], weights.get(e["event_type"], 1.0))
             for e in sim.events(n_events) if e.get("item_id")]
-    inter = pd.DataFrame(rows, columns=[COL_USER, COL_ITEM, COL_TS, COL_WEIGHT])
+    return pd.DataFrame(rows, columns=[COL_USER, COL_ITEM, COL_TS, COL_WEIGHT]), catalog
+
+
+def run_synthetic(n_events: int = 1_000_000, n_items: int = 50_000, n_users: int = 100_000,
+                  epochs: int = 3) -> dict:
+    """Scale: fit the hybrid on simulator events over a big catalog; time it and weigh its item table."""
+    from pipelines.models.hybrid import ShopRec
+
+    t0 = time.perf_counter()
+    inter, catalog = synthetic_interactions(n_events, n_items, n_users)
     gen_s = time.perf_counter() - t0
     log.info("synthetic: %d interactions, %d users, %d items in %.0fs", len(inter), inter[COL_USER].nunique(),
              inter[COL_ITEM].nunique(), gen_s)

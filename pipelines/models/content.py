@@ -15,7 +15,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from pipelines.schemas import COL_ITEM
+from pipelines.columns import COL_ITEM
 
 #: columns split into words (others that hold strings are one token per value)
 TEXT_COLUMNS = frozenset({"title", "movie_title", "genres", "class", "description", "tags"})

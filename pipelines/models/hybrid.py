@@ -27,6 +27,7 @@ from pipelines.models.itemitem import ItemItem
 from pipelines.models.popularity import interaction_weights, item_popularity
 from pipelines.models.scoring import Profiles, ScoringRecommender, zscore_rows
 from pipelines.models.twotower import TwoTower
+from pipelines.columns import COL_ITEM
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,25 @@ class ShopRec(ScoringRecommender):
         self.trending = item_popularity(icodes, w, len(self._item_ids))
         log.info("shoprec fitted in %.1fs (item-item %.1fs, embeddings %.1fs)", t2 - t0, t1 - t0, t2 - t1)
         return self
+
+    def refresh(self, interactions: pd.DataFrame) -> dict[str, float]:
+        """The hourly incremental refresh: new item-to-item neighbours and trending, same embeddings.
+
+        ``interactions`` is the recent window (the same columns as :meth:`fit`). The item index,
+        the embeddings and the known users stay as trained, so the refreshed model is a drop-in
+        replacement for the one it came from; rows of products the model has never seen are
+        dropped (a full retrain picks them up).
+
+        Returns:
+            ``{"rows", "dropped_rows", "seconds"}``.
+        """
+        t0 = time.perf_counter()
+        rows = self.itemitem.refit(interactions)
+        codes = interactions[COL_ITEM].astype(str).map(self._item_index)
+        known = codes.notna().to_numpy()
+        w = interaction_weights(interactions[known], self.half_life_days)
+        self.trending = item_popularity(codes[known].to_numpy(dtype="int64"), w, len(self._item_ids))
+        return {"rows": rows, "dropped_rows": int(len(interactions) - rows), "seconds": time.perf_counter() - t0}
 
     def part_scores(self, profiles: Profiles) -> dict[str, torch.Tensor]:
         """The standardised score matrices ``[B, n_items]`` of each part (for tuning the blend)."""

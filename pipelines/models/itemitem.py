@@ -25,6 +25,7 @@ import torch
 
 from pipelines.models import register
 from pipelines.models.scoring import Profiles, ScoringRecommender
+from pipelines.columns import COL_ITEM, COL_USER
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,40 @@ class ItemItem(ScoringRecommender):
                  time.perf_counter() - t0)
         return self
 
+    def refit(self, interactions: pd.DataFrame) -> int:
+        """Recompute the neighbour table from ``interactions`` on the item index the model already has.
+
+        The incremental refresh: fresher neighbours for the same items, so the other parts of a
+        hybrid (and the serving item table) stay aligned. Rows of items the model does not know
+        are dropped (they wait for the next full retrain); users are indexed locally.
+
+        Returns:
+            The number of interaction rows used.
+
+        Raises:
+            ValueError: when no row names a known item (the model is left unchanged).
+        """
+        if not self._item_ids:
+            raise ValueError("refit needs a fitted model: fit() it first")
+        codes = interactions[COL_ITEM].astype(str).map(self._item_index)
+        known = codes.notna().to_numpy()
+        if not known.any():
+            raise ValueError("none of the interactions names an item this model knows: run a full retrain")
+        t0 = time.perf_counter()
+        icodes = codes[known].to_numpy(dtype="int64")
+        ucodes = pd.factorize(interactions.loc[known, COL_USER].astype(str))[0].astype("int64")
+        n_items = len(self._item_ids)
+        pairs = np.unique(ucodes * n_items + icodes)
+        u, i = pairs // n_items, pairs % n_items
+        n_users = int(ucodes.max()) + 1
+        if n_items <= self.dense_max_items:
+            self._fit_ease(u, i, n_users, n_items)
+        else:
+            self._fit_covisit(u, i, n_users, n_items)
+        self._dense = None
+        log.info("itemitem refreshed from %d rows in %.1fs", int(known.sum()), time.perf_counter() - t0)
+        return int(known.sum())
+
     def _keep_top(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n = min(self.neighbours, max(weights.shape[1] - 1, 1))
         w, idx = torch.topk(weights, n, dim=1)
@@ -92,10 +127,12 @@ class ItemItem(ScoringRecommender):
     def _fit_covisit(self, u: np.ndarray, i: np.ndarray, n_users: int, n_items: int, chunk: int = 1024) -> None:
         ones = torch.ones(len(u))
         xt = torch.sparse_coo_tensor(torch.from_numpy(np.stack([i, u])), ones, (n_items, n_users),
-                                     check_invariants=False).coalesce()
+                                     check_invariants=True).coalesce()
         x = xt.t().coalesce()
         row_start = np.searchsorted(xt.indices()[0].numpy(), np.arange(n_items + 1))
-        counts = torch.from_numpy(np.bincount(i, minlength=n_items).astype("float32"))
+        dev = self._device  # the sparse products run on the GPU when there is one
+        xt, x = xt.to(dev), x.to(dev)
+        counts = torch.from_numpy(np.bincount(i, minlength=n_items).astype("float32")).to(dev)
         inv_a = counts.clamp_min(1).pow(-self.alpha)
         inv_b = counts.clamp_min(1).pow(-(1 - self.alpha))
         idx_out, w_out = [], []
@@ -103,12 +140,12 @@ class ItemItem(ScoringRecommender):
             stop = min(start + chunk, n_items)
             block = torch.sparse.mm(_coo_rows(xt, row_start, start, stop), x).to_dense()  # [chunk, n_items]
             block = block * inv_a[start:stop, None] * inv_b[None, :]
-            block[torch.arange(stop - start), torch.arange(start, stop)] = 0.0
+            block[torch.arange(stop - start, device=dev), torch.arange(start, stop, device=dev)] = 0.0
             idx, w = self._keep_top(block)
             idx_out.append(idx)
             w_out.append(w)
-        self.nb_index = torch.cat(idx_out).to(self._device)
-        self.nb_weight = torch.cat(w_out).to(self._device)
+        self.nb_index = torch.cat(idx_out)
+        self.nb_weight = torch.cat(w_out)
 
     def _dense_weights(self) -> torch.Tensor:
         if self._dense is None:

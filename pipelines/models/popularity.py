@@ -19,7 +19,7 @@ import pandas as pd
 
 from pipelines.models import register
 from pipelines.models.base import Recommender, Scored
-from pipelines.schemas import COL_ITEM, COL_TS, COL_USER, COL_WEIGHT
+from pipelines.columns import COL_ITEM, COL_TS, COL_USER, COL_WEIGHT
 
 _MS_PER_DAY = 86_400_000
 

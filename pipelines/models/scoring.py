@@ -22,7 +22,7 @@ import torch
 from pipelines.models.base import IndexedRecommender, Scored
 from pipelines.models.bpr import _resolve_device
 from pipelines.models.popularity import encode, interaction_weights, item_popularity, seen_csr
-from pipelines.schemas import COL_ITEM
+from pipelines.columns import COL_ITEM
 
 #: weight of the session item at position ``n`` (0 = newest): ``SESSION_DECAY ** n``
 SESSION_DECAY = 0.8

@@ -31,7 +31,7 @@ from torch import nn
 from pipelines.models import register
 from pipelines.models.content import ContentFeatures
 from pipelines.models.scoring import Profiles, ScoringRecommender
-from pipelines.schemas import COL_ITEM
+from pipelines.columns import COL_ITEM
 
 log = logging.getLogger(__name__)
 
@@ -150,9 +150,10 @@ class TwoTower(ScoringRecommender):
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
-                total += float(loss.detach()) * len(ub)
-            self.history["train_loss"].append(total / n_users)
-            log.info("twotower epoch %d/%d: loss %.4f, %.1fs", epoch, self.epochs, total / n_users,
+                total = total + loss.detach() * len(ub)  # a tensor: no GPU sync per step
+            epoch_loss = float(total) / n_users
+            self.history["train_loss"].append(epoch_loss)
+            log.info("twotower epoch %d/%d: loss %.4f, %.1fs", epoch, self.epochs, epoch_loss,
                      time.perf_counter() - t0)
 
         with torch.no_grad():
