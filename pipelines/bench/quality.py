@@ -167,9 +167,10 @@ def run_ml100k(sample_users: int | None = None, quick: bool = False) -> dict:
     p, m, s = _tune("bpr", bpr_grid, lambda q: ImplicitRanker("bpr", **q).fit(train), lambda x: x.rank, valid)
     record("implicit_bpr", p, m, s, m.rank)
 
-    # item-to-item (EASE)
-    ii_grid = [{"l2": 300.0, "neighbours": 200}] if quick else [
-        {"l2": l2, "neighbours": 2000} for l2 in (100.0, 200.0, 300.0, 500.0, 800.0)]
+    # item-to-item (EASE; content_weight > 0 adds the catalog's content as pseudo-users)
+    ii_grid = [{"l2": 300.0, "neighbours": 200, "content_weight": 3.0}] if quick else [
+        {"l2": l2, "neighbours": 2000, "content_weight": cw}
+        for l2 in (200.0, 300.0, 500.0, 800.0) for cw in (0.0, 1.0, 2.0, 3.0, 5.0)]
     ii_p, m, s = _tune("itemitem", ii_grid, lambda q: ItemItem(device="cpu", **q).fit(train, items),
                        rec_rank, valid)
     record("itemitem", ii_p, m, s, rec_rank(m))
@@ -187,7 +188,7 @@ def run_ml100k(sample_users: int | None = None, quick: bool = False) -> dict:
     fit_s = time.perf_counter() - t0
     best = None
     weights = [(1.0, 0.5, 0.0)] if quick else [
-        (1.0, we, wp) for we in (0.0, 0.1, 0.2, 0.3, 0.5, 0.75) for wp in (0.0, 0.05, 0.1)]
+        (1.0, we, wp) for we in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5) for wp in (0.0, 0.05, 0.1)]
     for wi, we, wp in weights:
         hybrid.w_itemitem, hybrid.w_embed, hybrid.w_pop = wi, we, wp
         score = evaluate(rec_rank(hybrid), valid, valid.iloc[:0])[0]["ndcg@10"]

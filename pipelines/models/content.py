@@ -93,3 +93,21 @@ class ContentFeatures:
         out = cls(state["n_bands"], state["min_count"])
         out.vocab, out.bands = dict(state["vocab"]), {k: list(v) for k, v in state["bands"].items()}
         return out
+
+
+def catalog_token_bags(items: pd.DataFrame | None, item_ids: list[str]
+                       ) -> tuple[ContentFeatures, np.ndarray, np.ndarray]:
+    """Fit :class:`ContentFeatures` on a catalog and return the token bags in ``item_ids`` order.
+
+    Items missing from the catalog get an empty bag; no catalog gives no tokens at all.
+
+    Returns:
+        ``(features, tokens, offsets)`` as :meth:`ContentFeatures.transform` gives them.
+    """
+    if items is None or not len(items):
+        return ContentFeatures(), np.zeros(0, "int64"), np.zeros(len(item_ids), "int64")
+    catalog = items.assign(**{COL_ITEM: items[COL_ITEM].astype(str)}).drop_duplicates(COL_ITEM, keep="last")
+    catalog = catalog.set_index(COL_ITEM).reindex(item_ids).reset_index()
+    features = ContentFeatures().fit(catalog)
+    tokens, offsets = features.transform(catalog)
+    return features, tokens, offsets

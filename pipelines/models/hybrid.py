@@ -39,7 +39,7 @@ class ShopRec(ScoringRecommender):
     Args:
         dim, epochs, lr, weight_decay, batch_size, seed, device: the embedding part's training
             (the keys of ``TrainConfig``).
-        l2, neighbours, dense_max_items: the item-to-item part (see :class:`ItemItem`).
+        l2, neighbours, dense_max_items, content_weight: the item-to-item part (see :class:`ItemItem`).
         w_itemitem, w_embed, w_pop: blend weights.
         half_life_days: decay of the trending part (``None``: plain popularity).
         session_weight: weight of the newest session item relative to a training item.
@@ -50,14 +50,15 @@ class ShopRec(ScoringRecommender):
 
     def __init__(self, dim: int = 64, epochs: int = 20, lr: float = 0.005, weight_decay: float = 0.0,
                  batch_size: int = 4096, seed: int = 2020, device: str = "auto",
-                 l2: float = 300.0, neighbours: int = 1000, dense_max_items: int = 6000,
+                 l2: float = 300.0, neighbours: int = 1000, dense_max_items: int = 6000, content_weight: float = 3.0,
                  w_itemitem: float = 1.0, w_embed: float = 0.5, w_pop: float = 0.05,
                  half_life_days: float | None = 7.0, session_weight: float = 2.0,
                  temperature: float = 0.2, id_dropout: float = 0.3, user_embedding: bool = False):
         super().__init__(seed=seed, device=device, session_weight=session_weight)
         self.w_itemitem, self.w_embed, self.w_pop = float(w_itemitem), float(w_embed), float(w_pop)
         self.half_life_days = None if half_life_days is None else float(half_life_days)
-        self.itemitem = ItemItem(l2=l2, neighbours=neighbours, dense_max_items=dense_max_items, seed=seed,
+        self.itemitem = ItemItem(l2=l2, neighbours=neighbours, dense_max_items=dense_max_items,
+                                 content_weight=content_weight, seed=seed,
                                  device=device, session_weight=session_weight)
         self.embed = TwoTower(dim=dim, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                               seed=seed, device=device, session_weight=session_weight, temperature=temperature,
@@ -156,6 +157,7 @@ class ShopRec(ScoringRecommender):
         return {"dim": em.dim, "epochs": em.epochs, "lr": em.lr, "weight_decay": em.weight_decay,
                 "batch_size": em.batch_size, "seed": self.seed, "device": self.device, "l2": ii.l2,
                 "neighbours": ii.neighbours, "dense_max_items": ii.dense_max_items,
+                "content_weight": ii.content_weight,
                 "w_itemitem": self.w_itemitem, "w_embed": self.w_embed, "w_pop": self.w_pop,
                 "half_life_days": self.half_life_days, "session_weight": self.session_weight,
                 "temperature": em.temperature, "id_dropout": em.id_dropout,

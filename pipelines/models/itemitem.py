@@ -8,7 +8,12 @@ References:
 Either way the model keeps a sparse top-N neighbour table: ``neighbours[i]`` are the N items
 whose weights ``w[i, j]`` are largest, and a profile ``x`` (weighted items) scores item ``j`` with
 ``sum_i x_i w[i, j]``. With at most ``dense_max_items`` items the weights are EASE's closed form
-``B = I - P / diag(P)``, ``P = (X^T X + l2 I)^-1`` (diagonal zeroed); above that, a dense inverse
+``B = I - P / diag(P)``, ``P = (X^T X + l2 I)^-1`` (diagonal zeroed). With ``content_weight`` > 0
+and a catalog, ``X`` also gets one pseudo-user row per content token (category, brand, price band,
+title word), weighted ``content_weight``: items that share content co-occur, so the weights learn
+content as well as behaviour, and a product nobody has clicked yet still has neighbours (Jeunen et
+al., "Closed-form models for collaborative filtering with side-information", RecSys 2020). Above
+``dense_max_items``, a dense inverse
 is out of reach (50,000 items would need 10 GB), so the weights are co-visitation counts
 ``C = X^T X`` normalised as ``C_ij / (c_i^alpha c_j^(1-alpha))`` and computed in item chunks with
 sparse matrix products, never holding more than one ``[chunk, n_items]`` block.
@@ -24,6 +29,7 @@ import pandas as pd
 import torch
 
 from pipelines.models import register
+from pipelines.models.content import catalog_token_bags
 from pipelines.models.scoring import Profiles, ScoringRecommender
 from pipelines.columns import COL_ITEM, COL_USER
 
@@ -38,6 +44,8 @@ class ItemItem(ScoringRecommender):
 
     Args:
         l2: EASE's L2 regularisation (larger = smoother).
+        content_weight: weight of the content pseudo-users in EASE (0: behaviour only; the
+            co-visitation path of big catalogs ignores it).
         neighbours: N, weights kept per item (the table is ``[n_items, N]``).
         dense_max_items: largest catalog for EASE; larger ones use co-visitation.
         alpha: co-visitation normalisation exponent (0.5 = cosine).
@@ -47,9 +55,12 @@ class ItemItem(ScoringRecommender):
     name = "itemitem"
 
     def __init__(self, l2: float = 300.0, neighbours: int = 1000, dense_max_items: int = 6000, alpha: float = 0.5,
-                 seed: int = 2020, device: str = "auto", session_weight: float = 1.0):
+                 content_weight: float = 0.0, seed: int = 2020, device: str = "auto", session_weight: float = 1.0):
         super().__init__(seed=seed, device=device, session_weight=session_weight)
         self.l2 = float(l2)
+        self.content_weight = float(content_weight)
+        self._tokens = np.zeros(0, "int64")  # content token bags in item index order (EmbeddingBag layout)
+        self._offsets = np.zeros(0, "int64")
         self.neighbours = int(neighbours)
         self.dense_max_items = int(dense_max_items)
         self.alpha = float(alpha)
@@ -62,6 +73,10 @@ class ItemItem(ScoringRecommender):
         t0 = time.perf_counter()
         ucodes, icodes, _ = self._index(interactions, items)
         n_users, n_items = len(self._user_ids), len(self._item_ids)
+        if self.content_weight > 0 and n_items <= self.dense_max_items:
+            _, self._tokens, self._offsets = catalog_token_bags(items, self._item_ids)
+        else:
+            self._tokens, self._offsets = np.zeros(0, "int64"), np.zeros(n_items, "int64")
         pairs = np.unique(ucodes * n_items + icodes)
         u, i = pairs // n_items, pairs % n_items
         if n_items <= self.dense_max_items:
@@ -117,6 +132,11 @@ class ItemItem(ScoringRecommender):
         dev = self._device
         x = torch.zeros(n_users, n_items, device=dev, dtype=torch.float64)
         x[torch.from_numpy(u).to(dev), torch.from_numpy(i).to(dev)] = 1.0
+        if self.content_weight > 0 and len(self._tokens):  # one pseudo-user per content token
+            item_of = np.repeat(np.arange(n_items), np.diff(np.append(self._offsets, len(self._tokens))))
+            f = torch.zeros(int(self._tokens.max()) + 1, n_items, device=dev, dtype=torch.float64)
+            f[torch.from_numpy(self._tokens).to(dev), torch.from_numpy(item_of).to(dev)] = self.content_weight
+            x = torch.cat([x, f])
         g = x.T @ x
         g.diagonal().add_(self.l2)
         p = torch.linalg.inv(g)
@@ -182,13 +202,16 @@ class ItemItem(ScoringRecommender):
 
     def params(self) -> dict:
         return {"l2": self.l2, "neighbours": self.neighbours, "dense_max_items": self.dense_max_items,
-                "alpha": self.alpha, **super().params()}
+                "alpha": self.alpha, "content_weight": self.content_weight, **super().params()}
 
     def _state(self) -> dict:
-        return {"nb_index": self.nb_index, "nb_weight": self.nb_weight}
+        return {"nb_index": self.nb_index, "nb_weight": self.nb_weight,
+                "tokens": torch.from_numpy(self._tokens), "offsets": torch.from_numpy(self._offsets)}
 
     def _restore(self, state: dict) -> None:
         self.nb_index, self.nb_weight = state["nb_index"], state["nb_weight"]
+        if "tokens" in state:  # models saved before content_weight existed have none
+            self._tokens, self._offsets = state["tokens"].cpu().numpy(), state["offsets"].cpu().numpy()
 
 
 def _coo_rows(m: torch.Tensor, row_start: np.ndarray, start: int, stop: int) -> torch.Tensor:

@@ -29,9 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipelines.models import register
-from pipelines.models.content import ContentFeatures
+from pipelines.models.content import ContentFeatures, catalog_token_bags
 from pipelines.models.scoring import Profiles, ScoringRecommender
-from pipelines.columns import COL_ITEM
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +170,8 @@ class TwoTower(ScoringRecommender):
 
     def _catalog_tokens(self, items: pd.DataFrame | None) -> tuple[np.ndarray, np.ndarray]:
         """Token bags in item index order (no catalog: no tokens)."""
-        n_items = len(self._item_ids)
-        if items is None or not len(items):
-            self.content = ContentFeatures()
-            return np.zeros(0, "int64"), np.zeros(n_items, "int64")
-        catalog = items.assign(**{COL_ITEM: items[COL_ITEM].astype(str)}).drop_duplicates(COL_ITEM, keep="last")
-        catalog = catalog.set_index(COL_ITEM).reindex(self._item_ids).reset_index()
-        self.content = ContentFeatures().fit(catalog)
-        return self.content.transform(catalog)
+        self.content, tokens, offsets = catalog_token_bags(items, self._item_ids)
+        return tokens, offsets
 
     def _content_vectors(self, tokens: torch.Tensor, offsets: torch.Tensor, n: int) -> torch.Tensor:
         if not len(tokens) or not len(self._token_emb):

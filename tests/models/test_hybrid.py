@@ -57,6 +57,26 @@ class TestItemItemEASE(RecommenderContract):
         assert set(fitted.similar_items("A0", 3)) <= {f"A{i}" for i in range(6)}
 
 
+def test_content_gives_a_never_clicked_product_neighbours_in_ease():
+    """With content pseudo-users, NEWA (an Acme shoe nobody clicked) sits among the A-items."""
+    model = ItemItem(l2=20.0, content_weight=1.0, device="cpu").fit(two_groups(), catalog())
+    assert set(model.similar_items("NEWA", 4)) <= {f"A{i}" for i in range(6)}
+    score = dict(model.recommend_scored(["a0"], 20)[0])
+    assert score["NEWA"] > score.get("NEWB", float("-inf"))
+    plain = ItemItem(l2=20.0, device="cpu").fit(two_groups(), catalog())
+    assert "NEWA" not in plain.similar_items("A0", 6)  # behaviour alone knows nothing of it
+    again = load_recommender_roundtrip(model)
+    assert again.similar_items("NEWA", 3) == model.similar_items("NEWA", 3)
+
+
+def load_recommender_roundtrip(model, tmp=None):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        model.save(d)
+        return load_recommender(d)
+
+
 class TestItemItemCoVisitation(TestItemItemEASE):
     """The path for catalogs too big for EASE: sparse co-visitation, a top-N neighbour table."""
 

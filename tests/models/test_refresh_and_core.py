@@ -27,7 +27,8 @@ def shifted_window():
 
 @pytest.mark.parametrize("dense_max_items", [6000, 1], ids=["ease", "co-visitation"])
 def test_refresh_follows_the_new_window_and_keeps_the_rest(dense_max_items):
-    model = ShopRec(l2=1.0, dense_max_items=dense_max_items, w_embed=0.0, w_pop=0.0, **FAST_EMBED)
+    model = ShopRec(l2=1.0, dense_max_items=dense_max_items, content_weight=0.0, w_embed=0.0, w_pop=0.0,
+                    **FAST_EMBED)
     model.fit(two_groups(), catalog())
     before = model.recommend(["a0"], 3)[0]
     assert set(before) == {"A3", "A4", "A5"}
