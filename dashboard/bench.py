@@ -5,10 +5,12 @@ Fills a private ``var/`` dir and a private Redis (``redis-server`` on a free por
 (:meth:`ShopSimulator.backfill`), closed-loop sessions with impressions, clicks and purchases
 (champion and challenger both popularity: the load, not the result, matters here), one
 GX report per hourly partition, and every per-minute counter the pages read for every minute of
-the week. Then it renders every page with Streamlit's ``AppTest`` (the same script run a browser
-triggers, minus the websocket; after one untimed render of every page so that one-time module imports
-are not counted): ``cold`` = empty caches (the first visitor after the TTL),
-``warm`` = a reload within the TTL. Target: every page under 2 s.
+the week. Then it builds the dashboard's per-partition lake summaries from scratch
+(:mod:`pipelines.dashboard_agg`, timed: the one-time cost of a dashboard meeting a week-old lake) and renders
+every page with Streamlit's ``AppTest`` (the same script run a browser triggers, minus the websocket; after
+one untimed render of every page so that one-time module imports are not counted): ``cold`` = empty
+Streamlit caches (the first visitor after the TTL), ``warm`` = a reload within the TTL. Target: every page
+under 2 s. ``--workdir`` keeps the generated data; a lake already there is reused (making it takes ~20 min).
 """
 
 from __future__ import annotations
@@ -127,6 +129,15 @@ def fill_lake(settings, *, days: float, rate_eps: float, sessions_per_day: int, 
 
 
 def time_pages(repeats: int) -> dict:
+    """Median cold and warm render time of every page.
+
+    Each timed render runs in an ``AppTest`` session that has already rendered the default page once
+    (untimed): its first run scans installed packages for components, which a real server does once at
+    start-up, not per page load. Then every cache is emptied (settings, ``st.cache_data``,
+    ``st.cache_resource``: the first visitor after the TTL) and the page is rendered twice: ``cold``, then
+    ``warm`` (a reload within the TTL). The lake summaries on disk (:mod:`pipelines.dashboard_agg`) are kept:
+    they are the lake's precomputed form, built once per partition (timed separately).
+    """
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
@@ -140,18 +151,13 @@ def time_pages(repeats: int) -> dict:
     for page in PAGES:
         cold, warm = [], []
         for _ in range(repeats):
+            at = AppTest.from_file(APP, default_timeout=120).run()
             get_settings.cache_clear()
             st.cache_data.clear()
             st.cache_resource.clear()
             for bucket in (cold, warm):
-                at = AppTest.from_file(APP, default_timeout=120)
-                if page != PAGES[0]:
-                    at.run()
-                    t0 = time.perf_counter()
-                    at.switch_page(page).run()
-                else:
-                    t0 = time.perf_counter()
-                    at.run()
+                t0 = time.perf_counter()
+                at.switch_page(page).run()
                 bucket.append(time.perf_counter() - t0)
                 if at.exception:
                     raise RuntimeError(f"{page}: {[e.value for e in at.exception]}")
@@ -160,6 +166,26 @@ def time_pages(repeats: int) -> dict:
                      "cold_max_s": round(max(cold), 3), "meets_target": max(cold) < TARGET_S}
         log.info("%s: cold %.2fs, warm %.2fs", name, out[name]["cold_s"], out[name]["warm_s"])
     return out
+
+
+def build_lake_summaries(settings) -> dict:
+    """Build the dashboard's per-partition lake summaries from scratch (what the first load after a lake
+    appears, or an hourly Dagster asset, pays once), timed; then time loading them back."""
+    import shutil
+
+    from pipelines import dashboard_agg
+
+    cache_dir = dashboard_agg.cache_dir(settings)
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    args = dict(hours=settings.dashboard_lake_hours, age_h=settings.new_item_age_h)
+    t0 = time.perf_counter()
+    n = dashboard_agg.build_summaries(settings.lake_dir, cache_dir, settings.catalog_path, **args)
+    build_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    dashboard_agg.build_summaries(settings.lake_dir, cache_dir, settings.catalog_path, **args)
+    return {"partitions": n, "build_s": round(build_s, 2),
+            "cached_read_and_merge_s": round(time.perf_counter() - t0, 2),
+            "cache_bytes": sum(f.stat().st_size for f in cache_dir.rglob("*.arrow"))}
 
 
 def command(
@@ -200,9 +226,12 @@ def command(
         data["redis_keys"] = int(state.r.dbsize())
         data["lake_bytes"] = sum(f.stat().st_size for f in Path(s.lake_dir).rglob("*.parquet"))
         data["fill_s"] = round(time.monotonic() - t0, 1)
+        summaries = build_lake_summaries(s)
+        log.info("lake summaries: %s", summaries)
         pages = time_pages(repeats)
     result = {"benchmark": "dashboard", "date": time.strftime("%Y-%m-%d"), "machine": platform.machine(),
-              "cpus": os.cpu_count(), "days": days, "data": data, "target_s": TARGET_S, "pages": pages,
+              "cpus": os.cpu_count(), "days": days, "data": data, "lake_summaries": summaries, "target_s": TARGET_S,
+              "load_average": [round(x, 2) for x in os.getloadavg()], "pages": pages,
               "note": "MLflow is pointed at a dead address: the Overview's model panel shows its warning "
                       "(the registry lookup is cached like every other query)"}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,7 @@ import pyarrow
 import redis
 import streamlit as st
 
+from pipelines import dashboard_agg
 from pipelines import dashboard_data as dd
 from pipelines.settings import Settings, get_settings
 from pipelines.state import OnlineState, connect
@@ -118,9 +119,13 @@ def _redis_down(err: Exception, what: str) -> None:
 
 @st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
 def _cumulative_lift(redis_url: str, experiment: str, a: str, b: str, minutes: int, alpha: float):
+    import time
+
     state = _online_state(redis_url, experiment)
-    hist = {v: state.read_stats(dd.ab_stats_name(v), minutes) for v in (a, b)}
-    return dd.cumulative_lift_frame(hist, a, b, minutes=minutes, alpha=alpha)
+    now_s = time.time()
+    hist = {v: dd.fetch_minute_counts(state, dd.ab_stats_name(v), ("impressions", "clicks"), minutes, now_s)
+            for v in (a, b)}
+    return dd.cumulative_lift_frame(hist, a, b, minutes=minutes, now_s=now_s, alpha=alpha)
 
 
 def cumulative_lift(a: str, b: str, minutes: int, alpha: float):
@@ -158,32 +163,38 @@ def _lake_error(err: Exception, what: str) -> None:
                icon=":material/folder_off:")
 
 
+def lake_cache_dir() -> str:
+    """Where the per-partition lake summaries are cached: the only place the dashboard writes."""
+    return str(dashboard_agg.cache_dir(settings()))
+
+
 @st.cache_data(ttl=LAKE_TTL_S, show_spinner=False)
-def _lake_ab(lake_dir: str, hours: int) -> dd.LakeAB:
-    return dd.fetch_lake_ab(lake_dir, hours=hours)
+def _lake_ab(lake_dir: str, cache_dir: str, hours: int) -> dd.LakeAB:
+    return dashboard_agg.fetch_lake_ab(lake_dir, cache_dir, hours=hours)
 
 
 def lake_ab() -> dd.LakeAB | None:
     """Revenue of every impression and users per variant from the lake; None (after a warning) when unreadable."""
     s = settings()
     try:
-        return _lake_ab(str(s.lake_dir), s.dashboard_lake_hours)
+        return _lake_ab(str(s.lake_dir), lake_cache_dir(), s.dashboard_lake_hours)
     except LAKE_ERRORS as err:  # a corrupt or unreadable Parquet file must not take the page down
         _lake_error(err, "Revenue per impression comes from the purchases there.")
         return None
 
 
 @st.cache_data(ttl=LAKE_TTL_S, show_spinner=False)
-def _new_items(catalog_path: str, lake_dir: str, age_h: float, explore_share: float) -> dd.NewItemReport | None:
-    return dd.fetch_new_item_report(catalog_path, lake_dir, age_h=age_h, explore_share=explore_share,
-                                    hours=int(2 * age_h) + 1)
+def _new_items(catalog_path: str, lake_dir: str, cache_dir: str, age_h: float,
+               explore_share: float) -> dd.NewItemReport | None:
+    return dashboard_agg.fetch_new_item_report(catalog_path, lake_dir, cache_dir, age_h=age_h,
+                                               explore_share=explore_share, hours=int(2 * age_h) + 1)
 
 
 def new_items() -> dd.NewItemReport | None | bool:
     """The new-product report; None without a catalog; False after a warning when the lake cannot be read."""
     s = settings()
     try:
-        return _new_items(str(s.catalog_path), str(s.lake_dir), s.new_item_age_h, s.explore_share)
+        return _new_items(str(s.catalog_path), str(s.lake_dir), lake_cache_dir(), s.new_item_age_h, s.explore_share)
     except LAKE_ERRORS as err:
         _lake_error(err, "New products' impressions and clicks come from there.")
         return False

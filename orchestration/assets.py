@@ -12,7 +12,7 @@ import pandas as pd
 
 from orchestration.partitions import hourly_events
 from orchestration.resources import LakeResource, MLflowResource, RedisResource
-from pipelines import lake, training, validation
+from pipelines import lake, refresh, training, validation
 from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_ITEM, COL_TS, TAG_GX_SUCCESS
 from pipelines.settings import get_settings
 
@@ -102,6 +102,11 @@ class WindowConfig(dg.Config):
     end: str | None = None  # ISO time; None: now (the window ends with the current hour)
 
 
+def _window_end(end: str | None) -> datetime:
+    """The exclusive end of a window that includes the hour of ``end`` (ISO time; None: now)."""
+    return (datetime.fromisoformat(end) if end else datetime.now(timezone.utc)) + timedelta(hours=1)
+
+
 @dg.asset(group_name="features", deps=[events, catalog], owners=OWNERS, kinds={"pandas"},
           description="Weighted user-item interactions of the training window (default the last 7 days), built "
                       "only from hourly partitions whose Great Expectations report passed.")
@@ -109,7 +114,7 @@ def training_interactions(context: dg.AssetExecutionContext, config: WindowConfi
                           lake_store: LakeResource) -> pd.DataFrame:
     s = get_settings()
     days = config.days or s.train_window_days
-    end = (datetime.fromisoformat(config.end) if config.end else datetime.now(timezone.utc)) + timedelta(hours=1)
+    end = _window_end(config.end)
     window = training.load_window(lake_store.path, lake_store.quality_path, end - timedelta(days=days), end,
                                   known_items=_known_items(lake_store.catalog()),
                                   band_factor=s.volume_band_factor, history_hours=s.volume_history_hours)
@@ -146,10 +151,8 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainAssetConfig, t
     upstream = context.instance.get_latest_materialization_event(dg.AssetKey("training_interactions"))
     up_meta = upstream.asset_materialization.metadata if upstream and upstream.asset_materialization else {}
     failed = up_meta.get("failed_partitions")
-    gx_tags = {TAG_GX_SUCCESS: str(not (failed and failed.value)).lower(),
-               "gx_partitions_used": str(up_meta["partitions_used"].value) if "partitions_used" in up_meta else "",
-               "gx_partitions_left_out": failed.value if failed else "",
-               "gx_suites": ",".join(f"{p.stem}" for p in validation.SUITE_PATHS)}
+    gx_tags = training.gx_tags(up_meta["partitions_used"].value if "partitions_used" in up_meta else "",
+                               failed.value if failed else "")
     reg = training.register_and_gate(mlflow_registry.registry(), result, tolerance=s.challenger_tolerance,
                                      margin=s.promote_margin, auto_promote=s.auto_promote,
                                      extra_tags={"dagster_run_id": context.run_id, **gx_tags})
@@ -165,6 +168,45 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainAssetConfig, t
         **({"mlflow_url": dg.MetadataValue.url(url)} if url else {}),
         **{k: dg.MetadataValue.float(v) for k, v in result.metrics.items()},
     })
+
+
+class RefreshConfig(dg.Config):
+    hours: int | None = None  # None: Settings.refresh_window_hours
+    end: str | None = None  # ISO time; None: now (the window ends with the current hour)
+
+
+@dg.asset(group_name="training", deps=[events, catalog, trained_model], owners=OWNERS, kinds={"pytorch", "mlflow"},
+          description="The hourly incremental refresh: the model behind `champion` (and `challenger`) gets its "
+                      "item-to-item neighbours and trending recomputed from the last SHOPREC_REFRESH_WINDOW_HOURS "
+                      "of validated partitions (embeddings and users unchanged), is scored on the gate's time-based "
+                      "holdout next to the version it came from, registered in MLflow as a new version tagged "
+                      "`refresh_of`, and takes over the alias only when not worse by more than the tolerance. "
+                      "Does nothing until a first champion exists.")
+def itemitem_refresh(context: dg.AssetExecutionContext, config: RefreshConfig, lake_store: LakeResource,
+                     mlflow_registry: MLflowResource) -> dg.MaterializeResult:
+    s = get_settings()
+    hours = config.hours or s.refresh_window_hours
+    end = _window_end(config.end)
+    report = refresh.refresh_served(
+        mlflow_registry.registry(), lake_store.path, lake_store.quality_path, end - timedelta(hours=hours), end,
+        holdout_hours=s.holdout_hours, holdout_per_user=s.train.holdout_per_user, k=s.train.k,
+        tolerance=s.challenger_tolerance, move_champion=s.refresh_moves_champion,
+        extra_tags={"dagster_run_id": context.run_id}, known_items=_known_items(lake_store.catalog()),
+        band_factor=s.volume_band_factor, history_hours=s.volume_history_hours)
+    context.log.info(report.summary())
+    meta: dict = {"note": report.note, "summary": dg.MetadataValue.md(report.summary()), "window_hours": hours,
+                  "window_rows": report.window_rows,
+                  "date_range": f"{report.window[0]} .. {report.window[1]}" if report.window else "empty",
+                  "partitions_used": report.partitions_used,
+                  "partitions_left_out": dg.MetadataValue.json(report.partitions_left_out),
+                  "holdout": report.holdout or "none",
+                  "aliases_moved": ",".join(a.alias for a in report.aliases if a.alias_moved) or "none"}
+    for result in report.aliases:
+        meta.update(result.metadata())
+        url = mlflow_registry.version_url(result.version) if result.version else None
+        if url:
+            meta[f"{result.alias}_mlflow_url"] = dg.MetadataValue.url(url)
+    return dg.MaterializeResult(metadata=meta)
 
 
 @dg.asset(group_name="serving", owners=OWNERS, kinds={"redis"},

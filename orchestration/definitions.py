@@ -1,7 +1,8 @@
 """The one Dagster ``Definitions`` of shoprec (``dagster dev -w workspace.yaml``).
 
 Cadence (README, "Cadence"): every closed hour is validated (``validate_events_job_schedule``);
-trending is refreshed hourly (``refresh_job_schedule``, ``SHOPREC_REFRESH_CRON``); the full
+trending and the served models' item-to-item part are refreshed hourly (``refresh_job_schedule``,
+``SHOPREC_REFRESH_CRON``, ``SHOPREC_REFRESH_WINDOW_HOURS``); the full
 retrain runs daily (``train_job_schedule``, ``SHOPREC_RETRAIN_CRON``) and earlier when
 ``retrain_sensor`` sees enough new events or a drifted event mix.
 """
@@ -18,7 +19,6 @@ from pipelines.settings import get_settings
 _s = get_settings()
 
 
-
 @dg.schedule(job=validate_job, cron_schedule="5 * * * *", execution_timezone="UTC",
              name="validate_events_job_schedule", default_status=dg.DefaultScheduleStatus.STOPPED,
              description="Validate each hour of the lake five minutes after it closed.")
@@ -33,11 +33,12 @@ daily_retrain = dg.ScheduleDefinition(name="train_job_schedule", job=train_job, 
                                       description="Full retrain on the training window (SHOPREC_RETRAIN_CRON).")
 hourly_refresh = dg.ScheduleDefinition(name="refresh_job_schedule", job=refresh_job, cron_schedule=_s.refresh_cron,
                                        execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
-                                       description="Incremental refresh of trending items (SHOPREC_REFRESH_CRON).")
+                                       description="Incremental refresh of trending items and of the champion's/"
+                                                   "challenger's item-to-item part (SHOPREC_REFRESH_CRON).")
 
 defs = dg.Definitions(
     assets=[assets.catalog, assets.events, assets.training_interactions, assets.trained_model,
-            assets.popular_fallback, assets.served_model, assets.trending],
+            assets.itemitem_refresh, assets.popular_fallback, assets.served_model, assets.trending],
     jobs=[validate_job, train_job, refresh_job],
     schedules=[hourly_validation, daily_retrain, hourly_refresh],
     sensors=[sensors.retrain_sensor, sensors.failure_sensor],

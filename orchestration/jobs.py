@@ -15,5 +15,8 @@ train_job = dg.define_asset_job(
     description="Validate the catalog, build training data from validated partitions, train, evaluate against "
                 "the champion, register in MLflow, warm the cache, refresh the fallback list.",
 )
-refresh_job = dg.define_asset_job("refresh_job", selection=dg.AssetSelection.assets(assets.trending),
-                                  description="Hourly incremental refresh of trending items.")
+refresh_job = dg.define_asset_job(
+    "refresh_job", selection=dg.AssetSelection.assets(assets.trending, assets.itemitem_refresh),
+    description="Hourly incremental refresh: trending items in Redis, and the item-to-item neighbours and trending "
+                "of the champion/challenger from the recent validated partitions (a new MLflow version that takes "
+                "over the alias when not worse).")

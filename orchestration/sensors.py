@@ -4,7 +4,7 @@ from datetime import datetime, timezone
 
 import dagster as dg
 
-from orchestration.jobs import train_job, validate_job
+from orchestration.jobs import refresh_job, train_job, validate_job
 from orchestration.resources import LakeResource
 from pipelines import training, validation
 from pipelines.settings import get_settings
@@ -39,7 +39,8 @@ def retrain_sensor(context: dg.SensorEvaluationContext, lake_store: LakeResource
     return dg.RunRequest(run_key=f"retrain-{now.isoformat()}", tags={"shoprec/trigger": trigger.reason[:200]})
 
 
-@dg.run_failure_sensor(monitored_jobs=[validate_job, train_job], default_status=dg.DefaultSensorStatus.RUNNING,
+@dg.run_failure_sensor(monitored_jobs=[validate_job, train_job, refresh_job],
+                       default_status=dg.DefaultSensorStatus.RUNNING,
                        description="Logs which expectations failed (with samples) when validation stops a run.")
 def failure_sensor(context: dg.RunFailureSensorContext, lake_store: LakeResource):
     run = context.dagster_run

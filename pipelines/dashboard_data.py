@@ -20,7 +20,7 @@ Counter names (written by serving, read here; the values live in
   and ``cold_user_trending`` (no clicks yet, served trending).
 * ``STATS_CACHE`` (``cache``): ``hit`` | ``miss``.
 * ``ab:{variant}`` (see :func:`ab_stats_name`): impressions, clicks, carts,
-  purchases per minute; totals per variant come from ``OnlineState.ab_counts()``.
+  purchases per minute; totals per variant come from :func:`fetch_ab_counts`.
 * ``events`` (one field per event type, written by the stream consumer) and
   ``latency:{source}`` (histogram, field = upper bucket edge in ms or ``inf``).
 
@@ -49,7 +49,8 @@ __all__ = [
     "ab_stats_name", "rate", "pct", "totals", "buckets_to_frame", "ab_table", "ab_timeseries", "ZTestResult",
     "ctr_ztest", "pick_ab_pair", "CacheSummary", "cache_summary", "cache_timeseries", "requests_by_source",
     "source_timeseries", "ColdStartSummary", "cold_start_summary", "cold_start_timeseries", "dlq_table",
-    "ConsumerSummary", "consumer_summary", "redact_url", "Snapshot", "fetch_snapshot", "ModelVersionInfo",
+    "ConsumerSummary", "consumer_summary", "redact_url", "Snapshot", "fetch_ab_counts", "fetch_snapshot",
+    "ModelVersionInfo",
     "MlflowUnavailable", "mlflow_reachable", "fetch_model_aliases",
 ]
 
@@ -417,6 +418,25 @@ class Snapshot:
     latency: dict[str, dict[int, dict[str, int]]] = field(default_factory=dict)
 
 
+def fetch_ab_counts(state: OnlineState, scan_count: int = 10_000) -> dict[str, dict[str, int]]:
+    """Totals per variant of the running experiment, like ``OnlineState.ab_counts()`` but in a few round trips.
+
+    A week of per-minute counters is ~70 k keys; a SCAN with Redis' default page of 10 keys takes thousands
+    of round trips to find the two A/B hashes, so this asks for ``scan_count`` keys per page and reads the
+    hashes in one pipeline.
+
+    Raises:
+        redis.RedisError: when Redis cannot be reached.
+    """
+    from pipelines.schemas import RedisKeys
+
+    keys = sorted(set(state.r.scan_iter(match=RedisKeys.ab(state.experiment, "*"), count=scan_count)))
+    p = state.r.pipeline(transaction=False)
+    for key in keys:
+        p.hgetall(key)
+    return {key.rsplit(":", 1)[1]: {f: int(v) for f, v in got.items()} for key, got in zip(keys, p.execute())}
+
+
 def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES) -> Snapshot:
     """Read all dashboard counters of the last ``minutes``.
 
@@ -424,7 +444,7 @@ def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES) -> Snapsho
         redis.RedisError: when Redis cannot be reached.
     """
     now_s = time.time()
-    counts = state.ab_counts()
+    counts = fetch_ab_counts(state)
     return Snapshot(
         now_s=now_s,
         minutes=minutes,
@@ -760,18 +780,61 @@ def ab_report(counts: Mapping[str, Mapping[str, int]], revenue: Mapping[str, Any
     return ABReport(a, b, variants, lifts_df, srm, v, config, srm_unit)
 
 
-def cumulative_lift_frame(per_variant: Mapping[str, Buckets], a: str, b: str, *, minutes: int,
+_MINUTE_COUNTS_LUA = """
+local out = {}
+for i, key in ipairs(KEYS) do
+  local values = redis.call('HMGET', key, unpack(ARGV))
+  for j = 1, #ARGV do out[#out + 1] = tonumber(values[j]) or 0 end
+end
+return out
+"""
+
+
+def fetch_minute_counts(state: OnlineState, name: str, fields: Sequence[str], minutes: int,
+                        now_s: float | None = None) -> pd.DataFrame:
+    """The per-minute counters ``name`` of the last ``minutes`` as a frame, like
+    ``buckets_to_frame(state.read_stats(name, minutes), fields, ...)`` but in one round trip.
+
+    A week is 10 080 hashes per counter; a pipeline of that many ``HGETALL`` costs Redis little but the
+    client most of a second, so a read-only Lua script fetches the ``fields`` of every minute and returns
+    one flat list of integers (missing hash or field = 0).
+
+    Raises:
+        redis.RedisError: when Redis cannot be reached.
+    """
+    import numpy as np
+
+    from pipelines.schemas import RedisKeys
+
+    now_s = time.time() if now_s is None else now_s
+    index = _minute_index(minutes, now_s)
+    fields = list(fields)
+    last = int(now_s) // BUCKET_S
+    keys = [RedisKeys.counter(name, b) for b in range(last - minutes + 1, last + 1)]
+    values = state.r.register_script(_MINUTE_COUNTS_LUA)(keys=keys, args=fields) if keys and fields else []
+    data = np.asarray(values, dtype="int64").reshape(len(index), len(fields))
+    return pd.DataFrame(data, index=index, columns=fields)
+
+
+def cumulative_lift_frame(per_variant: Mapping[str, Buckets | pd.DataFrame], a: str, b: str, *, minutes: int,
                           now_s: float | None = None, alpha: float = 0.05, max_points: int = 240) -> pd.DataFrame:
     """Cumulative CTR lift of ``b`` over ``a`` over time (columns lift, low, high; index = time, UTC).
 
-    Per-minute counters are summed into at most ``max_points`` steps; leading steps without a
-    defined lift are dropped.
+    ``per_variant`` holds each variant's per-minute counters, as buckets or as the frame of
+    :func:`fetch_minute_counts` (columns impressions, clicks). They are summed into at most
+    ``max_points`` steps; leading steps without a defined lift are dropped.
     """
     from pipelines import abstats
 
     now_s = time.time() if now_s is None else now_s
-    fa = buckets_to_frame(per_variant.get(a, {}), ("impressions", "clicks"), minutes=minutes, now_s=now_s)
-    fb = buckets_to_frame(per_variant.get(b, {}), ("impressions", "clicks"), minutes=minutes, now_s=now_s)
+
+    def frame(v: str) -> pd.DataFrame:
+        got = per_variant.get(v, {})
+        if isinstance(got, pd.DataFrame):
+            return got[["impressions", "clicks"]]
+        return buckets_to_frame(got, ("impressions", "clicks"), minutes=minutes, now_s=now_s)
+
+    fa, fb = frame(a), frame(b)
     first = (fa["impressions"] + fb["impressions"]).to_numpy().nonzero()[0]
     if not len(first):
         return pd.DataFrame(columns=["lift", "low", "high"])
@@ -788,34 +851,34 @@ def cumulative_lift_frame(per_variant: Mapping[str, Buckets], a: str, b: str, *,
 
 
 # --- lake reads (revenue, new products) --------------------------------------------------------------
-def _lake_files(lake_dir, start_s: float, end_s: float) -> list:
+def window_partitions(lake_dir, start_s: float, end_s: float) -> list[tuple[str, list]]:
+    """``(partition key, its Parquet files)`` for every hourly partition of ``[start_s, end_s)`` that has
+    files, oldest first."""
     from datetime import datetime, timedelta, timezone
     from pathlib import Path
 
     from pipelines.lake import partition_dir
 
-    files = []
+    out = []
     t = datetime.fromtimestamp(start_s, tz=timezone.utc).replace(minute=0, second=0, microsecond=0)
     end = datetime.fromtimestamp(end_s, tz=timezone.utc)
     while t < end:
-        files += sorted(partition_dir(Path(lake_dir), t.strftime("%Y-%m-%d-%H:00")).glob("*.parquet"))
+        key = t.strftime("%Y-%m-%d-%H:00")
+        files = sorted(partition_dir(Path(lake_dir), key).glob("*.parquet"))
+        if files:
+            out.append((key, files))
         t += timedelta(hours=1)
-    return files
+    return out
 
 
-def read_lake_columns(lake_dir, start_s: float, end_s: float, columns: Sequence[str],
-                      event_types: Sequence[str]) -> pd.DataFrame:
-    """Only ``columns`` of the events of ``event_types`` in the hourly partitions of ``[start_s, end_s)``.
-
-    Reads the partition folders of :mod:`pipelines.lake` with a column projection and a filter, so a week of
-    events stays fast. ``ts`` comes back as UTC epoch milliseconds (int64).
-    """
+def read_lake_files(files: Sequence, columns: Sequence[str], event_types: Sequence[str]) -> pd.DataFrame:
+    """Only ``columns`` of the events of ``event_types`` in the lake's Parquet ``files`` (a column projection
+    and a filter). ``ts`` comes back as UTC epoch milliseconds (int64)."""
     import pyarrow.dataset as ds
 
     from pipelines.lake import LAKE_SCHEMA
 
     cols = list(dict.fromkeys(["event_type", *columns]))
-    files = _lake_files(lake_dir, start_s, end_s)
     if not files:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
     table = ds.dataset([str(f) for f in files], schema=LAKE_SCHEMA, format="parquet").to_table(
@@ -824,6 +887,14 @@ def read_lake_columns(lake_dir, start_s: float, end_s: float, columns: Sequence[
     if "ts" in df:
         df["ts"] = df["ts"].astype("datetime64[ms, UTC]").astype("int64")
     return df
+
+
+def read_lake_columns(lake_dir, start_s: float, end_s: float, columns: Sequence[str],
+                      event_types: Sequence[str]) -> pd.DataFrame:
+    """Only ``columns`` of the events of ``event_types`` in the hourly partitions of ``[start_s, end_s)``
+    (:func:`read_lake_files`)."""
+    files = [f for _, part in window_partitions(lake_dir, start_s, end_s) for f in part]
+    return read_lake_files(files, columns, event_types)
 
 
 def revenue_per_impression(impressions: pd.DataFrame, purchases: pd.DataFrame) -> dict[str, Any]:
@@ -864,7 +935,8 @@ class LakeAB:
 
 def fetch_lake_ab(lake_dir, *, hours: int, now_s: float | None = None) -> LakeAB:
     """Revenue per impression (see :func:`revenue_per_impression`) and distinct users per variant over the
-    last ``hours`` of the lake."""
+    last ``hours`` of the lake, from the raw events (the dashboard reads the same numbers from cached
+    per-partition summaries: :func:`pipelines.dashboard_agg.fetch_lake_ab`)."""
     now_s = time.time() if now_s is None else now_s
     df = read_lake_columns(lake_dir, now_s - hours * 3600, now_s + 3600,
                            ["user_id", "request_id", "variant", "price", "quantity"], ["impression", "purchase"])
@@ -900,6 +972,12 @@ class NewItemReport:
         return rate(self.new_slots, self.all_slots)
 
 
+def launch_times(catalog: pd.DataFrame) -> pd.Series:
+    """``created_at`` (epoch ms) per item id of a catalog (columns item_id, created_at; the last row of an id wins)."""
+    created = pd.Series(catalog["created_at"].astype("int64").to_numpy(), index=catalog["item_id"].astype(str))
+    return created[~created.index.duplicated(keep="last")]
+
+
 def new_item_report(catalog: pd.DataFrame, impressions: pd.DataFrame, clicks: pd.DataFrame, *, now_ms: int,
                     age_h: float = 24.0, explore_share: float = 0.1) -> NewItemReport:
     """How products launched in the last ``age_h`` hours were shown and clicked.
@@ -914,8 +992,7 @@ def new_item_report(catalog: pd.DataFrame, impressions: pd.DataFrame, clicks: pd
     (younger than ``age_h``) at the time it was shown.
     """
     age_ms = int(age_h * 3_600_000)
-    created = pd.Series(catalog["created_at"].astype("int64").to_numpy(), index=catalog["item_id"].astype(str))
-    created = created[~created.index.duplicated(keep="last")]
+    created = launch_times(catalog)
     new = created[(created > now_ms - age_ms) & (created <= now_ms)]
     if impressions.empty:
         slots = pd.DataFrame({"ts": pd.Series(dtype="int64"), "item_id": pd.Series(dtype="object")})
@@ -953,7 +1030,8 @@ def new_item_report(catalog: pd.DataFrame, impressions: pd.DataFrame, clicks: pd
 
 def fetch_new_item_report(catalog_path, lake_dir, *, age_h: float, explore_share: float, hours: int,
                           now_s: float | None = None) -> NewItemReport | None:
-    """:func:`new_item_report` from the catalog Parquet and the last ``hours`` of the lake; None without a catalog."""
+    """:func:`new_item_report` from the catalog Parquet and the last ``hours`` of the raw lake; None without a
+    catalog (the dashboard uses the cached equivalent :func:`pipelines.dashboard_agg.fetch_new_item_report`)."""
     from pathlib import Path
 
     if not Path(catalog_path).exists():
@@ -1028,7 +1106,8 @@ __all__ += [
     "latency_stats_name", "events_timeseries", "requests_per_second",
     "LATENCY_FIELDS", "latency_histogram", "latency_quantile", "LatencySummary", "latency_summary", "fmt_ms",
     "fmt_age", "cache_by_variant", "RedisInfo", "key_family", "fetch_redis_info", "ABConfig", "ABReport",
-    "ab_report", "cumulative_lift_frame", "read_lake_columns", "revenue_per_impression", "LakeAB", "fetch_lake_ab",
-    "NewItemReport", "new_item_report", "fetch_new_item_report", "fetch_quality_reports", "dagster_run_url",
-    "quality_table", "failing_expectations",
+    "ab_report", "fetch_minute_counts", "cumulative_lift_frame", "window_partitions", "read_lake_files",
+    "read_lake_columns", "revenue_per_impression", "LakeAB", "fetch_lake_ab", "NewItemReport", "launch_times",
+    "new_item_report", "fetch_new_item_report", "fetch_quality_reports", "dagster_run_url", "quality_table",
+    "failing_expectations",
 ]

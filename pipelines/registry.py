@@ -53,8 +53,11 @@ class ModelRegistry:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
 
     def log_and_register(self, model: Recommender, *, params: dict, metrics: dict[str, float],
-                         tags: dict[str, str], metric_history: dict[str, list[float]] | None = None) -> tuple[str, str]:
+                         tags: dict[str, str], metric_history: dict[str, list[float]] | None = None,
+                         run_name: str | None = None) -> tuple[str, str]:
         """Log a trained model as a run of experiment ``shoprec`` and register a new version.
+
+        ``run_name`` defaults to ``train-<model name>`` (the hourly refresh names its runs ``refresh-...``).
 
         Returns:
             ``(run_id, version)``.
@@ -62,7 +65,7 @@ class ModelRegistry:
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         mlflow.set_experiment(MLFLOW_EXPERIMENT)
-        with mlflow.start_run(run_name=f"train-{model.name}") as run, tempfile.TemporaryDirectory() as tmp:
+        with mlflow.start_run(run_name=run_name or f"train-{model.name}") as run, tempfile.TemporaryDirectory() as tmp:
             mlflow.log_params(_flat(params))
             for key, values in (metric_history or {}).items():
                 for step, v in enumerate(values):
@@ -90,6 +93,15 @@ class ModelRegistry:
             return str(self.client.get_model_version_by_alias(self.name, alias).version)
         except MlflowException:
             return None
+
+    def tags(self, version: str) -> dict[str, str]:
+        """The tags of a model version (data window, gate decision, ``metric.*``, ...)."""
+        return dict(self.client.get_model_version(self.name, version).tags or {})
+
+    def versions_tagged(self, key: str, value: str) -> dict[str, dict[str, str]]:
+        """Versions whose tag ``key`` is ``value``: ``{version: tags}``."""
+        found = self.client.search_model_versions(f"name = '{self.name}' and tags.`{key}` = '{value}'")
+        return {str(mv.version): dict(mv.tags or {}) for mv in found}
 
     def metric(self, version: str, key: str = PRIMARY_METRIC) -> float | None:
         mv = self.client.get_model_version(self.name, version)

@@ -339,14 +339,69 @@ ScoreFn = Callable[[list[dict]], Awaitable[list[dict]]]
 InfoFn = Callable[[], Awaitable[dict]]
 
 
+class Coalescer:
+    """Merges concurrent one-request scoring calls of an API process into list calls.
+
+    There is no timer: while fewer than ``max_in_flight`` calls are outstanding a request leaves at
+    once (an idle service adds no latency); under load, requests that arrive while the calls are
+    out queue and leave together, up to ``max_batch`` per call. The scoring service's adaptive
+    batching then merges the lists of every API process, so one HTTP round trip and one model call
+    serve many requests instead of one each.
+
+    Args:
+        fn: the scoring service's async list call (``requests -> answers``, same order).
+        max_batch: most requests per call (``serve_max_batch_size``).
+        max_in_flight: calls outstanding at once (``serve_coalesce_in_flight``).
+    """
+
+    def __init__(self, fn: ScoreFn, max_batch: int, max_in_flight: int = 2):
+        self.fn, self.max_batch, self.max_in_flight = fn, max(1, max_batch), max(1, max_in_flight)
+        self._queue: list[tuple[dict, asyncio.Future]] = []
+        self._in_flight = 0
+        self.calls = 0  # scoring calls made (for tests and logs)
+
+    async def __call__(self, requests: list[dict]) -> list[dict]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for req in requests:
+            future = loop.create_future()
+            self._queue.append((req, future))
+            futures.append(future)
+        self._pump()
+        return list(await asyncio.gather(*futures))
+
+    def _pump(self) -> None:
+        while self._queue and self._in_flight < self.max_in_flight:
+            batch, self._queue = self._queue[:self.max_batch], self._queue[self.max_batch:]
+            self._in_flight += 1
+            self.calls += 1
+            asyncio.ensure_future(self._send(batch))
+
+    async def _send(self, batch: list[tuple[dict, asyncio.Future]]) -> None:
+        try:
+            answers = await self.fn([req for req, _ in batch])
+            if len(answers) != len(batch):
+                raise RuntimeError(f"the scoring service answered {len(answers)} of {len(batch)} requests")
+            for (_, future), answer in zip(batch, answers):
+                if not future.done():  # a caller past its deadline has cancelled its future
+                    future.set_result(answer)
+        except Exception as err:
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(err)
+        finally:
+            self._in_flight -= 1
+            self._pump()
+
+
 class RecommendationEngine:
     """Answers ``/recommend`` for one API process; scoring happens behind ``score_fn``.
 
     Args:
         settings: shoprec settings.
         state: Redis online state (cache, counters, recent items, purchases).
-        score_fn: async call of the scoring service's batchable API (one request per call; the
-            scoring service batches concurrent calls).
+        score_fn: async call of the scoring service's batchable API (a list of requests; wrapped
+            in a :class:`Coalescer` unless ``serve_max_batch_size`` is 1).
         info_fn: async call returning ``{"versions": {alias: version}, "popular": [[item, score]]}``.
         impressions: where impression events go (default: a Kafka :class:`ImpressionLog`).
     """
@@ -361,7 +416,9 @@ class RecommendationEngine:
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
         threading.Thread(target=self._flush_loop, name="stats-flush", daemon=True).start()
-        self.score_fn = score_fn
+        # one-request calls are coalesced under load, unless batching is off (max_batch_size 1)
+        self.score_fn = (Coalescer(score_fn, settings.serve_max_batch_size, settings.serve_coalesce_in_flight)
+                         if settings.serve_max_batch_size > 1 else score_fn)
         self.info_fn = info_fn
         self.experiment = Experiment.from_settings(settings)
         self.impressions = impressions if impressions is not None else ImpressionLog(settings)

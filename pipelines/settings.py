@@ -121,12 +121,16 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest /events body (413 above)")
     events_rate_limit: str = Field("100/second", description="per-API-key request limit of /events, in the "
                                    "`limits` notation (e.g. '100/second;3000/minute'); shared through Redis")
+    consumer_lake_threads: int = Field(4, ge=1, description="lake files (one per Kafka partition and hour of a "
+                                       "batch) the consumer encodes and fsyncs at once")
 
     # serving (bentos/): adaptive batching, deadlines, cache, business rules, A/B experiment file
     mlflow_model_name: str = Field(REGISTERED_MODEL, description="registered model the service serves "
                                                                       "(schemas.REGISTERED_MODEL; tests override it)")
     serve_max_batch_size: int = Field(64, ge=1, description="adaptive batching: most requests scored in one call")
     serve_max_latency_ms: int = Field(20, ge=1, description="adaptive batching: latency budget of one batch")
+    serve_coalesce_in_flight: int = Field(2, ge=1, description="scoring calls one API process keeps in flight; "
+                                                                "requests arriving meanwhile leave together as one call")
     serve_gpu: bool = Field(False, description="request a GPU for the scoring service (resources={'gpu': 1})")
     serve_deadline_ms: int = Field(1000, ge=1, description="a model answer slower than this is replaced by the fallback")
     serve_cache: bool = Field(True, description="serve and store top-N lists in the Redis cache")
@@ -141,6 +145,13 @@ class Settings(BaseSettings):
     packaged_model_dir: Path = Field(Path("bentos/packaged"), description="champion packaged into the Bento "
                                                                           "(served when MLflow is unreachable)")
     serve_access_log: bool = Field(False, description="BentoML access log (one line per request; costs throughput)")
+
+    # hourly incremental refresh (orchestration: `itemitem_refresh` in refresh_job, SHOPREC_REFRESH_CRON)
+    refresh_window_hours: int = Field(168, ge=2, description="hours of validated lake events the hourly refresh "
+                                                             "recomputes item-to-item neighbours and trending from")
+    refresh_moves_champion: bool = Field(True, description="a refresh of the champion that is not worse than it "
+                                                           "(challenger_tolerance) takes the `champion` alias "
+                                                           "without SHOPREC_AUTO_PROMOTE; off: a person promotes it")
 
     @property
     def lake_dir(self) -> Path:

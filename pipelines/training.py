@@ -22,7 +22,7 @@ from pipelines.models import Recommender, get_recommender
 from pipelines.registry import PRIMARY_METRIC, ModelRegistry
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_EVENT_TYPE, COL_ITEM, COL_TS, COL_USER,
                                COL_WEIGHT, EVENT_WEIGHTS, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
-                               TAG_GATE_DECISION)
+                               TAG_GATE_DECISION, TAG_GX_SUCCESS)
 from pipelines.settings import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,18 @@ def register_and_gate(registry: ModelRegistry, result: TrainResult, *, tolerance
     log.info("version %s: %s -> %s", version, reason, alias or "no alias")
     return Registration(run_id, version, alias == ALIAS_CHAMPION, reason, champion_version, alias,
                         candidate, champion_score)
+
+
+def gx_tags(partitions_used: int | str, left_out: list[str] | str) -> dict[str, str]:
+    """The Great Expectations result of a data window as model-version tags.
+
+    Args:
+        partitions_used: hourly partitions whose suites passed and that the window read.
+        left_out: the partitions left out because a suite failed (a list or a comma-joined string).
+    """
+    left_out = ",".join(left_out) if isinstance(left_out, list) else (left_out or "")
+    return {TAG_GX_SUCCESS: str(not left_out).lower(), "gx_partitions_used": str(partitions_used),
+            "gx_partitions_left_out": left_out, "gx_suites": ",".join(p.stem for p in validation.SUITE_PATHS)}
 
 
 def _champion_score(registry: ModelRegistry, result: TrainResult, k: int) -> float:

@@ -24,6 +24,9 @@ def test_definitions_load_and_every_job_schedule_and_sensor_resolves():
     sensors = {s.name: s for s in repo.sensor_defs}
     assert {"retrain_sensor", "failure_sensor", "default_automation_condition_sensor"} <= set(sensors)
     assert sensors["retrain_sensor"].job_name == "train_job"
+    refresh = {k.to_user_string() for k in repo.get_job("refresh_job").asset_layer.executable_asset_keys}
+    assert refresh == {"trending", "itemitem_refresh"}
+    assert schedules["refresh_job_schedule"].job_name == "refresh_job"
 
 
 def test_asset_graph_has_groups_owners_kinds_and_policies():
@@ -36,7 +39,7 @@ def test_asset_graph_has_groups_owners_kinds_and_policies():
         assert node.kinds, key
         assert node.description, key
     assert groups == {"ingestion": {"catalog", "events"}, "features": {"training_interactions"},
-                      "training": {"trained_model"}, "serving": {"popular_fallback", "served_model", "trending"}}
+                      "training": {"trained_model", "itemitem_refresh"}, "serving": {"popular_fallback", "served_model", "trending"}}
     served = graph.get(dg.AssetKey("served_model"))
     assert served.freshness_policy is not None
     assert served.automation_condition is not None

@@ -1,0 +1,190 @@
+"""The cached per-partition lake summaries give the same numbers as the raw lake computations, and the
+one-round-trip Redis reads give the same numbers as the per-key ones."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines import dashboard_agg as ag
+from pipelines import dashboard_data as dd
+from pipelines.lake import write_events
+from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, RedisKeys, new_event
+from pipelines.simulator import make_catalog
+from pipelines.state import BUCKET_S, OnlineState
+
+H = 3_600_000
+NOW_S = 1_800_000_000.0 + 1800  # half past an hour
+NOW = int(NOW_S * 1000)
+
+
+def imp(rid, user, variant, ts, items=("i00001", "i00002")):
+    return new_event("impression", user, None, "s", ts=ts, request_id=rid, variant=variant, items=list(items))
+
+
+def ab_lake(lake) -> None:
+    """Four hourly partitions; purchases an hour after their impression, a request logged twice, impressions
+    without request id or variant, a purchase of a list shown outside the window and one without a request."""
+    events = []
+    for h in range(4):
+        t = NOW - (3 - h) * H
+        for j in range(6):
+            v = ALIAS_CHAMPION if j % 2 else ALIAS_CHALLENGER
+            events.append(imp(f"r{h}-{j}", f"u{j + h}", v, t - j * 1000))
+    events += [
+        imp("r0-1", "u1", ALIAS_CHAMPION, NOW - 2 * H),  # the same request again, an hour later
+        imp(None, "u50", ALIAS_CHAMPION, NOW - H), imp("r-nov", "u51", None, NOW - H),
+        imp("r-old", "u52", ALIAS_CHAMPION, NOW - 30 * H),  # outside a 4 h window
+        new_event("purchase", "u0", "i1", "s", ts=NOW - 2 * H, price=9.5, quantity=2, request_id="r0-1"),
+        new_event("purchase", "u0", "i2", "s", ts=NOW - H, price=3.0, request_id="r0-1"),
+        new_event("purchase", "u2", "i2", "s", ts=NOW - 3 * H, price=7.25, quantity=1, request_id="r0-2"),
+        new_event("purchase", "u3", "i2", "s", ts=NOW, price=1.0, quantity=4, request_id="r3-5"),
+        new_event("purchase", "u9", "i2", "s", ts=NOW, price=100.0, quantity=1, request_id="r-old"),
+        new_event("purchase", "u9", "i2", "s", ts=NOW, price=100.0, quantity=1),
+        new_event("view", "u9", "i2", "s", ts=NOW),
+    ]
+    write_events(lake, events)
+
+
+def assert_same_ab(got: dd.LakeAB, want: dd.LakeAB) -> None:
+    assert got.users == want.users
+    assert list(got.revenue) == list(want.revenue)
+    for v in want.revenue:
+        np.testing.assert_array_equal(got.revenue[v], want.revenue[v])
+
+
+def test_ab_summaries_equal_the_raw_lake_and_follow_new_files(tmp_path):
+    lake, cache = tmp_path / "lake", tmp_path / "cache"
+    ab_lake(lake)
+    want = dd.fetch_lake_ab(lake, hours=4, now_s=NOW_S)
+    assert want.revenue[ALIAS_CHAMPION].sum() == pytest.approx(2 * 9.5 + 3.0 + 4.0)
+    first = ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S)
+    assert_same_ab(first, want)
+    assert len(list((cache / "ab").iterdir())) == 4  # one summary per partition, stored
+    assert_same_ab(ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S), want)  # read back from the cache
+    assert_same_ab(ag.fetch_lake_ab(lake, None, hours=4, now_s=NOW_S), want)
+    assert_same_ab(ag.fetch_lake_ab(lake, cache, hours=40, now_s=NOW_S), dd.fetch_lake_ab(lake, hours=40, now_s=NOW_S))
+
+    # a new file in the current hour: that partition is summarized again, the others come from the cache
+    write_events(lake, [imp("r-new", "u77", ALIAS_CHALLENGER, NOW - 60_000),
+                        new_event("purchase", "u77", "i1", "s", ts=NOW, price=20.0, request_id="r-new")])
+    after = ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S)
+    assert_same_ab(after, dd.fetch_lake_ab(lake, hours=4, now_s=NOW_S))
+    assert after.users[ALIAS_CHALLENGER] == first.users[ALIAS_CHALLENGER] + 1
+    assert all(len(list(d.glob("*.arrow"))) == 3 for d in (cache / "ab").iterdir())  # the stale one is gone
+
+    # an hour later the oldest partition leaves the window and its summary is dropped
+    ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S + 2 * 3600)
+    assert len(list((cache / "ab").iterdir())) == 3
+    assert ag.fetch_lake_ab(tmp_path / "none", cache, hours=4, now_s=NOW_S) == dd.LakeAB()
+
+
+def test_corrupt_cache_file_is_rebuilt(tmp_path):
+    lake, cache = tmp_path / "lake", tmp_path / "cache"
+    ab_lake(lake)
+    want = ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S)
+    for f in (cache / "ab").rglob("*.arrow"):
+        f.write_bytes(b"not arrow")
+    assert_same_ab(ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S), want)
+
+
+def new_items_lake(lake, catalog_path, *, with_late: bool) -> None:
+    catalog = make_catalog(4, seed=1, start_ms=NOW - 40 * 86_400_000)
+    old = catalog["item_id"].tolist()
+    new = pd.DataFrame({"item_id": ["n1", "n2", "n3", "future"],
+                        "created_at": [NOW - 30 * H, NOW - 10 * H, NOW - 2 * H - 1, NOW + H]})
+    if with_late:
+        new = pd.concat([new, pd.DataFrame({"item_id": ["late"], "created_at": [NOW - 3 * H]})])
+    pd.concat([catalog[["item_id", "created_at"]], new], ignore_index=True).to_parquet(catalog_path)
+    if with_late:
+        return
+    events = []
+    for h in range(-40, 1, 3):  # impressions every 3 h over 40 h, a few products each
+        t = NOW + h * H - 5 * 60_000
+        events.append(imp(f"q{h}", "u1", ALIAS_CHAMPION, t, items=[old[h % 4], "n1", "n2", "n3", "future", "late"]))
+        events.append(imp(f"p{h}", "u2", ALIAS_CHALLENGER, t + 1000, items=[old[(h + 1) % 4], old[h % 4]]))
+    events += [new_event("click", "u1", item, "s", ts=NOW - hours * H)
+               for item, hours in (("n2", 9), ("n3", 3), ("n1", 2), ("late", 1))]
+    events.append(imp("empty", "u3", ALIAS_CHAMPION, NOW - H, items=[]))
+    write_events(lake, events)
+
+
+def assert_same_report(got: dd.NewItemReport, want: dd.NewItemReport) -> None:
+    for f in ("new_items", "with_impression", "median_first_impression_s", "median_first_click_s", "clicked",
+              "new_slots", "all_slots", "explore_share"):
+        assert getattr(got, f) == pytest.approx(getattr(want, f)), f
+    pd.testing.assert_frame_equal(got.hourly, want.hourly)
+
+
+def test_new_item_summaries_equal_the_raw_lake(tmp_path):
+    lake, cache, catalog = tmp_path / "lake", tmp_path / "cache", tmp_path / "catalog.parquet"
+    new_items_lake(lake, catalog, with_late=False)
+    args = dict(age_h=24.0, explore_share=0.1, hours=49, now_s=NOW_S)
+    want = dd.fetch_new_item_report(catalog, lake, **args)
+    # n2 and n3 are new ("future" is not launched yet); n3's click came before its launch
+    assert (want.new_items, want.with_impression, want.clicked) == (2, 2, 1)
+    assert want.new_slots > 0 and not want.hourly.empty
+    assert_same_report(ag.fetch_new_item_report(catalog, lake, cache, **args), want)
+    # the product "late" is shown before the catalog knows it: only the 3 hours with clicks alone are cached...
+    assert len(list((cache / "new_items").rglob("*.arrow"))) == 3 * len(ag.NEW_ITEM_TABLES)
+    new_items_lake(lake, catalog, with_late=True)
+    # ...so when the catalog catches up, the report counts it like the raw computation does
+    want = dd.fetch_new_item_report(catalog, lake, **args)
+    assert (want.new_items, want.with_impression, want.clicked) == (3, 3, 2)
+    assert_same_report(ag.fetch_new_item_report(catalog, lake, cache, **args), want)
+    n_parts = len(ag.window_partitions(lake, NOW_S - 49 * 3600, NOW_S + 3600))
+    assert len(list((cache / "new_items").iterdir())) == n_parts > 10
+    assert_same_report(ag.fetch_new_item_report(catalog, lake, cache, **args), want)  # from the cache
+    other_age = dict(args, age_h=6.0, hours=13)  # another age: its own summaries
+    assert_same_report(ag.fetch_new_item_report(catalog, lake, cache, **other_age),
+                       dd.fetch_new_item_report(catalog, lake, **other_age))
+    assert ag.fetch_new_item_report(tmp_path / "no.parquet", lake, cache, **args) is None
+    empty = ag.fetch_new_item_report(catalog, tmp_path / "none", cache, **args)
+    assert empty.all_slots == 0 and empty.hourly.empty and empty.with_impression == 0
+
+
+def test_build_summaries_fills_the_cache(tmp_path):
+    lake, cache = tmp_path / "lake", tmp_path / "cache"
+    ab_lake(lake)
+    new_items_lake(lake, tmp_path / "catalog.parquet", with_late=True)
+    assert ag.build_summaries(lake, cache, tmp_path / "catalog.parquet", hours=4, age_h=24, now_s=NOW_S) == 4
+    assert len(list((cache / "ab").iterdir())) == 4 and (cache / "new_items").is_dir()
+
+
+def test_summarize_partition_fills_one_hour(tmp_path):
+    from pipelines.lake import partition_key
+
+    lake, cache = tmp_path / "lake", tmp_path / "cache"
+    ab_lake(lake)
+    new_items_lake(lake, tmp_path / "catalog.parquet", with_late=True)
+    key = partition_key(NOW - 3 * H)
+    rows = ag.summarize_partition(lake, cache, tmp_path / "catalog.parquet", key, age_h=24)
+    assert rows == {"ab_impressions": 6, "ab_purchases": 1, "ab_users": 6, "new_items_slots": 6,  # one row per time
+                    "new_items_first_impression": 2, "new_items_first_click": 0}
+    assert len(list((cache / "ab").iterdir())) == 1
+    ag.summarize_partition(lake, cache, tmp_path / "catalog.parquet", partition_key(NOW), age_h=24)
+    assert len(list((cache / "ab").iterdir())) == 2  # the older hour is kept
+    assert_same_ab(ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S), dd.fetch_lake_ab(lake, hours=4, now_s=NOW_S))
+
+
+def test_minute_counts_and_ab_counts_in_one_round_trip(redis_client):
+    state = OnlineState(redis_client)
+    now = time.time()
+    b = int(now) // BUCKET_S * BUCKET_S
+    for ago, counts in ((0, {"impressions": 5, "clicks": 1}), (3, {"impressions": 2}), (9, {"clicks": 4})):
+        redis_client.hset(RedisKeys.counter(dd.ab_stats_name(ALIAS_CHAMPION), b // BUCKET_S - ago), mapping=counts)
+    state.incr_stats(dd.ab_stats_name(ALIAS_CHALLENGER), {"impressions": 7})
+    got = dd.fetch_minute_counts(state, dd.ab_stats_name(ALIAS_CHAMPION), ("impressions", "clicks"), 10, now)
+    want = dd.buckets_to_frame(state.read_stats(dd.ab_stats_name(ALIAS_CHAMPION), 10), ("impressions", "clicks"),
+                               minutes=10, now_s=now)
+    pd.testing.assert_frame_equal(got, want)
+    assert got["impressions"].sum() == 7 and got["clicks"].sum() == 5
+    assert dd.fetch_minute_counts(state, "nothing", ("x",), 3, now)["x"].tolist() == [0, 0, 0]
+
+    for v, n in ((ALIAS_CHAMPION, 3), (ALIAS_CHALLENGER, 4)):
+        state.r.hset(RedisKeys.ab(state.experiment, v), mapping={"impressions": n, "clicks": 1})
+    assert dd.fetch_ab_counts(state) == state.ab_counts() == {
+        ALIAS_CHAMPION: {"impressions": 3, "clicks": 1}, ALIAS_CHALLENGER: {"impressions": 4, "clicks": 1}}
