@@ -37,7 +37,7 @@ hourly_refresh = dg.ScheduleDefinition(name="refresh_job_schedule", job=refresh_
                                                    "challenger's item-to-item part (SHOPREC_REFRESH_CRON).")
 
 defs = dg.Definitions(
-    assets=[assets.catalog, assets.events, assets.training_interactions, assets.trained_model,
+    assets=[assets.catalog, assets.events, assets.dashboard_summaries, assets.training_interactions, assets.trained_model,
             assets.itemitem_refresh, assets.popular_fallback, assets.served_model, assets.trending],
     jobs=[validate_job, train_job, refresh_job],
     schedules=[hourly_validation, daily_retrain, hourly_refresh],

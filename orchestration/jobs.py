@@ -6,8 +6,10 @@ from orchestration import assets
 from orchestration.partitions import hourly_events
 
 validate_job = dg.define_asset_job(
-    "validate_events_job", selection=dg.AssetSelection.assets(assets.events), partitions_def=hourly_events,
-    description="Validate one hour of lake events (Great Expectations, blocking check).")
+    "validate_events_job", selection=dg.AssetSelection.assets(assets.events, assets.dashboard_summaries),
+    partitions_def=hourly_events,
+    description="Validate one hour of lake events (Great Expectations, blocking check), then summarise it for the "
+                "dashboard.")
 train_job = dg.define_asset_job(
     "train_job",
     selection=dg.AssetSelection.assets(assets.catalog, assets.training_interactions, assets.trained_model,

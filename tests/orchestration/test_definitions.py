@@ -38,7 +38,7 @@ def test_asset_graph_has_groups_owners_kinds_and_policies():
         assert node.owners == ["team:shoprec-ml"], key
         assert node.kinds, key
         assert node.description, key
-    assert groups == {"ingestion": {"catalog", "events"}, "features": {"training_interactions"},
+    assert groups == {"ingestion": {"catalog", "events"}, "features": {"training_interactions", "dashboard_summaries"},
                       "training": {"trained_model", "itemitem_refresh"}, "serving": {"popular_fallback", "served_model", "trending"}}
     served = graph.get(dg.AssetKey("served_model"))
     assert served.freshness_policy is not None
