@@ -143,7 +143,7 @@ def _register_benchmarks() -> None:
         import subprocess
         import sys
 
-        failed = [name for name in ("quality", "ingest", "serve")
+        failed = [name for name in ("quality", "ingest", "serve", "gpu")
                   if subprocess.run([sys.argv[0], "bench", name]).returncode != 0]
         if failed:
             typer.echo(f"benchmarks that failed: {', '.join(failed)}", err=True)
