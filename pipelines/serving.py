@@ -79,7 +79,7 @@ def score_batch(model: Recommender, requests: Sequence[tuple[str, Sequence[str]]
     if cold_pos and hasattr(model, "session_vector") and hasattr(model, "score_users"):
         import torch
 
-        index = {i: n for n, i in enumerate(model.item_ids)}
+        index = getattr(model, "item_index", None) or {i: n for n, i in enumerate(model.item_ids)}
         vec_pos, vecs, exclude = [], [], []
         popular: Scored | None = None
         for n in cold_pos:

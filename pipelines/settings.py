@@ -133,6 +133,9 @@ class Settings(BaseSettings):
                                                                 "requests arriving meanwhile leave together as one call")
     serve_gpu: bool = Field(False, description="request a GPU for the scoring service (resources={'gpu': 1})")
     serve_deadline_ms: int = Field(1000, ge=1, description="a model answer slower than this is replaced by the fallback")
+    serve_request_timeout_s: float = Field(5.0, gt=0, description="BentoML's per-request timeout. Keep it short: "
+                                           "BentoML holds each request's timer, context and trace span until it "
+                                           "expires, and the garbage collector's pauses grow with rps x timeout")
     serve_cache: bool = Field(True, description="serve and store top-N lists in the Redis cache")
     serve_cache_n: int = Field(50, ge=1, description="length of the cached top-N list")
     serve_api_workers: int = Field(1, ge=1, description="processes of the API service")

@@ -105,6 +105,7 @@ class IndexedRecommender(Recommender, abc.ABC):
 
     _user_index: dict[str, int]
     _item_ids: list[str]
+    _item_index: dict[str, int]
 
     @property
     def known_users(self):
@@ -115,6 +116,11 @@ class IndexedRecommender(Recommender, abc.ABC):
     def item_ids(self) -> list[str]:
         """Item ids in index order (the rows of the model's item tables)."""
         return self._item_ids
+
+    @property
+    def item_index(self) -> dict[str, int]:
+        """Item id -> row (the inverse of :attr:`item_ids`; do not mutate)."""
+        return self._item_index
 
 
 def load_recommender(path: str | Path) -> Recommender:
