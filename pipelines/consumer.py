@@ -2,17 +2,26 @@
 
 Per poll batch:
 
-1. validate every record (:func:`pipelines.schemas.parse_event`); claim each valid event's
-   ``event_id`` in Redis with the record's Kafka position (``partition:offset``);
+1. validate every record (:func:`pipelines.schemas.parse_events`: :func:`~pipelines.schemas.parse_event`'s
+   decisions, with a model-free fast path for the common shape); claim each valid event's ``event_id``
+   in Redis with the record's Kafka position (``partition:offset``), one script call per partition,
+   sent while the next partition is parsed;
 2. send rejects (and duplicates) to ``shop.events.dlq`` with the original bytes and a
    ``reason`` header, count them per reason in Redis;
-3. write the valid events to the Parquet lake, one file per Kafka partition and hour, named
-   by the partition's offset range in the batch; durable (tmp + fsync + rename) on return;
-4. meanwhile, in a helper thread, fold them into the online state in Redis (one script call
-   plus one pipeline); steps 3 and 4 both finish before step 5;
-5. wait for the DLQ acks, then commit the offsets.
+3. in a persist thread, write the valid events to the Parquet lake, one file per Kafka partition
+   and hour, named by the partition's offset range in the batch, durable (tmp + fsync + rename);
+4. beside it, fold them into the online state in Redis (one script call plus one pipeline);
+5. while 3 and 4 run, poll and validate the next batch (steps 1-2); then wait until 3 and 4 are
+   done and the DLQ copies acknowledged, and commit exactly this batch's offsets (one past its
+   last record per partition). With no next batch at hand the commit follows at once.
 
-Exactly once in the lake, and why it is built this way. A crash anywhere before step 5
+Steps 3-4 of one batch thus overlap steps 1-2 of the next (Parquet encoding, fsync and Redis release
+the GIL), and a batch's offsets are still committed only once its files are durable. If a commit is
+refused (the group rebalanced), that batch's files are removed and both it and the next batch, which
+was fetched before the rebalance settled and is not written, are sought back, so they are consumed
+again (their DLQ copies may then be sent twice; the DLQ is at-least-once).
+
+Exactly once in the lake, and why it is built this way. A crash anywhere before the commit
 replays the batch from the last committed offset. Two mechanisms make the replay harmless:
 
 * Files carry their offset range (:func:`pipelines.lake.batch_file_name`). Commits happen only
@@ -24,11 +33,11 @@ replays the batch from the last committed offset. Two mechanisms make the replay
   split) than the one that crashed. A member that loses the partition during a rebalance finds
   its commit refused and deletes its own files of that batch.
 * The event_id index in Redis (``SET NX GET`` with the record's position, one script call per
-  batch) tells a genuine duplicate (same event_id, another position: client retries, a
+  partition) tells a genuine duplicate (same event_id, another position: client retries, a
   producer that sent twice) from the same record seen again after a crash (same position), so
   a replay is never rejected as a duplicate and a duplicate never gets stored twice.
 
-The Redis online state is at-least-once: a crash between step 4 and step 5 applies that batch's
+The Redis online state is at-least-once: a crash between step 4 and the commit applies that batch's
 counters again on replay (a bounded, visible error of at most one batch; the lake, which
 training and the dashboard read, is exact). When Redis is down the consumer retries with
 exponential backoff and does not commit, so nothing is lost; when its event_id index was lost
@@ -48,16 +57,17 @@ import threading
 import time
 import uuid
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import redis
 from kafka import TopicPartition
+from kafka.structs import OffsetAndMetadata
 from kafka.errors import CommitFailedError
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from pipelines import kafka_io, lake
-from pipelines.schemas import LAKE_COLUMNS, TOPIC_EVENTS, Event, EventError, parse_event
+from pipelines.schemas import TOPIC_EVENTS, parse_events
 from pipelines.settings import Settings
 from pipelines.state import OnlineState
 
@@ -75,6 +85,27 @@ class ConsumerStats:
     rejected: Counter = field(default_factory=Counter)
     batches: int = 0
     last_commit_ts: float = 0.0
+
+
+@dataclass
+class _Batch:
+    """One polled batch after validation: what is written, and the offsets committed once it is durable."""
+
+    polled: dict  # TopicPartition -> records, as polled
+    valid: dict  # TopicPartition -> valid events (dicts), duplicates removed
+    rejected: Counter
+    done: Future | None = None  # the lake write and Redis fold (result: the files written)
+
+    @property
+    def n(self) -> int:
+        return sum(len(recs) for recs in self.polled.values())
+
+    def events(self) -> list[dict]:
+        return [ev for evs in self.valid.values() for ev in evs]
+
+    def offsets(self) -> dict:
+        """Offsets to commit: one past each partition's last record in this batch."""
+        return {tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1) for tp, recs in self.polled.items()}
 
 
 class _CrashHook:
@@ -120,7 +151,10 @@ class StreamConsumer:
         self._last_log = self._last_status = self._last_trending = now
         self._last_logged_count = self._last_status_count = 0
         self._rate = 0.0
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-state")
+        self._claims = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-claims")
+        self._state_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-state")
+        self._persist_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-persist")
+        self._inflight: _Batch | None = None  # handled, being written, not yet committed
 
     # --- one batch ---------------------------------------------------------------------------
     def process_batch(self, timeout_ms: int | None = None) -> int:
@@ -130,11 +164,15 @@ class StreamConsumer:
             # kafka-python 3.0.12 drops a JoinGroup that completes between two polls and sends a new
             # one; tansu answers a join after ~3 s, so short polls can rejoin forever. Wait it out.
             timeout_ms = max(timeout_ms, JOIN_WAIT_MS)
+        elif self._inflight is not None:
+            timeout_ms = 0  # records already fetched are handled now; otherwise the batch in flight is finished
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.consumer_max_records)
         self._owned &= self.consumer.assignment()
         n = sum(len(recs) for recs in polled.values())
         if n:
             self._handle(polled)
+        else:
+            self._finish()
         self._periodic()
         return n
 
@@ -142,91 +180,135 @@ class StreamConsumer:
         s = self.settings
         now_ms = int(time.time() * 1000)
         rejected: Counter = Counter()
-        # (tp, record, event) of the records that parsed; claimed in Redis below
-        parsed: list[tuple[TopicPartition, object, Event]] = []
+        limits = dict(max_bytes=s.max_event_bytes, now_ms=now_ms, max_age_days=s.max_event_age_days,
+                      max_future_s=s.max_event_future_s)
+        # per partition: the records that parsed, their events (plain dicts: no model per event) and the
+        # pending claim of their event_ids, sent while the next partition is parsed (Redis works meanwhile)
+        parsed: list[tuple[TopicPartition, list, list[dict], Future]] = []
         for tp, recs in polled.items():
-            for rec in recs:
-                try:
-                    ev = parse_event(rec.value, max_bytes=s.max_event_bytes, now_ms=now_ms,
-                                     max_age_days=s.max_event_age_days, max_future_s=s.max_event_future_s)
-                except EventError as err:
-                    rejected[err.reason] += 1
-                    kafka_io.send_dlq(self.producer, rec.value, err.reason, err.message, rec.key, rec.headers)
-                    continue
-                parsed.append((tp, rec, ev))
-        valid: dict[TopicPartition, list[Event]] = {}
-        if parsed:
-            positions = [f"{tp.partition}:{rec.offset}" for tp, rec, _ in parsed]
-            holders = self._redis(self.state.claim_event_ids, [ev.event_id for _, _, ev in parsed], positions,
-                                  s.dedup_window_s)
-            for (tp, rec, ev), position, holder in zip(parsed, positions, holders):
-                if holder is not None and holder != position:
+            evs = parse_events([rec.value for rec in recs], **limits)
+            ok_recs = recs
+            if not all(type(ev) is dict for ev in evs):
+                ok_recs = []
+                for rec, ev in zip(recs, evs):
+                    if type(ev) is dict:
+                        ok_recs.append(rec)
+                    else:
+                        rejected[ev.reason] += 1
+                        kafka_io.send_dlq(self.producer, rec.value, ev.reason, ev.message, rec.key, rec.headers)
+                evs = [ev for ev in evs if type(ev) is dict]
+            ids = [ev["event_id"] for ev in evs]
+            part = f"{tp.partition}:"
+            positions = [part + str(rec.offset) for rec in ok_recs]
+            if ids:
+                parsed.append((tp, ok_recs, evs, self._claims.submit(self._redis, self.state.claim_event_ids, ids,
+                                                                    positions, s.dedup_window_s)))
+        valid: dict[TopicPartition, list[dict]] = {}
+        for tp, recs, evs, claim in parsed:
+            duplicates = claim.result()
+            if duplicates:
+                for j, holder in duplicates.items():
                     rejected["duplicate"] += 1
-                    kafka_io.send_dlq(self.producer, rec.value, "duplicate",
-                                      f"event_id {ev.event_id} was already stored (record at {holder})", rec.key,
-                                      rec.headers)
-                else:
-                    valid.setdefault(tp, []).append(ev)
+                    kafka_io.send_dlq(self.producer, recs[j].value, "duplicate",
+                                      f"event_id {evs[j]['event_id']} was already stored (record at {holder})",
+                                      recs[j].key, recs[j].headers)
+                evs = [ev for j, ev in enumerate(evs) if j not in duplicates]
+            if evs:
+                valid[tp] = evs
         if rejected:
             self._redis(self.state.count_dlq, dict(rejected))
             log.warning("rejected %d records: %s", sum(rejected.values()), dict(rejected))
         self._crash("after_dlq")
-        events = [ev for evs in valid.values() for ev in evs]
+        batch = _Batch(polled, valid, rejected)
+        # the batch before this one has been written while this one was polled and parsed: commit it first
+        if not self._finish(also_drop=batch):
+            return
+        fresh = [(tp, recs[0].offset) for tp, recs in polled.items() if tp not in self._owned]
+        self._owned.update(tp for tp, _ in fresh)
+        batch.done = self._persist_pool.submit(self._persist, batch, fresh)
+        self._inflight = batch
+
+    def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]]) -> list:
+        """Write a batch to the lake and fold it into Redis (in the persist thread); returns the files written."""
+        events = batch.events()
         # the Redis fold runs beside the lake write (both mostly wait: on Redis, on Parquet encoding and
         # fsync, which release the GIL); both finish before the commit, so crash safety is unchanged
-        applied = self._pool.submit(self._redis, self.state.apply_events, events) if events else None
+        applied = self._state_pool.submit(self._redis, self.state.apply_events, events) if events else None
         try:
-            written = self._write_lake(polled, valid)
+            return self._write_lake(batch.polled, batch.valid, fresh)
         finally:
             if applied is not None:
                 applied.result()
+
+    def _finish(self, also_drop: _Batch | None = None) -> bool:
+        """Wait for the batch in flight to be durable, then commit its offsets; False when the commit was refused.
+
+        After a refused commit the batch's files are removed and each of its partitions that is still
+        ours is sought back to the batch's first record (kafka-python keeps the position of a partition
+        that stays assigned across a rebalance), so the batch is consumed again. ``also_drop``, a batch
+        fetched after it and not yet written, is dropped and sought back the same way.
+        """
+        batch, self._inflight = self._inflight, None
+        if batch is None:
+            return True
+        written = batch.done.result()
         self._crash("after_lake_write")
         self._crash("after_redis")
-        if rejected:
+        if batch.rejected:
             self.producer.flush()  # the DLQ copies must be in Kafka before their offsets are committed
         self._crash("before_commit")
         try:
-            self.consumer.commit()
+            self.consumer.commit(batch.offsets())
         except CommitFailedError as err:
             # the group rebalanced under us: the partitions' new owner replays this batch, so the
             # files written here must go (it deletes uncommitted files too, but may have looked already)
             for path in written:
                 path.unlink(missing_ok=True)
             self._owned.clear()
+            self._rewind(batch, also_drop)
             log.warning("commit refused after a rebalance (%s); %d files of this batch removed", err, len(written))
-            return
+            return False
         self._crash("after_commit")
-        n = sum(len(recs) for recs in polled.values())
-        self.stats.consumed += n
-        self.stats.stored += len(events)
-        self.stats.rejected.update(rejected)
+        self.stats.consumed += batch.n
+        self.stats.stored += sum(len(evs) for evs in batch.valid.values())
+        self.stats.rejected.update(batch.rejected)
         self.stats.batches += 1
         self.stats.last_commit_ts = time.time()
+        return True
 
-    def _write_lake(self, polled: dict, valid: dict[TopicPartition, list[Event]]) -> list:
-        """One durable file per Kafka partition and hour, named by the partition's offsets in this batch."""
+    def _rewind(self, *batches: _Batch | None) -> None:
+        """Seek each partition of ``batches`` that is still assigned back to its first record in them."""
+        first: dict[TopicPartition, int] = {}
+        for b in batches:
+            for tp, recs in (b.polled.items() if b is not None else ()):
+                first[tp] = min(first.get(tp, recs[0].offset), recs[0].offset)
+        assigned = self.consumer.assignment()
+        for tp, offset in first.items():
+            if tp in assigned:
+                try:
+                    self.consumer.seek(tp, offset)
+                except ValueError:  # revoked meanwhile: its new owner resumes at the committed offset
+                    pass
+
+    def _write_lake(self, polled: dict, valid: dict[TopicPartition, list[dict]],
+                    fresh: list[tuple[TopicPartition, int]]) -> list:
+        """One durable file per Kafka partition and hour, named by the partition's offsets in this batch.
+
+        ``fresh``: the partitions (re)assigned since the last batch, with the offset they resume at.
+        """
         s = self.settings
-        for tp, recs in polled.items():
-            if tp not in self._owned:
-                # first batch since this partition was (re)assigned: drop files of uncommitted batches
-                now_ms = int(time.time() * 1000)
-                removed = lake.remove_uncommitted(s.lake_dir, tp.topic, tp.partition, recs[0].offset,
-                                                  since_ms=now_ms - (s.max_event_age_days + 1) * 86_400_000,
-                                                  until_ms=now_ms + s.max_event_future_s * 1000 + 3_600_000)
-                if removed:
-                    log.info("partition %s resumes at %d: removed %d uncommitted lake files",
-                             tp.partition, recs[0].offset, len(removed))
-                self._owned.add(tp)
-        written = []
-        for tp, events in valid.items():
-            recs = polled[tp]
-            by_hour: dict[int, list[Event]] = {}
-            for ev in events:
-                by_hour.setdefault(ev.ts // 3_600_000, []).append(ev)
-            name = lake.batch_file_name(tp.topic, tp.partition, recs[0].offset, recs[-1].offset, self.writer)
-            for hour, evs in by_hour.items():
-                written.append(lake.write_hour(s.lake_dir, hour, _columns(evs), name))
-        return written
+        for tp, resume in fresh:
+            # first batch since this partition was (re)assigned: drop files of uncommitted batches
+            now_ms = int(time.time() * 1000)
+            removed = lake.remove_uncommitted(s.lake_dir, tp.topic, tp.partition, resume,
+                                              since_ms=now_ms - (s.max_event_age_days + 1) * 86_400_000,
+                                              until_ms=now_ms + s.max_event_future_s * 1000 + 3_600_000)
+            if removed:
+                log.info("partition %s resumes at %d: removed %d uncommitted lake files",
+                         tp.partition, resume, len(removed))
+        batches = [(lake.batch_file_name(tp.topic, tp.partition, polled[tp][0].offset, polled[tp][-1].offset,
+                                         self.writer), events) for tp, events in valid.items()]
+        return lake.write_batches(s.lake_dir, batches, threads=s.consumer_lake_threads) if batches else []
 
     @staticmethod
     @_redis_retry
@@ -283,14 +365,15 @@ class StreamConsumer:
         return self.stats
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True)
+        try:
+            self._finish()
+        except Exception:  # noqa: BLE001 - closing anyway; the uncommitted batch is replayed by the next owner
+            log.exception("the last batch could not be committed; it will be consumed again")
+        for pool in (self._claims, self._persist_pool, self._state_pool):
+            pool.shutdown(wait=True)
         try:
             self.producer.flush(timeout=5)
         finally:
             self.producer.close(timeout=5)
             self.consumer.close()
 
-
-def _columns(events: list[Event]) -> dict[str, list]:
-    """Lake columns of validated events (attribute access; no per-event dict)."""
-    return {name: [getattr(e, name) for e in events] for name in LAKE_COLUMNS}

@@ -20,11 +20,13 @@ import os
 import re
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.schemas import LAKE_COLUMNS
@@ -82,20 +84,45 @@ def write_table(folder: Path, name: str, table: pa.Table) -> Path:
 
     A file of the same name is replaced atomically.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / name
-    tmp = folder / f".{name}.tmp"
-    with open(tmp, "wb") as fh:
-        pq.write_table(table, fh, compression="zstd")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # the rename itself must survive a power cut, not just the bytes
-    finally:
-        os.close(dir_fd)
-    return final
+    return write_tables([(folder, name, table)])[0]
+
+
+def write_tables(files: list[tuple[Path, str, pa.Table]], *, threads: int = 1) -> list[Path]:
+    """Write several Parquet files durably; each is complete and durable under its final name on return.
+
+    Every file is written under a temporary name and fsynced (in ``threads`` threads: Parquet
+    encoding and fsync release the GIL, and the file system can group concurrent fsyncs), then
+    renamed; each folder is fsynced once at the end so that the renames survive a power cut.
+    Files of the same name are replaced atomically.
+    """
+    def to_tmp(f: tuple[Path, str, pa.Table]) -> Path:
+        folder, name, table = f
+        tmp = folder / f".{name}.tmp"
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd")
+            fh.flush()
+            os.fsync(fh.fileno())
+        return tmp
+
+    folders = {folder for folder, _, _ in files}
+    for folder in folders:
+        folder.mkdir(parents=True, exist_ok=True)
+    if threads > 1 and len(files) > 1:
+        with ThreadPoolExecutor(min(threads, len(files)), thread_name_prefix="shoprec-lake") as pool:
+            tmps = list(pool.map(to_tmp, files))
+    else:
+        tmps = [to_tmp(f) for f in files]
+    finals = []
+    for tmp, (folder, name, _) in zip(tmps, files):
+        os.replace(tmp, folder / name)
+        finals.append(folder / name)
+    for folder in folders:
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the renames themselves must survive a power cut, not just the bytes
+        finally:
+            os.close(dir_fd)
+    return finals
 
 
 # --- files of the stream consumer, named by their Kafka position ---------------------------------
@@ -111,9 +138,41 @@ def batch_file_name(topic: str, partition: int, first_offset: int, last_offset: 
     return f"{topic}-{partition}-{first_offset:012d}-{last_offset:012d}-{writer}.parquet"
 
 
-def write_hour(lake_dir: Path, hour: int, columns: dict[str, list], name: str) -> Path:
-    """Write the rows of one hourly partition (``hour`` in epoch hours) given as lake columns."""
-    return write_table(_hour_dir(lake_dir, hour), name, pa.Table.from_pydict(columns, schema=LAKE_SCHEMA))
+_LAKE_STRUCT = pa.struct(list(LAKE_SCHEMA))
+_HOUR_MS = 3_600_000
+
+
+def rows_table(rows: list[dict]) -> pa.Table:
+    """Validated events (dicts; optional fields may be absent) as a lake table, converted column-wise in Arrow."""
+    table = pa.Table.from_struct_array(pa.array(rows, type=_LAKE_STRUCT))
+    version = table.column("schema_version")
+    if version.null_count:  # absent means the default, schema_version 1
+        table = table.set_column(len(LAKE_COLUMNS) - 1, "schema_version", pc.fill_null(version, 1))
+    return table
+
+
+def write_batches(lake_dir: Path, batches: list[tuple[str, list[dict]]], *, threads: int = 4) -> list[Path]:
+    """Write validated events durably, each batch as one file named ``name`` per hourly partition it touches.
+
+    Args:
+        lake_dir: root of the lake.
+        batches: ``(file name, events)``; events are dicts (optional fields may be absent).
+        threads: files encoded and fsynced at once.
+
+    Returns:
+        The paths written (fsynced, renamed, folders fsynced when this returns).
+    """
+    files = []
+    for name, rows in batches:
+        table = rows_table(rows)
+        hours = pc.divide(table.column("ts").cast(pa.int64()), _HOUR_MS)  # ts >= 0: integer division floors
+        lo, hi = pc.min_max(hours).values()
+        if lo == hi:  # the usual case: the whole batch lies in one hour
+            files.append((_hour_dir(lake_dir, lo.as_py()), name, table))
+        else:
+            files += [(_hour_dir(lake_dir, hour), name, table.filter(pc.equal(hours, hour)))
+                      for hour in pc.unique(hours).to_pylist()]
+    return write_tables(files, threads=threads)
 
 
 def _hour_dir(lake_dir: Path, hour: int) -> Path:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import time
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
+import orjson
 import redis
 
 from pipelines.schemas import (EVENT_WEIGHTS, LATENCY_EDGES_MS, PURCHASE_MEMORY_S, STATS_EVENTS, STATS_LATENCY, Event,
@@ -24,31 +25,50 @@ TRENDING_HALF_LIFE_H = 6.0
 TRENDING_WINDOW_H = 48
 REQUEST_TTL_S = 86_400
 
-# SET NX GET per id; an array reply keeps nil as false, so the caller maps false to None
+# SET NX GET per id. ARGV: ttl, key prefix, the event_ids and their positions each joined by "\n" (ids
+# are hex and dashes, positions "partition:offset": neither can hold a newline). Two big arguments instead
+# of two per event keep the client's packing cheap; the reply lists only the duplicates (1-based index,
+# earlier position). Keys are built in the script, so on Redis Cluster a batch would need splitting by slot.
 _CLAIM_LUA = """
+local ttl, prefix = ARGV[1], ARGV[2]
+local positions = string.gmatch(ARGV[4], '[^\\n]+')
 local out = {}
-for i, key in ipairs(KEYS) do
-  out[i] = redis.call('SET', key, ARGV[i + 1], 'NX', 'GET', 'EX', ARGV[1])
+local i = 0
+for id in string.gmatch(ARGV[3], '[^\\n]+') do
+  i = i + 1
+  local pos = positions()
+  local held = redis.call('SET', prefix .. id, pos, 'NX', 'GET', 'EX', ttl)
+  if held and held ~= pos then
+    out[#out + 1] = i
+    out[#out + 1] = held
+  end
 end
 return out
 """
 
-# ARGV: cap, n_users, then per user (key, n, item_1..item_n) in push order, then n_trending, then per
-# entry (key, weight, item). Keys travel in ARGV, so on Redis Cluster this batch would need splitting by slot.
+# ARGV[1]: one JSON document (cheaper for the client to build and send than thousands of arguments):
+# {"cap", "recent", "cache", "known", "request", "request_ttl": key prefixes and limits,
+#  "users": [[user, [item, ...] in push order], ...], "trending": [[key, weight, item], ...],
+#  "requests": [[request_id, variant], ...]}. Keys are built in the script, so on Redis Cluster a
+# batch would need splitting by slot.
 _FOLD_LUA = """
-local cap = tonumber(ARGV[1])
-local i = 3
-for _ = 1, tonumber(ARGV[2]) do
-  local key, n = ARGV[i], tonumber(ARGV[i + 1])
-  redis.call('LPUSH', key, unpack(ARGV, i + 2, i + 1 + n))
+local b = cjson.decode(ARGV[1])
+local cap = b.cap
+for _, u in ipairs(b.users) do
+  local user, items = u[1], u[2]
+  local key = b.recent .. user
+  for j = 1, #items, 1000 do
+    redis.call('LPUSH', key, unpack(items, j, math.min(j + 999, #items)))
+  end
   redis.call('LTRIM', key, 0, cap - 1)
-  i = i + 2 + n
+  redis.call('UNLINK', b.cache .. user)
+  redis.call('SADD', b.known, user)
 end
-local nz = tonumber(ARGV[i])
-i = i + 1
-for _ = 1, nz do
-  redis.call('ZINCRBY', ARGV[i], ARGV[i + 1], ARGV[i + 2])
-  i = i + 3
+for _, t in ipairs(b.trending) do
+  redis.call('ZINCRBY', t[1], t[2], t[3])
+end
+for _, r in ipairs(b.requests) do
+  redis.call('SET', b.request .. r[1], r[2], 'EX', b.request_ttl)
 end
 return 1
 """
@@ -74,17 +94,23 @@ class OnlineState:
         self._fold = None
 
     # --- writes from the stream consumer ------------------------------------
-    def apply_events(self, events: Sequence[Event]) -> None:
+    def apply_events(self, events: Sequence[Event | Mapping]) -> None:
         """Fold one batch of valid events into the online state (one or two pipelined round trips).
 
         Commands are aggregated per key (one LPUSH per user, one ZINCRBY per hour and item, one
         HINCRBY per variant and metric), so a 5,000-event batch costs a few thousand commands, not
         tens of thousands. Events must come in offset order: a user's newest item ends up first.
+
+        Args:
+            events: validated events, as :class:`Event` or as the dicts of
+                :func:`pipelines.schemas.parse_event_dict` (optional fields may be absent).
         """
         if not events:
             return
-        unattributed = {e.request_id for e in events if e.event_type in AB_METRICS and e.event_type != "impression"
-                        and e.request_id and not e.variant}
+        rows = [e if isinstance(e, Mapping) else e.__dict__ for e in events]
+        # clicks, carts and purchases that name a request but not its variant: look the variant up
+        unattributed = {d["request_id"] for d in rows if d.get("request_id") and not d.get("variant")
+                        and d["event_type"] in AB_METRICS and d["event_type"] != "impression"}
         variants: dict[str, str] = {}
         if unattributed:
             rids = list(unattributed)
@@ -96,46 +122,39 @@ class OnlineState:
         by_type: Counter = Counter()
         requests: dict[str, str] = {}
         purchases: dict[str, dict[str, int]] = {}
-        for e in events:
-            etype = e.event_type
+        for d in rows:
+            etype = d["event_type"]
             by_type[etype] += 1
-            if etype == "purchase":
-                purchases.setdefault(e.user_id, {})[e.item_id] = e.ts
             weight = EVENT_WEIGHTS.get(etype)
             if weight is not None:
-                recent.setdefault(e.user_id, []).append(e.item_id)
-                trending[(e.ts // 3_600_000, e.item_id)] += weight
+                item = d["item_id"]
+                recent.setdefault(d["user_id"], []).append(item)
+                trending[(d["ts"] // 3_600_000, item)] += weight
+                if etype == "purchase":
+                    purchases.setdefault(d["user_id"], {})[item] = d["ts"]
             metric = AB_METRICS.get(etype)
             if metric is None:
                 continue
+            variant, rid = d.get("variant"), d.get("request_id")
             if etype == "impression":
-                if e.request_id and e.variant:
-                    requests[e.request_id] = e.variant
-                variant = e.variant
-            else:
-                variant = e.variant or (variants.get(e.request_id) if e.request_id else None)
+                if rid and variant:
+                    requests[rid] = variant
+            elif not variant and rid:
+                variant = requests.get(rid) or variants.get(rid)  # its impression may be in this very batch
             if variant:
                 ab[(variant, metric)] += 1
-        # the per-user and per-item writes (most of the commands) go as one script call: packing one
-        # command of many arguments costs the client far less than thousands of small commands
-        fold: list = [self.recent_cap, len(recent)]
-        for user, items in recent.items():
-            fold += [RedisKeys.recent(user), len(items), *items]
-        fold.append(len(trending))
-        for (hour, item), w in trending.items():
-            fold += [RedisKeys.trending_hour(hour), w, item]
+        # the per-user, per-item and per-request writes (most of the commands) go as one script call
+        fold = {"cap": self.recent_cap, "recent": RedisKeys.recent(""), "cache": RedisKeys.cache(""),
+                "known": RedisKeys.known_users, "request": RedisKeys.request(""), "request_ttl": REQUEST_TTL_S,
+                "users": list(recent.items()), "requests": list(requests.items()),
+                "trending": [(RedisKeys.trending_hour(hour), w, item) for (hour, item), w in trending.items()]}
         if self._fold is None:
             self._fold = self.r.register_script(_FOLD_LUA)
         p = self.r.pipeline(transaction=False)
-        self._fold(args=fold, client=p)
+        self._fold(args=[orjson.dumps(fold)], client=p)
         bucket = int(time.time()) // BUCKET_S
-        if recent:
-            p.unlink(*[RedisKeys.cache(u) for u in recent])  # invalidate their cached top-N lists
-            p.sadd(RedisKeys.known_users, *recent)
         for hour in {h for h, _ in trending}:
             p.expire(RedisKeys.trending_hour(hour), TRENDING_WINDOW_H * 3600)
-        for rid, variant in requests.items():
-            p.set(RedisKeys.request(rid), variant, ex=REQUEST_TTL_S)
         for (variant, metric), n in ab.items():
             p.hincrby(RedisKeys.ab(self.experiment, variant), metric, n)
             p.hincrby(RedisKeys.counter(f"ab:{variant}", bucket), metric, n)
@@ -150,20 +169,22 @@ class OnlineState:
         p.expire(ev_key, STATS_TTL_S)
         p.execute()
 
-    def claim_event_ids(self, event_ids: Sequence[str], positions: Sequence[str], ttl_s: int) -> list[str | None]:
-        """Remember each event_id with the Kafka position that carried it; returns the earlier holder.
+    def claim_event_ids(self, event_ids: Sequence[str], positions: Sequence[str], ttl_s: int) -> dict[int, str]:
+        """Remember each event_id with the Kafka position (``partition:offset``) that carried it.
 
-        One server-side script call per batch. For each id the answer is ``None`` (first time seen),
-        the record's own position (the same record consumed again after a crash: not a duplicate), or
-        another position (a duplicate event). Ids are forgotten after ``ttl_s``.
+        One server-side script call per batch. An id seen for the first time, or seen again at the
+        same position (the same record consumed again after a crash), is not a duplicate; an id
+        already held by another position is. Ids are forgotten after ``ttl_s``.
+
+        Returns:
+            ``{index in event_ids: position of the record that carried it first}`` of the duplicates.
         """
         if not event_ids:
-            return []
+            return {}
         if self._claim is None:
             self._claim = self.r.register_script(_CLAIM_LUA)
-        keys = [RedisKeys.event_id(e) for e in event_ids]
-        got = self._claim(keys=keys, args=[ttl_s, *positions])
-        return [g if g else None for g in got]
+        got = self._claim(args=[ttl_s, RedisKeys.event_id(""), "\n".join(event_ids), "\n".join(positions)])
+        return {int(got[i]) - 1: got[i + 1] for i in range(0, len(got), 2)}
 
     def refresh_trending(self, now_s: float | None = None) -> None:
         """Merge the hourly item counts of the last two days into ``trending`` with exponential decay."""
@@ -250,7 +271,7 @@ class OnlineState:
     def ab_counts(self) -> dict[str, dict[str, int]]:
         """Totals per variant of the running experiment: impressions, clicks, carts, purchases."""
         out = {}
-        for key in self.r.scan_iter(RedisKeys.ab(self.experiment, "*")):
+        for key in self.r.scan_iter(RedisKeys.ab(self.experiment, "*"), count=10_000):
             out[key.rsplit(":", 1)[1]] = {f: int(v) for f, v in self.r.hgetall(key).items()}
         return out
 

@@ -1,0 +1,56 @@
+"""The batched Redis writes of the consumer: event_id claims and the online-state fold."""
+
+from __future__ import annotations
+
+import uuid
+
+from pipelines.schemas import RedisKeys, new_event, validate_event
+from pipelines.state import OnlineState
+
+
+def test_claims_report_only_duplicates_and_let_a_replayed_record_through(redis_client):
+    state = OnlineState(redis_client)
+    a, b, c = (str(uuid.uuid4()) for _ in range(3))
+    assert state.claim_event_ids([a, b], ["0:10", "0:11"], 600) == {}
+    # the same records again (a replay after a crash) are not duplicates; the same id elsewhere is
+    assert state.claim_event_ids([a, b, c, a], ["0:10", "0:11", "1:5", "2:7"], 600) == {3: "0:10"}
+    assert redis_client.get(RedisKeys.event_id(c)) == "1:5"
+    assert 0 < redis_client.ttl(RedisKeys.event_id(c)) <= 600
+
+
+def test_the_fold_gives_the_same_state_from_dicts_as_from_models(redis_client):
+    tag = uuid.uuid4().hex[:6]
+
+    def batch(u: str) -> list[dict]:
+        rid = f"r-{u}"
+        return [new_event("impression", u, None, "s1", items=["a", "b"], request_id=rid, variant="challenger"),
+                new_event("view", u, "a", "s1"), new_event("click", u, "b", "s1", request_id=rid),
+                new_event("add_to_cart", u, "b", "s1", request_id=rid, variant="challenger"),
+                new_event("purchase", u, "b", "s1", price=3.5, quantity=1)]
+
+    by_dict = OnlineState(redis_client, experiment=f"d-{tag}", recent_cap=3)
+    by_model = OnlineState(redis_client, experiment=f"m-{tag}", recent_cap=3)
+    ud, um = f"ud-{tag}", f"um-{tag}"
+    by_model.set_cached(um, "champion", {"items": ["x"]})
+    by_dict.set_cached(ud, "champion", {"items": ["x"]})
+    by_dict.apply_events([{k: v for k, v in e.items() if v is not None} for e in batch(ud)])
+    by_model.apply_events([validate_event(e) for e in batch(um)])
+    for state, user in ((by_dict, ud), (by_model, um)):
+        recent, bought = state.user_context(user)
+        assert recent == ["b", "b", "b"]  # capped at 3, newest first
+        assert bought == {"b"}
+        assert state.get_cached(user, "champion") is None  # the user's cached lists were invalidated
+        assert state.is_known(user)
+        assert state.ab_counts() == {"challenger": {"impressions": 1, "clicks": 1, "carts": 1}}
+        assert redis_client.get(RedisKeys.request(f"r-{user}")) == "challenger"
+    state = by_dict
+    state.refresh_trending()
+    assert dict(state.trending(10))["b"] > dict(state.trending(10))["a"] > 0
+
+
+def test_a_large_batch_of_one_user_is_folded(redis_client):
+    state = OnlineState(redis_client, recent_cap=50)
+    user = f"big-{uuid.uuid4().hex[:6]}"
+    state.apply_events([{**new_event("view", user, f"i{i}", "s")} for i in range(5000)])
+    assert state.recent_items(user, 3) == ["i4999", "i4998", "i4997"]
+    assert redis_client.llen(RedisKeys.recent(user)) == 50
