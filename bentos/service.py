@@ -26,7 +26,7 @@ from bentos.guard import ApiKeyAndSizeGuard
 with bentoml.importing():
     from pipelines.ingest import EventIngestor, IngestRejected
     from pipelines.schemas import Id
-    from pipelines.serving import ModelHolder, RecommendationEngine
+    from pipelines.serving import ModelHolder, RecommendationEngine, set_torch_threads
     from pipelines.settings import get_settings
 
 log = logging.getLogger("shoprec.service")
@@ -72,6 +72,7 @@ class Scorer:
 
     def __init__(self) -> None:
         self.settings = get_settings()
+        set_torch_threads(self.settings.serve_torch_threads)
         packaged = self.settings.packaged_model_dir
         if not packaged.is_absolute():  # relative to the source root, also inside a built Bento
             packaged = Path(__file__).resolve().parent.parent / packaged
@@ -168,5 +169,18 @@ class Shoprec:
         return {"ok": True}
 
 
+def _pin_media_types(*services: Any) -> None:
+    """Fix each API's response media type once, at definition time.
+
+    BentoML 1.4 otherwise derives it from the API's JSON schema on every response (a pydantic
+    schema generation per answer: about 6 % of the scorer's time per call, measured with py-spy).
+    """
+    for svc in services:
+        for api in svc.apis.values():
+            if api.output_spec.media_type is None:
+                api.output_spec.media_type = api.output_spec.mime_type()
+
+
+_pin_media_types(Scorer, Shoprec)
 Shoprec.add_asgi_middleware(ApiKeyAndSizeGuard)
 Shoprec.add_asgi_middleware(JsonOnly)

@@ -103,6 +103,14 @@ def score_batch(model: Recommender, requests: Sequence[tuple[str, Sequence[str]]
     return out, cold
 
 
+def set_torch_threads(n: int) -> None:
+    """Intra-op threads for scoring in this process (``serve_torch_threads``; 0 keeps torch's default)."""
+    if n > 0:
+        import torch
+
+        torch.set_num_threads(n)
+
+
 class ModelHolder:
     """The models of one scoring process, by alias, swapped atomically when the registry changes.
 
@@ -255,7 +263,9 @@ class ImpressionLog:
     """Sends impression events to Kafka from a background thread; buffers and retries while Kafka is down.
 
     :meth:`log` never blocks and never raises. At most ``capacity`` events wait; beyond that the
-    oldest are dropped (counted in ``dropped``).
+    oldest are dropped (counted in ``dropped``). Impressions leave in batches at most every
+    ``impression_linger_ms``: one produce request per batch instead of one per answer, which the
+    broker and the API process's own CPU would otherwise pay on every request.
     """
 
     def __init__(self, settings: Settings, capacity: int | None = None):
@@ -287,8 +297,10 @@ class ImpressionLog:
 
     def _run(self) -> None:
         backoff = 0.5
+        linger = self.settings.impression_linger_ms / 1000
         while not self._stop.is_set():
             self._wake.wait(1.0)
+            self._stop.wait(linger)  # let the batch fill (a close() cuts it short and flushes)
             self._wake.clear()
             while self.buffer and not self._stop.is_set():
                 batch = []
@@ -300,6 +312,11 @@ class ImpressionLog:
                 self.buffer.extendleft(reversed(batch))  # keep order; retry after a pause
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
+        if self.buffer:  # closing: one last attempt for what is left
+            batch = list(self.buffer)
+            if self._send(batch):
+                for _ in batch:
+                    self.buffer.popleft()
 
     def _send(self, batch: list[dict]) -> bool:
         try:

@@ -140,12 +140,17 @@ class Settings(BaseSettings):
     serve_cache: bool = Field(True, description="serve and store top-N lists in the Redis cache")
     serve_cache_n: int = Field(50, ge=1, description="length of the cached top-N list")
     serve_api_workers: int = Field(1, ge=1, description="processes of the API service")
+    serve_torch_threads: int = Field(1, ge=0, description="torch threads of the scoring process (0: torch's default, "
+                                     "one per core). One by default: batches are small, and idle intra-op threads "
+                                     "spin on the cores the API process needs")
     serve_info_poll_s: float = Field(1.0, gt=0, description="how often the API service asks the scorer which versions it serves")
     max_per_category: int = Field(3, ge=1, description="at most this many products of one category in the top 10")
     catalog_reload_s: float = Field(60.0, gt=0, description="how often serving re-reads the catalog Parquet file")
     ab_experiment_file: Path | None = Field(None, description="YAML experiment (name, salt, variants: alias -> share); "
                                                               "overrides ab_experiment/ab_salt/ab_challenger_share")
     impression_buffer: int = Field(100_000, ge=1, description="impressions kept in memory while Kafka is unreachable")
+    impression_linger_ms: int = Field(100, ge=0, le=10_000, description="impressions are sent in batches at most this "
+                                      "often (fewer produce requests; the delay only postpones A/B attribution)")
     packaged_model_dir: Path = Field(Path("bentos/packaged"), description="champion packaged into the Bento "
                                                                           "(served when MLflow is unreachable)")
     serve_access_log: bool = Field(False, description="BentoML access log (one line per request; costs throughput)")
