@@ -83,7 +83,7 @@ def simulate(
     kafka_io.ensure_topics(s)
     producer = kafka_io.make_producer(s)
     recommend_fn = simulator.http_recommend_fn(s.bento_url) if closed_loop else None
-    counts = sim.run_live(lambda evs: kafka_io.send_events(producer, evs), rate_eps=rate, duration_s=duration,
+    counts = sim.run_live(lambda evs: kafka_io.send_events(producer, evs, s.kafka_topic_events), rate_eps=rate, duration_s=duration,
                           recommend_fn=recommend_fn, stop_event=_stop_on_signals())
     producer.flush()
     typer.echo(f"sent {counts}")

@@ -67,7 +67,7 @@ from kafka.errors import CommitFailedError
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 from pipelines import kafka_io, lake
-from pipelines.schemas import TOPIC_EVENTS, parse_events
+from pipelines.schemas import parse_events
 from pipelines.settings import Settings
 from pipelines.state import OnlineState
 
@@ -140,7 +140,7 @@ class StreamConsumer:
                  log_every_s: float = 10.0):
         self.settings = settings
         self.state = state
-        self.consumer = kafka_io.make_consumer(settings, (TOPIC_EVENTS,), group=group)
+        self.consumer = kafka_io.make_consumer(settings, (settings.kafka_topic_events,), group=group)
         self.producer = kafka_io.make_producer(settings)
         self.stats = ConsumerStats()
         self.log_every_s = log_every_s
@@ -195,7 +195,8 @@ class StreamConsumer:
                         ok_recs.append(rec)
                     else:
                         rejected[ev.reason] += 1
-                        kafka_io.send_dlq(self.producer, rec.value, ev.reason, ev.message, rec.key, rec.headers)
+                        kafka_io.send_dlq(self.producer, rec.value, ev.reason, ev.message, rec.key, rec.headers,
+                                          topic=self.settings.kafka_topic_dlq)
                 evs = [ev for ev in evs if type(ev) is dict]
             ids = [ev["event_id"] for ev in evs]
             part = f"{tp.partition}:"
@@ -211,7 +212,7 @@ class StreamConsumer:
                     rejected["duplicate"] += 1
                     kafka_io.send_dlq(self.producer, recs[j].value, "duplicate",
                                       f"event_id {evs[j]['event_id']} was already stored (record at {holder})",
-                                      recs[j].key, recs[j].headers)
+                                      recs[j].key, recs[j].headers, topic=self.settings.kafka_topic_dlq)
                 evs = [ev for j, ev in enumerate(evs) if j not in duplicates]
             if evs:
                 valid[tp] = evs

@@ -77,7 +77,8 @@ class EventIngestor:
         valid, errors = validate_batch(events, self.settings)
         if errors:
             raise IngestRejected(errors)
-        futures = kafka_io.send_events(self.producer(), [e.model_dump(exclude_none=True) for e in valid])
+        futures = kafka_io.send_events(self.producer(), [e.model_dump(exclude_none=True) for e in valid],
+                                       self.settings.kafka_topic_events)
         deadline = time.monotonic() + timeout_s
         for f in futures:
             f.get(timeout=max(0.1, deadline - time.monotonic()))

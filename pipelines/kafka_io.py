@@ -14,7 +14,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from pipelines.schemas import DLQ_REASON_HEADER, TOPIC_CATALOG, TOPIC_DLQ, TOPIC_EVENTS
+from pipelines.schemas import DLQ_REASON_HEADER, TOPIC_DLQ, TOPIC_EVENTS
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -24,13 +24,13 @@ FAST_GROUP = {"session_timeout_ms": 6000, "heartbeat_interval_ms": 1000, "max_po
 
 
 def ensure_topics(settings: Settings) -> None:
-    """Create shoprec's topics; a topic that already exists is left as it is."""
+    """Create shoprec's topics (names from settings); a topic that already exists is left as it is."""
     admin = make_admin(settings)
     try:
         wanted = [
-            NewTopic(TOPIC_EVENTS, settings.kafka_events_partitions, 1),
-            NewTopic(TOPIC_CATALOG, 1, 1),
-            NewTopic(TOPIC_DLQ, 1, 1),
+            NewTopic(settings.kafka_topic_events, settings.kafka_events_partitions, 1),
+            NewTopic(settings.kafka_topic_catalog, 1, 1),
+            NewTopic(settings.kafka_topic_dlq, 1, 1),
         ]
         for topic in wanted:
             try:
@@ -58,9 +58,11 @@ def _key_bytes(key: str | bytes | None) -> bytes | None:
     return key.encode() if isinstance(key, str) else key
 
 
-def make_consumer(settings: Settings, topics: Iterable[str] = (TOPIC_EVENTS,), *, group: str | None = None,
+def make_consumer(settings: Settings, topics: Iterable[str] | None = None, *, group: str | None = None,
                   **overrides) -> KafkaConsumer:
     """A group consumer that commits by hand (offsets move only after the batch is durable).
+
+    ``topics`` defaults to the events topic of ``settings``.
 
     Fetches are large (a hostile 10 MB record must be fetched to be quarantined) and wait at most
     100 ms for data, which bounds what an idle-then-busy stream adds to event freshness.
@@ -71,16 +73,19 @@ def make_consumer(settings: Settings, topics: Iterable[str] = (TOPIC_EVENTS,), *
     kw.update(overrides)
     # topics go to the constructor: a subscribe() after construction can leave kafka-python
     # rejoining the group forever on tansu (joined subscription stays empty)
-    return KafkaConsumer(*topics, **{**settings.kafka_client_kwargs(), **kw})
+    return KafkaConsumer(*(topics or (settings.kafka_topic_events,)), **{**settings.kafka_client_kwargs(), **kw})
 
 
 def send_events(producer: KafkaProducer, events: Iterable[dict], topic: str = TOPIC_EVENTS) -> list:
-    """Send event dicts keyed by user_id; returns the send futures (``.get()`` to await the ack)."""
+    """Send event dicts keyed by user_id; returns the send futures (``.get()`` to await the ack).
+
+    Services pass ``settings.kafka_topic_events``; the default is the standard name.
+    """
     return [producer.send(topic, key=ev.get("user_id"), value=orjson.dumps(ev)) for ev in events]
 
 
 def send_dlq(producer: KafkaProducer, raw: bytes | None, reason: str, message: str, key: bytes | None = None,
-             headers: Iterable[tuple[str, bytes]] = ()):
+             headers: Iterable[tuple[str, bytes]] = (), topic: str = TOPIC_DLQ):
     """Quarantine a rejected record: original value, key and headers, plus ``reason`` and ``error`` headers."""
-    return producer.send(TOPIC_DLQ, value=raw, key=key,
+    return producer.send(topic, value=raw, key=key,
                          headers=[*headers, (DLQ_REASON_HEADER, reason.encode()), ("error", message[:500].encode())])

@@ -323,7 +323,7 @@ class ImpressionLog:
             if self._producer is None:
                 self._producer = kafka_io.make_producer(self.settings, max_block_ms=3000, request_timeout_ms=3000,
                                                         delivery_timeout_ms=10_000, retries=2)
-            futures = kafka_io.send_events(self._producer, batch)
+            futures = kafka_io.send_events(self._producer, batch, self.settings.kafka_topic_events)
             for f in futures:
                 f.get(timeout=15)
             self.sent += len(batch)

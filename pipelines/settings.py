@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import AliasChoices, BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from pipelines.schemas import REGISTERED_MODEL
+from pipelines.schemas import REGISTERED_MODEL, TOPIC_CATALOG, TOPIC_DLQ, TOPIC_EVENTS
 
 
 class TrainConfig(BaseModel):
@@ -47,6 +47,10 @@ class Settings(BaseSettings):
     kafka_sasl_password: SecretStr | None = None
     kafka_ssl_cafile: str | None = None
     kafka_events_partitions: int = 6
+    # topic names: one shop (or one test, or one benchmark run) per set of names on a shared cluster
+    kafka_topic_events: str = Field(TOPIC_EVENTS, min_length=1, description="the shop's events (and impressions)")
+    kafka_topic_dlq: str = Field(TOPIC_DLQ, min_length=1, description="quarantined records, with a reason header")
+    kafka_topic_catalog: str = Field(TOPIC_CATALOG, min_length=1, description="catalog changes")
     consumer_group: str = "shoprec-consumer"
     consumer_max_records: int = Field(20_000, ge=1, description="records per poll, one lake batch: larger batches "
                                       "mean fewer, larger Parquet files and fsyncs (5,000: 36k events/s; 20,000: 52k)")

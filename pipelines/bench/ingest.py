@@ -1,9 +1,13 @@
 """`shoprec bench ingest`: throughput, freshness and exactness of the ingestion path, in one run.
 
-Starts its own Kafka-protocol broker (tansu) and Redis on free ports, with a throw-away lake, then:
+Starts its own Kafka-protocol broker (tansu) and Redis on free ports, with a throw-away lake, or,
+with ``--use-configured``, talks to the broker and Redis of the settings (``SHOPREC_KAFKA_*``, SASL/SSL
+included, and ``SHOPREC_REDIS_URL``) without touching the shop's data: the run gets topics of its own
+(``shoprec-bench-<run>.events`` / ``.dlq``, deleted afterwards), an empty Redis database of its own
+(``--redis-db``, emptied afterwards) and a throw-away lake. Then:
 
 1. produces ``--events`` simulator events (views, carts, purchases, and the impressions and clicks
-   of closed-loop sessions) to ``shop.events``;
+   of closed-loop sessions) to the events topic;
 2. ``raw_consume_eps``: a bare kafka-python group consumer with the same fetch settings that only
    decodes each record (``orjson.loads``): the ceiling of this client;
 3. ``consumer_eps``: the real :class:`~pipelines.consumer.StreamConsumer` in this process
@@ -29,6 +33,7 @@ import tempfile
 import threading
 import time
 import uuid
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +48,7 @@ def _produce(settings, payloads: list[tuple[str, bytes]]) -> None:
     from pipelines import kafka_io
 
     producer = kafka_io.make_producer(settings, linger_ms=20, batch_size=512 * 1024)
-    futures = [producer.send("shop.events", key=k, value=v) for k, v in payloads]
+    futures = [producer.send(settings.kafka_topic_events, key=k, value=v) for k, v in payloads]
     producer.flush()
     for f in futures[-100:]:
         f.get(timeout=30)
@@ -129,7 +134,7 @@ def _freshness(settings, env: dict, rate: float, seconds: float, sample_every: i
     try:
         # wait until the consumer has joined and handles a probe, so the join is not in the figures
         probe = new_event("view", f"probe-{uuid.uuid4().hex[:8]}", "i00001", "s-probe")
-        kafka_io.send_events(producer, [probe])[0].get(timeout=10)
+        kafka_io.send_events(producer, [probe], settings.kafka_topic_events)[0].get(timeout=10)
         produced.append(probe["event_id"])
         deadline = time.monotonic() + 90
         while not r.exists(RedisKeys.recent(probe["user_id"])):
@@ -174,7 +179,7 @@ def _freshness(settings, env: dict, rate: float, seconds: float, sample_every: i
                 else:
                     ev = background[i]
                     ev["ts"] = int(time.time() * 1000)
-                producer.send("shop.events", key=ev["user_id"], value=orjson.dumps(ev))
+                producer.send(settings.kafka_topic_events, key=ev["user_id"], value=orjson.dumps(ev))
                 produced.append(ev["event_id"])
                 sent += 1
                 i += 1
@@ -214,19 +219,85 @@ def _lake_check(lake_dir: Path, produced: list[str]) -> tuple[int, int]:
     return lost, duplicated
 
 
-def run(events: int, rate: float, seconds: float, sample_every: int, work_dir: Path) -> dict:
+def _settings_from(env: dict[str, str]):
+    """Settings as a child process started with ``env`` will read them."""
+    from unittest import mock
+
+    from pipelines.settings import Settings
+
+    with mock.patch.dict(os.environ, env, clear=True):
+        return Settings()
+
+
+def _with_db(url: str, db: int) -> str:
+    """``url`` pointing at Redis database ``db`` (``redis://``, ``rediss://`` and ``unix://`` URLs)."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        query = dict(parse_qsl(parts.query))
+        query["db"] = str(db)
+        return f"unix://{parts.netloc}{parts.path}?{urlencode(query)}"  # urlunsplit would drop the empty host
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+@contextmanager
+def _own_redis_db(url: str):
+    """Use the Redis database of ``url`` only if it is empty, and leave it empty."""
+    from pipelines.state import connect
+
+    r = connect(url)
+    if r.dbsize():
+        raise typer.BadParameter(f"Redis database {r.connection_pool.connection_kwargs.get('db')} is not empty; "
+                                 "the benchmark needs one of its own: pass --redis-db with an unused database number",
+                                 param_hint="--redis-db")
+    try:
+        yield
+    finally:
+        r.flushdb()
+
+
+def _delete_topics(settings) -> None:
+    """Remove the run's own topics (best effort: a broker may not allow deletion)."""
+    from pipelines import kafka_io
+
+    admin = kafka_io.make_admin(settings)
+    try:
+        admin.delete_topics([settings.kafka_topic_events, settings.kafka_topic_dlq, settings.kafka_topic_catalog])
+    except Exception as err:  # noqa: BLE001 - leftovers are named shoprec-bench-* and harmless
+        log.warning("could not delete the benchmark's topics (%s); remove shoprec-bench-* by hand", err)
+    finally:
+        admin.close()
+
+
+def run(events: int, rate: float, seconds: float, sample_every: int, work_dir: Path,
+        use_configured: bool = False, redis_db: int = 15) -> dict:
     from pipelines import kafka_io, localstack
     from pipelines.settings import Settings
 
-    bport, rport = localstack.free_port(), localstack.free_port()
-    (work_dir / "redis").mkdir(parents=True, exist_ok=True)
-    with localstack.running(localstack.broker_command(bport), bport, work_dir / "tansu.log"), \
-            localstack.running(localstack.redis_command(rport, work_dir / "redis"), rport, work_dir / "redis.log"):
-        env = {**os.environ, "SHOPREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{bport}",
-               "SHOPREC_REDIS_URL": f"redis://127.0.0.1:{rport}/0", "SHOPREC_VAR_DIR": str(work_dir / "var"),
-               "SHOPREC_CONSUMER_GROUP": "bench-consumer"}
-        settings = Settings(kafka_bootstrap=env["SHOPREC_KAFKA_BOOTSTRAP"], redis_url=env["SHOPREC_REDIS_URL"],
-                            var_dir=Path(env["SHOPREC_VAR_DIR"]), consumer_group=env["SHOPREC_CONSUMER_GROUP"])
+    run_id = uuid.uuid4().hex[:8]
+    with ExitStack() as stack:
+        if use_configured:
+            base = Settings()
+            env = {**os.environ, "SHOPREC_REDIS_URL": _with_db(base.redis_url, redis_db)}
+            log.info("using the configured broker %s and Redis database %d of %s", base.kafka_bootstrap, redis_db,
+                     base.redis_url.rsplit("@", 1)[-1])
+        else:
+            bport, rport = localstack.free_port(), localstack.free_port()
+            (work_dir / "redis").mkdir(parents=True, exist_ok=True)
+            stack.enter_context(localstack.running(localstack.broker_command(bport), bport, work_dir / "tansu.log"))
+            stack.enter_context(localstack.running(localstack.redis_command(rport, work_dir / "redis"), rport,
+                                                   work_dir / "redis.log"))
+            env = {**os.environ, "SHOPREC_KAFKA_BOOTSTRAP": f"127.0.0.1:{bport}",
+                   "SHOPREC_REDIS_URL": f"redis://127.0.0.1:{rport}/0"}
+        env.update({"SHOPREC_VAR_DIR": str(work_dir / "var"), "SHOPREC_CONSUMER_GROUP": f"bench-consumer-{run_id}",
+                    "SHOPREC_KAFKA_TOPIC_EVENTS": f"shoprec-bench-{run_id}.events",
+                    "SHOPREC_KAFKA_TOPIC_DLQ": f"shoprec-bench-{run_id}.dlq",
+                    "SHOPREC_KAFKA_TOPIC_CATALOG": f"shoprec-bench-{run_id}.catalog"})
+        settings = _settings_from(env)
+        if use_configured:
+            stack.enter_context(_own_redis_db(settings.redis_url))
+            stack.callback(_delete_topics, settings)
         kafka_io.ensure_topics(settings)
 
         t = time.perf_counter()
@@ -259,12 +330,17 @@ def command(out: Path = typer.Option(Path("var/bench/ingest.json"), help="where 
             events: int = typer.Option(200_000, help="events produced for the throughput runs"),
             rate: float = typer.Option(2000.0, help="steady produce rate (events/s) during the freshness run"),
             seconds: float = typer.Option(20.0, help="length of the freshness run"),
-            sample_every: int = typer.Option(25, help="one tagged (measured) event in this many")) -> None:
+            sample_every: int = typer.Option(25, help="one tagged (measured) event in this many"),
+            use_configured: bool = typer.Option(False, help="use the broker and Redis of the settings (SASL/SSL "
+                                                "included) instead of starting local ones; the run uses topics and a "
+                                                "Redis database of its own and removes them afterwards"),
+            redis_db: int = typer.Option(15, min=0, help="with --use-configured: an empty Redis database for the run"),
+            ) -> None:
     """Ingestion throughput (raw vs real consumer), produce→Redis freshness, lost and duplicated events."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="shoprec-bench-ingest-") as tmp:
-        result = run(events, rate, seconds, sample_every, Path(tmp))
+        result = run(events, rate, seconds, sample_every, Path(tmp), use_configured, redis_db)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     typer.echo(json.dumps(result, indent=2))
