@@ -94,7 +94,9 @@ class _Batch:
     polled: dict  # TopicPartition -> records, as polled
     valid: dict  # TopicPartition -> valid events (dicts), duplicates removed
     rejected: Counter
-    done: Future | None = None  # the lake write and Redis fold (result: the files written)
+    # per partition (tp, records, events, pending event_id claim), resolved into ``valid`` by the persist thread
+    claims: list = field(default_factory=list)
+    done: Future | None = None  # duplicates dropped, the lake write and Redis fold (result: the files written)
 
     @property
     def n(self) -> int:
@@ -155,6 +157,7 @@ class StreamConsumer:
         self._state_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-state")
         self._persist_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-persist")
         self._inflight: _Batch | None = None  # handled, being written, not yet committed
+        self._trending: Future | None = None
 
     # --- one batch ---------------------------------------------------------------------------
     def process_batch(self, timeout_ms: int | None = None) -> int:
@@ -204,23 +207,12 @@ class StreamConsumer:
             if ids:
                 parsed.append((tp, ok_recs, evs, self._claims.submit(self._redis, self.state.claim_event_ids, ids,
                                                                     positions, s.dedup_window_s)))
-        valid: dict[TopicPartition, list[dict]] = {}
-        for tp, recs, evs, claim in parsed:
-            duplicates = claim.result()
-            if duplicates:
-                for j, holder in duplicates.items():
-                    rejected["duplicate"] += 1
-                    kafka_io.send_dlq(self.producer, recs[j].value, "duplicate",
-                                      f"event_id {evs[j]['event_id']} was already stored (record at {holder})",
-                                      recs[j].key, recs[j].headers, topic=self.settings.kafka_topic_dlq)
-                evs = [ev for j, ev in enumerate(evs) if j not in duplicates]
-            if evs:
-                valid[tp] = evs
         if rejected:
             self._redis(self.state.count_dlq, dict(rejected))
             log.warning("rejected %d records: %s", sum(rejected.values()), dict(rejected))
         self._crash("after_dlq")
-        batch = _Batch(polled, valid, rejected)
+        # the event_id claims are awaited in the persist thread, so this thread polls the next batch meanwhile
+        batch = _Batch(polled, {}, rejected, claims=parsed)
         # the batch before this one has been written while this one was polled and parsed: commit it first
         if not self._finish(also_drop=batch):
             return
@@ -229,8 +221,29 @@ class StreamConsumer:
         batch.done = self._persist_pool.submit(self._persist, batch, fresh)
         self._inflight = batch
 
+    def _drop_duplicates(self, batch: _Batch) -> None:
+        """Fill ``batch.valid`` from the answered event_id claims; records already stored go to the DLQ."""
+        duplicated = 0
+        for tp, recs, evs, claim in batch.claims:
+            duplicates = claim.result()
+            if duplicates:
+                for j, holder in duplicates.items():
+                    kafka_io.send_dlq(self.producer, recs[j].value, "duplicate",
+                                      f"event_id {evs[j]['event_id']} was already stored (record at {holder})",
+                                      recs[j].key, recs[j].headers, topic=self.settings.kafka_topic_dlq)
+                duplicated += len(duplicates)
+                evs = [ev for j, ev in enumerate(evs) if j not in duplicates]
+            if evs:
+                batch.valid[tp] = evs
+        batch.claims = []
+        if duplicated:
+            batch.rejected["duplicate"] += duplicated
+            self._redis(self.state.count_dlq, {"duplicate": duplicated})
+            log.warning("rejected %d records: %s", duplicated, {"duplicate": duplicated})
+
     def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]]) -> list:
         """Write a batch to the lake and fold it into Redis (in the persist thread); returns the files written."""
+        self._drop_duplicates(batch)
         events = batch.events()
         # the Redis fold runs beside the lake write (both mostly wait: on Redis, on Parquet encoding and
         # fsync, which release the GIL); both finish before the commit, so crash safety is unchanged
@@ -327,15 +340,19 @@ class StreamConsumer:
                 total += max(0, hw - pos)
         return total
 
+    def _refresh_trending(self) -> None:
+        try:
+            self.state.refresh_trending()
+        except redis.RedisError as err:
+            log.warning("trending refresh skipped: %s", err)
+
     def _periodic(self) -> None:
         """Refresh trending, write the status hash for the dashboard, log rate and lag."""
         now = time.monotonic()
-        if now - self._last_trending > 2.0:
+        if now - self._last_trending > 2.0 and (self._trending is None or self._trending.done()):
+            # a ZUNIONSTORE over the hourly counts (tens of ms on a large catalog): off this thread
             self._last_trending = now
-            try:
-                self.state.refresh_trending()
-            except redis.RedisError as err:
-                log.warning("trending refresh skipped: %s", err)
+            self._trending = self._state_pool.submit(self._refresh_trending)
         if now - self._last_status >= self.settings.consumer_status_every_s:
             self._rate = (self.stats.consumed - self._last_status_count) / (now - self._last_status)
             self._last_status, self._last_status_count = now, self.stats.consumed
