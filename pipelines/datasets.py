@@ -33,12 +33,16 @@ def recbole_dataset_dir(name: str = ML100K) -> Path:
     return folder
 
 
-def load_ml100k() -> tuple[pd.DataFrame, pd.DataFrame]:
+def load_ml100k(rating_as_weight: bool = False) -> tuple[pd.DataFrame, pd.DataFrame]:
     """MovieLens-100K: every rating is a positive interaction.
+
+    Args:
+        rating_as_weight: ``weight`` is the rating (1-5, the analogue of the shop's view/cart/purchase
+            weights 1/3/5) instead of 1.0.
 
     Returns:
         ``(interactions, items)``: interactions with ``user_id, item_id, ts`` (UTC datetimes) and
-        ``weight`` (1.0); items with ``item_id, title, genres, year`` (the content features).
+        ``weight``; items with ``item_id, title, genres, year`` (the content features).
     """
     folder = recbole_dataset_dir(ML100K)
     inter = pd.read_csv(folder / "ml-100k.inter", sep="\t", dtype=str)
@@ -46,7 +50,7 @@ def load_ml100k() -> tuple[pd.DataFrame, pd.DataFrame]:
     interactions = pd.DataFrame({
         COL_USER: inter["user_id"].to_numpy(), COL_ITEM: inter["item_id"].to_numpy(),
         COL_TS: pd.to_datetime(inter["timestamp"].astype("float64").astype("int64"), unit="s", utc=True),
-        COL_WEIGHT: 1.0,
+        COL_WEIGHT: inter["rating"].astype("float64").to_numpy() if rating_as_weight else 1.0,
     })
     raw = pd.read_csv(folder / "ml-100k.item", sep="\t", dtype=str, quoting=3)
     raw.columns = [c.split(":")[0] for c in raw.columns]

@@ -9,6 +9,12 @@ and BPR (tuned on the same valid part). A second, cold-start split holds out 10%
 from training and asks how well the content path of the hybrid ranks those items for the users
 who interacted with them, against random and popularity-by-content rankings.
 
+The rating (1-5) of a training row is its interaction ``weight``, the analogue of the shop's
+view/cart/purchase weights 1/3/5: the item-to-item model may use it as interaction strength
+(``weight_power``, chosen on valid with the rest; 0 = ignore it). Every rating is still a positive
+and the split and metrics are untouched; popularity counts interactions, and the ``implicit``
+baselines, the two-tower and iALS ignore the weight.
+
 ``--dataset synthetic-1m`` instead measures scale: 1,000,000 simulator events over a 50,000-item
 catalog, fit time of the hybrid, its item table's memory and the time to recommend for 1,000 users.
 """
@@ -127,11 +133,12 @@ def run_ml100k(sample_users: int | None = None, quick: bool = False) -> dict:
     """The full quality benchmark (``quick``: one small grid point per model, for CI)."""
     from pipelines.datasets import load_ml100k, split_by_ratio
     from pipelines.models.hybrid import ShopRec
+    from pipelines.models.ials import IALS
     from pipelines.models.itemitem import ItemItem
     from pipelines.models.popularity import Popularity
     from pipelines.models.twotower import TwoTower
 
-    inter, items = load_ml100k()
+    inter, items = load_ml100k(rating_as_weight=True)
     if sample_users:
         keep = np.random.default_rng(SEED).permutation(sorted(inter[COL_USER].unique()))[:sample_users]
         inter = inter[inter[COL_USER].isin(set(keep))]
@@ -152,7 +159,7 @@ def run_ml100k(sample_users: int | None = None, quick: bool = False) -> dict:
 
     # popularity
     t0 = time.perf_counter()
-    pop = Popularity().fit(train)
+    pop = Popularity().fit(train.assign(weight=1.0))
     record("popularity", {}, pop, time.perf_counter() - t0, rec_rank(pop))
 
     # implicit ALS / BPR
@@ -168,9 +175,9 @@ def run_ml100k(sample_users: int | None = None, quick: bool = False) -> dict:
     record("implicit_bpr", p, m, s, m.rank)
 
     # item-to-item (EASE; content_weight > 0 adds the catalog's content as pseudo-users)
-    ii_grid = [{"l2": 300.0, "neighbours": 200, "content_weight": 3.0}] if quick else [
-        {"l2": l2, "neighbours": 2000, "content_weight": cw}
-        for l2 in (200.0, 300.0, 500.0, 800.0) for cw in (0.0, 1.0, 2.0, 3.0, 5.0)]
+    ii_grid = [{"l2": 300.0, "neighbours": 200, "content_weight": 3.0, "weight_power": 0.5}] if quick else [
+        {"l2": l2, "neighbours": 2000, "content_weight": cw, "weight_power": wp}
+        for wp in (0.0, 0.5, 1.0) for l2 in (200.0, 300.0, 500.0, 800.0) for cw in (0.0, 1.0, 2.0, 3.0, 5.0)]
     ii_p, m, s = _tune("itemitem", ii_grid, lambda q: ItemItem(device="cpu", **q).fit(train, items),
                        rec_rank, valid)
     record("itemitem", ii_p, m, s, rec_rank(m))
@@ -182,27 +189,70 @@ def run_ml100k(sample_users: int | None = None, quick: bool = False) -> dict:
                        rec_rank, valid)
     record("twotower", tt_p, m, s, rec_rank(m))
 
-    # the hybrid: parts as tuned above, blend weights tuned on valid (no refit needed for weights)
-    t0 = time.perf_counter()
-    hybrid = ShopRec(device="cpu", **ii_p, **tt_p).fit(train, items)
-    fit_s = time.perf_counter() - t0
-    best = None
-    weights = [(1.0, 0.5, 0.0)] if quick else [
-        (1.0, we, wp) for we in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5) for wp in (0.0, 0.05, 0.1)]
-    for wi, we, wp in weights:
-        hybrid.w_itemitem, hybrid.w_embed, hybrid.w_pop = wi, we, wp
-        score = evaluate(rec_rank(hybrid), valid, valid.iloc[:0])[0]["ndcg@10"]
-        log.info("shoprec weights %s: valid ndcg@10 %.4f", (wi, we, wp), score)
-        if best is None or score > best[0]:
-            best = (score, (wi, we, wp))
-    hybrid.w_itemitem, hybrid.w_embed, hybrid.w_pop = best[1]
-    record("shoprec", hybrid.params(), hybrid, fit_s, rec_rank(hybrid))
+    # iALS (torch), on its own and as the hybrid's second collaborative signal
+    ials_grid = [{"dim": 16, "alpha0": 0.1, "reg": 0.03, "iterations": 5}] if quick else [
+        {"dim": 64, "alpha0": a0, "reg": reg, "iterations": 10} for a0, reg in ((0.1, 0.03), (0.3, 0.01), (1.0, 0.01))]
+    ials_models = []
+    for q in ials_grid:
+        t0 = time.perf_counter()
+        ials_models.append((q, IALS(device="cpu", **q).fit(train, items), time.perf_counter() - t0))
+    p, m, s = max(ials_models, key=lambda x: evaluate(rec_rank(x[1]), valid, valid.iloc[:0])[0]["ndcg@10"])
+    record("ials", p, m, s, rec_rank(m))
 
-    cold = cold_start_ml100k(inter, items, {**ii_p, **tt_p, "w_itemitem": best[1][0], "w_embed": best[1][1],
-                                            "w_pop": best[1][2]})
+    # the hybrid: parts as tuned above; which iALS and the blend weights tuned on valid from cached
+    # part scores (no refit needed), then the chosen hybrid fitted once and evaluated once on test
+    hybrid = ShopRec(device="cpu", **ii_p, **tt_p, **_ials_params(ials_grid[0])).fit(train, items)
+    users, relevant, _ = _targets(valid, valid.iloc[:0])
+    profiles, _ = hybrid._profiles([(u, ()) for u in users])
+    parts = {k: v for k, v in hybrid.part_scores(profiles).items() if k != "ials"}
+    seen = _seen_pairs(hybrid, users)
+    best = None
+    weights = [(1.0, 0.25, 0.5, 0.0)] if quick else [
+        (1.0, wi, we, wp) for wi in (0.0, 0.25, 0.5, 1.0) for we in (0.0, 0.25, 0.5, 0.75, 1.0, 1.5)
+        for wp in (0.0, 0.05, 0.1)]
+    for q, m, _ in ials_models:
+        hybrid.ials = m
+        parts["ials"] = hybrid.part_scores(profiles)["ials"]
+        for w in weights:
+            blend = sum(wk * parts[k] for wk, k in zip(w, ("itemitem", "ials", "embed", "pop")))
+            score = score_lists(_top_lists(hybrid, blend, seen), relevant)["ndcg@10"]
+            log.info("shoprec ials %s weights %s: valid ndcg@10 %.4f", q, w, score)
+            if best is None or score > best[0]:
+                best = (score, q, w)
+    chosen_weights = dict(zip(("w_itemitem", "w_ials", "w_embed", "w_pop"), best[2]))
+    hybrid_params = {**ii_p, **tt_p, **_ials_params(best[1]), **chosen_weights}
+    t0 = time.perf_counter()
+    hybrid = ShopRec(device="cpu", **hybrid_params).fit(train, items)
+    record("shoprec", hybrid.params(), hybrid, time.perf_counter() - t0, rec_rank(hybrid))
+
+    cold = cold_start_ml100k(inter, items, hybrid_params)
     return {"dataset": "ml-100k" + (f" (sample of {sample_users} users)" if sample_users else ""),
             "protocol": PROTOCOL, "results": results, "chosen_params": chosen, "cold_start": cold,
             "machine": _machine()}
+
+
+def _ials_params(q: dict) -> dict:
+    return {"ials_dim": q["dim"], "ials_alpha0": q["alpha0"], "ials_reg": q["reg"], "ials_iterations": q["iterations"]}
+
+
+def _seen_pairs(model, users: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows, cols)`` of every user's training items (row = position in ``users``), to exclude."""
+    rows, cols = [], []
+    for r, u in enumerate(users):
+        code = model._user_index[str(u)]
+        seen = model._indices[model._indptr[code]:model._indptr[code + 1]]
+        rows.append(np.full(len(seen), r))
+        cols.append(seen)
+    return np.concatenate(rows), np.concatenate(cols)
+
+
+def _top_lists(model, scores, seen: tuple[np.ndarray, np.ndarray]) -> list[list[str]]:
+    """Top-K item ids per row of a blended ``[users, items]`` score tensor, training items excluded."""
+    import torch
+
+    scores = scores.clone()
+    scores[torch.from_numpy(seen[0]), torch.from_numpy(seen[1])] = -torch.inf
+    return [[model.item_ids[i] for i in row] for row in torch.topk(scores, K, dim=1).indices.tolist()]
 
 
 def cold_start_ml100k(inter: pd.DataFrame, items: pd.DataFrame, params: dict) -> dict:
@@ -237,7 +287,8 @@ def cold_start_ml100k(inter: pd.DataFrame, items: pd.DataFrame, params: dict) ->
     out["random"] = {k: float(np.mean([r[k] for r in rand])) for k in rand[0]}
     # popularity by content: mean popularity of the warm items sharing each token
     tokens, offsets = model.embed.content.transform(catalog.set_index(COL_ITEM).loc[model.item_ids].reset_index())
-    pop = model.popularity
+    pop = np.bincount(warm[COL_ITEM].astype(str).map(model.item_index).to_numpy(dtype="int64"),
+                      minlength=len(model.item_ids)).astype("float64")  # counts, not rating sums
     ends = np.append(offsets[1:], len(tokens))
     tok_sum, tok_n = np.zeros(len(model.embed.content.vocab)), np.zeros(len(model.embed.content.vocab))
     for n in range(model._n_warm):
@@ -293,8 +344,9 @@ def run_synthetic(n_events: int = 1_000_000, n_items: int = 50_000, n_users: int
     t0 = time.perf_counter()
     model.recommend(users, K)
     rec_s = time.perf_counter() - t0
-    table = model.itemitem.table_bytes() + sum(
-        t.element_size() * t.nelement() for t in (model.embed.item_emb, model.embed._content_part))
+    vectors = [model.embed.item_emb, model.embed._content_part] + (
+        [model.ials.item_vectors] if model.ials is not None else [])
+    table = model.itemitem.table_bytes() + sum(t.element_size() * t.nelement() for t in vectors)
     return {"dataset": "synthetic-1m", "interactions": len(inter), "users": int(inter[COL_USER].nunique()),
             "items": len(model.item_ids), "generate_s": round(gen_s, 1), "fit_s": round(fit_s, 1),
             "fit_parts_s": {k: round(v, 1) for k, v in model.fit_seconds.items()},

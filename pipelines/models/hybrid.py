@@ -1,9 +1,10 @@
-"""``shoprec``, the production hybrid: item-to-item + content-aware embeddings + trending.
+"""``shoprec``, the production hybrid: item-to-item + iALS + content-aware embeddings + trending.
 
-For each request the three parts score every item from the same profile (a known user's
+For each request the parts score every item from the same profile (a known user's
 training items plus their real-time session, newest click weighted most), each part's scores
 are standardised per request (:func:`~pipelines.models.scoring.zscore_rows`) and blended:
-``w_itemitem * z(item-item) + w_embed * z(two-tower) + w_pop * z(log trending)``. A click
+``w_itemitem * z(item-item) + w_ials * z(iALS) + w_embed * z(two-tower) + w_pop * z(log trending)``
+(iALS, :class:`~pipelines.models.ials.IALS`, folds the profile in at request time). A click
 therefore moves the next list at once, without retraining; a brand-new user with no session
 gets trending items (the empty-profile fallback); a product with no interaction yet gets its
 score from the content half of the item tower (:meth:`ShopRec.rank_new_items` ranks only those,
@@ -23,6 +24,7 @@ import torch
 
 from pipelines.models import register
 from pipelines.models.base import Scored
+from pipelines.models.ials import IALS
 from pipelines.models.itemitem import ItemItem
 from pipelines.models.popularity import interaction_weights, item_popularity
 from pipelines.models.scoring import Profiles, ScoringRecommender, zscore_rows
@@ -34,13 +36,16 @@ log = logging.getLogger(__name__)
 
 @register
 class ShopRec(ScoringRecommender):
-    """The blend of :class:`ItemItem`, :class:`TwoTower` and time-decayed popularity.
+    """The blend of :class:`ItemItem`, :class:`IALS`, :class:`TwoTower` and time-decayed popularity.
 
     Args:
         dim, epochs, lr, weight_decay, batch_size, seed, device: the embedding part's training
             (the keys of ``TrainConfig``).
-        l2, neighbours, dense_max_items, content_weight: the item-to-item part (see :class:`ItemItem`).
-        w_itemitem, w_embed, w_pop: blend weights.
+        l2, neighbours, dense_max_items, content_weight, weight_power, weight_cap: the item-to-item
+            part (see :class:`ItemItem`).
+        ials_dim, ials_alpha0, ials_reg, ials_iterations: the iALS part (see :class:`IALS`;
+            ``ials_dim=0`` leaves it out).
+        w_itemitem, w_ials, w_embed, w_pop: blend weights.
         half_life_days: decay of the trending part (``None``: plain popularity).
         session_weight: weight of the newest session item relative to a training item.
         temperature, id_dropout, user_embedding: see :class:`TwoTower`.
@@ -51,15 +56,20 @@ class ShopRec(ScoringRecommender):
     def __init__(self, dim: int = 64, epochs: int = 20, lr: float = 0.005, weight_decay: float = 0.0,
                  batch_size: int = 4096, seed: int = 2020, device: str = "auto",
                  l2: float = 300.0, neighbours: int = 1000, dense_max_items: int = 6000, content_weight: float = 3.0,
-                 w_itemitem: float = 1.0, w_embed: float = 0.5, w_pop: float = 0.05,
+                 weight_power: float = 0.5, weight_cap: float = 5.0,
+                 ials_dim: int = 64, ials_alpha0: float = 0.1, ials_reg: float = 0.03, ials_iterations: int = 10,
+                 w_itemitem: float = 1.0, w_ials: float = 0.25, w_embed: float = 0.5, w_pop: float = 0.05,
                  half_life_days: float | None = 7.0, session_weight: float = 2.0,
                  temperature: float = 0.2, id_dropout: float = 0.3, user_embedding: bool = False):
         super().__init__(seed=seed, device=device, session_weight=session_weight)
         self.w_itemitem, self.w_embed, self.w_pop = float(w_itemitem), float(w_embed), float(w_pop)
+        self.w_ials = float(w_ials)
         self.half_life_days = None if half_life_days is None else float(half_life_days)
         self.itemitem = ItemItem(l2=l2, neighbours=neighbours, dense_max_items=dense_max_items,
-                                 content_weight=content_weight, seed=seed,
-                                 device=device, session_weight=session_weight)
+                                 content_weight=content_weight, weight_power=weight_power,
+                                 weight_cap=weight_cap, seed=seed, device=device, session_weight=session_weight)
+        self.ials: IALS | None = IALS(dim=ials_dim, alpha0=ials_alpha0, reg=ials_reg, iterations=ials_iterations,
+                                      seed=seed, device=device, session_weight=session_weight) if ials_dim > 0 else None
         self.embed = TwoTower(dim=dim, epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                               seed=seed, device=device, session_weight=session_weight, temperature=temperature,
                               id_dropout=id_dropout, user_embedding=user_embedding)
@@ -67,24 +77,29 @@ class ShopRec(ScoringRecommender):
         self.fit_seconds: dict[str, float] = {}
 
     def fit(self, interactions: pd.DataFrame, items: pd.DataFrame | None = None) -> ShopRec:
-        """Fit both learned parts and the trending scores on the same item index."""
+        """Fit the learned parts and the trending scores on the same item index."""
         _, icodes, _ = self._index(interactions, items)
         t0 = time.perf_counter()
         self.itemitem.fit(interactions, items)
         t1 = time.perf_counter()
         self.embed.fit(interactions, items)
         t2 = time.perf_counter()
-        self.fit_seconds = {"itemitem": t1 - t0, "embed": t2 - t1}
+        if self.ials is not None:
+            self.ials.fit(interactions, items)
+        t3 = time.perf_counter()
+        self.fit_seconds = {"itemitem": t1 - t0, "embed": t2 - t1, "ials": t3 - t2}
         self.history = {f"embed_{k}": v for k, v in self.embed.history.items()}
-        if self.itemitem.item_ids != self._item_ids or self.embed.item_ids != self._item_ids:
+        parts = [self.itemitem, self.embed] + ([self.ials] if self.ials is not None else [])
+        if any(p.item_ids != self._item_ids for p in parts):
             raise RuntimeError("the parts of the hybrid indexed items differently")
         w = interaction_weights(interactions, self.half_life_days)
         self.trending = item_popularity(icodes, w, len(self._item_ids))
-        log.info("shoprec fitted in %.1fs (item-item %.1fs, embeddings %.1fs)", t2 - t0, t1 - t0, t2 - t1)
+        log.info("shoprec fitted in %.1fs (item-item %.1fs, embeddings %.1fs, ials %.1fs)", t3 - t0, t1 - t0,
+                 t2 - t1, t3 - t2)
         return self
 
     def refresh(self, interactions: pd.DataFrame) -> dict[str, float]:
-        """The hourly incremental refresh: new item-to-item neighbours and trending, same embeddings.
+        """The hourly incremental refresh: new item-to-item neighbours and trending, same embeddings and iALS.
 
         ``interactions`` is the recent window (the same columns as :meth:`fit`). The item index,
         the embeddings and the known users stay as trained, so the refreshed model is a drop-in
@@ -102,16 +117,29 @@ class ShopRec(ScoringRecommender):
         self.trending = item_popularity(codes[known].to_numpy(dtype="int64"), w, len(self._item_ids))
         return {"rows": rows, "dropped_rows": int(len(interactions) - rows), "seconds": time.perf_counter() - t0}
 
-    def part_scores(self, profiles: Profiles) -> dict[str, torch.Tensor]:
-        """The standardised score matrices ``[B, n_items]`` of each part (for tuning the blend)."""
+    def part_scores(self, profiles: Profiles, skip_zero: bool = False) -> dict[str, torch.Tensor]:
+        """The standardised score matrices ``[B, n_items]`` of each part (for tuning the blend).
+
+        Args:
+            skip_zero: leave out the parts whose blend weight is 0 (what scoring needs).
+        """
+        weights = self.blend_weights()
+        scorers = {"itemitem": self.itemitem._score, "embed": self.embed._score}
+        if self.ials is not None:
+            scorers["ials"] = self.ials._score
+        parts = {k: zscore_rows(f(profiles)) for k, f in scorers.items() if not (skip_zero and weights[k] == 0.0)}
         trend = torch.from_numpy(np.log1p(self.trending).astype("float32")).to(self._device)
-        return {"itemitem": zscore_rows(self.itemitem._score(profiles)),
-                "embed": zscore_rows(self.embed._score(profiles)),
-                "pop": zscore_rows(trend.expand(profiles.n_rows, -1))}
+        parts["pop"] = zscore_rows(trend.expand(profiles.n_rows, -1))
+        return parts
+
+    def blend_weights(self) -> dict[str, float]:
+        """The blend weight of each part (the keys of :meth:`part_scores`)."""
+        return {"itemitem": self.w_itemitem, "embed": self.w_embed, "pop": self.w_pop,
+                "ials": self.w_ials if self.ials is not None else 0.0}
 
     def _score(self, profiles: Profiles) -> torch.Tensor:
-        parts = self.part_scores(profiles)
-        return self.w_itemitem * parts["itemitem"] + self.w_embed * parts["embed"] + self.w_pop * parts["pop"]
+        weights = self.blend_weights()
+        return sum(weights[k] * v for k, v in self.part_scores(profiles, skip_zero=True).items())
 
     def _fallback_scores(self) -> np.ndarray:
         """A new user with no session gets trending items."""
@@ -157,8 +185,11 @@ class ShopRec(ScoringRecommender):
         return {"dim": em.dim, "epochs": em.epochs, "lr": em.lr, "weight_decay": em.weight_decay,
                 "batch_size": em.batch_size, "seed": self.seed, "device": self.device, "l2": ii.l2,
                 "neighbours": ii.neighbours, "dense_max_items": ii.dense_max_items,
-                "content_weight": ii.content_weight,
-                "w_itemitem": self.w_itemitem, "w_embed": self.w_embed, "w_pop": self.w_pop,
+                "content_weight": ii.content_weight, "weight_power": ii.weight_power, "weight_cap": ii.weight_cap,
+                "ials_dim": self.ials.dim if self.ials is not None else 0,
+                **({"ials_alpha0": self.ials.alpha0, "ials_reg": self.ials.reg,
+                    "ials_iterations": self.ials.iterations} if self.ials is not None else {}),
+                "w_itemitem": self.w_itemitem, "w_ials": self.w_ials, "w_embed": self.w_embed, "w_pop": self.w_pop,
                 "half_life_days": self.half_life_days, "session_weight": self.session_weight,
                 "temperature": em.temperature, "id_dropout": em.id_dropout,
                 "user_embedding": em.user_embedding}
@@ -167,6 +198,8 @@ class ShopRec(ScoringRecommender):
         super()._save(path)
         self.itemitem.save(path / "itemitem")
         self.embed.save(path / "embed")
+        if self.ials is not None:
+            self.ials.save(path / "ials")
         torch.save({"trending": torch.from_numpy(self.trending)}, path / "trending.pt")
 
     @classmethod
@@ -174,5 +207,9 @@ class ShopRec(ScoringRecommender):
         model = super()._load(path, params)
         model.itemitem = ItemItem._load(path / "itemitem", model.itemitem.params())
         model.embed = TwoTower._load(path / "embed", model.embed.params())
+        if (path / "ials").is_dir() and model.ials is not None:
+            model.ials = IALS._load(path / "ials", model.ials.params())
+        else:  # saved before the iALS part existed (or without it)
+            model.ials, model.w_ials = None, 0.0
         model.trending = torch.load(path / "trending.pt", weights_only=True)["trending"].numpy()
         return model

@@ -12,7 +12,10 @@ whose weights ``w[i, j]`` are largest, and a profile ``x`` (weighted items) scor
 and a catalog, ``X`` also gets one pseudo-user row per content token (category, brand, price band,
 title word), weighted ``content_weight``: items that share content co-occur, so the weights learn
 content as well as behaviour, and a product nobody has clicked yet still has neighbours (Jeunen et
-al., "Closed-form models for collaborative filtering with side-information", RecSys 2020). Above
+al., "Closed-form models for collaborative filtering with side-information", RecSys 2020). With
+``weight_power`` > 0, a row of ``X`` holds ``(min(w, weight_cap) / weight_cap) ** weight_power`` instead
+of 1, ``w`` the summed ``weight`` of the (user, item) pair (a rating, or view/cart/purchase 1/3/5), so
+strong interactions shape the weights more; profiles still count every item once. Above
 ``dense_max_items``, a dense inverse
 is out of reach (50,000 items would need 10 GB), so the weights are co-visitation counts
 ``C = X^T X`` normalised as ``C_ij / (c_i^alpha c_j^(1-alpha))`` and computed in item chunks with
@@ -30,6 +33,7 @@ import torch
 
 from pipelines.models import register
 from pipelines.models.content import catalog_token_bags
+from pipelines.models.popularity import interaction_weights
 from pipelines.models.scoring import Profiles, ScoringRecommender
 from pipelines.columns import COL_ITEM, COL_USER
 
@@ -49,15 +53,19 @@ class ItemItem(ScoringRecommender):
         neighbours: N, weights kept per item (the table is ``[n_items, N]``).
         dense_max_items: largest catalog for EASE; larger ones use co-visitation.
         alpha: co-visitation normalisation exponent (0.5 = cosine).
+        weight_power, weight_cap: EASE's interaction strength ``(min(w, cap) / cap) ** power`` (0: binary;
+            the co-visitation path is always binary).
         seed, device, session_weight: see :class:`~pipelines.models.scoring.ScoringRecommender`.
     """
 
     name = "itemitem"
 
     def __init__(self, l2: float = 300.0, neighbours: int = 1000, dense_max_items: int = 6000, alpha: float = 0.5,
-                 content_weight: float = 0.0, seed: int = 2020, device: str = "auto", session_weight: float = 1.0):
+                 content_weight: float = 0.0, weight_power: float = 0.0, weight_cap: float = 5.0,
+                 seed: int = 2020, device: str = "auto", session_weight: float = 1.0):
         super().__init__(seed=seed, device=device, session_weight=session_weight)
         self.l2 = float(l2)
+        self.weight_power, self.weight_cap = float(weight_power), float(weight_cap)
         self.content_weight = float(content_weight)
         self._tokens = np.zeros(0, "int64")  # content token bags in item index order (EmbeddingBag layout)
         self._offsets = np.zeros(0, "int64")
@@ -71,16 +79,15 @@ class ItemItem(ScoringRecommender):
     def fit(self, interactions: pd.DataFrame, items: pd.DataFrame | None = None) -> ItemItem:
         """Fit on interactions; catalog items without interactions get no neighbours."""
         t0 = time.perf_counter()
-        ucodes, icodes, _ = self._index(interactions, items)
+        ucodes, icodes, weights = self._index(interactions, items)
         n_users, n_items = len(self._user_ids), len(self._item_ids)
         if self.content_weight > 0 and n_items <= self.dense_max_items:
             _, self._tokens, self._offsets = catalog_token_bags(items, self._item_ids)
         else:
             self._tokens, self._offsets = np.zeros(0, "int64"), np.zeros(n_items, "int64")
-        pairs = np.unique(ucodes * n_items + icodes)
-        u, i = pairs // n_items, pairs % n_items
+        u, i, x = self._pairs(ucodes, icodes, weights, n_items)
         if n_items <= self.dense_max_items:
-            self._fit_ease(u, i, n_users, n_items)
+            self._fit_ease(u, i, x, n_users, n_items)
         else:
             self._fit_covisit(u, i, n_users, n_items)
         self._dense = None
@@ -112,26 +119,36 @@ class ItemItem(ScoringRecommender):
         icodes = codes[known].to_numpy(dtype="int64")
         ucodes = pd.factorize(interactions.loc[known, COL_USER].astype(str))[0].astype("int64")
         n_items = len(self._item_ids)
-        pairs = np.unique(ucodes * n_items + icodes)
-        u, i = pairs // n_items, pairs % n_items
+        u, i, x = self._pairs(ucodes, icodes, interaction_weights(interactions[known]), n_items)
         n_users = int(ucodes.max()) + 1
         if n_items <= self.dense_max_items:
-            self._fit_ease(u, i, n_users, n_items)
+            self._fit_ease(u, i, x, n_users, n_items)
         else:
             self._fit_covisit(u, i, n_users, n_items)
         self._dense = None
         log.info("itemitem refreshed from %d rows in %.1fs", int(known.sum()), time.perf_counter() - t0)
         return int(known.sum())
 
+    def _pairs(self, ucodes: np.ndarray, icodes: np.ndarray, weights: np.ndarray, n_items: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Distinct (user, item) pairs and each one's value in ``X`` (see ``weight_power``)."""
+        pairs, inverse = np.unique(ucodes * n_items + icodes, return_inverse=True)
+        if self.weight_power > 0:
+            total = np.bincount(inverse.ravel(), weights=weights, minlength=len(pairs))
+            x = (np.clip(total, 0.0, self.weight_cap) / self.weight_cap) ** self.weight_power
+        else:
+            x = np.ones(len(pairs))
+        return pairs // n_items, pairs % n_items, x
+
     def _keep_top(self, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        n = min(self.neighbours, max(weights.shape[1] - 1, 1))
+        n = min(self.neighbours, weights.shape[1])  # all of them when N >= n_items (the zero diagonal included)
         w, idx = torch.topk(weights, n, dim=1)
         return idx.to(torch.int32), w
 
-    def _fit_ease(self, u: np.ndarray, i: np.ndarray, n_users: int, n_items: int) -> None:
+    def _fit_ease(self, u: np.ndarray, i: np.ndarray, values: np.ndarray, n_users: int, n_items: int) -> None:
         dev = self._device
         x = torch.zeros(n_users, n_items, device=dev, dtype=torch.float64)
-        x[torch.from_numpy(u).to(dev), torch.from_numpy(i).to(dev)] = 1.0
+        x[torch.from_numpy(u).to(dev), torch.from_numpy(i).to(dev)] = torch.from_numpy(values).to(dev, torch.float64)
         if self.content_weight > 0 and len(self._tokens):  # one pseudo-user per content token
             item_of = np.repeat(np.arange(n_items), np.diff(np.append(self._offsets, len(self._tokens))))
             f = torch.zeros(int(self._tokens.max()) + 1, n_items, device=dev, dtype=torch.float64)
@@ -202,7 +219,8 @@ class ItemItem(ScoringRecommender):
 
     def params(self) -> dict:
         return {"l2": self.l2, "neighbours": self.neighbours, "dense_max_items": self.dense_max_items,
-                "alpha": self.alpha, "content_weight": self.content_weight, **super().params()}
+                "alpha": self.alpha, "content_weight": self.content_weight, "weight_power": self.weight_power,
+                "weight_cap": self.weight_cap, **super().params()}
 
     def _state(self) -> dict:
         return {"nb_index": self.nb_index, "nb_weight": self.nb_weight,

@@ -15,6 +15,7 @@ import torch
 from pipelines.models import get_recommender, load_recommender
 from pipelines.models.content import ContentFeatures
 from pipelines.models.hybrid import ShopRec
+from pipelines.models.ials import IALS
 from pipelines.models.itemitem import ItemItem
 from pipelines.models.twotower import TwoTower
 from pipelines.schemas import COL_ITEM, COL_USER
@@ -88,6 +89,41 @@ class TestItemItemCoVisitation(TestItemItemEASE):
         assert tuple(model.nb_index.shape) == (12, 4)
         assert model.table_bytes() == 12 * 4 * (4 + 4)
         assert set(model.similar_items("B1", 4)) <= {f"B{i}" for i in range(6)}
+
+
+class TestIALS(RecommenderContract):
+    """The hybrid's second collaborative signal: iALS, user vectors folded in from the profile."""
+
+    probe_user = "a0"
+    probe_expected = {"A3", "A4", "A5"}
+
+    def make(self, **params) -> IALS:
+        return get_recommender("ials", **{"dim": 8, "alpha0": 0.5, "reg": 0.01, "device": "cpu", **params})
+
+    def data(self) -> pd.DataFrame:
+        return two_groups()
+
+    def test_session_pulls_an_unknown_user_to_its_group(self, fitted):
+        assert set(fitted.recommend_session(["B0"], 3)) <= {f"B{i}" for i in range(6)}
+        assert set(fitted.recommend_session(["A0"], 3)) <= {f"A{i}" for i in range(6)}
+
+    def test_catalog_items_without_interactions_get_no_vector(self):
+        model = self.make().fit(self.data(), catalog())
+        assert torch.count_nonzero(model.item_vectors[model.item_ids.index("NEWA")]) == 0
+
+
+def test_interaction_strength_shapes_the_ease_weights():
+    """With weight_power, a0's purchases (weight 5) of A1 pull A4 (bought with A1) above A3 (only viewed with it)."""
+    rows = [("a0", "A0", 1.0), ("a0", "A1", 5.0)]
+    for u in range(1, 6):
+        rows += [(f"a{u}", "A0", 1.0), (f"a{u}", "A3", 1.0), (f"a{u + 5}", "A1", 5.0), (f"a{u + 5}", "A4", 5.0)]
+    rows += [(f"a{u}", "A3", 1.0) for u in range(6, 8)]  # A3 is a bit more popular overall
+    data = frame(rows)
+    binary = ItemItem(l2=1.0, device="cpu").fit(data)
+    weighted = ItemItem(l2=1.0, weight_power=1.0, device="cpu").fit(data)
+    assert binary.recommend(["a0"], 1)[0] == ["A3"]
+    assert weighted.recommend(["a0"], 1)[0] == ["A4"]
+    assert load_recommender_roundtrip(weighted).recommend(["a0"], 2) == weighted.recommend(["a0"], 2)
 
 
 class TestTwoTower(RecommenderContract):
@@ -180,6 +216,21 @@ class TestShopRec(RecommenderContract):
         loaded = load_recommender(tmp_path / "m")
         assert loaded.rank_new_items("a1", [], 2) == model.rank_new_items("a1", [], 2)
         assert loaded.recommend_batch([("a0", ["B1"])], 5) == model.recommend_batch([("a0", ["B1"])], 5)
+
+
+    def test_ials_part_blends_round_trips_and_can_be_left_out(self, tmp_path):
+        model = self.make(w_ials=1.0).fit(self.data())
+        prof, _ = model._profiles([("a0", ["B1"])])
+        assert set(model.part_scores(prof)) == {"itemitem", "ials", "embed", "pop"}
+        model.save(tmp_path / "m")
+        assert load_recommender(tmp_path / "m").recommend_batch([("a0", ["B1"])], 5) == \
+            model.recommend_batch([("a0", ["B1"])], 5)
+        without = self.make(ials_dim=0).fit(self.data())
+        assert without.ials is None and "ials" not in without.part_scores(prof)
+        without.save(tmp_path / "w")
+        again = load_recommender(tmp_path / "w")
+        assert again.ials is None and again.recommend(["a0"], 3) == without.recommend(["a0"], 3)
+        assert set(again.recommend(["a0"], 3)[0]) == {"A3", "A4", "A5"}
 
 
 def test_content_features_tokens():

@@ -39,7 +39,8 @@ def test_quality_benchmark_runs_on_a_sample(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["dataset"].startswith("ml-100k") and "8:1:1" in data["protocol"]
-    assert set(data["results"]) == {"popularity", "implicit_als", "implicit_bpr", "itemitem", "twotower", "shoprec"}
+    assert set(data["results"]) == {"popularity", "implicit_als", "implicit_bpr", "itemitem", "twotower", "ials",
+                                    "shoprec"}
     for row in data["results"].values():
         assert METRICS | {"fit_s", "predict_s"} <= set(row)
         assert all(0.0 <= row[m] <= 1.0 for m in METRICS)

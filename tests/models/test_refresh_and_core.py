@@ -27,7 +27,7 @@ def shifted_window():
 
 @pytest.mark.parametrize("dense_max_items", [6000, 1], ids=["ease", "co-visitation"])
 def test_refresh_follows_the_new_window_and_keeps_the_rest(dense_max_items):
-    model = ShopRec(l2=1.0, dense_max_items=dense_max_items, content_weight=0.0, w_embed=0.0, w_pop=0.0,
+    model = ShopRec(l2=1.0, dense_max_items=dense_max_items, content_weight=0.0, w_embed=0.0, w_pop=0.0, w_ials=0.0,
                     **FAST_EMBED)
     model.fit(two_groups(), catalog())
     before = model.recommend(["a0"], 3)[0]
@@ -44,7 +44,7 @@ def test_refresh_follows_the_new_window_and_keeps_the_rest(dense_max_items):
 
 
 def test_refresh_with_only_unknown_items_is_refused_and_changes_nothing():
-    model = ShopRec(l2=1.0, w_embed=0.0, w_pop=0.0, **FAST_EMBED).fit(two_groups(), catalog())
+    model = ShopRec(l2=1.0, w_embed=0.0, w_pop=0.0, w_ials=0.0, **FAST_EMBED).fit(two_groups(), catalog())
     before = model.recommend(["a0", "b0"], 3)
     with pytest.raises(ValueError, match="full retrain"):
         model.refresh(frame([("z1", "NOPE1"), ("z2", "NOPE2")]))
