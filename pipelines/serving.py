@@ -38,7 +38,7 @@ from pipelines.registry import LoadedModel, ModelRegistry
 from pipelines.rules import Catalog, apply_rules
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL,
                                STATS_CACHE, STATS_LATENCY, STATS_MODEL_ERROR, STATS_MODEL_TIMEOUT, STATS_REQUESTS,
-                               new_event)
+                               new_event, new_id)
 from pipelines.settings import Settings
 from pipelines.state import AsyncServingState, OnlineState, connect, latency_field
 
@@ -509,7 +509,7 @@ class RecommendationEngine:
             await self.refresh_info()
         else:
             self._maybe_refresh_info()
-        request_id = uuid.uuid4().hex
+        request_id = new_id()
         variant = self.experiment.assign(user_id, self.versions.keys())
         counters: dict[str, dict[str, int]] = {}
         rec = await self._from_cache(request_id, user_id, variant, k, counters)

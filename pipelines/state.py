@@ -8,7 +8,6 @@ All keys come from :class:`pipelines.schemas.RedisKeys`.
 
 from __future__ import annotations
 
-import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -224,12 +223,12 @@ class OnlineState:
 
     def get_cached(self, user_id: str, variant: str) -> dict | None:
         raw = self.r.hget(RedisKeys.cache(user_id), variant)
-        return json.loads(raw) if raw else None
+        return orjson.loads(raw) if raw else None
 
     def set_cached(self, user_id: str, variant: str, payload: dict) -> None:
         key = RedisKeys.cache(user_id)
         p = self.r.pipeline(transaction=False)
-        p.hset(key, variant, json.dumps(payload))
+        p.hset(key, variant, orjson.dumps(payload))
         p.expire(key, self.cache_ttl_s)
         p.execute()
 
@@ -334,12 +333,12 @@ class AsyncServingState:
 
     async def get_cached(self, user_id: str, variant: str) -> dict | None:
         raw = await self.r.hget(RedisKeys.cache(user_id), variant)
-        return json.loads(raw) if raw else None
+        return orjson.loads(raw) if raw else None
 
     async def set_cached(self, user_id: str, variant: str, payload: dict) -> None:
         key = RedisKeys.cache(user_id)
         async with self.r.pipeline(transaction=False) as p:
-            p.hset(key, variant, json.dumps(payload))
+            p.hset(key, variant, orjson.dumps(payload))
             p.expire(key, self.cache_ttl_s)
             await p.execute()
 
