@@ -1,9 +1,10 @@
 """`shoprec bench serve`: the BentoML service under load, four scenarios in one run.
 
 It starts its own Redis (free port) and an MLflow store (SQLite) holding a BPR model over a
-50,000-item catalog as ``champion``, then for each scenario a real ``bentoml serve`` on a free
-port, warms it up and drives it from a separate process (``wrk`` from Debian; an asyncio httpx
-client when wrk is missing) at fixed concurrency for a fixed time:
+50,000-item catalog as ``champion``, then for each scenario a real ``bentoml serve``
+(``--api-workers`` API processes, 2 by default: one per core here, plus the scoring process) on a
+free port, warms it up and drives it from a separate process (``wrk`` from Debian; an asyncio
+httpx client when wrk is missing) at fixed concurrency for a fixed time:
 
 * ``floor``: ``POST /ping``, a trivial endpoint of the same server (the framework's own cost);
 * ``cached``: ``POST /recommend`` for users whose lists are in the Redis cache;
@@ -106,7 +107,7 @@ def drive(url: str, bodies: list[dict], concurrency: int, seconds: float, work: 
 
 
 def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = N_ITEMS,
-        latency_concurrency: int = 4, model_name: str = "bpr") -> dict:
+        latency_concurrency: int = 4, model_name: str = "bpr", api_workers: int = 2) -> dict:
     import httpx
 
     from pipelines import localstack
@@ -123,6 +124,7 @@ def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = 
             t0 = time.perf_counter()
             env = _prepare(work, f"redis://127.0.0.1:{rport}/0", n_items, model_name)
             env["SHOPREC_KAFKA_BOOTSTRAP"] = f"127.0.0.1:{kport}"
+            env["SHOPREC_SERVE_API_WORKERS"] = str(api_workers)
             log.info("model over %d items registered in %.0fs", n_items, time.perf_counter() - t0)
             users = [{"user_id": f"u{u}", "k": 10} for u in range(1, CACHED_USERS + 1)]
             cold = [{"user_id": f"new-{u}", "k": 10} for u in range(CACHED_USERS)]
@@ -154,7 +156,7 @@ def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = 
     lat_cached, lat_floor, lat_model = latency["cached"], latency["floor"], latency["model"]
     report = {
         "date": time.strftime("%Y-%m-%d"), "model": model_name, "concurrency": concurrency, "seconds": seconds,
-        "n_items": n_items,
+        "n_items": n_items, "api_workers": api_workers,
         "driver": "wrk" if shutil.which("wrk") else "asyncio-httpx", **results,
         # the same four scenarios with few clients: latency when the server is not saturated
         "latency_concurrency": latency_concurrency, "latency": latency,
@@ -177,7 +179,9 @@ def command(out: Path = typer.Option(Path("var/bench/serve.json"), help="where t
             latency_concurrency: int = typer.Option(4, help="concurrent clients of the latency pass"),
             items: int = typer.Option(N_ITEMS, help="catalog size"),
             model: str = typer.Option("bpr", help="champion to serve: bpr (one matmul) or shoprec (the "
-                                                   "production hybrid: three parts per request)")) -> None:
+                                                   "production hybrid: four parts per request)"),
+            api_workers: int = typer.Option(2, min=1, help="processes of the API service (SHOPREC_SERVE_API_WORKERS): "
+                                            "one per core; the scoring service is one more")) -> None:
     """Serving under load: floor, cached, model (batched) and model_unbatched; JSON to --out.
 
     Each scenario runs twice: at ``--concurrency`` (saturated; rps and the batching ratio) and at
@@ -189,5 +193,5 @@ def command(out: Path = typer.Option(Path("var/bench/serve.json"), help="where t
     logging.getLogger("httpx").setLevel(logging.WARNING)
     if model not in MODEL_PARAMS:
         raise typer.BadParameter(f"unknown model {model!r}: use one of {', '.join(MODEL_PARAMS)}")
-    report = run(out, seconds, concurrency, items, latency_concurrency, model)
+    report = run(out, seconds, concurrency, items, latency_concurrency, model, api_workers)
     typer.echo(json.dumps(report, indent=2))
