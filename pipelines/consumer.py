@@ -1,4 +1,7 @@
-"""The stream consumer: Kafka ``shop.events`` → validation → lake + Redis, invalid → DLQ.
+"""The stream consumer: Kafka events topic → validation → lake + Redis, invalid → DLQ.
+
+Topic names come from settings (``kafka_topic_events``, ``kafka_topic_dlq``; defaults
+``shop.events`` and ``shop.events.dlq``).
 
 Per poll batch:
 
@@ -6,10 +9,12 @@ Per poll batch:
    decisions, with a model-free fast path for the common shape); claim each valid event's ``event_id``
    in Redis with the record's Kafka position (``partition:offset``), one script call per partition,
    sent while the next partition is parsed;
-2. send rejects (and duplicates) to ``shop.events.dlq`` with the original bytes and a
-   ``reason`` header, count them per reason in Redis;
-3. in a persist thread, write the valid events to the Parquet lake, one file per Kafka partition
-   and hour, named by the partition's offset range in the batch, durable (tmp + fsync + rename);
+2. send rejects to the DLQ topic with the original bytes and a ``reason`` header, count them per
+   reason in Redis;
+3. in a persist thread, wait for the claims and send the duplicates they found to the DLQ the same
+   way (crash point ``after_claims``), then write the valid events to the Parquet lake, one file per
+   Kafka partition and hour, named by the partition's offset range in the batch, durable (tmp +
+   fsync + rename);
 4. beside it, fold them into the online state in Redis (one script call plus one pipeline);
 5. while 3 and 4 run, poll and validate the next batch (steps 1-2); then wait until 3 and 4 are
    done and the DLQ copies acknowledged, and commit exactly this batch's offsets (one past its
@@ -74,7 +79,7 @@ from pipelines.state import OnlineState
 log = logging.getLogger(__name__)
 
 JOIN_WAIT_MS = 15_000
-CRASH_POINTS = ("after_dlq", "after_lake_write", "after_redis", "before_commit", "after_commit")
+CRASH_POINTS = ("after_dlq", "after_claims", "after_lake_write", "after_redis", "before_commit", "after_commit")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -244,6 +249,7 @@ class StreamConsumer:
     def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]]) -> list:
         """Write a batch to the lake and fold it into Redis (in the persist thread); returns the files written."""
         self._drop_duplicates(batch)
+        self._crash("after_claims")
         events = batch.events()
         # the Redis fold runs beside the lake write (both mostly wait: on Redis, on Parquet encoding and
         # fsync, which release the GIL); both finish before the commit, so crash safety is unchanged
@@ -387,7 +393,10 @@ class StreamConsumer:
             self._finish()
         except Exception:  # noqa: BLE001 - closing anyway; the uncommitted batch is replayed by the next owner
             log.exception("the last batch could not be committed; it will be consumed again")
-        for pool in (self._claims, self._persist_pool, self._state_pool):
+        # claims still queued belong to batches that will not be committed (their records are replayed);
+        # with Redis down each would retry for minutes
+        self._claims.shutdown(wait=True, cancel_futures=True)
+        for pool in (self._persist_pool, self._state_pool):
             pool.shutdown(wait=True)
         try:
             self.producer.flush(timeout=5)

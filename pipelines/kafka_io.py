@@ -14,7 +14,7 @@ from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from pipelines.schemas import DLQ_REASON_HEADER, TOPIC_DLQ, TOPIC_EVENTS
+from pipelines.schemas import DLQ_REASON_HEADER
 from pipelines.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,16 +76,15 @@ def make_consumer(settings: Settings, topics: Iterable[str] | None = None, *, gr
     return KafkaConsumer(*(topics or (settings.kafka_topic_events,)), **{**settings.kafka_client_kwargs(), **kw})
 
 
-def send_events(producer: KafkaProducer, events: Iterable[dict], topic: str = TOPIC_EVENTS) -> list:
-    """Send event dicts keyed by user_id; returns the send futures (``.get()`` to await the ack).
-
-    Services pass ``settings.kafka_topic_events``; the default is the standard name.
-    """
+def send_events(producer: KafkaProducer, events: Iterable[dict], topic: str) -> list:
+    """Send event dicts keyed by user_id to ``topic`` (``settings.kafka_topic_events``); returns the
+    send futures (``.get()`` to await the ack)."""
     return [producer.send(topic, key=ev.get("user_id"), value=orjson.dumps(ev)) for ev in events]
 
 
 def send_dlq(producer: KafkaProducer, raw: bytes | None, reason: str, message: str, key: bytes | None = None,
-             headers: Iterable[tuple[str, bytes]] = (), topic: str = TOPIC_DLQ):
-    """Quarantine a rejected record: original value, key and headers, plus ``reason`` and ``error`` headers."""
+             headers: Iterable[tuple[str, bytes]] = (), *, topic: str):
+    """Quarantine a rejected record in ``topic`` (``settings.kafka_topic_dlq``): original value, key and
+    headers, plus ``reason`` and ``error`` headers."""
     return producer.send(topic, value=raw, key=key,
                          headers=[*headers, (DLQ_REASON_HEADER, reason.encode()), ("error", message[:500].encode())])

@@ -288,12 +288,11 @@ class ImpressionLog:
     def pending(self) -> int:
         return len(self.buffer)
 
-    def close(self, timeout: float = 2.0) -> None:
+    def close(self, timeout: float = 15.0) -> None:
+        """Stop; what is buffered gets one last send attempt (best effort within ``timeout``)."""
         self._stop.set()
         self._wake.set()
         self._thread.join(timeout)
-        if self._producer is not None:
-            self._producer.close(timeout=timeout)
 
     def _run(self) -> None:
         backoff = 0.5
@@ -312,11 +311,12 @@ class ImpressionLog:
                 self.buffer.extendleft(reversed(batch))  # keep order; retry after a pause
                 self._stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
-        if self.buffer:  # closing: one last attempt for what is left
-            batch = list(self.buffer)
-            if self._send(batch):
-                for _ in batch:
-                    self.buffer.popleft()
+        # closing: one last attempt for what is left (taken out first: log() may still be appending)
+        batch = [self.buffer.popleft() for _ in range(len(self.buffer))]
+        if batch and not self._send(batch):
+            self.buffer.extendleft(reversed(batch))
+        if self._producer is not None:  # only this thread ever touches the producer
+            self._producer.close(timeout=5)
 
     def _send(self, batch: list[dict]) -> bool:
         try:

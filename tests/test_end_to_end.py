@@ -81,7 +81,7 @@ def test_simulated_shop_to_trained_model_served_over_http(e2e_settings, tmp_path
     consumer_thread.start()
     producer = kafka_io.make_producer(settings)
     try:
-        sent = sim.run_live(lambda evs: kafka_io.send_events(producer, evs), rate_eps=400, duration_s=6)
+        sent = sim.run_live(lambda evs: kafka_io.send_events(producer, evs, settings.kafka_topic_events), rate_eps=400, duration_s=6)
         producer.flush()
         assert sent["events"] > 1000
         stored = wait_for(lambda: (n := len(lake.read_all(settings.lake_dir))) >= sent["events"] and n,
@@ -123,7 +123,7 @@ def test_simulated_shop_to_trained_model_served_over_http(e2e_settings, tmp_path
             # 4. closed loop: simulated users see the lists and click; the clicks are attributed
             rec_fn = simulator.http_recommend_fn(base)
             for _ in range(60):
-                kafka_io.send_events(producer, sim.step_with_recommender(rec_fn))
+                kafka_io.send_events(producer, sim.step_with_recommender(rec_fn), settings.kafka_topic_events)
             producer.flush()
             counts = wait_for(lambda: state.ab_counts().get(ALIAS_CHAMPION, {}).get("clicks", 0) > 0
                               and state.ab_counts()[ALIAS_CHAMPION], 60, "attributed clicks in Redis")

@@ -234,19 +234,22 @@ def _with_db(url: str, db: int) -> str:
     from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
     parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query) if k != "db"]  # redis-py prefers ?db= to the path
     if parts.scheme == "unix":
-        query = dict(parse_qsl(parts.query))
-        query["db"] = str(db)
-        return f"unix://{parts.netloc}{parts.path}?{urlencode(query)}"  # urlunsplit would drop the empty host
-    return urlunsplit(parts._replace(path=f"/{db}"))
+        return f"unix://{parts.netloc}{parts.path}?{urlencode([*query, ('db', str(db))])}"  # keep the empty host
+    return urlunsplit(parts._replace(path=f"/{db}", query=urlencode(query)))
 
 
 @contextmanager
-def _own_redis_db(url: str):
-    """Use the Redis database of ``url`` only if it is empty, and leave it empty."""
+def _own_redis_db(url: str, db: int):
+    """Use Redis database ``db`` (the one ``url`` names) only if it is empty, and leave it empty."""
     from pipelines.state import connect
 
     r = connect(url)
+    got = int(r.connection_pool.connection_kwargs.get("db") or 0)
+    if got != db:  # never run in (and flush) a database that is not the benchmark's own
+        raise typer.BadParameter(f"the benchmark's Redis URL resolves to database {got}, not {db}: "
+                                 "pass a plain redis:// URL in SHOPREC_REDIS_URL", param_hint="--redis-db")
     if r.dbsize():
         raise typer.BadParameter(f"Redis database {r.connection_pool.connection_kwargs.get('db')} is not empty; "
                                  "the benchmark needs one of its own: pass --redis-db with an unused database number",
@@ -296,7 +299,7 @@ def run(events: int, rate: float, seconds: float, sample_every: int, work_dir: P
                     "SHOPREC_KAFKA_TOPIC_CATALOG": f"shoprec-bench-{run_id}.catalog"})
         settings = _settings_from(env)
         if use_configured:
-            stack.enter_context(_own_redis_db(settings.redis_url))
+            stack.enter_context(_own_redis_db(settings.redis_url, redis_db))
             stack.callback(_delete_topics, settings)
         kafka_io.ensure_topics(settings)
 

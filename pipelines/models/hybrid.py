@@ -34,6 +34,10 @@ from pipelines.columns import COL_ITEM
 log = logging.getLogger(__name__)
 
 
+#: what a hybrid saved before interaction strength and the iALS part was fitted with
+_BEFORE_WEIGHTS_AND_IALS = {"weight_power": 0.0, "ials_dim": 0, "w_ials": 0.0}
+
+
 @register
 class ShopRec(ScoringRecommender):
     """The blend of :class:`ItemItem`, :class:`IALS`, :class:`TwoTower` and time-decayed popularity.
@@ -204,12 +208,18 @@ class ShopRec(ScoringRecommender):
 
     @classmethod
     def _load(cls, path: Path, params: dict) -> ShopRec:
+        # a model saved before these parameters existed was fitted without them: keep it that way
+        # (the new defaults would change what a refresh of an old champion refits)
+        params = {**_BEFORE_WEIGHTS_AND_IALS, **params}
         model = super()._load(path, params)
         model.itemitem = ItemItem._load(path / "itemitem", model.itemitem.params())
         model.embed = TwoTower._load(path / "embed", model.embed.params())
-        if (path / "ials").is_dir() and model.ials is not None:
+        if model.ials is not None:
+            if not (path / "ials").is_dir():
+                raise FileNotFoundError(f"{path / 'ials'} is missing but the model was saved with ials_dim="
+                                        f"{model.ials.dim}: the saved model is incomplete; copy it again")
             model.ials = IALS._load(path / "ials", model.ials.params())
-        else:  # saved before the iALS part existed (or without it)
-            model.ials, model.w_ials = None, 0.0
+        else:
+            model.w_ials = 0.0
         model.trending = torch.load(path / "trending.pt", weights_only=True)["trending"].numpy()
         return model

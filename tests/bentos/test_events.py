@@ -10,7 +10,7 @@ from kafka import KafkaConsumer
 from starlette.testclient import TestClient
 
 from pipelines import kafka_io
-from pipelines.schemas import TOPIC_EVENTS, new_event
+from pipelines.schemas import new_event
 from pipelines.settings import get_settings
 from tests.bentos.test_service import _forget_bentoml_metrics
 
@@ -106,7 +106,7 @@ def test_202_means_the_events_are_in_kafka(events_client):
 def _in_kafka(event_ids: set[str], until: str | None = None, timeout_ms: int = 20_000) -> set[str]:
     """Which of ``event_ids`` are in ``shop.events`` (reading stops once all, or ``until``, were seen)."""
     s = get_settings()
-    consumer = KafkaConsumer(TOPIC_EVENTS, group_id=f"check-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
+    consumer = KafkaConsumer(s.kafka_topic_events, group_id=f"check-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
                              consumer_timeout_ms=timeout_ms, max_partition_fetch_bytes=16 * 1024 * 1024,
                              **kafka_io.FAST_GROUP, **s.kafka_client_kwargs())
     found = set()

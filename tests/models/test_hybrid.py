@@ -232,6 +232,28 @@ class TestShopRec(RecommenderContract):
         assert again.ials is None and again.recommend(["a0"], 3) == without.recommend(["a0"], 3)
         assert set(again.recommend(["a0"], 3)[0]) == {"A3", "A4", "A5"}
 
+    def test_a_model_saved_before_weights_and_ials_loads_as_it_was_fitted(self, tmp_path):
+        import json
+        import shutil
+
+        old = self.make(ials_dim=0, weight_power=0.0).fit(self.data())
+        old.save(tmp_path / "m")
+        meta = tmp_path / "m" / "recommender.json"
+        doc = json.loads(meta.read_text())
+        holder = doc["params"]
+        for key in ("weight_power", "weight_cap", "ials_dim", "ials_alpha0", "ials_reg", "ials_iterations", "w_ials"):
+            holder.pop(key, None)
+        meta.write_text(json.dumps(doc))
+        legacy = load_recommender(tmp_path / "m")
+        assert legacy.itemitem.weight_power == 0.0 and legacy.ials is None
+        assert legacy.recommend(["a0"], 3) == old.recommend(["a0"], 3)
+        # a new model whose iALS files are missing is refused, not silently served without them
+        new = self.make(w_ials=1.0).fit(self.data())
+        new.save(tmp_path / "n")
+        shutil.rmtree(tmp_path / "n" / "ials")
+        with pytest.raises(FileNotFoundError, match="ials"):
+            load_recommender(tmp_path / "n")
+
 
 def test_content_features_tokens():
     feats = ContentFeatures(n_bands=2, min_count=1).fit(catalog())

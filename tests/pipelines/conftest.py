@@ -37,8 +37,8 @@ def produce(settings, events: list[dict] | None = None, raw: list[tuple[str | No
     """Send event dicts and raw ``(key, value)`` records to ``shop.events`` and wait for every ack."""
     producer = kafka_io.make_producer(settings)
     try:
-        futures = kafka_io.send_events(producer, events or [])
-        futures += [producer.send("shop.events", key=k, value=v) for k, v in raw]
+        futures = kafka_io.send_events(producer, events or [], settings.kafka_topic_events)
+        futures += [producer.send(settings.kafka_topic_events, key=k, value=v) for k, v in raw]
         for f in futures:
             f.get(timeout=30)
     finally:

@@ -9,7 +9,7 @@ from kafka import KafkaConsumer
 
 from pipelines import kafka_io, lake
 from pipelines.consumer import StreamConsumer
-from pipelines.schemas import TOPIC_DLQ, new_event
+from pipelines.schemas import new_event
 from pipelines.state import OnlineState
 from tests.pipelines.conftest import wait_until
 
@@ -22,10 +22,10 @@ def test_valid_events_reach_lake_and_redis_invalid_go_to_dlq(settings, redis_cli
     good = [new_event("view", user, f"item-{i}", f"s-{tag}") for i in range(5)]
     bad = {**new_event("view", user, "item-x", f"s-{tag}"), "event_type": "teleport"}
     producer = kafka_io.make_producer(settings)
-    futures = kafka_io.send_events(producer, good[:2])
-    futures.append(producer.send("shop.events", key=user, value=json.dumps(bad).encode()))
-    futures.append(producer.send("shop.events", key=user, value=b"\xff\xfe not json"))
-    futures += kafka_io.send_events(producer, good[2:])
+    futures = kafka_io.send_events(producer, good[:2], settings.kafka_topic_events)
+    futures.append(producer.send(settings.kafka_topic_events, key=user, value=json.dumps(bad).encode()))
+    futures.append(producer.send(settings.kafka_topic_events, key=user, value=b"\xff\xfe not json"))
+    futures += kafka_io.send_events(producer, good[2:], settings.kafka_topic_events)
     for f in futures:
         f.get(timeout=10)
     producer.close()
@@ -50,7 +50,7 @@ def test_valid_events_reach_lake_and_redis_invalid_go_to_dlq(settings, redis_cli
     reasons = state.dlq_reasons()
     assert reasons.get("unknown_event_type", 0) >= 1 and reasons.get("undecodable", 0) >= 1
 
-    dlq = KafkaConsumer(TOPIC_DLQ, group_id=f"dlq-{tag}", auto_offset_reset="earliest",
+    dlq = KafkaConsumer(settings.kafka_topic_dlq, group_id=f"dlq-{tag}", auto_offset_reset="earliest",
                         consumer_timeout_ms=5000, **kafka_io.FAST_GROUP, **settings.kafka_client_kwargs())
     found = {}
     for rec in dlq:

@@ -27,7 +27,8 @@ def test_sigkill_at_every_point_leaves_every_event_exactly_once(settings, redis_
     log = tmp_path / "consumer.log"
 
     # the consumer kills itself at each named point of a batch, a few batches in
-    for point in ("after_lake_write:2", "before_commit:3", "after_dlq:2", "after_redis:1", "after_lake_write:1"):
+    for point in ("after_lake_write:2", "before_commit:3", "after_dlq:2", "after_claims:2", "after_redis:1",
+                  "after_lake_write:1"):
         proc = start_consumer(log, SHOPREC_CRASH_AT=point)
         assert proc.wait(timeout=90) == -signal.SIGKILL, f"the consumer did not crash at {point}: see {log}"
 

@@ -12,7 +12,7 @@ from kafka import KafkaConsumer
 
 from pipelines import kafka_io
 from pipelines.consumer import StreamConsumer
-from pipelines.schemas import TOPIC_DLQ, new_event
+from pipelines.schemas import new_event
 from pipelines.state import OnlineState
 from tests.pipelines.conftest import dumps, lake_counts, wait_until
 
@@ -96,7 +96,7 @@ def test_each_hostile_record_lands_in_the_dlq_with_its_reason_and_good_ones_are_
         # every bad record next to a good one of the same user (same partition, same batch)
         records += [(f"u-{tag}", value, [("corpus", f"{tag}-{i}".encode())]), (f"u-{tag}", dumps(g), [])]
     producer = kafka_io.make_producer(settings)
-    for f in [producer.send("shop.events", key=k, value=v, headers=h) for k, v, h in records]:
+    for f in [producer.send(settings.kafka_topic_events, key=k, value=v, headers=h) for k, v, h in records]:
         f.get(timeout=30)
     producer.close()
 
@@ -114,7 +114,7 @@ def test_each_hostile_record_lands_in_the_dlq_with_its_reason_and_good_ones_are_
     assert set(lake_counts(settings, wanted).values()) == {1}
     assert state.recent_items(f"u-{tag}")[0] == f"good-{len(bad) - 1}"  # good events reached the online state
 
-    dlq = KafkaConsumer(TOPIC_DLQ, group_id=f"dlq-{tag}", auto_offset_reset="earliest", consumer_timeout_ms=8000,
+    dlq = KafkaConsumer(settings.kafka_topic_dlq, group_id=f"dlq-{tag}", auto_offset_reset="earliest", consumer_timeout_ms=8000,
                         max_partition_fetch_bytes=16 * 1024 * 1024, **kafka_io.FAST_GROUP,
                         **settings.kafka_client_kwargs())
     found = {}

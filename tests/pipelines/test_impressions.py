@@ -22,5 +22,12 @@ def test_impressions_logged_just_before_close_still_reach_kafka(settings, monkey
         log.log({"event_id": uuid.uuid4().hex, "event_type": "impression", "user_id": "u1", "request_id": rid,
                  "ts": 1_790_000_000_000})
     log.close(timeout=20)
-    assert log.pending() == 0 and log.sent == len(ids)
-    assert set(_consume_impressions(settings, ids)) == ids
+    try:
+        assert log.pending() == 0 and log.sent == len(ids)
+        assert set(_consume_impressions(settings, ids)) == ids
+    finally:
+        admin = kafka_io.make_admin(settings)
+        try:
+            admin.delete_topics([settings.kafka_topic_events])  # its own; the DLQ and catalog topics are shared
+        finally:
+            admin.close()

@@ -45,6 +45,6 @@ def test_settings_reach_the_admin_client_and_all_clients_work_on_the_broker(brok
     consumer = kafka_io.make_consumer(s, group="kwargs-check")
     try:
         _assert_passed_through(consumer.config, broker, "PLAINTEXT")
-        assert consumer.partitions_for_topic("shop.events")
+        assert consumer.partitions_for_topic(s.kafka_topic_events)
     finally:
         consumer.close()
