@@ -134,7 +134,9 @@ def _consume_impressions(settings, request_ids: set[str], timeout: float = 30.0)
 def test_cached_unknown_and_just_clicked_users(settings, redis_client, registered_champion, client_for):
     registry, reg = registered_champion
     c = client_for(registry.name)
-    first = c.post("/recommend", json={"user_id": "u2", "k": 5}).json()
+    answer = c.post("/recommend", json={"user_id": "u2", "k": 5})
+    assert answer.headers["content-type"].startswith("application/json")  # media type pinned at start-up
+    first = answer.json()
     cached = c.post("/recommend", json={"user_id": "u2", "k": 3}).json()
     assert (first["source"], cached["source"]) == ("model", "cache")
     assert cached["items"] == first["items"][:3] and cached["model_version"] == reg.version
