@@ -80,6 +80,23 @@ class ShopRec(ScoringRecommender):
         self.trending = np.zeros(0, dtype="float64")
         self.fit_seconds: dict[str, float] = {}
 
+    @property
+    def trending(self) -> np.ndarray:
+        """Time-decayed popularity per item row (set by fit, refresh and load)."""
+        return self._trending
+
+    @trending.setter
+    def trending(self, value: np.ndarray) -> None:
+        self._trending = value
+        self._trend_z: torch.Tensor | None = None  # its standardised log, computed once per value
+
+    def _trend_scores(self) -> torch.Tensor:
+        """``[n_items]``: the trending part's standardised scores (the same for every request)."""
+        if self._trend_z is None:
+            trend = torch.from_numpy(np.log1p(self._trending).astype("float32")).to(self._device)
+            self._trend_z = zscore_rows(trend[None])[0]
+        return self._trend_z
+
     def fit(self, interactions: pd.DataFrame, items: pd.DataFrame | None = None) -> ShopRec:
         """Fit the learned parts and the trending scores on the same item index."""
         _, icodes, _ = self._index(interactions, items)
@@ -127,14 +144,16 @@ class ShopRec(ScoringRecommender):
         Args:
             skip_zero: leave out the parts whose blend weight is 0 (what scoring needs).
         """
+        parts = {k: zscore_rows(f(profiles)) for k, f in self._scorers(skip_zero).items()}
+        parts["pop"] = self._trend_scores().expand(profiles.n_rows, -1)
+        return parts
+
+    def _scorers(self, skip_zero: bool) -> dict:
         weights = self.blend_weights()
         scorers = {"itemitem": self.itemitem._score, "embed": self.embed._score}
         if self.ials is not None:
             scorers["ials"] = self.ials._score
-        parts = {k: zscore_rows(f(profiles)) for k, f in scorers.items() if not (skip_zero and weights[k] == 0.0)}
-        trend = torch.from_numpy(np.log1p(self.trending).astype("float32")).to(self._device)
-        parts["pop"] = zscore_rows(trend.expand(profiles.n_rows, -1))
-        return parts
+        return {k: f for k, f in scorers.items() if not (skip_zero and weights[k] == 0.0)}
 
     def blend_weights(self) -> dict[str, float]:
         """The blend weight of each part (the keys of :meth:`part_scores`)."""
@@ -142,8 +161,16 @@ class ShopRec(ScoringRecommender):
                 "ials": self.w_ials if self.ials is not None else 0.0}
 
     def _score(self, profiles: Profiles) -> torch.Tensor:
+        """``sum(w_k * part_k)`` over :meth:`part_scores`, with one temporary per part (the serving hot path)."""
         weights = self.blend_weights()
-        return sum(weights[k] * v for k, v in self.part_scores(profiles, skip_zero=True).items())
+        out = torch.zeros(profiles.n_rows, len(self._item_ids), device=self._device)
+        for k, f in self._scorers(skip_zero=True).items():
+            s = f(profiles)
+            std, mean = torch.std_mean(s, dim=1, keepdim=True)
+            out.add_((s - mean).mul_(weights[k] / std.clamp_min(1e-12)))
+        if self.w_pop:
+            out.add_(self._trend_scores(), alpha=self.w_pop)
+        return out
 
     def _fallback_scores(self) -> np.ndarray:
         """A new user with no session gets trending items."""

@@ -241,6 +241,5 @@ class ScoringRecommender(IndexedRecommender, abc.ABC):
 
 def zscore_rows(scores: torch.Tensor) -> torch.Tensor:
     """Standardise each row to mean 0, std 1 (a constant row gives zeros), so blended scores are comparable."""
-    mean = scores.mean(dim=1, keepdim=True)
-    std = scores.std(dim=1, keepdim=True).clamp_min(1e-12)
-    return (scores - mean) / std
+    std, mean = torch.std_mean(scores, dim=1, keepdim=True)
+    return (scores - mean) / std.clamp_min(1e-12)
