@@ -5,26 +5,29 @@ Topic names come from settings (``kafka_topic_events``, ``kafka_topic_dlq``; def
 
 Per poll batch:
 
-1. validate every record (:func:`pipelines.schemas.parse_events`: :func:`~pipelines.schemas.parse_event`'s
-   decisions, with a model-free fast path for the common shape); claim each valid event's ``event_id``
-   in Redis with the record's Kafka position (``partition:offset``), one script call per partition,
-   sent while the next partition is parsed;
-2. send rejects to the DLQ topic with the original bytes and a ``reason`` header, count them per
-   reason in Redis;
-3. in a persist thread, wait for the claims and send the duplicates they found to the DLQ the same
-   way (crash point ``after_claims``), then write the valid events to the Parquet lake, one file per
-   Kafka partition and hour, named by the partition's offset range in the batch, durable (tmp +
-   fsync + rename);
-4. beside it, fold them into the online state in Redis (one script call plus one pipeline);
-5. while 3 and 4 run, poll and validate the next batch (steps 1-2); then wait until 3 and 4 are
-   done and the DLQ copies acknowledged, and commit exactly this batch's offsets (one past its
-   last record per partition). With no next batch at hand the commit follows at once.
+1. in a prepare thread, validate the batch's records, all partitions at once, column-wise
+   (:func:`pipelines.eventbatch.parse_batch`: :func:`~pipelines.schemas.parse_event`'s decisions in
+   Arrow, so no Python object per event), send rejects to the DLQ topic with the original bytes and a
+   ``reason`` header and count them per reason in Redis (crash point ``after_dlq``); claim each valid
+   event's ``event_id`` in Redis with the record's Kafka position (``partition:offset``), one script
+   call per batch;
+2. in a persist thread, once 1 is done and the batch before has been written, send the duplicates
+   the claims found to the DLQ the same way (crash point ``after_claims``), then write the valid
+   events to the Parquet lake, one file per Kafka partition and hour, named by the partition's
+   offset range in the batch, durable (tmp + fsync + rename);
+3. beside it, fold them into the online state in Redis (one script call plus one pipeline);
+4. while 1-3 run, the poll thread fetches the next batch (the Kafka client's record decoding is
+   most of this process's interpreter time); then it waits until 2 and 3 are done and the DLQ copies
+   acknowledged, and commits exactly this batch's offsets (one past its last record per partition).
+   Up to ``consumer_inflight_batches`` (2) polled batches are in these stages before the poll
+   thread waits for the oldest; with no next batch at hand the commits follow at once.
 
-Steps 3-4 of one batch thus overlap steps 1-2 of the next (Parquet encoding, fsync and Redis release
-the GIL), and a batch's offsets are still committed only once its files are durable. If a commit is
-refused (the group rebalanced), that batch's files are removed and both it and the next batch, which
-was fetched before the rebalance settled and is not written, are sought back, so they are consumed
-again (their DLQ copies may then be sent twice; the DLQ is at-least-once).
+So the handling of one batch overlaps the fetching of the next, and the stages of consecutive batches
+overlap each other (Arrow parsing, Parquet encoding, fsync and Redis release the GIL); a batch's offsets
+are still committed only once its files are durable, in order. If a commit is refused (the group
+rebalanced), the files of that batch and of the next one, fetched before the rebalance settled, are
+removed and both batches are sought back, so they are consumed again (their DLQ copies may then be sent
+twice; the DLQ is at-least-once).
 
 Exactly once in the lake, and why it is built this way. A crash anywhere before the commit
 replays the batch from the last committed offset. Two mechanisms make the replay harmless:
@@ -43,7 +46,7 @@ replays the batch from the last committed offset. Two mechanisms make the replay
   a replay is never rejected as a duplicate and a duplicate never gets stored twice.
 
 The Redis online state is at-least-once: a crash between step 4 and the commit applies that batch's
-counters again on replay (a bounded, visible error of at most one batch; the lake, which
+counters again on replay (a bounded, visible error of at most the two batches in flight; the lake, which
 training and the dashboard read, is exact). When Redis is down the consumer retries with
 exponential backoff and does not commit, so nothing is lost; when its event_id index was lost
 (a Redis without persistence restarted), duplicates sent across that gap are not recognised.
@@ -61,7 +64,7 @@ import signal
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -71,10 +74,14 @@ from kafka.structs import OffsetAndMetadata
 from kafka.errors import CommitFailedError
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from pipelines import kafka_io, lake
-from pipelines.schemas import parse_events
+from pipelines.eventbatch import ParsedBatch, parse_batch
 from pipelines.settings import Settings
-from pipelines.state import OnlineState
+from pipelines.state import OnlineState, lines
 
 log = logging.getLogger(__name__)
 
@@ -94,21 +101,26 @@ class ConsumerStats:
 
 @dataclass
 class _Batch:
-    """One polled batch after validation: what is written, and the offsets committed once it is durable."""
+    """One polled batch: what is written, and the offsets committed once it is durable."""
 
     polled: dict  # TopicPartition -> records, as polled
-    valid: dict  # TopicPartition -> valid events (dicts), duplicates removed
-    rejected: Counter
-    # per partition (tp, records, events, pending event_id claim), resolved into ``valid`` by the persist thread
-    claims: list = field(default_factory=list)
+    valid: dict = field(default_factory=dict)  # TopicPartition -> valid events (a lake table), duplicates removed
+    rejected: Counter = field(default_factory=Counter)
+    # from the prepare thread: the records of all partitions in order, their validation, the event_id claim
+    records: list | None = None
+    parsed: ParsedBatch | None = None
+    claim: Future | None = None
+    prepared: Future | None = None  # validated, rejects in the DLQ, claims sent (the prepare thread)
     done: Future | None = None  # duplicates dropped, the lake write and Redis fold (result: the files written)
 
     @property
     def n(self) -> int:
         return sum(len(recs) for recs in self.polled.values())
 
-    def events(self) -> list[dict]:
-        return [ev for evs in self.valid.values() for ev in evs]
+    def events(self) -> pa.Table | None:
+        """The valid events of all partitions, partition after partition, each in offset order."""
+        tables = list(self.valid.values())
+        return pa.concat_tables(tables) if len(tables) > 1 else (tables[0] if tables else None)
 
     def offsets(self) -> dict:
         """Offsets to commit: one past each partition's last record in this batch."""
@@ -158,10 +170,11 @@ class StreamConsumer:
         self._last_log = self._last_status = self._last_trending = now
         self._last_logged_count = self._last_status_count = 0
         self._rate = 0.0
-        self._claims = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-claims")
+        self._prepare_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-prepare")
+        self._claims_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-claims")
         self._state_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-state")
         self._persist_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-persist")
-        self._inflight: _Batch | None = None  # handled, being written, not yet committed
+        self._inflight: deque[_Batch] = deque()  # handled, being written, not yet committed; oldest first
         self._trending: Future | None = None
 
     # --- one batch ---------------------------------------------------------------------------
@@ -172,82 +185,88 @@ class StreamConsumer:
             # kafka-python 3.0.12 drops a JoinGroup that completes between two polls and sends a new
             # one; tansu answers a join after ~3 s, so short polls can rejoin forever. Wait it out.
             timeout_ms = max(timeout_ms, JOIN_WAIT_MS)
-        elif self._inflight is not None:
-            timeout_ms = 0  # records already fetched are handled now; otherwise the batch in flight is finished
         polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.consumer_max_records)
         self._owned &= self.consumer.assignment()
         n = sum(len(recs) for recs in polled.values())
         if n:
             self._handle(polled)
+            # batches already written are committed now; the others when the next poll brought nothing
+            # or more than consumer_inflight_batches are in flight
+            while self._inflight and self._inflight[0].done.done() and self._commit_oldest():
+                pass
         else:
             self._finish()
         self._periodic()
         return n
 
     def _handle(self, polled: dict) -> None:
-        s = self.settings
-        now_ms = int(time.time() * 1000)
-        rejected: Counter = Counter()
-        limits = dict(max_bytes=s.max_event_bytes, now_ms=now_ms, max_age_days=s.max_event_age_days,
-                      max_future_s=s.max_event_future_s)
-        # per partition: the records that parsed, their events (plain dicts: no model per event) and the
-        # pending claim of their event_ids, sent while the next partition is parsed (Redis works meanwhile)
-        parsed: list[tuple[TopicPartition, list, list[dict], Future]] = []
-        for tp, recs in polled.items():
-            evs = parse_events([rec.value for rec in recs], **limits)
-            ok_recs = recs
-            if not all(type(ev) is dict for ev in evs):
-                ok_recs = []
-                for rec, ev in zip(recs, evs):
-                    if type(ev) is dict:
-                        ok_recs.append(rec)
-                    else:
-                        rejected[ev.reason] += 1
-                        kafka_io.send_dlq(self.producer, rec.value, ev.reason, ev.message, rec.key, rec.headers,
-                                          topic=self.settings.kafka_topic_dlq)
-                evs = [ev for ev in evs if type(ev) is dict]
-            ids = [ev["event_id"] for ev in evs]
-            part = f"{tp.partition}:"
-            positions = [part + str(rec.offset) for rec in ok_recs]
-            if ids:
-                parsed.append((tp, ok_recs, evs, self._claims.submit(self._redis, self.state.claim_event_ids, ids,
-                                                                    positions, s.dedup_window_s)))
-        if rejected:
-            self._redis(self.state.count_dlq, dict(rejected))
-            log.warning("rejected %d records: %s", sum(rejected.values()), dict(rejected))
-        self._crash("after_dlq")
-        # the event_id claims are awaited in the persist thread, so this thread polls the next batch meanwhile
-        batch = _Batch(polled, {}, rejected, claims=parsed)
-        # the batch before this one has been written while this one was polled and parsed: commit it first
-        if not self._finish(also_drop=batch):
-            return
+        # validation, the DLQ, the event_id claims, the lake write and the Redis fold run in worker
+        # threads, each stage one batch at a time and in order, so this thread, whose time goes to the
+        # Kafka client's record decoding, polls the next batch meanwhile
+        batch = _Batch(polled)
         fresh = [(tp, recs[0].offset) for tp, recs in polled.items() if tp not in self._owned]
         self._owned.update(tp for tp, _ in fresh)
+        batch.prepared = self._prepare_pool.submit(self._prepare, batch)
         batch.done = self._persist_pool.submit(self._persist, batch, fresh)
-        self._inflight = batch
+        self._inflight.append(batch)
+        # the batches before this one have been written while it was polled: commit them, oldest first
+        while len(self._inflight) > self.settings.consumer_inflight_batches and self._commit_oldest():
+            pass
+
+    def _prepare(self, batch: _Batch) -> None:
+        """Validate a batch (all partitions at once), send rejects to the DLQ and claim the valid events' ids."""
+        s = self.settings
+        records = [rec for recs in batch.polled.values() for rec in recs]
+        parsed = parse_batch([rec.value for rec in records], max_bytes=s.max_event_bytes,
+                             now_ms=int(time.time() * 1000), max_age_days=s.max_event_age_days,
+                             max_future_s=s.max_event_future_s)
+        for i, err in parsed.rejects:
+            batch.rejected[err.reason] += 1
+            self._to_dlq(records[i], err.reason, err.message)
+        if parsed.table.num_rows:
+            # one script call claims the whole batch; the persist thread awaits it
+            partition = np.repeat([tp.partition for tp in batch.polled], [len(recs) for recs in batch.polled.values()])
+            offset = np.fromiter((rec.offset for rec in records), np.int64, len(records))
+            positions = lines(pc.binary_join_element_wise(pa.array(partition[parsed.index]).cast(pa.string()),
+                                                          pa.array(offset[parsed.index]).cast(pa.string()), ":"))
+            batch.claim = self._claims_pool.submit(self._redis, self.state.claim_event_ids,
+                                                   lines(parsed.table["event_id"]), positions, s.dedup_window_s)
+        batch.records, batch.parsed = records, parsed
+        if batch.rejected:
+            self._redis(self.state.count_dlq, dict(batch.rejected))
+            log.warning("rejected %d records: %s", sum(batch.rejected.values()), dict(batch.rejected))
+        self._crash("after_dlq")
 
     def _drop_duplicates(self, batch: _Batch) -> None:
-        """Fill ``batch.valid`` from the answered event_id claims; records already stored go to the DLQ."""
-        duplicated = 0
-        for tp, recs, evs, claim in batch.claims:
-            duplicates = claim.result()
-            if duplicates:
-                for j, holder in duplicates.items():
-                    kafka_io.send_dlq(self.producer, recs[j].value, "duplicate",
-                                      f"event_id {evs[j]['event_id']} was already stored (record at {holder})",
-                                      recs[j].key, recs[j].headers, topic=self.settings.kafka_topic_dlq)
-                duplicated += len(duplicates)
-                evs = [ev for j, ev in enumerate(evs) if j not in duplicates]
-            if evs:
-                batch.valid[tp] = evs
-        batch.claims = []
-        if duplicated:
-            batch.rejected["duplicate"] += duplicated
-            self._redis(self.state.count_dlq, {"duplicate": duplicated})
-            log.warning("rejected %d records: %s", duplicated, {"duplicate": duplicated})
+        """Fill ``batch.valid`` (per partition) from the answered claim; records already stored go to the DLQ."""
+        table, index = batch.parsed.table, batch.parsed.index
+        duplicates = batch.claim.result() if batch.claim is not None else {}
+        if duplicates:
+            for j, holder in duplicates.items():
+                self._to_dlq(batch.records[int(index[j])], "duplicate",
+                             f"event_id {table['event_id'][j]} was already stored (record at {holder})")
+            keep = np.ones(table.num_rows, dtype=bool)
+            keep[list(duplicates)] = False
+            table, index = table.filter(pa.array(keep)), index[keep]
+            batch.rejected["duplicate"] += len(duplicates)
+            self._redis(self.state.count_dlq, {"duplicate": len(duplicates)})
+            log.warning("rejected %d records: %s", len(duplicates), {"duplicate": len(duplicates)})
+        # rows are in record order, so each partition's rows are one slice
+        start = 0
+        for tp, recs in batch.polled.items():
+            lo, hi = np.searchsorted(index, [start, start + len(recs)])
+            if hi > lo:
+                batch.valid[tp] = table.slice(lo, hi - lo)
+            start += len(recs)
+        batch.parsed = batch.records = batch.claim = None
+
+    def _to_dlq(self, rec, reason: str, message: str) -> None:
+        kafka_io.send_dlq(self.producer, rec.value, reason, message, rec.key, rec.headers,
+                          topic=self.settings.kafka_topic_dlq)
 
     def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]]) -> list:
         """Write a batch to the lake and fold it into Redis (in the persist thread); returns the files written."""
+        batch.prepared.result()
         self._drop_duplicates(batch)
         self._crash("after_claims")
         events = batch.events()
@@ -260,17 +279,22 @@ class StreamConsumer:
             if applied is not None:
                 applied.result()
 
-    def _finish(self, also_drop: _Batch | None = None) -> bool:
-        """Wait for the batch in flight to be durable, then commit its offsets; False when the commit was refused.
+    def _finish(self) -> bool:
+        """Commit every batch in flight, oldest first; False when a commit was refused."""
+        while self._inflight:
+            if not self._commit_oldest():
+                return False
+        return True
 
-        After a refused commit the batch's files are removed and each of its partitions that is still
-        ours is sought back to the batch's first record (kafka-python keeps the position of a partition
-        that stays assigned across a rebalance), so the batch is consumed again. ``also_drop``, a batch
-        fetched after it and not yet written, is dropped and sought back the same way.
+    def _commit_oldest(self) -> bool:
+        """Wait for the oldest batch in flight to be durable, then commit its offsets; False when refused.
+
+        After a refused commit the files of every batch in flight are removed (a batch not yet written
+        is cancelled) and each of their partitions that is still ours is sought back to the first record
+        in them (kafka-python keeps the position of a partition that stays assigned across a rebalance),
+        so they are consumed again.
         """
-        batch, self._inflight = self._inflight, None
-        if batch is None:
-            return True
+        batch = self._inflight.popleft()
         written = batch.done.result()
         self._crash("after_lake_write")
         self._crash("after_redis")
@@ -280,27 +304,33 @@ class StreamConsumer:
         try:
             self.consumer.commit(batch.offsets())
         except CommitFailedError as err:
-            # the group rebalanced under us: the partitions' new owner replays this batch, so the
+            # the group rebalanced under us: the partitions' new owner replays these batches, so the
             # files written here must go (it deletes uncommitted files too, but may have looked already)
+            later, written = list(self._inflight), list(written)
+            self._inflight.clear()
+            for b in later:
+                if not b.done.cancel():
+                    written += b.done.result()
             for path in written:
                 path.unlink(missing_ok=True)
             self._owned.clear()
-            self._rewind(batch, also_drop)
-            log.warning("commit refused after a rebalance (%s); %d files of this batch removed", err, len(written))
+            self._rewind(batch, *later)
+            log.warning("commit refused after a rebalance (%s); %d files of %d batches removed", err, len(written),
+                        1 + len(later))
             return False
         self._crash("after_commit")
         self.stats.consumed += batch.n
-        self.stats.stored += sum(len(evs) for evs in batch.valid.values())
+        self.stats.stored += sum(t.num_rows for t in batch.valid.values())
         self.stats.rejected.update(batch.rejected)
         self.stats.batches += 1
         self.stats.last_commit_ts = time.time()
         return True
 
-    def _rewind(self, *batches: _Batch | None) -> None:
+    def _rewind(self, *batches: _Batch) -> None:
         """Seek each partition of ``batches`` that is still assigned back to its first record in them."""
         first: dict[TopicPartition, int] = {}
         for b in batches:
-            for tp, recs in (b.polled.items() if b is not None else ()):
+            for tp, recs in b.polled.items():
                 first[tp] = min(first.get(tp, recs[0].offset), recs[0].offset)
         assigned = self.consumer.assignment()
         for tp, offset in first.items():
@@ -310,7 +340,7 @@ class StreamConsumer:
                 except ValueError:  # revoked meanwhile: its new owner resumes at the committed offset
                     pass
 
-    def _write_lake(self, polled: dict, valid: dict[TopicPartition, list[dict]],
+    def _write_lake(self, polled: dict, valid: dict[TopicPartition, pa.Table],
                     fresh: list[tuple[TopicPartition, int]]) -> list:
         """One durable file per Kafka partition and hour, named by the partition's offsets in this batch.
 
@@ -395,7 +425,8 @@ class StreamConsumer:
             log.exception("the last batch could not be committed; it will be consumed again")
         # claims still queued belong to batches that will not be committed (their records are replayed);
         # with Redis down each would retry for minutes
-        self._claims.shutdown(wait=True, cancel_futures=True)
+        self._prepare_pool.shutdown(wait=True, cancel_futures=True)
+        self._claims_pool.shutdown(wait=True, cancel_futures=True)
         for pool in (self._persist_pool, self._state_pool):
             pool.shutdown(wait=True)
         try:

@@ -151,12 +151,13 @@ def rows_table(rows: list[dict]) -> pa.Table:
     return table
 
 
-def write_batches(lake_dir: Path, batches: list[tuple[str, list[dict]]], *, threads: int = 4) -> list[Path]:
+def write_batches(lake_dir: Path, batches: list[tuple[str, pa.Table | list[dict]]], *, threads: int = 4) -> list[Path]:
     """Write validated events durably, each batch as one file named ``name`` per hourly partition it touches.
 
     Args:
         lake_dir: root of the lake.
-        batches: ``(file name, events)``; events are dicts (optional fields may be absent).
+        batches: ``(file name, events)``; events are a table in :data:`LAKE_SCHEMA` or dicts (optional
+            fields may be absent).
         threads: files encoded and fsynced at once.
 
     Returns:
@@ -164,7 +165,7 @@ def write_batches(lake_dir: Path, batches: list[tuple[str, list[dict]]], *, thre
     """
     files = []
     for name, rows in batches:
-        table = rows_table(rows)
+        table = rows if isinstance(rows, pa.Table) else rows_table(rows)
         hours = pc.divide(table.column("ts").cast(pa.int64()), _HOUR_MS)  # ts >= 0: integer division floors
         lo, hi = pc.min_max(hours).values()
         if lo == hi:  # the usual case: the whole batch lies in one hour

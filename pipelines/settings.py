@@ -55,6 +55,10 @@ class Settings(BaseSettings):
     consumer_max_records: int = Field(20_000, ge=1, description="records per poll, one lake batch: larger batches "
                                       "mean fewer, larger Parquet files and fsyncs (5,000: 36k events/s; 20,000: 52k)")
     consumer_poll_ms: int = Field(100, ge=1)
+    consumer_inflight_batches: int = Field(2, ge=1, description="polled batches being validated and written "
+                                           "before the poll thread waits to commit the oldest: 1 serialises each "
+                                           "batch's stages; 2 lets one batch's lake write overlap the next one's "
+                                           "validation (the Redis state may then replay up to this many batches)")
 
     # Redis
     redis_url: str = "redis://localhost:6379/0"

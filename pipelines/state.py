@@ -13,8 +13,11 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 
 import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
 import redis
 
+from pipelines.lake import rows_table
 from pipelines.schemas import (EVENT_WEIGHTS, LATENCY_EDGES_MS, PURCHASE_MEMORY_S, STATS_EVENTS, STATS_LATENCY, Event,
                                RedisKeys)
 
@@ -45,34 +48,45 @@ end
 return out
 """
 
-# ARGV[1]: one JSON document (cheaper for the client to build and send than thousands of arguments):
-# {"cap", "recent", "cache", "known", "request", "request_ttl": key prefixes and limits,
-#  "users": [[user, [item, ...] in push order], ...], "trending": [[key, weight, item], ...],
-#  "requests": [[request_id, variant], ...]}. Keys are built in the script, so on Redis Cluster a
-# batch would need splitting by slot.
+# ARGV: cap, key prefixes (recent, cache, request, trending hour), the known-users key, the request ttl,
+# then three newline-separated blobs built column-wise in Arrow (ids never hold whitespace):
+# users "user<TAB>item item ..." (items in push order), trending "hour<TAB>weight<TAB>item" and requests
+# "request_id<TAB>variant". LPUSH answers the list's length, so LTRIM runs only for lists past the cap;
+# cache invalidation and known users go as variadic commands. Keys are built in the script, so on
+# Redis Cluster a batch would need splitting by slot.
 _FOLD_LUA = """
-local b = cjson.decode(ARGV[1])
-local cap = b.cap
-for _, u in ipairs(b.users) do
-  local user, items = u[1], u[2]
-  local key = b.recent .. user
+local cap, recent, cache, request, trend = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local known, request_ttl = ARGV[6], ARGV[7]
+local users = {}
+for user, list in string.gmatch(ARGV[8], '([^\\t\\n]+)\\t([^\\n]+)') do
+  local items = {}
+  for item in string.gmatch(list, '%S+') do items[#items + 1] = item end
+  local key, n = recent .. user, 0
   for j = 1, #items, 1000 do
-    redis.call('LPUSH', key, unpack(items, j, math.min(j + 999, #items)))
+    n = redis.call('LPUSH', key, unpack(items, j, math.min(j + 999, #items)))
   end
-  redis.call('LTRIM', key, 0, cap - 1)
-  redis.call('UNLINK', b.cache .. user)
-  redis.call('SADD', b.known, user)
+  if n > cap then redis.call('LTRIM', key, 0, cap - 1) end
+  users[#users + 1] = user
 end
-for _, t in ipairs(b.trending) do
-  redis.call('ZINCRBY', t[1], t[2], t[3])
+for j = 1, #users, 1000 do
+  local chunk, keys = {unpack(users, j, math.min(j + 999, #users))}, {}
+  for i, u in ipairs(chunk) do keys[i] = cache .. u end
+  redis.call('UNLINK', unpack(keys))
+  redis.call('SADD', known, unpack(chunk))
 end
-for _, r in ipairs(b.requests) do
-  redis.call('SET', b.request .. r[1], r[2], 'EX', b.request_ttl)
+for hour, w, item in string.gmatch(ARGV[9], '([^\\t\\n]+)\\t([^\\t\\n]+)\\t([^\\n]+)') do
+  redis.call('ZINCRBY', trend .. hour, w, item)
+end
+for rid, variant in string.gmatch(ARGV[10], '([^\\t\\n]+)\\t([^\\n]+)') do
+  redis.call('SET', request .. rid, variant, 'EX', request_ttl)
 end
 return 1
 """
 
 AB_METRICS = {"impression": "impressions", "click": "clicks", "purchase": "purchases", "add_to_cart": "carts"}
+_AB_TYPES = pa.array(list(AB_METRICS))
+_INTERACTIONS = pa.array(list(EVENT_WEIGHTS))
+_WEIGHTS = pa.array(list(EVENT_WEIGHTS.values()), pa.float64())
 
 
 def connect(url: str) -> redis.Redis:
@@ -93,66 +107,49 @@ class OnlineState:
         self._fold = None
 
     # --- writes from the stream consumer ------------------------------------
-    def apply_events(self, events: Sequence[Event | Mapping]) -> None:
+    def apply_events(self, events: pa.Table | Sequence[Event | Mapping]) -> None:
         """Fold one batch of valid events into the online state (one or two pipelined round trips).
 
         Commands are aggregated per key (one LPUSH per user, one ZINCRBY per hour and item, one
         HINCRBY per variant and metric), so a 5,000-event batch costs a few thousand commands, not
-        tens of thousands. Events must come in offset order: a user's newest item ends up first.
+        tens of thousands; the aggregation runs column-wise in Arrow. Events must come in offset
+        order: a user's newest item ends up first.
 
         Args:
-            events: validated events, as :class:`Event` or as the dicts of
+            events: validated events as a lake table (:data:`pipelines.lake.LAKE_SCHEMA`, what the
+                stream consumer holds), or as :class:`Event`\\ s or the dicts of
                 :func:`pipelines.schemas.parse_event_dict` (optional fields may be absent).
         """
-        if not events:
+        if not isinstance(events, pa.Table):
+            events = rows_table([e if isinstance(e, Mapping) else e.model_dump() for e in events])
+        if not events.num_rows:
             return
-        rows = [e if isinstance(e, Mapping) else e.__dict__ for e in events]
-        # clicks, carts and purchases that name a request but not its variant: look the variant up
-        unattributed = {d["request_id"] for d in rows if d.get("request_id") and not d.get("variant")
-                        and d["event_type"] in AB_METRICS and d["event_type"] != "impression"}
-        variants: dict[str, str] = {}
-        if unattributed:
-            rids = list(unattributed)
-            got = self.r.mget([RedisKeys.request(r) for r in rids])
-            variants = {rid: v for rid, v in zip(rids, got) if v}
-        recent: dict[str, list[str]] = {}
-        trending: Counter = Counter()
-        ab: Counter = Counter()
-        by_type: Counter = Counter()
-        requests: dict[str, str] = {}
+        etype = events["event_type"]
+        by_type = {d["values"]: d["counts"] for d in pc.value_counts(etype).to_pylist()}
+        # views, clicks, carts, purchases: recent items, trending, purchases
+        weight = pc.take(_WEIGHTS, pc.index_in(etype, value_set=_INTERACTIONS))
+        inter = pa.table({"user": events["user_id"], "item": events["item_id"], "event_type": etype, "w": weight,
+                          "ts": events["ts"].cast(pa.int64())}).filter(pc.is_valid(weight))
+        recent = inter.select(["user", "item"]).group_by("user", use_threads=False).aggregate([("item", "list")])
+        hour = pc.cast(pc.divide(inter["ts"], 3_600_000), pa.string())  # ts >= 0: integer division floors
+        trending = (inter.select(["item", "w"]).append_column("hour", hour)
+                    .group_by(["hour", "item"], use_threads=False).aggregate([("w", "sum")]))
         purchases: dict[str, dict[str, int]] = {}
-        for d in rows:
-            etype = d["event_type"]
-            by_type[etype] += 1
-            weight = EVENT_WEIGHTS.get(etype)
-            if weight is not None:
-                item = d["item_id"]
-                recent.setdefault(d["user_id"], []).append(item)
-                trending[(d["ts"] // 3_600_000, item)] += weight
-                if etype == "purchase":
-                    purchases.setdefault(d["user_id"], {})[item] = d["ts"]
-            metric = AB_METRICS.get(etype)
-            if metric is None:
-                continue
-            variant, rid = d.get("variant"), d.get("request_id")
-            if etype == "impression":
-                if rid and variant:
-                    requests[rid] = variant
-            elif not variant and rid:
-                variant = requests.get(rid) or variants.get(rid)  # its impression may be in this very batch
-            if variant:
-                ab[(variant, metric)] += 1
-        # the per-user, per-item and per-request writes (most of the commands) go as one script call
-        fold = {"cap": self.recent_cap, "recent": RedisKeys.recent(""), "cache": RedisKeys.cache(""),
-                "known": RedisKeys.known_users, "request": RedisKeys.request(""), "request_ttl": REQUEST_TTL_S,
-                "users": list(recent.items()), "requests": list(requests.items()),
-                "trending": [(RedisKeys.trending_hour(hour), w, item) for (hour, item), w in trending.items()]}
+        for d in inter.filter(pc.equal(inter["event_type"], "purchase")).select(["user", "item", "ts"]).to_pylist():
+            purchases.setdefault(d["user"], {})[d["item"]] = d["ts"]
+        shown, ab = self._ab_counts(events)
+        # the per-user, per-item and per-request writes (most of the commands) go as one script call,
+        # their arguments built in Arrow (no Python object per event)
         if self._fold is None:
             self._fold = self.r.register_script(_FOLD_LUA)
         p = self.r.pipeline(transaction=False)
-        self._fold(args=[orjson.dumps(fold)], client=p)
+        self._fold(args=[self.recent_cap, RedisKeys.recent(""), RedisKeys.cache(""), RedisKeys.request(""),
+                         RedisKeys.trending_hour(""), RedisKeys.known_users, REQUEST_TTL_S,  # type: ignore[arg-type]
+                         lines(recent["user"], pc.binary_join(recent["item_list"], " ")),
+                         lines(trending["hour"], pc.cast(trending["w_sum"], pa.string()), trending["item"]),
+                         lines(shown["rid"], shown["variant"])], client=p)
         bucket = int(time.time()) // BUCKET_S
-        for hour in {h for h, _ in trending}:
+        for hour in pc.unique(hour).to_pylist():
             p.expire(RedisKeys.trending_hour(hour), TRENDING_WINDOW_H * 3600)
         for (variant, metric), n in ab.items():
             p.hincrby(RedisKeys.ab(self.experiment, variant), metric, n)
@@ -163,17 +160,50 @@ class OnlineState:
             p.zremrangebyscore(key, 0, max(bought.values()) - PURCHASE_MEMORY_S * 1000)
             p.expire(key, PURCHASE_MEMORY_S)
         ev_key = RedisKeys.counter(STATS_EVENTS, bucket)
-        for etype, n in by_type.items():
-            p.hincrby(ev_key, etype, n)
+        for et, n in by_type.items():
+            p.hincrby(ev_key, et, n)
         p.expire(ev_key, STATS_TTL_S)
         p.execute()
 
-    def claim_event_ids(self, event_ids: Sequence[str], positions: Sequence[str], ttl_s: int) -> dict[int, str]:
+    def _ab_counts(self, events: pa.Table) -> tuple[pa.Table, Counter]:
+        """The impressions' requests and variants (``rid``, ``variant``), and the A/B counts ``{(variant, metric): n}``.
+
+        A click, cart or purchase that names a request but not its variant counts for the variant of
+        that request: from an impression in this batch, else the one Redis remembers.
+        """
+        etype = events["event_type"]
+        t = pa.table({"event_type": etype, "variant": events["variant"], "rid": events["request_id"]}).filter(
+            pc.is_in(etype, value_set=_AB_TYPES))
+        impression = pc.equal(t["event_type"], "impression")
+        shown = t.filter(pc.and_(impression, pc.and_(pc.is_valid(t["rid"]), pc.is_valid(t["variant"]))))
+        ab: Counter = Counter()
+        named = t.filter(pc.is_valid(t["variant"])).group_by(["variant", "event_type"], use_threads=False).aggregate(
+            [("variant", "count")])
+        for variant, et, n in zip(named["variant"].to_pylist(), named["event_type"].to_pylist(),
+                                  named["variant_count"].to_pylist()):
+            ab[(variant, AB_METRICS[et])] += n
+        unnamed = t.filter(pc.and_(pc.invert(impression), pc.and_(pc.is_null(t["variant"]), pc.is_valid(t["rid"]))))
+        if unnamed.num_rows:
+            requests = dict(zip(shown["rid"].to_pylist(), shown["variant"].to_pylist()))
+            pairs = list(zip(unnamed["event_type"].to_pylist(), unnamed["rid"].to_pylist()))
+            missing = list({rid for _, rid in pairs if rid not in requests})
+            remembered = dict(zip(missing, self.r.mget([RedisKeys.request(r) for r in missing]))) if missing else {}
+            for et, rid in pairs:
+                variant = requests.get(rid) or remembered.get(rid)
+                if variant:
+                    ab[(variant, AB_METRICS[et])] += 1
+        return shown, ab
+
+    def claim_event_ids(self, event_ids: Sequence[str] | str, positions: Sequence[str] | str,
+                        ttl_s: int) -> dict[int, str]:
         """Remember each event_id with the Kafka position (``partition:offset``) that carried it.
 
         One server-side script call per batch. An id seen for the first time, or seen again at the
         same position (the same record consumed again after a crash), is not a duplicate; an id
         already held by another position is. Ids are forgotten after ``ttl_s``.
+
+        Args:
+            event_ids, positions: as sequences, or each already joined by newlines (see :func:`lines`).
 
         Returns:
             ``{index in event_ids: position of the record that carried it first}`` of the duplicates.
@@ -182,7 +212,9 @@ class OnlineState:
             return {}
         if self._claim is None:
             self._claim = self.r.register_script(_CLAIM_LUA)
-        got = self._claim(args=[ttl_s, RedisKeys.event_id(""), "\n".join(event_ids), "\n".join(positions)])
+        ids = event_ids if isinstance(event_ids, str) else "\n".join(event_ids)
+        pos = positions if isinstance(positions, str) else "\n".join(positions)
+        got = self._claim(args=[ttl_s, RedisKeys.event_id(""), ids, pos])
         return {int(got[i]) - 1: got[i + 1] for i in range(0, len(got), 2)}
 
     def refresh_trending(self, now_s: float | None = None) -> None:
@@ -348,6 +380,16 @@ class AsyncServingState:
             p.zrange(RedisKeys.purchased(user_id), 0, -1)
             recent, bought = await p.execute()
         return recent, set(bought)
+
+
+def lines(*columns: pa.Array | pa.ChunkedArray) -> str:
+    """Rows of string columns as one text: fields joined by a tab, rows by a newline (for a Lua script)."""
+    if not len(columns[0]):
+        return ""
+    rows = pc.binary_join_element_wise(*columns, "\t") if len(columns) > 1 else columns[0]
+    if isinstance(rows, pa.ChunkedArray):
+        rows = rows.combine_chunks()
+    return pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(rows)], pa.int32()), rows), "\n")[0].as_py()
 
 
 def latency_field(ms: float) -> str:

@@ -1,0 +1,84 @@
+"""The consumer's columnar validation agrees with the record-by-record path on every record of a batch."""
+
+from __future__ import annotations
+
+import orjson
+import pyarrow as pa
+import pytest
+
+from pipelines import eventbatch
+from pipelines.bench.ingest import _simulated
+from pipelines.eventbatch import parse_batch
+from pipelines.schemas import EventError, new_event
+from tests.pipelines.test_dlq_corpus import corpus
+from tests.pipelines.test_schemas_fast_path import DEFAULTS, NOW, mutations, slow
+
+
+@pytest.fixture(autouse=True)
+def columnar_even_for_small_batches(monkeypatch):
+    """The corpora here are small; below ``_COLUMNAR_MIN`` records they would skip the Arrow path under test."""
+    monkeypatch.setattr(eventbatch, "_COLUMNAR_MIN", 0)
+
+
+def decisions(values: list[bytes | None]) -> list[dict | tuple[str, str]]:
+    """Per value, as :func:`slow` gives it: the accepted event with every field, or ``(reason, message)``."""
+    got = parse_batch(values, now_ms=NOW)
+    assert len(got.table) + len(got.rejects) == len(values)
+    out: list = [None] * len(values)
+    table = got.table.set_column(got.table.schema.get_field_index("ts"), "ts", got.table["ts"].cast(pa.int64()))
+    for i, row in zip(got.index.tolist(), table.to_pylist()):
+        out[i] = {**DEFAULTS, **row}
+    for i, err in got.rejects:
+        assert isinstance(err, EventError)
+        out[i] = (err.reason, err.message)
+    return out
+
+
+def interleaved(bad: list[bytes | None]) -> list[bytes | None]:
+    """Each bad record between two good ones (so the good neighbours must survive the bisection)."""
+    out = []
+    for j, raw in enumerate(bad):
+        out += [orjson.dumps(new_event("view", f"g{j}", "i1", "s1", ts=NOW)), raw]
+    return out + [orjson.dumps(new_event("click", "last", "i2", "s1", ts=NOW))]
+
+
+def test_a_clean_batch_is_accepted_whole_in_order():
+    evs = _simulated(3000, start_ms=NOW - 60_000, rate_eps=100)
+    raws = [orjson.dumps(e) for e in evs]
+    got = parse_batch(raws, now_ms=NOW)
+    assert got.rejects == [] and got.index.tolist() == list(range(len(raws)))
+    assert decisions(raws) == [slow(r) for r in raws]
+
+
+def test_the_hostile_corpus_gets_the_same_decisions_and_reasons_inside_a_batch():
+    records = interleaved([value for _, value, _ in corpus("columnar")])
+    assert decisions(records) == [slow(r) for r in records]
+
+
+def test_every_field_set_to_hostile_values_gets_the_same_decision():
+    records = interleaved(mutations())
+    assert len(records) > 2000
+    got, want = decisions(records), [slow(r) for r in records]
+    disagree = [(records[i][:200], got[i], want[i]) for i in range(len(records)) if got[i] != want[i]]
+    assert not disagree, disagree[:3]
+
+
+def test_records_arrow_would_misread_are_decided_one_by_one():
+    good = orjson.dumps(new_event("view", "u1", "i1", "s1", ts=NOW))
+    tricky = [good + b" " + good, good + b"\n" + good, good + b"\n", good + b"\r\n  ", b"{\n" + good[1:], good.replace(b",", b",\r", 1), b"   ", b"", None, b"null",
+              b"{}", good[:-1] + b',"ts":5}', good[:-1] + b',"price":NaN}', b"\xef\xbb\xbf" + good,
+              good[:-1] + b',"model_version":"v\xc3\xa9"}', good[:-1] + b',"items":["a",null]}']
+    records = interleaved(tricky)
+    assert decisions(records) == [slow(r) for r in records]
+    assert isinstance(decisions([tricky[-2]])[0], dict)  # a non-ASCII model_version is valid, as for the model
+
+
+def test_the_arrow_path_decides_a_clean_batch_without_the_record_path(monkeypatch):
+    evs = _simulated(1500, start_ms=NOW - 60_000, rate_eps=100)
+    raws = [orjson.dumps(e) for e in evs]
+
+    def boom(*a, **kw):
+        raise AssertionError("a clean batch went record by record")
+
+    monkeypatch.setattr(eventbatch, "parse_events", boom)
+    assert parse_batch(raws, now_ms=NOW).table.num_rows == len(raws)
