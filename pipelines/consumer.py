@@ -295,13 +295,24 @@ class StreamConsumer:
         so they are consumed again.
         """
         batch = self._inflight.popleft()
-        written = batch.done.result()
+        try:
+            written = batch.done.result()
+        except BaseException:
+            # nothing past a batch that was not written may be committed: the later ones are dropped
+            # too (their records are consumed again after a restart, their files removed then)
+            for later in self._inflight:
+                later.done.cancel()
+            self._inflight.clear()
+            raise
         self._crash("after_lake_write")
         self._crash("after_redis")
         if batch.rejected:
             self.producer.flush()  # the DLQ copies must be in Kafka before their offsets are committed
         self._crash("before_commit")
         try:
+            if not set(batch.polled) <= self.consumer.assignment():
+                # kafka-python commits under the new generation without checking ownership
+                raise CommitFailedError("partitions of this batch were revoked while it was written")
             self.consumer.commit(batch.offsets())
         except CommitFailedError as err:
             # the group rebalanced under us: the partitions' new owner replays these batches, so the

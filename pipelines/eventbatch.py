@@ -199,7 +199,9 @@ def _valid_expression(oldest_ms: int, newest_ms: int) -> pc.Expression:
             & pc.if_else(item.is_null(), impression, matches(item))
             & null_or(f("request_id"), matches(f("request_id")))
             & null_or(f("variant"), matches(f("variant")))
-            & null_or(f("schema_version"), f("schema_version") == 1)
+            # Arrow reads an explicit null as an absent field, but the model takes only absence for 1:
+            # rows without schema_version go record by record (producers that use new_event send it)
+            & (f("schema_version") == 1)
             & null_or(f("price"), (f("price") > 0.0) & (f("price") < 1_000_000.0))
             & null_or(f("quantity"), (f("quantity") >= 1) & (f("quantity") <= 1000))
             & null_or(f("model_version"), pc.string_is_ascii(f("model_version"))

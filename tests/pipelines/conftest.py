@@ -55,7 +55,12 @@ def start_consumer(log_path: Path, *args: str, **env: str) -> subprocess.Popen:
 def lake_counts(settings, event_ids) -> Counter:
     """How many lake rows each of ``event_ids`` has (ids not in the lake are missing from the counter)."""
     wanted = set(event_ids)
-    df = lake.read_all(settings.lake_dir)
+    for _ in range(50):
+        try:
+            df = lake.read_all(settings.lake_dir)
+            break
+        except FileNotFoundError:  # a running consumer removed an uncommitted file between listing and reading
+            time.sleep(0.05)
     return Counter(e for e in df.event_id if e in wanted)
 
 

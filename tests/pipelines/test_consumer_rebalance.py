@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 from kafka.errors import CommitFailedError
 
 from pipelines import kafka_io
@@ -42,4 +43,39 @@ def test_a_refused_commit_drops_every_batch_in_flight_and_they_are_consumed_agai
     assert any("commit refused" in r.getMessage() for r in caplog.records)
     counts = lake_counts(settings, wanted)
     assert set(counts.values()) == {1}, {e: n for e, n in counts.items() if n > 1}
-    assert OnlineState(redis_client).dlq_reasons().get("duplicate", 0) == 0  # the replay is not taken for duplicates
+
+
+def test_a_batch_that_fails_to_be_written_is_never_committed_past(settings, redis_client):
+    """The lake write of the oldest batch fails (a full disk) while later batches are in flight."""
+    settings = settings.model_copy(update={"consumer_max_records": 100, "consumer_inflight_batches": 2})
+    kafka_io.ensure_topics(settings)
+    events = tagged_events(600, users=1)  # one user: one partition, so later batches continue the failed one
+    produce(settings, events)
+    wanted = [e["event_id"] for e in events]
+    wanted_set = set(wanted)
+    sc = StreamConsumer(settings, OnlineState(redis_client))
+    write = sc._write_lake
+    failed = {"n": 0}
+
+    def disk_full_once(polled, *args):
+        if not failed["n"] and any(e in wanted_set for t in args[0].values() for e in t["event_id"].to_pylist()):
+            failed["n"] += 1
+            raise OSError(28, "No space left on device")
+        return write(polled, *args)
+
+    sc._write_lake = disk_full_once
+    with pytest.raises(OSError):
+        try:
+            for _ in range(200):
+                sc.process_batch(timeout_ms=200)
+        finally:
+            sc.close()  # commits what is durable, never past the failed batch
+    # a restarted consumer of the same group picks up from the last commit: nothing is lost
+    again = StreamConsumer(settings, OnlineState(redis_client))
+    try:
+        wait_until(lambda: again.process_batch(timeout_ms=200) is not None
+                   and len(lake_counts(settings, wanted)) == len(wanted), timeout=120, step=0,
+                   what="every event in the lake after the restart")
+    finally:
+        again.close()
+    assert set(lake_counts(settings, wanted).values()) == {1}
