@@ -287,3 +287,15 @@ def test_taste_groups_are_found_in_the_synthetic_data(synthetic_interactions_df)
     for user, recs in zip(users, model.recommend(users, 5)):
         group = int(user[1:]) % 2
         assert all(int(i[1:]) % 2 == group for i in recs)
+
+
+def test_the_serving_blend_equals_the_standardised_parts_it_is_tuned_on(synthetic_interactions_df):
+    """Serving standardises the factor parts analytically; the lists must be the ones the blend was tuned on."""
+    model = ShopRec(dim=16, epochs=5, device="cpu", w_ials=0.5, w_embed=0.7).fit(synthetic_interactions_df)
+    users = sorted(model.known_users)[:40]
+    profiles, _ = model._profiles([(u, ("i3", "i8") if n % 3 == 0 else ()) for n, u in enumerate(users)])
+    weights = model.blend_weights()
+    expected = sum(weights[k] * s for k, s in model.part_scores(profiles).items())
+    got = model._score(profiles)
+    assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
+    assert torch.equal(torch.topk(got, 10).indices, torch.topk(expected, 10).indices)
