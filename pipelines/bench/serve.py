@@ -1,6 +1,7 @@
 """`shoprec bench serve`: the BentoML service under load, four scenarios in one run.
 
-It starts its own Redis (free port) and an MLflow store (SQLite) holding a BPR model over a
+It starts its own Redis (free port) and an MLflow store (SQLite) holding the production hybrid
+(``--model shoprec``, the default; ``--model bpr`` serves a one-matmul BPR instead) over a
 50,000-item catalog as ``champion``, then for each scenario a real ``bentoml serve``
 (``--api-workers`` API processes, 2 by default: one per core here, plus the scoring process) on a
 free port, warms it up and drives it from a separate process (``wrk`` from Debian; an asyncio
@@ -43,7 +44,7 @@ MODEL_PARAMS = {"bpr": {"dim": 64, "epochs": 1, "batch_size": 16_384},
                 "shoprec": {"dim": 64, "epochs": 1, "batch_size": 16_384, "neighbours": 100}}
 
 
-def _prepare(work: Path, redis_url: str, n_items: int, model_name: str = "bpr") -> dict[str, str]:
+def _prepare(work: Path, redis_url: str, n_items: int, model_name: str = "shoprec") -> dict[str, str]:
     """Catalog, trained model registered as champion; returns the environment for ``bentoml serve``."""
     import numpy as np
     import pandas as pd
@@ -107,7 +108,7 @@ def drive(url: str, bodies: list[dict], concurrency: int, seconds: float, work: 
 
 
 def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = N_ITEMS,
-        latency_concurrency: int = 4, model_name: str = "bpr", api_workers: int = 2) -> dict:
+        latency_concurrency: int = 4, model_name: str = "shoprec", api_workers: int = 2) -> dict:
     import httpx
 
     from pipelines import localstack
@@ -178,8 +179,8 @@ def command(out: Path = typer.Option(Path("var/bench/serve.json"), help="where t
             concurrency: int = typer.Option(64, help="concurrent clients (throughput; the batching ratio)"),
             latency_concurrency: int = typer.Option(4, help="concurrent clients of the latency pass"),
             items: int = typer.Option(N_ITEMS, help="catalog size"),
-            model: str = typer.Option("bpr", help="champion to serve: bpr (one matmul) or shoprec (the "
-                                                   "production hybrid: four parts per request)"),
+            model: str = typer.Option("shoprec", help="champion to serve: shoprec (the production hybrid: "
+                                                       "four parts per request) or bpr (one matmul)"),
             api_workers: int = typer.Option(2, min=1, help="processes of the API service (SHOPREC_SERVE_API_WORKERS): "
                                             "one per core; the scoring service is one more")) -> None:
     """Serving under load: floor, cached, model (batched) and model_unbatched; JSON to --out.
