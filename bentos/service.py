@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import gc
 import logging
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
+import aiohttp
 import bentoml
 from pydantic import BaseModel, Field
 
@@ -64,6 +66,24 @@ def _freeze_startup_objects() -> None:
 
 
 _LOGGING = {"access": {"enabled": _S.serve_access_log}}
+
+
+def _keep_client_sessions(proxy: Any) -> None:
+    """Stop BentoML's client of a dependency from replacing its HTTP session every 100 calls.
+
+    BentoML 1.4.30-1.4.40 (``_bentoml_impl.client.proxy2.SessionManager``) closes the session after
+    100 requests or 5 minutes, and with it every call still in flight on it: under load, 1-3 % of
+    scoring calls failed with "Server disconnected" and their requests got the fallback (measured
+    with ``shoprec bench serve``; bentoml/BentoML#5698). One long-lived session is what aiohttp expects.
+    """
+    for client in (getattr(proxy, "to_async", None), getattr(proxy, "to_sync", None)):
+        manager = getattr(client, "_session_manager", None)
+        if manager is None or not hasattr(manager, "max_requests"):
+            log.info("BentoML's client has no session manager to configure (%s); nothing to work around",
+                     type(client).__name__)
+            continue
+        manager.max_requests = math.inf
+        manager.max_age = math.inf
 
 
 @bentoml.service(name="shoprec-scorer", workers=1, traffic={"timeout": _S.serve_request_timeout_s}, logging=_LOGGING, **_SCORER_RESOURCES)
@@ -116,11 +136,17 @@ class Shoprec:
 
     def __init__(self) -> None:
         self.settings = get_settings()
+        _keep_client_sessions(self.scorer)
         self.engine = RecommendationEngine.from_settings(
-            self.settings, score_fn=lambda reqs: self.scorer.to_async.score(reqs),
-            info_fn=lambda: self.scorer.to_async.info())
+            self.settings, score_fn=self._score, info_fn=lambda: self.scorer.to_async.info())
         self.ingestor = EventIngestor(self.settings)
         _freeze_startup_objects()
+
+    async def _score(self, requests: list[dict]) -> list[dict]:
+        try:
+            return await self.scorer.to_async.score(requests)
+        except aiohttp.ClientConnectionError:  # a pooled connection the scorer had closed: once more, on a new one
+            return await self.scorer.to_async.score(requests)
 
     @bentoml.on_shutdown
     def _flush_impressions(self) -> None:

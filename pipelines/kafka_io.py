@@ -1,7 +1,10 @@
 """Kafka clients with shoprec's settings: idempotent topic creation, fast-joining consumers.
 
 Every client gets the connection and SASL/SSL settings from
-:meth:`Settings.kafka_client_kwargs`, so one change reaches all of them.
+:meth:`Settings.kafka_client_kwargs`, so one change reaches all of them; the serving API's
+impression producer is librdkafka's (:func:`make_impression_producer`, the same settings under
+librdkafka's names) because kafka-python builds every record in Python under the GIL that the
+API's event loop needs.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import logging
 from collections.abc import Iterable
 
 import orjson
+import confluent_kafka
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
@@ -52,6 +56,32 @@ def make_producer(settings: Settings, **overrides) -> KafkaProducer:
     kw = dict(acks=1, linger_ms=5, retries=5, key_serializer=_key_bytes, max_request_size=16 * 1024 * 1024)
     kw.update(overrides)
     return KafkaProducer(**{**settings.kafka_client_kwargs(), **kw})
+
+
+def librdkafka_config(settings: Settings) -> dict:
+    """:meth:`Settings.kafka_client_kwargs` under librdkafka's names (for :mod:`confluent_kafka` clients)."""
+    kw = settings.kafka_client_kwargs()
+    conf = {"bootstrap.servers": ",".join(kw["bootstrap_servers"]), "security.protocol": kw["security_protocol"]}
+    names = {"sasl_mechanism": "sasl.mechanism", "sasl_plain_username": "sasl.username",
+             "sasl_plain_password": "sasl.password", "ssl_cafile": "ssl.ca.location"}
+    conf.update({names[k]: v for k, v in kw.items() if k in names and v is not None})
+    return conf
+
+
+def make_impression_producer(settings: Settings, **overrides) -> confluent_kafka.Producer:
+    """A librdkafka producer for the serving API's impressions: a produce call costs ~2 µs of the
+    caller's time (kafka-python's ~70-90 µs of Python); batching, retries and the network run in C threads.
+
+    Keys are hashed like kafka-python's (murmur2), so a user's impressions share a partition with
+    their clicks; an undeliverable message is retried until ``close`` (no delivery timeout), bounded
+    by ``settings.impression_buffer`` messages in memory.
+    """
+    conf = {**librdkafka_config(settings), "client.id": "shoprec-impressions", "acks": 1,
+            "partitioner": "murmur2_random", "linger.ms": settings.impression_linger_ms,
+            "message.timeout.ms": 0, "queue.buffering.max.messages": settings.impression_buffer,
+            "reconnect.backoff.max.ms": 2000, "log_level": 3}
+    conf.update(overrides)
+    return confluent_kafka.Producer(conf, logger=log)
 
 
 def _key_bytes(key: str | bytes | None) -> bytes | None:

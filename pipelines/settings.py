@@ -137,7 +137,7 @@ class Settings(BaseSettings):
     mlflow_model_name: str = Field(REGISTERED_MODEL, description="registered model the service serves "
                                                                       "(schemas.REGISTERED_MODEL; tests override it)")
     serve_max_batch_size: int = Field(64, ge=1, description="adaptive batching: most requests scored in one call")
-    serve_max_latency_ms: int = Field(20, ge=1, description="adaptive batching: latency budget of one batch")
+    serve_max_latency_ms: int = Field(100, ge=1, description="adaptive batching: a request that would wait longer than this for its batch is shed (the API answers it with the fallback)")
     serve_coalesce_in_flight: int = Field(2, ge=1, description="scoring calls one API process keeps in flight; "
                                                                 "requests arriving meanwhile leave together as one call")
     serve_gpu: bool = Field(False, description="request a GPU for the scoring service (resources={'gpu': 1})")

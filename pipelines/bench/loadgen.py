@@ -1,7 +1,8 @@
 """A closed-loop HTTP load generator (used by `shoprec bench serve` when wrk is not installed).
 
 ``python -m pipelines.bench.loadgen URL CONCURRENCY SECONDS`` with a JSON list of request bodies on
-stdin; prints ``{"rps", "p50_ms", "p99_ms", "errors"}``.
+stdin; prints ``{"rps", "p50_ms", "p99_ms", "errors", "requests", "fallback"}`` (``fallback``: 200 answers
+whose ``source`` is the fallback).
 """
 
 from __future__ import annotations
@@ -18,19 +19,21 @@ import numpy as np
 
 async def _main(url: str, concurrency: int, seconds: float, bodies: list[dict]) -> dict:
     lat: list[float] = []
-    errors = 0
+    errors = fallback = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=5) as client:
         end = time.perf_counter() + seconds
 
         async def worker():
-            nonlocal errors
+            nonlocal errors, fallback
             while time.perf_counter() < end:
                 t = time.perf_counter()
                 try:
                     r = await client.post(url, json=random.choice(bodies))
                     if r.status_code >= 300:
                         errors += 1
+                    elif b'"source":"fallback"' in r.content:
+                        fallback += 1
                 except httpx.HTTPError:
                     errors += 1
                 lat.append(time.perf_counter() - t)
@@ -40,7 +43,8 @@ async def _main(url: str, concurrency: int, seconds: float, bodies: list[dict]) 
         took = time.perf_counter() - t0
     a = np.array(lat) * 1000
     return {"rps": round(len(a) / took, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
-            "p99_ms": round(float(np.percentile(a, 99)), 2), "errors": errors}
+            "p99_ms": round(float(np.percentile(a, 99)), 2), "errors": errors,
+            "requests": len(a), "fallback": fallback}
 
 
 if __name__ == "__main__":

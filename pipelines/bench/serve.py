@@ -13,7 +13,9 @@ httpx client when wrk is missing) at fixed concurrency for a fixed time:
 * ``model_unbatched``: the same with ``max_batch_size=1``.
 
 Each gives ``{"rps", "p50_ms", "p99_ms", "errors"}`` (errors = non-2xx answers, socket errors
-and timeouts), at ``concurrency`` clients (64: throughput and the batching ratio) and again, under
+and timeouts) plus ``requests``, ``fallback`` (200 answers served by the fallback: the service sheds
+load that way instead of failing) and ``served_rps`` (answers per second that were not the
+fallback; the batching ratio compares these), at ``concurrency`` clients (64: throughput and the batching ratio) and again, under
 ``"latency"``, at ``latency_concurrency`` clients (4: the latency targets, measured where the server
 is not saturated). The JSON also carries the targets and whether each was met.
 """
@@ -77,28 +79,47 @@ _WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 local bodies = {%(bodies)s}
+local threads = {}
+fallback = 0  -- answers served by the fallback (popular items), counted per thread
+setup = function(thread)
+  table.insert(threads, thread)
+end
 request = function()
   return wrk.format(nil, nil, nil, bodies[math.random(#bodies)])
 end
+response = function(status, headers, body)
+  if body and string.find(body, '"source":"fallback"', 1, true) then
+    fallback = fallback + 1
+  end
+end
 done = function(summary, latency, requests)
-  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+  local fb = 0
+  for _, thread in ipairs(threads) do
+    fb = fb + (thread:get("fallback") or 0)
+  end
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(99), summary.errors.connect, summary.errors.read,
-    summary.errors.write, summary.errors.status, summary.errors.timeout))
+    summary.errors.write, summary.errors.status, summary.errors.timeout, fb))
 end
 """
 
 
 def drive(url: str, bodies: list[dict], concurrency: int, seconds: float, work: Path) -> dict:
-    """Closed-loop load from a separate process; returns ``{"rps", "p50_ms", "p99_ms", "errors"}``."""
+    """Closed-loop load from a separate process; returns ``{"rps", "p50_ms", "p99_ms", "errors", "fallback"}``.
+
+    ``fallback`` counts the 200 answers that came from the fallback (popular items) instead of a model
+    or the cache: the service sheds load that way rather than failing, so a scenario's ``rps`` alone
+    would credit the model with answers it never gave.
+    """
     if shutil.which("wrk"):
         script = work / "load.lua"
         script.write_text(_WRK_SCRIPT % {"bodies": ",".join(json.dumps(json.dumps(b)) for b in bodies)})
         out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "--timeout", "5s",
                               "-s", str(script), url], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"RESULT (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+) (\d+)", out)
-        req, dur_us, p50, p99, *errs = (int(x) for x in m.groups())
+        m = re.search(r"RESULT" + r" (\d+)" * 10, out)
+        req, dur_us, p50, p99, *errs, fallback = (int(x) for x in m.groups())
         out = {"rps": round(req / (dur_us / 1e6), 1), "p50_ms": round(p50 / 1000, 2), "p99_ms": round(p99 / 1000, 2),
-               "errors": sum(errs)}
+               "errors": sum(errs), "requests": req, "fallback": fallback}
         if sum(errs):  # which kind, for whoever reads the JSON
             out["error_kinds"] = {k: n for k, n in zip(("connect", "read", "write", "status", "timeout"), errs) if n}
         return out
@@ -153,6 +174,8 @@ def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = 
                         log.info("%s: %s", name, results[name])
                         latency[name] = drive(base + path, bodies, latency_concurrency, seconds, work)
                         log.info("%s at %d clients: %s", name, latency_concurrency, latency[name])
+    for r in (*results.values(), *latency.values()):  # answers a model (or the cache) gave, per second
+        r["served_rps"] = round(r["rps"] * (1 - r["fallback"] / max(1, r["requests"])), 1)
     unb = results["model_unbatched"]
     lat_cached, lat_floor, lat_model = latency["cached"], latency["floor"], latency["model"]
     report = {
@@ -165,7 +188,8 @@ def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = 
             "cached_p99_le_10ms": lat_cached["p99_ms"] <= 10,
             "cached_p99_le_1.5x_floor": lat_cached["p99_ms"] <= 1.5 * lat_floor["p99_ms"],
             "model_p99_le_30ms": lat_model["p99_ms"] <= 30,
-            "model_rps_ge_3x_unbatched": results["model"]["rps"] >= 3 * unb["rps"],
+            # fallback answers are not model throughput: the ratio is of answers the model gave
+            "model_rps_ge_3x_unbatched": results["model"]["served_rps"] >= 3 * unb["served_rps"],
             "errors_zero": all(r["errors"] == 0 for part in (results, latency) for r in part.values()),
         },
     }

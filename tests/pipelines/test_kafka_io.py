@@ -48,3 +48,14 @@ def test_settings_reach_the_admin_client_and_all_clients_work_on_the_broker(brok
         assert consumer.partitions_for_topic(s.kafka_topic_events)
     finally:
         consumer.close()
+
+
+def test_sasl_ssl_settings_reach_the_librdkafka_impression_producer():
+    s = _client_settings("10.0.0.1:9093,10.0.0.2:9093", "SASL_SSL")
+    conf = kafka_io.librdkafka_config(s)
+    assert conf == {"bootstrap.servers": "10.0.0.1:9093,10.0.0.2:9093", "security.protocol": "SASL_SSL",
+                    "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "alice", "sasl.password": "s3cret",
+                    "ssl.ca.location": "/etc/ssl/certs/ca-certificates.crt"}
+    # librdkafka checks names and values when the client is built: a misspelt or unsupported one raises here
+    producer = kafka_io.make_impression_producer(s)
+    assert len(producer) == 0

@@ -1,0 +1,45 @@
+"""The serving benchmark's load driver credits the model only with answers the model gave."""
+
+from __future__ import annotations
+
+import http.server
+import itertools
+import threading
+
+import pytest
+
+from pipelines.bench import serve as bench_serve
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """Every third answer is a fallback, as a service shedding load would give."""
+
+    protocol_version = "HTTP/1.1"
+    counter = itertools.count()
+
+    def do_POST(self):  # noqa: N802 - http.server's name
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        source = "fallback" if next(self.counter) % 3 == 0 else "model"
+        body = b'{"items":[],"source":"%s"}' % source.encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("driver", ["wrk", "asyncio"])
+def test_fallback_answers_are_counted_apart_from_model_answers(tmp_path, monkeypatch, driver):
+    if driver == "asyncio":  # the load generator used where wrk is not installed
+        monkeypatch.setattr(bench_serve.shutil, "which", lambda name: None)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        out = bench_serve.drive(f"http://127.0.0.1:{server.server_port}/recommend", [{"user_id": "u1"}], 2, 1, tmp_path)
+    finally:
+        server.shutdown()
+    assert out["errors"] == 0 and out["requests"] > 30
+    assert out["fallback"] == pytest.approx(out["requests"] / 3, abs=3)  # one in three, give or take the cut-off
