@@ -138,8 +138,10 @@ class Settings(BaseSettings):
                                                                       "(schemas.REGISTERED_MODEL; tests override it)")
     serve_max_batch_size: int = Field(64, ge=1, description="adaptive batching: most requests scored in one call")
     serve_max_latency_ms: int = Field(100, ge=1, description="adaptive batching: a request that would wait longer than this for its batch is shed (the API answers it with the fallback)")
-    serve_coalesce_in_flight: int = Field(2, ge=1, description="scoring calls one API process keeps in flight; "
-                                                                "requests arriving meanwhile leave together as one call")
+    serve_coalesce_in_flight: int = Field(1, ge=1, description="scoring calls one API process keeps in flight; "
+                                                                "requests arriving meanwhile leave together as one call. "
+                                                                "The scorer runs one batch at a time, so with 2 API "
+                                                                "processes 1 each keeps it busy; more only splits its batches")
     serve_gpu: bool = Field(False, description="request a GPU for the scoring service (resources={'gpu': 1})")
     serve_deadline_ms: int = Field(1000, ge=1, description="a model answer slower than this is replaced by the fallback")
     serve_request_timeout_s: float = Field(5.0, gt=0, description="BentoML's per-request timeout. Keep it short: "
