@@ -24,6 +24,7 @@ from pydantic import BaseModel, Field
 
 from bentos.content_type import JsonOnly
 from bentos.guard import ApiKeyAndSizeGuard
+from bentos.recycle import RecycleConnections
 
 with bentoml.importing():
     from pipelines.ingest import EventIngestor, IngestRejected
@@ -210,3 +211,4 @@ def _pin_media_types(*services: Any) -> None:
 _pin_media_types(Scorer, Shoprec)
 Shoprec.add_asgi_middleware(ApiKeyAndSizeGuard)
 Shoprec.add_asgi_middleware(JsonOnly)
+Shoprec.add_asgi_middleware(RecycleConnections, max_requests=_S.serve_recycle_requests)

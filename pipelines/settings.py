@@ -150,6 +150,9 @@ class Settings(BaseSettings):
     serve_cache: bool = Field(True, description="serve and store top-N lists in the Redis cache")
     serve_cache_n: int = Field(50, ge=1, description="length of the cached top-N list")
     serve_api_workers: int = Field(1, ge=1, description="processes of the API service")
+    serve_recycle_requests: int = Field(200, ge=0, description="a client connection is closed after this many answers "
+                                                               "(the client reconnects, often to a less busy API "
+                                                               "process: BentoML's workers share one socket); 0: never")
     serve_torch_threads: int = Field(1, ge=0, description="torch threads of the scoring process (0: torch's default, "
                                      "one per core). One by default: batches are small, and idle intra-op threads "
                                      "spin on the cores the API process needs")
