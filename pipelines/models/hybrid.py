@@ -27,7 +27,7 @@ from pipelines.models.base import Scored
 from pipelines.models.ials import IALS
 from pipelines.models.itemitem import ItemItem
 from pipelines.models.popularity import interaction_weights, item_popularity
-from pipelines.models.scoring import Profiles, ScoringRecommender, zscore_rows
+from pipelines.models.scoring import Profiles, ScoringRecommender, row_std_mean, zscore_rows
 from pipelines.models.twotower import TwoTower
 from pipelines.columns import COL_ITEM
 
@@ -192,7 +192,7 @@ class ShopRec(ScoringRecommender):
             out = torch.zeros(profiles.n_rows, len(self._item_ids), device=self._device)
         if self.w_itemitem:
             s = self.itemitem._score(profiles)
-            std, mean = torch.std_mean(s, dim=1, keepdim=True)
+            std, mean = row_std_mean(s)
             scale = self.w_itemitem / std.clamp_min(1e-12)
             out.addcmul_(s, scale)
             offset += (mean * scale).double()

@@ -239,7 +239,21 @@ class ScoringRecommender(IndexedRecommender, abc.ABC):
         return model
 
 
+def row_std_mean(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.std_mean(scores, dim=1, keepdim=True)`` (unbiased std) from one sum and one norm per row.
+
+    Accumulated in float64. On CPU this is 25-35x faster than ``torch.std_mean`` (2.2 vs 0.07 ms
+    for 8 rows of 50,000 items; at 64 rows it was a third of the hybrid's scoring time).
+    """
+    n = scores.shape[1]
+    total = scores.sum(1, keepdim=True, dtype=torch.float64)
+    norm = torch.linalg.vector_norm(scores, dim=1, keepdim=True, dtype=torch.float64)
+    mean = total / max(n, 1)
+    var = (norm * norm - total * mean) / max(n - 1, 1)
+    return var.clamp_min(0.0).sqrt().to(scores.dtype), mean.to(scores.dtype)
+
+
 def zscore_rows(scores: torch.Tensor) -> torch.Tensor:
     """Standardise each row to mean 0, std 1 (a constant row gives zeros), so blended scores are comparable."""
-    std, mean = torch.std_mean(scores, dim=1, keepdim=True)
+    std, mean = row_std_mean(scores)
     return (scores - mean) / std.clamp_min(1e-12)

@@ -299,3 +299,19 @@ def test_the_serving_blend_equals_the_standardised_parts_it_is_tuned_on(syntheti
     got = model._score(profiles)
     assert torch.allclose(got, expected, atol=1e-4, rtol=1e-4)
     assert torch.equal(torch.topk(got, 10).indices, torch.topk(expected, 10).indices)
+
+
+def test_row_standardisation_matches_torch_std_mean_including_constant_rows():
+    from pipelines.models.scoring import row_std_mean, zscore_rows
+
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.randn(6, 5000, generator=gen) * 4 + 9  # a large mean next to the spread
+    scores[1] = 0.0
+    scores[2, :4990] = 0.0  # mostly zeros, as item-to-item rows are
+    scores[3] = 7.5  # constant: standardises to zeros, not NaN
+    std, mean = row_std_mean(scores)
+    want_std, want_mean = torch.std_mean(scores.double(), dim=1, keepdim=True)
+    assert torch.allclose(std.double(), want_std, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(mean.double(), want_mean, rtol=1e-6, atol=1e-6)
+    z = zscore_rows(scores)
+    assert torch.isfinite(z).all() and (z[1] == 0).all() and (z[3] == 0).all()
