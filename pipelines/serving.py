@@ -405,7 +405,8 @@ class RecommendationEngine:
         self.settings = settings
         self.state = state
         self.astate = AsyncServingState(settings.redis_url, recent_cap=settings.recent_items_cap,
-                                        cache_ttl_s=settings.cache_ttl_s)
+                                        cache_ttl_s=settings.cache_ttl_s,
+                                        local_entries=settings.serve_local_cache_entries if settings.serve_cache else 0)
         self._stats: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
         self._stats_lock = threading.Lock()
         self._stop = threading.Event()
@@ -433,6 +434,7 @@ class RecommendationEngine:
         self._stop.set()
         self.flush_stats()
         self.impressions.close()
+        self.astate.close()
 
     # --- counters: summed in memory, flushed in one round trip ------------------------------
     def _count(self, counters: dict[str, dict[str, int]]) -> None:

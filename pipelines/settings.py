@@ -149,6 +149,9 @@ class Settings(BaseSettings):
                                            "expires, and the garbage collector's pauses grow with rps x timeout")
     serve_cache: bool = Field(True, description="serve and store top-N lists in the Redis cache")
     serve_cache_n: int = Field(50, ge=1, description="length of the cached top-N list")
+    serve_local_cache_entries: int = Field(20_000, ge=0, description="users whose cached lists each API process also "
+                                           "keeps in memory, dropped when Redis reports their key changed (CLIENT "
+                                           "TRACKING; saves the Redis round trip of a hit). 0: off")
     serve_api_workers: int = Field(1, ge=1, description="processes of the API service")
     serve_recycle_requests: int = Field(200, ge=0, description="a client connection is closed after this many answers "
                                                                "(the client reconnects, often to a less busy API "

@@ -355,17 +355,37 @@ class AsyncServingState:
     Same keys and formats as :class:`OnlineState` (``get_cached``/``set_cached``/``user_context``).
     """
 
-    def __init__(self, url: str, *, recent_cap: int = 50, cache_ttl_s: int = 300, timeout_s: float = 2.0):
+    def __init__(self, url: str, *, recent_cap: int = 50, cache_ttl_s: int = 300, timeout_s: float = 2.0,
+                 local_entries: int = 0):
         import redis.asyncio as aioredis
+
+        from pipelines.localcache import TrackedCache
 
         self.r = aioredis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                          decode_responses=True, max_connections=256)
         self.recent_cap = recent_cap
         self.cache_ttl_s = cache_ttl_s
+        # lists read from Redis, kept in this process until Redis says they changed (0: off)
+        self.local = (TrackedCache(url, RedisKeys.cache(""), max_entries=local_entries, ttl_s=cache_ttl_s)
+                      if local_entries > 0 else None)
 
     async def get_cached(self, user_id: str, variant: str) -> dict | None:
-        raw = await self.r.hget(RedisKeys.cache(user_id), variant)
+        key, local = RedisKeys.cache(user_id), self.local
+        if local is not None and local.active:
+            raw = local.get(key, variant)
+            if raw is not None:
+                return orjson.loads(raw)
+            token = local.token()
+            raw = await self.r.hget(key, variant)
+            if raw:
+                local.put(key, variant, raw, token)
+        else:
+            raw = await self.r.hget(key, variant)
         return orjson.loads(raw) if raw else None
+
+    def close(self) -> None:
+        if self.local is not None:
+            self.local.close()
 
     async def set_cached(self, user_id: str, variant: str, payload: dict) -> None:
         key = RedisKeys.cache(user_id)
