@@ -16,6 +16,7 @@ from pipelines.models import get_recommender, load_recommender
 from pipelines.models.content import ContentFeatures
 from pipelines.models.hybrid import ShopRec
 from pipelines.models.ials import IALS
+from pipelines.models.scoring import Profiles
 from pipelines.models.itemitem import ItemItem
 from pipelines.models.twotower import TwoTower
 from pipelines.schemas import COL_ITEM, COL_USER
@@ -110,6 +111,27 @@ class TestIALS(RecommenderContract):
     def test_catalog_items_without_interactions_get_no_vector(self):
         model = self.make().fit(self.data(), catalog())
         assert torch.count_nonzero(model.item_vectors[model.item_ids.index("NEWA")]) == 0
+
+    def test_folded_in_vectors_solve_each_profiles_normal_equations(self, fitted, monkeypatch):
+        """Profiles of different lengths (one empty, one with a repeated item), across several chunks."""
+        import pipelines.models.ials as ials_mod
+
+        monkeypatch.setattr(ials_mod, "_FOLD_IN_BLOCK", 6)  # a few rows per chunk
+        n_items = len(fitted.item_ids)
+        bags = [[0, 3, 3], [], [1], [2, 4, 5, 0, 7], [6, 8], [9, 1, 2]]
+        rows = np.concatenate([[r] * len(b) for r, b in enumerate(bags)]).astype("int64")
+        items = np.concatenate([b for b in bags]).astype("int64")
+        weights = np.linspace(0.5, 2.0, len(items))
+        got = fitted.user_vectors(Profiles(len(bags), rows, items, weights, np.full(len(bags), -1)))
+        h = fitted.item_vectors.double()
+        for r in range(len(bags)):
+            a = fitted.alpha0 * h.T @ h
+            b = torch.zeros(fitted.dim, dtype=torch.float64)
+            for i, w in zip(items[rows == r], weights[rows == r]):
+                a += w * torch.outer(h[i], h[i])
+                b += w * h[i]
+            a += fitted.reg * (weights[rows == r].sum() + fitted.alpha0 * n_items) ** fitted.nu * torch.eye(fitted.dim)
+            torch.testing.assert_close(got[r].double(), torch.linalg.solve(a, b), rtol=1e-4, atol=1e-6)
 
 
 def test_interaction_strength_shapes_the_ease_weights():
