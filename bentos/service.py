@@ -185,10 +185,13 @@ class Shoprec:
 
     @bentoml.api(route="/status")
     async def status(self) -> dict:
-        """Versions being served, the fallback list size and impressions waiting for Kafka."""
+        """Versions being served, the fallback list size, impressions waiting for Kafka, this process's list copies."""
         await self.engine.refresh_info()
+        local = self.engine.astate.local
         return {"models": self.engine.versions, "fallback_items": self.engine.fallback_size,
-                "experiment": self.engine.experiment.name, "impressions_pending": self.engine.impressions.pending()}
+                "experiment": self.engine.experiment.name, "impressions_pending": self.engine.impressions.pending(),
+                "local_cache": {"active": local.active, "users": len(local), "invalidations": local.invalidations}
+                if local is not None else None}
 
     @bentoml.api(route="/ping")
     async def ping(self) -> dict:

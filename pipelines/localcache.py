@@ -28,11 +28,24 @@ import uuid
 from collections import OrderedDict
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 log = logging.getLogger(__name__)
 
 INVALIDATE_CHANNEL = "__redis__:invalidate"
 _PRUNE_AT = 200_000  # remembered invalidations of keys not held locally, before forgetting old ones
+
+
+def _check_tracking(tracker: redis.Redis, client_id: int) -> None:
+    """Raise unless ``tracker`` still has BCAST tracking on, redirected to ``client_id`` (Redis >= 6.2)."""
+    info = tracker.execute_command("CLIENT", "TRACKINGINFO")
+    if isinstance(info, list):  # RESP2 map: [key, value, ...]
+        info = dict(zip(info[::2], info[1::2]))
+    info = {(k.decode() if isinstance(k, bytes) else k): v for k, v in info.items()}
+    flags = {f.decode() if isinstance(f, bytes) else f for f in info.get("flags") or []}
+    if "on" not in flags or "bcast" not in flags or "broken_redirect" in flags or int(info.get("redirect", -1)) != client_id:
+        raise redis.ConnectionError(f"Redis no longer tracks the cache keys for this process ({sorted(flags)})")
 
 
 class TrackedCache:
@@ -47,7 +60,7 @@ class TrackedCache:
     """
 
     def __init__(self, url: str, prefix: str, *, max_entries: int = 20_000, ttl_s: float = 300.0,
-                 health_s: float = 1.0):
+                 health_s: float = 0.25):
         self.url, self.prefix = url, prefix
         self.max_entries, self.ttl_s, self.health_s = max_entries, ttl_s, health_s
         self._lock = threading.Lock()
@@ -143,8 +156,11 @@ class TrackedCache:
         while not self._stop.is_set():
             client = tracker = pubsub = None
             try:
-                # RESP2: the invalidations then arrive as messages on the channel (RESP3 sends them as pushes)
-                client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2, protocol=2)
+                # RESP2: the invalidations then arrive as messages on the channel (RESP3 sends them as
+                # pushes). No retries: redis-py would reconnect and resubscribe in place, and a new
+                # connection is not the one Redis redirects invalidations to; every error rebuilds both.
+                client = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2, protocol=2,
+                                              retry=Retry(NoBackoff(), 0))
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 name = f"shoprec-invalidate-{uuid.uuid4().hex[:12]}"
                 pubsub.execute_command("CLIENT", "SETNAME", name)
@@ -153,9 +169,9 @@ class TrackedCache:
                 while not pubsub.subscribed or pubsub.get_message(timeout=0.05) is not None:
                     if time.monotonic() > deadline:
                         raise redis.TimeoutError("no confirmation of the invalidation subscription")
-                client_id = next(c["id"] for c in client.client_list() if c.get("name") == name)
+                client_id = int(next(c["id"] for c in client.client_list() if c.get("name") == name))
                 tracker = redis.Redis.from_url(self.url, socket_timeout=5, socket_connect_timeout=2,
-                                               single_connection_client=True)
+                                               single_connection_client=True, retry=Retry(NoBackoff(), 0))
                 tracker.execute_command("CLIENT", "TRACKING", "ON", "REDIRECT", client_id, "BCAST", "PREFIX",
                                         self.prefix)
                 self._reset(active=True)
@@ -168,7 +184,7 @@ class TrackedCache:
                     if msg is not None and msg.get("type") == "message":
                         self._invalidate(msg["data"])
                     if time.monotonic() - checked >= self.health_s:
-                        tracker.ping()  # tracking lives on this connection: if it died, stop using the copy
+                        _check_tracking(tracker, client_id)
                         checked = time.monotonic()
             except (redis.RedisError, OSError, StopIteration) as err:
                 if self._active:

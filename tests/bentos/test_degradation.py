@@ -32,6 +32,7 @@ def test_redis_scorer_and_broker_outages_never_fail_a_request(settings, serve_en
             return r.json()
 
         assert rec("u0")["source"] == "model" and rec("u0")["source"] == "cache"
+        wait_for(lambda: c.post("/status").json()["local_cache"]["active"], 10, "the local list copies to be on")
         wait_for(lambda: c.post("/status").json()["impressions_pending"] == 0, 30, "impressions to reach Kafka")
 
         # 1. the broker goes away: answers as usual, impressions wait in the buffer
@@ -41,9 +42,13 @@ def test_redis_scorer_and_broker_outages_never_fail_a_request(settings, serve_en
         assert rec("u2")["source"] == "model"
         assert c.post("/status").json()["impressions_pending"] >= 1
 
-        # 2. Redis goes away too: the model answers without the cache
+        # 2. Redis goes away too: the model answers without the cache (each API process's in-memory
+        # copy of the lists is dropped as soon as it sees the connection close)
         redis_proc.terminate()
         redis_proc.wait()
+        wait_for(lambda: rec("u0")["source"] == "model", 5, "answers without the cache")
+        copies = c.post("/status").json()["local_cache"]
+        assert not copies["active"] and copies["users"] == 0
         for _ in range(3):
             body = rec("u0")
             assert body["source"] == "model" and body["model_version"] == reg.version

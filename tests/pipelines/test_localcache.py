@@ -139,3 +139,21 @@ def test_serving_reads_go_local_and_see_the_consumers_invalidation(redis_url, re
             state.close()
 
     asyncio.run(scenario())
+
+
+@pytest.mark.parametrize("which", ["tracking", "pubsub"])
+def test_losing_either_connection_empties_the_copy_until_tracking_is_back(tracked, redis_client, which):
+    """e.g. an operator's CLIENT KILL: redis-py must not quietly reconnect a connection Redis no longer tracks for."""
+    cache, prefix = tracked
+    key = prefix + "k"
+    _changed(cache, lambda: redis_client.hset(key, "champion", "v1"))
+    assert _read(cache, redis_client, key, "champion") == "v1" and cache.get(key, "champion") == "v1"
+    flag = "t" if which == "tracking" else "P"
+    victims = [c["id"] for c in redis_client.client_list() if flag in c["flags"]]
+    assert victims, f"no {which} connection found"
+    for cid in victims:
+        redis_client.client_kill_filter(_id=cid)
+    wait_until(lambda: cache.get(key, "champion") is None, timeout=5, what="the copy to be dropped")
+    wait_until(lambda: cache.active, timeout=10, what="tracking to be re-established")
+    _changed(cache, lambda: redis_client.hset(key, "champion", "v2"))  # invalidations flow again
+    assert _read(cache, redis_client, key, "champion") == "v2" and cache.get(key, "champion") == "v2"
