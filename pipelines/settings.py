@@ -170,6 +170,9 @@ class Settings(BaseSettings):
     packaged_model_dir: Path = Field(Path("bentos/packaged"), description="champion packaged into the Bento "
                                                                           "(served when MLflow is unreachable)")
     serve_access_log: bool = Field(False, description="BentoML access log (one line per request; costs throughput)")
+    serve_trace_sample_rate: float = Field(0.0, ge=0.0, le=1.0, description="share of requests traced with "
+                                           "OpenTelemetry (exporter from BentoML's configuration); 0 bypasses "
+                                           "the tracing middleware entirely")
 
     # hourly incremental refresh (orchestration: `itemitem_refresh` in refresh_job, SHOPREC_REFRESH_CRON)
     refresh_window_hours: int = Field(168, ge=2, description="hours of validated lake events the hourly refresh "
