@@ -47,8 +47,8 @@ def _known_items(catalog: pd.DataFrame | None) -> list[str] | None:
     group_name="ingestion", owners=OWNERS, kinds={"parquet", "greatexpectations"},
     check_specs=[dg.AssetCheckSpec(CATALOG_CHECK, asset="catalog", blocking=True,
                                    description="Great Expectations suite expectations/catalog.json")],
-    description="The product catalog (var/lake/catalog.parquet), validated by Great Expectations; "
-                "a broken catalog stops training.",
+    description="The product catalog (var/lake/catalog.parquet, kept up to date from the shop.catalog topic by "
+                "`shoprec catalog sync`), validated by Great Expectations; a broken catalog stops training.",
 )
 def catalog(context: dg.AssetExecutionContext, lake_store: LakeResource):
     df = lake_store.catalog()

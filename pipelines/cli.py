@@ -18,6 +18,8 @@ app.add_typer(stack_app, name="stack")
 bench_app = typer.Typer(help="Benchmarks (JSON to --out; results are recorded in BENCHMARKS.md).",
                         no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
+catalog_app = typer.Typer(help="The product catalog: its Kafka feed and the file it keeps.", no_args_is_help=True)
+app.add_typer(catalog_app, name="catalog")
 
 
 def _logging(verbose: bool = False) -> None:
@@ -69,24 +71,70 @@ def simulate(
     closed_loop: bool = typer.Option(False, help="simulated users call /recommend and react to it"),
     seed: int = 0,
 ) -> None:
-    """Run the shop simulator: live events to Kafka, or --backfill history into the lake."""
-    from pipelines import kafka_io, simulator
+    """Run the shop simulator: live events to Kafka (new products to the catalog topic), or --backfill
+    history into the lake (new products into the catalog file)."""
+    from pipelines import catalog_feed, kafka_io, simulator
 
     _logging()
     s = get_settings()
     catalog = simulator.load_or_make_catalog(s.catalog_path, seed=seed)
     sim = simulator.ShopSimulator(catalog, seed=seed)
     if backfill:
-        n = sim.backfill(s.lake_dir, days=backfill, events_per_day=events_per_day)
+        n = sim.backfill(s.lake_dir, days=backfill, events_per_day=events_per_day, catalog_path=s.catalog_path)
         typer.echo(f"wrote {n} events ({backfill} days) to {s.lake_dir}")
         return
     kafka_io.ensure_topics(s)
     producer = kafka_io.make_producer(s)
     recommend_fn = simulator.http_recommend_fn(s.bento_url) if closed_loop else None
     counts = sim.run_live(lambda evs: kafka_io.send_events(producer, evs, s.kafka_topic_events), rate_eps=rate, duration_s=duration,
-                          recommend_fn=recommend_fn, stop_event=_stop_on_signals())
+                          recommend_fn=recommend_fn, stop_event=_stop_on_signals(),
+                          catalog_fn=lambda items: catalog_feed.publish_items(producer, items, s.kafka_topic_catalog))
     producer.flush()
     typer.echo(f"sent {counts}")
+
+
+@catalog_app.command("sync")
+def catalog_sync(verbose: bool = False,
+                 idle_exit_s: float = typer.Option(None, help="exit after this many seconds without a record")) -> None:
+    """Apply the catalog topic (product upserts, stock changes) to the catalog file until stopped."""
+    from pipelines import kafka_io
+    from pipelines.catalog_feed import CatalogSync
+
+    _logging(verbose)
+    s = get_settings()
+    kafka_io.ensure_topics(s)
+    counts = CatalogSync(s).run(_stop_on_signals(), idle_exit_s=idle_exit_s)
+    typer.echo(f"catalog sync stopped: {dict(counts)}")
+
+
+@catalog_app.command("publish")
+def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False,
+                                                help="products as .parquet, .csv or .jsonl; at least item_id, "
+                                                     "plus the fields to set (all of them for a new product)")) -> None:
+    """Send products (new ones, or changes such as in_stock) to the catalog topic and wait for the acks."""
+    import pandas as pd
+
+    from pipelines import catalog_feed, kafka_io
+
+    _logging()
+    s = get_settings()
+    readers = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True)}
+    if path.suffix not in readers:
+        raise typer.BadParameter(f"{path.name}: use a .parquet, .csv or .jsonl file", param_hint="PATH")
+    df = readers[path.suffix](path)
+    if "item_id" not in df:
+        raise typer.BadParameter(f"{path.name} has no item_id column", param_hint="PATH")
+    items = [{k: v for k, v in row.items() if not pd.isna(v)} for row in df.to_dict("records")]
+    kafka_io.ensure_topics(s)
+    producer = kafka_io.make_producer(s)
+    try:
+        futures = catalog_feed.publish_items(producer, items, s.kafka_topic_catalog)
+        with typer.progressbar(futures, label="sending", show_pos=True) as bar:
+            for f in bar:
+                f.get(timeout=60)
+    finally:
+        producer.close()
+    typer.echo(f"sent {len(items)} products to {s.kafka_topic_catalog}; `shoprec catalog sync` applies them")
 
 
 @stack_app.command("up")
@@ -99,7 +147,7 @@ def stack_up(backfill_days: int = typer.Option(3, help="history to simulate when
         typer.echo(f"empty lake: simulating {backfill_days} days of shop history first")
         _logging()
         sim = simulator.ShopSimulator(simulator.load_or_make_catalog(s.catalog_path), seed=0)
-        sim.backfill(s.lake_dir, days=backfill_days, events_per_day=20_000)
+        sim.backfill(s.lake_dir, days=backfill_days, events_per_day=20_000, catalog_path=s.catalog_path)
     ok = stack.up(s, Path.cwd(), echo=typer.echo)
     raise typer.Exit(0 if ok else 1)
 

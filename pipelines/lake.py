@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines.schemas import LAKE_COLUMNS
+from pipelines.schemas import CATALOG_COLUMNS, LAKE_COLUMNS
 
 LAKE_SCHEMA = pa.schema([
     ("event_id", pa.string()),
@@ -123,6 +123,13 @@ def write_tables(files: list[tuple[Path, str, pa.Table]], *, threads: int = 1) -
         finally:
             os.close(dir_fd)
     return finals
+
+
+def write_catalog(catalog: pd.DataFrame, path: Path) -> Path:
+    """Write the product catalog (``schemas.CATALOG_COLUMNS``) durably, replacing the file atomically."""
+    path = Path(path)
+    df = catalog[list(CATALOG_COLUMNS)].astype({"price": "float64", "created_at": "int64", "in_stock": bool})
+    return write_table(path.parent, path.name, pa.Table.from_pandas(df, preserve_index=False))
 
 
 # --- files of the stream consumer, named by their Kafka position ---------------------------------

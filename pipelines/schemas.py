@@ -38,7 +38,7 @@ INTERACTION_TYPES = tuple(EVENT_WEIGHTS)
 
 # --- lake / training columns -------------------------------------------------
 from pipelines.columns import (  # noqa: E402  (re-exported: the model core imports them without pydantic)
-    COL_EVENT_ID, COL_EVENT_TYPE, COL_ITEM, COL_SESSION, COL_TS, COL_USER, COL_WEIGHT,
+    COL_EVENT_ID, COL_EVENT_TYPE, COL_ITEM, COL_REQUEST_ID, COL_SESSION, COL_TS, COL_USER, COL_WEIGHT,
 )
 LAKE_COLUMNS = (
     "event_id", "event_type", "user_id", "item_id", "session_id", "ts", "price", "quantity",
@@ -167,7 +167,7 @@ class EventError(ValueError):
         self.message = message
 
 
-def _describe(err: ValidationError) -> tuple[str, str]:
+def describe_validation_error(err: ValidationError) -> tuple[str, str]:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "event"
     if loc == "event_type" and first["type"] == "literal_error":
@@ -191,7 +191,7 @@ def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int
     try:
         ev = Event.model_validate(data)
     except ValidationError as err:
-        raise EventError(*_describe(err)) from None
+        raise EventError(*describe_validation_error(err)) from None
     return _check_ts(ev, now_ms, max_age_days, max_future_s)
 
 

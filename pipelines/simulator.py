@@ -35,7 +35,6 @@ import hashlib
 import heapq
 import logging
 import math
-import os
 import threading
 import time
 from bisect import bisect_right
@@ -49,7 +48,7 @@ import numpy as np
 import pandas as pd
 
 from pipelines import lake
-from pipelines.schemas import CatalogItem, new_event
+from pipelines.schemas import CATALOG_COLUMNS, CatalogItem, new_event
 
 log = logging.getLogger("shoprec.simulator")
 
@@ -138,7 +137,6 @@ def _item_number(item_id: str) -> int:
 
 
 # --- catalog -------------------------------------------------------------------
-CATALOG_COLUMNS = ("item_id", "title", "category", "brand", "price", "created_at", "in_stock")
 
 
 def _brand_categories(seed: int) -> list[list[int]]:
@@ -219,12 +217,8 @@ def make_catalog(n_items: int = 5000, seed: int = 0, start_ms: int | None = None
 
 
 def save_catalog(catalog: pd.DataFrame, path: Path) -> None:
-    """Write the catalog to Parquet atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    catalog[list(CATALOG_COLUMNS)].to_parquet(tmp, index=False)
-    os.replace(tmp, path)
+    """Write the catalog to Parquet durably and atomically (:func:`pipelines.lake.write_catalog`)."""
+    lake.write_catalog(catalog, path)
 
 
 def load_or_make_catalog(path: Path, seed: int = 0, n_items: int = 5000) -> pd.DataFrame:

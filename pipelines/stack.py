@@ -67,6 +67,7 @@ def programs(settings: Settings, root: Path) -> list[Program]:
                               "--browser.gatherUsageStats", "false"],
                 "http://localhost:8501", "http:http://127.0.0.1:8501/_stcore/health", 30),
         Program("consumer", [str(bin_dir / "shoprec"), "consume"], "(stream consumer)", "proc", 40),
+        Program("catalog", [str(bin_dir / "shoprec"), "catalog", "sync"], "(catalog feed → catalog file)", "proc", 45),
         Program("simulator", [str(bin_dir / "shoprec"), "simulate", "--rate", "20", "--closed-loop"],
                 "(shop simulator, 20 events/s)", "proc", 50),
     ]

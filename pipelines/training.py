@@ -20,22 +20,38 @@ from pipelines import drift, lake, metrics, validation
 from pipelines.drift import DriftReport
 from pipelines.models import Recommender, get_recommender
 from pipelines.registry import PRIMARY_METRIC, ModelRegistry
-from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_EVENT_TYPE, COL_ITEM, COL_TS, COL_USER,
-                               COL_WEIGHT, EVENT_WEIGHTS, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
+from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_EVENT_TYPE, COL_ITEM, COL_REQUEST_ID,
+                               COL_SESSION, COL_TS, COL_USER, COL_WEIGHT, EVENT_WEIGHTS, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
                                TAG_GATE_DECISION, TAG_GX_SUCCESS)
 from pipelines.settings import TrainConfig
 
 log = logging.getLogger(__name__)
 
 
-def build_interactions(events: pd.DataFrame) -> pd.DataFrame:
-    """Interactions (``user_id, item_id, ts, weight``) from lake events; impressions are dropped.
+#: interactions column: False for what a user did after seeing a recommendation list (see build_interactions)
+COL_ORGANIC = "organic"
 
-    ``weight`` says how much an event tells about taste (a purchase more than a view).
+
+def build_interactions(events: pd.DataFrame) -> pd.DataFrame:
+    """Interactions (``user_id, item_id, ts, weight, organic``) from lake events; impressions are dropped.
+
+    ``weight`` says how much an event tells about taste (a purchase more than a view). ``organic``
+    is False for an event that carries a ``request_id`` or comes at or after an impression in the
+    same session: the list that was shown steered it, so it favours the model that served the list
+    (:func:`holdout_split` leaves such events out of the holdout; training uses them all).
     """
     ev = events[events[COL_EVENT_TYPE].isin(list(EVENT_WEIGHTS)) & events[COL_ITEM].notna()]
     out = ev[[COL_USER, COL_ITEM, COL_TS]].copy()
     out[COL_WEIGHT] = ev[COL_EVENT_TYPE].map(EVENT_WEIGHTS).astype("float32")
+    steered = pd.Series(False, index=ev.index)
+    if COL_SESSION in events:
+        imp = events.loc[events[COL_EVENT_TYPE] == "impression", [COL_SESSION, COL_TS]]
+        first = imp[COL_TS].groupby(imp[COL_SESSION].to_numpy(dtype=object)).min()  # each session's first list
+        first = first.reindex(ev[COL_SESSION].to_numpy(dtype=object)).set_axis(ev.index)
+        steered |= first.notna() & (first <= ev[COL_TS])
+    if COL_REQUEST_ID in events:
+        steered |= ev[COL_REQUEST_ID].notna()
+    out[COL_ORGANIC] = ~steered
     return out.sort_values(COL_TS, kind="stable").reset_index(drop=True)
 
 
@@ -75,10 +91,30 @@ def holdout_split(interactions: pd.DataFrame, hours: int | None,
         train_df, test_df = interactions[~is_test], interactions[is_test]
         share = is_test.mean() if len(interactions) else 0.0
         if 0.01 <= share <= 0.5 and test_df[COL_USER].isin(set(train_df[COL_USER])).any():
-            return (train_df.reset_index(drop=True), test_df.reset_index(drop=True),
-                    f"last {hours}h (after {cutoff.isoformat()})")
+            return _organic_holdout(train_df.reset_index(drop=True), test_df.reset_index(drop=True),
+                                    f"last {hours}h (after {cutoff.isoformat()})")
     train_df, test_df = metrics.time_split(interactions, holdout_per_user=holdout_per_user)
-    return train_df, test_df, f"last {holdout_per_user} interaction(s) per user"
+    return _organic_holdout(train_df, test_df, f"last {holdout_per_user} interaction(s) per user")
+
+
+def _organic_holdout(train_df: pd.DataFrame, test_df: pd.DataFrame, what: str) -> tuple[pd.DataFrame, pd.DataFrame, str]:
+    """Keep only the holdout's organic interactions (see :func:`build_interactions`) and drop the column.
+
+    Whatever a served list steered favours the model that served it (the champion, mostly), so a
+    gate scoring on it would keep the incumbent. When nothing organic is left for a user the
+    training part knows, the whole holdout is kept and the description says so.
+    """
+    if COL_ORGANIC not in test_df:
+        return train_df, test_df, what
+    train_df = train_df.drop(columns=COL_ORGANIC)
+    organic = test_df[test_df[COL_ORGANIC].to_numpy(bool)].drop(columns=COL_ORGANIC).reset_index(drop=True)
+    test_df = test_df.drop(columns=COL_ORGANIC)
+    if len(organic) == len(test_df):
+        return train_df, test_df, what
+    if organic.empty or not organic[COL_USER].isin(set(train_df[COL_USER])).any():
+        return train_df, test_df, f"{what}; all {len(test_df)} interactions followed a recommendation (kept)"
+    return train_df, organic, (f"{what}; organic only: {len(organic)} of {len(test_df)} interactions "
+                               "(what followed a recommendation list is left out)")
 
 
 def build_model(cfg: TrainConfig) -> Recommender:

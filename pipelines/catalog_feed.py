@@ -1,0 +1,202 @@
+"""The catalog feed: product upserts on the catalog topic → the catalog Parquet file.
+
+The shop (or ``shoprec catalog publish``, or the simulator when a product appears) sends one
+record per change to ``settings.kafka_topic_catalog`` (``shop.catalog``), keyed by ``item_id``:
+
+* a whole product (every field of :class:`~pipelines.schemas.CatalogItem`) adds or replaces it;
+* a partial record for a known product changes only the fields it names, e.g.
+  ``{"item_id": "i00042", "in_stock": false}`` when it sells out;
+* a tombstone (a record with no value, keyed by the item id) marks the product out of stock: it
+  stays in the catalog, so the models keep its content and history, but it is never shown.
+
+``shoprec catalog sync`` (:class:`CatalogSync`, a service of ``make up``) applies them to
+``settings.catalog_path``, the file that training reads for item content, Great Expectations
+checks events against (unknown products) and serving re-reads for its rules (stock, categories)
+and the new-product exploration slots. Per poll, in offset order: validate, merge, write the
+whole file durably (temporary name, fsync, rename), then commit the offsets. A crash replays
+the uncommitted records onto the file they were already applied to, which changes nothing
+(an upsert is idempotent). Invalid records go to the DLQ topic with the original bytes and a
+``reason`` header, like rejected events, and never stop the feed.
+
+The topic has one partition, so one sync process writes the file at a time; a second one
+waits in the consumer group as a stand-by.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import orjson
+import pandas as pd
+from pydantic import ValidationError
+
+from pipelines import kafka_io, lake
+from pipelines.columns import COL_ITEM
+from pipelines.schemas import CATALOG_COLUMNS, SCHEMA_VERSION, CatalogItem, EventError, describe_validation_error
+from pipelines.settings import Settings
+
+log = logging.getLogger("shoprec.catalog")
+
+#: largest catalog record accepted (a product is a few hundred bytes)
+MAX_ITEM_BYTES = 16_384
+
+
+def item_record(item: dict) -> bytes:
+    """One catalog record's value: the item (whole or partial) as JSON with ``schema_version``."""
+    return orjson.dumps({**item, "schema_version": SCHEMA_VERSION}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def publish_items(producer, items: Iterable[dict], topic: str) -> list:
+    """Send catalog upserts (dicts with at least ``item_id``) keyed by item id; returns the send futures."""
+    return [producer.send(topic, key=str(it[COL_ITEM]), value=item_record(it)) for it in items]
+
+
+def parse_update(raw: bytes | None, key: bytes | None, rows: Mapping[str, dict], *,
+                 max_bytes: int = MAX_ITEM_BYTES) -> dict:
+    """The catalog row that a record makes, given the catalog's ``rows`` now (``{item_id: row}``).
+
+    Raises:
+        EventError: with a reason (``empty``, ``oversized``, ``undecodable``, ``invalid_json``,
+            ``schema``, ``missing_field``, ``key_mismatch``, ``unknown_item``) and a message.
+    """
+    if raw is None:  # a tombstone: the product is withdrawn
+        current = rows.get(key.decode("utf-8", "replace")) if key else None
+        if current is None:
+            name = key.decode("utf-8", "replace")[:128] if key else "(no key)"
+            raise EventError("unknown_item", f"tombstone for {name!r}, which is not in the catalog")
+        return {**current, "in_stock": False}
+    if not raw:
+        raise EventError("empty", "record has an empty value; send one JSON product per record")
+    if len(raw) > max_bytes:
+        raise EventError("oversized", f"record is {len(raw)} bytes; the limit is {max_bytes}")
+    try:
+        data = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError:
+            raise EventError("undecodable", "record is not UTF-8 text") from None
+        raise EventError("invalid_json", f"record is not valid JSON ({str(err)[:120]})") from None
+    if not isinstance(data, dict):
+        raise EventError("schema", "a catalog record must be a JSON object")
+    version = data.pop("schema_version", SCHEMA_VERSION)
+    if type(version) is not int or version != SCHEMA_VERSION:
+        raise EventError("schema", f"schema_version must be {SCHEMA_VERSION}")
+    if COL_ITEM not in data:
+        raise EventError("missing_field", "'item_id' is required")
+    if key is not None and key != str(data[COL_ITEM]).encode():
+        raise EventError("key_mismatch", "the record's key must be its item_id")
+    current = rows.get(data[COL_ITEM]) if isinstance(data[COL_ITEM], str) else None
+    merged = data if current is None else {**current, **data}
+    try:
+        item = CatalogItem.model_validate(merged)
+    except ValidationError as err:
+        reason, message = describe_validation_error(err)
+        if reason == "missing_field" and current is None:
+            message += " for a new product (a partial update needs a product already in the catalog)"
+        raise EventError(reason, message) from None
+    return item.model_dump()
+
+
+def read_catalog(path: Path) -> dict[str, dict]:
+    """The catalog file as ``{item_id: row}`` (empty when there is none)."""
+    if not Path(path).exists():
+        return {}
+    df = pd.read_parquet(path)
+    rows = df[[c for c in CATALOG_COLUMNS if c in df]].to_dict("records")
+    return {str(r[COL_ITEM]): r for r in rows}
+
+
+def write_catalog(rows: dict[str, dict], path: Path) -> None:
+    """Write the catalog durably (temporary name, fsync, rename, fsync of the folder)."""
+    lake.write_catalog(pd.DataFrame(list(rows.values()), columns=list(CATALOG_COLUMNS)), path)
+
+
+class CatalogSync:
+    """Applies ``shop.catalog`` to the catalog file (see the module docstring)."""
+
+    def __init__(self, settings: Settings, *, path: Path | None = None, group: str | None = None,
+                 consumer=None, producer=None):
+        self.settings = settings
+        self.path = Path(path or settings.catalog_path)
+        self.topic = settings.kafka_topic_catalog
+        self.consumer = consumer or kafka_io.make_consumer(
+            settings, [self.topic], group=group or f"{settings.consumer_group}-catalog", max_poll_records=5_000)
+        self.producer = producer or kafka_io.make_producer(settings)
+        self.rows: dict[str, dict] = {}
+        self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file as last read or written
+        self.counts: Counter = Counter()
+
+    def _file_stamp(self) -> tuple[int, int] | None:
+        try:
+            st = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _refresh(self) -> None:
+        """Re-read the file when something else wrote it (a backfill, the simulator making the catalog)."""
+        stamp = self._file_stamp()
+        if stamp != self._stamp:
+            self.rows = read_catalog(self.path)
+            self._stamp = stamp
+
+    def apply(self, records: list) -> tuple[int, Counter]:
+        """Merge ``records`` (Kafka records: ``.key``, ``.value``) into ``self.rows`` in order; rejects go
+        to the DLQ. Returns ``(rows changed, rejects per reason)``; the file is not written here."""
+        changed, rejected, dlq = 0, Counter(), []
+        for rec in records:
+            try:
+                row = parse_update(rec.value, rec.key, self.rows)
+            except EventError as err:
+                rejected[err.reason] += 1
+                dlq.append(kafka_io.send_dlq(self.producer, rec.value, err.reason, err.message, key=rec.key,
+                                             headers=list(rec.headers or ()), topic=self.settings.kafka_topic_dlq))
+                log.warning("catalog record rejected (%s): %s", err.reason, err.message)
+                continue
+            if self.rows.get(row[COL_ITEM]) != row:
+                self.rows[row[COL_ITEM]] = row
+                changed += 1
+        for f in dlq:  # quarantined before the offsets move past them
+            f.get(timeout=30)
+        return changed, rejected
+
+    def step(self, timeout_ms: int = 1000) -> int:
+        """One poll: apply, write the file when anything changed, commit. Returns the records handled."""
+        polled = self.consumer.poll(timeout_ms=timeout_ms)
+        records = [r for part in sorted(polled, key=lambda tp: tp.partition) for r in polled[part]]
+        if not records:
+            return 0
+        self._refresh()
+        changed, rejected = self.apply(records)
+        if changed:
+            write_catalog(self.rows, self.path)
+            self._stamp = self._file_stamp()
+        self.consumer.commit()
+        self.counts.update(records=len(records), changed=changed, rejected=sum(rejected.values()))
+        log.info("catalog: %d records, %d products changed, %d rejected %s; %d products in %s",
+                 len(records), changed, sum(rejected.values()), dict(rejected) if rejected else "",
+                 len(self.rows), self.path)
+        return len(records)
+
+    def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> Counter:
+        """Apply the topic until ``stop`` is set (or nothing arrived for ``idle_exit_s``)."""
+        last = time.monotonic()
+        try:
+            while not stop.is_set():
+                if self.step():
+                    last = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - last > idle_exit_s:
+                    break
+        finally:
+            self.close()
+        return self.counts
+
+    def close(self) -> None:
+        self.consumer.close()
+        self.producer.close()

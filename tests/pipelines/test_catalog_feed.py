@@ -1,0 +1,174 @@
+"""The catalog feed: product upserts on `shop.catalog` reach the catalog file that training, the data checks and
+serving read; bad records go to the DLQ; new products from the simulator (live and backfilled) reach the catalog."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import orjson
+import pandas as pd
+import pytest
+from kafka import KafkaConsumer
+from typer.testing import CliRunner
+
+from pipelines import catalog_feed, kafka_io, lake, simulator
+from pipelines.catalog_feed import CatalogSync, parse_update
+from pipelines.rules import Catalog
+from pipelines.schemas import EventError
+from tests.pipelines.conftest import wait_until
+
+NOW_MS = int(time.time() * 1000)
+SHIRT = {"item_id": "p-shirt", "title": "Linen shirt white", "category": "fashion", "brand": "Acme",
+         "price": 39.9, "created_at": NOW_MS, "in_stock": True}
+
+
+def test_a_whole_product_is_added_and_a_partial_record_changes_only_what_it_names():
+    row = parse_update(orjson.dumps(SHIRT), b"p-shirt", {})
+    assert row == SHIRT
+    changed = parse_update(orjson.dumps({"item_id": "p-shirt", "in_stock": False, "schema_version": 1}), b"p-shirt",
+                           {"p-shirt": row})
+    assert changed == {**SHIRT, "in_stock": False}
+    assert parse_update(None, b"p-shirt", {"p-shirt": row}) == {**SHIRT, "in_stock": False}  # tombstone: withdrawn
+
+
+@pytest.mark.parametrize("raw,key,reason,says", [
+    (orjson.dumps({"item_id": "p-new", "in_stock": False}), b"p-new", "missing_field", "partial update needs a product"),
+    (None, b"p-gone", "unknown_item", "not in the catalog"),
+    (orjson.dumps(SHIRT), b"p-other", "key_mismatch", "key must be its item_id"),
+    (orjson.dumps({**SHIRT, "schema_version": 2}), b"p-shirt", "schema", "schema_version must be 1"),
+    (orjson.dumps({**SHIRT, "price": -1}), b"p-shirt", "schema", "price"),
+    (orjson.dumps({**SHIRT, "item_id": "bad id\n"}), None, "schema", "item_id"),
+    (orjson.dumps([SHIRT]), b"p-shirt", "schema", "JSON object"),
+    (b'{"item_id": "p-shirt",', b"p-shirt", "invalid_json", "not valid JSON"),
+    (b"\xff\xfe\x00", b"p-shirt", "undecodable", "UTF-8"),
+    (b"", b"p-shirt", "empty", "empty value"),
+    (b'{"item_id": "p-shirt", "title": "' + b"x" * 20_000 + b'"}', b"p-shirt", "oversized", "limit"),
+])
+def test_a_bad_catalog_record_is_refused_with_a_reason_that_says_what_to_fix(raw, key, reason, says):
+    with pytest.raises(EventError) as err:
+        parse_update(raw, key, {})
+    assert err.value.reason == reason
+    assert says in err.value.message
+
+
+def _publish(settings, records: list[tuple[str | None, bytes | None]]) -> None:
+    producer = kafka_io.make_producer(settings)
+    try:
+        for f in [producer.send(settings.kafka_topic_catalog, key=k, value=v) for k, v in records]:
+            f.get(timeout=30)
+    finally:
+        producer.close()
+
+
+def _dlq_reasons(settings, keys: set[bytes]) -> dict[bytes, str]:
+    dlq = KafkaConsumer(settings.kafka_topic_dlq, group_id=f"dlq-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
+                        consumer_timeout_ms=8000, **kafka_io.FAST_GROUP, **settings.kafka_client_kwargs())
+    found = {}
+    try:
+        for rec in dlq:
+            if rec.key in keys:
+                found[rec.key] = dict(rec.headers)["reason"].decode()
+            if len(found) == len(keys):
+                break
+    finally:
+        dlq.close()
+    return found
+
+
+@pytest.fixture()
+def feed_settings(settings):
+    """The test's settings with a catalog topic of its own (the session's broker is shared)."""
+    own = settings.model_copy(update={"kafka_topic_catalog": f"shop.catalog.{uuid.uuid4().hex[:8]}"})
+    kafka_io.ensure_topics(own)
+    return own
+
+
+def _handled(sync: CatalogSync, n: int) -> bool:
+    sync.step(500)
+    return sync.counts["records"] >= n
+
+
+def test_the_sync_applies_upserts_to_the_catalog_file_quarantines_bad_ones_and_resumes_after_a_restart(feed_settings):
+    settings = feed_settings
+    tag = uuid.uuid4().hex[:8]
+    base = simulator.make_catalog(50, seed=3)
+    base["item_id"] = [f"{tag}-{i}" for i in range(len(base))]
+    simulator.save_catalog(base, settings.catalog_path)
+    new = {**SHIRT, "item_id": f"{tag}-new"}
+    sold_out, withdrawn = f"{tag}-1", f"{tag}-2"
+    bad = {f"{tag}-bad-json".encode(): b"{nope",
+           f"{tag}-bad-price".encode(): orjson.dumps({**new, "item_id": f"{tag}-bad-price", "price": 0}),
+           f"{tag}-unknown".encode(): orjson.dumps({"item_id": f"{tag}-unknown", "in_stock": False})}
+    _publish(settings, [(new["item_id"], catalog_feed.item_record(new)), *bad.items(),
+                        (sold_out, catalog_feed.item_record({"item_id": sold_out, "in_stock": False})),
+                        (withdrawn, None)])
+
+    sync = CatalogSync(settings)
+    try:
+        wait_until(lambda: _handled(sync, 6), timeout=60, what="the sync to handle every record")
+    finally:
+        sync.close()
+    cat = pd.read_parquet(settings.catalog_path).set_index("item_id")
+    assert len(cat) == 51 and cat.loc[new["item_id"], "title"] == SHIRT["title"]
+    assert not cat.loc[sold_out, "in_stock"] and not cat.loc[withdrawn, "in_stock"]
+    assert cat.loc[sold_out, "title"] == base.set_index("item_id").loc[sold_out, "title"]  # the rest kept
+    was = base.set_index("item_id")["in_stock"]
+    assert cat["in_stock"].sum() == was.sum() + 1 - was[[sold_out, withdrawn]].sum()  # nothing else changed
+    assert _dlq_reasons(settings, set(bad)) == {f"{tag}-bad-json".encode(): "invalid_json",
+                                                f"{tag}-bad-price".encode(): "schema",
+                                                f"{tag}-unknown".encode(): "missing_field"}
+
+    # serving's rules see the new product (an exploration candidate) and the two that left the shelf
+    rules = Catalog(settings.catalog_path, reload_s=0.01)
+    rules.maybe_reload()
+    assert rules.new_items == [new["item_id"]] and {sold_out, withdrawn} <= rules.out_of_stock
+
+    # offsets were committed: a restarted sync gets only what came after, and it is applied to the file as it is
+    _publish(settings, [(new["item_id"], catalog_feed.item_record({"item_id": new["item_id"], "price": 29.9}))])
+    again = CatalogSync(settings)
+    try:
+        wait_until(lambda: _handled(again, 1), timeout=60, what="the restarted sync to handle the new record")
+    finally:
+        again.close()
+    assert again.counts["records"] == 1
+    cat = pd.read_parquet(settings.catalog_path).set_index("item_id")
+    assert cat.loc[new["item_id"], "price"] == 29.9 and len(cat) == 51 and not cat.loc[sold_out, "in_stock"]
+
+
+def test_products_that_appear_in_the_live_simulator_reach_the_catalog_through_the_feed(feed_settings):
+    settings = feed_settings
+    sim = simulator.ShopSimulator(simulator.make_catalog(200, seed=5), n_users=50, seed=5, new_item_rate=3600.0)
+    simulator.save_catalog(sim.catalog, settings.catalog_path)
+    producer = kafka_io.make_producer(settings)
+    try:
+        sim.run_live(lambda evs: None, rate_eps=50, duration_s=3.0,
+                     catalog_fn=lambda items: catalog_feed.publish_items(producer, items, settings.kafka_topic_catalog))
+        producer.flush()
+    finally:
+        producer.close()
+    appeared = {it["item_id"] for it in sim.new_items}
+    assert appeared, "the simulator made no new product in 3 s at 1 per second"
+    stop = threading.Event()
+    sync = CatalogSync(settings)
+    worker = threading.Thread(target=sync.run, args=(stop,), daemon=True)
+    worker.start()
+    try:
+        wait_until(lambda: appeared <= set(pd.read_parquet(settings.catalog_path).item_id), timeout=60,
+                   what="the new products in the catalog file")
+    finally:
+        stop.set()
+        worker.join(30)
+    assert len(pd.read_parquet(settings.catalog_path)) == 200 + len(appeared)
+
+
+def test_a_backfill_writes_the_products_that_appeared_during_it_into_the_catalog(settings):
+    from pipelines.cli import app
+
+    res = CliRunner().invoke(app, ["simulate", "--backfill", "1", "--events-per-day", "3000"])
+    assert res.exit_code == 0, res.output
+    catalog = set(pd.read_parquet(settings.catalog_path).item_id)
+    named = set(lake.read_all(settings.lake_dir).item_id.dropna())
+    assert len(catalog) > 5000  # the products that appeared during the simulated day
+    assert named <= catalog, f"events name products missing from the catalog: {sorted(named - catalog)[:5]}"
