@@ -179,9 +179,8 @@ class CatalogSync:
             self._stamp = self._file_stamp()
         self.consumer.commit()
         self.counts.update(records=len(records), changed=changed, rejected=sum(rejected.values()))
-        log.info("catalog: %d records, %d products changed, %d rejected %s; %d products in %s",
-                 len(records), changed, sum(rejected.values()), dict(rejected) if rejected else "",
-                 len(self.rows), self.path)
+        log.info("catalog: %d records, %d products changed, %d rejected%s; %d products in %s", len(records), changed,
+                 sum(rejected.values()), f" {dict(rejected)}" if rejected else "", len(self.rows), self.path)
         return len(records)
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> Counter:
