@@ -17,10 +17,12 @@ from orchestration.resources import KafkaResource, LakeResource, MLflowResource,
 from pipelines.settings import get_settings
 
 _s = get_settings()
+#: `make up` runs the cadence (SHOPREC_CADENCE_ON); anywhere else the schedules start stopped until turned on
+_SCHEDULES = dg.DefaultScheduleStatus.RUNNING if _s.cadence_on else dg.DefaultScheduleStatus.STOPPED
 
 
 @dg.schedule(job=validate_job, cron_schedule="5 * * * *", execution_timezone="UTC",
-             name="validate_events_job_schedule", default_status=dg.DefaultScheduleStatus.STOPPED,
+             name="validate_events_job_schedule", default_status=_SCHEDULES,
              description="Validate each hour of the lake five minutes after it closed.")
 def hourly_validation(context: dg.ScheduleEvaluationContext):
     closed = context.scheduled_execution_time.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
@@ -29,10 +31,10 @@ def hourly_validation(context: dg.ScheduleEvaluationContext):
 
 
 daily_retrain = dg.ScheduleDefinition(name="train_job_schedule", job=train_job, cron_schedule=_s.retrain_cron,
-                                      execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+                                      execution_timezone="UTC", default_status=_SCHEDULES,
                                       description="Full retrain on the training window (SHOPREC_RETRAIN_CRON).")
 hourly_refresh = dg.ScheduleDefinition(name="refresh_job_schedule", job=refresh_job, cron_schedule=_s.refresh_cron,
-                                       execution_timezone="UTC", default_status=dg.DefaultScheduleStatus.STOPPED,
+                                       execution_timezone="UTC", default_status=_SCHEDULES,
                                        description="Incremental refresh of trending items and of the champion's/"
                                                    "challenger's item-to-item part (SHOPREC_REFRESH_CRON).")
 

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     train_window_days: int = Field(7, ge=1, description="days of lake events a retrain reads")
     refresh_cron: str = Field("10 * * * *", description="incremental refresh (trending, fallback, cache warm-up)")
     retrain_cron: str = Field("30 3 * * *", description="full retrain")
+    cadence_on: bool = Field(False, description="Dagster's schedules (hourly validation and refresh, daily retrain) "
+                                                "start running; `make up` sets it. Off, they start stopped until "
+                                                "turned on in the Dagster UI")
     retrain_min_new_events: int = Field(50_000, ge=1, description="the sensor retrains early after this many new events")
     drift_psi_threshold: float = Field(0.2, gt=0, description="the sensor retrains early when the PSI of the event "
                                                               "mix (event types or categories) exceeds this")

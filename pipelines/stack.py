@@ -58,7 +58,8 @@ def programs(settings: Settings, root: Path) -> list[Program]:
     progs += [
         Program("dagster", [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", "3000"],
                 "http://localhost:3000", "http:http://127.0.0.1:3000/server_info", 30,
-                env={"DAGSTER_HOME": str(var / "dagster")}),
+                env={"DAGSTER_HOME": str(var / "dagster"),  # `make up` runs the cadence unless told otherwise
+                     "SHOPREC_CADENCE_ON": os.environ.get("SHOPREC_CADENCE_ON", "true")}),
         Program("bentoml", [str(bin_dir / "bentoml"), "serve", "bentos.service:Shoprec", "--host", "127.0.0.1",
                             "--port", "3001"],
                 "http://localhost:3001", "http:http://127.0.0.1:3001/readyz", 30),

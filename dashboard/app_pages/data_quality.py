@@ -21,7 +21,8 @@ def render() -> None:
     c = st.columns(3)
     c[0].metric("Partitions validated", f"{len(table):,}")
     c[1].metric("Partitions failing", f"{failed:,}")
-    c[2].metric("Latest partition", str(table.index[0]))
+    hours = [p for p in table.index if p[:1].isdigit()]  # hourly keys; the catalog and unreadable files are not
+    c[2].metric("Latest partition", hours[0] if hours else "none yet")
     if failed:
         st.error(f"{failed} partition(s) fail validation: their data may be kept out of training. "
                  "The failing expectations and examples are below; the Dagster run has the details.",

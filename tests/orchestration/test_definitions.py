@@ -58,3 +58,25 @@ def test_hourly_schedule_validates_the_hour_that_just_closed():
                                     repository_def=defs.get_repository_def())
     [request] = hourly_validation.evaluate_tick(ctx).run_requests
     assert request.partition_key == "2026-11-24-13:00"
+
+
+def test_make_up_runs_the_cadence_and_elsewhere_schedules_wait_to_be_turned_on(settings):
+    import ast
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipelines.stack import programs
+
+    dagster = next(p for p in programs(settings, Path.cwd()) if p.name == "dagster")
+    assert dagster.env["SHOPREC_CADENCE_ON"] == "true"
+    probe = ("from orchestration.definitions import defs; r = defs.get_repository_def(); "
+             "print(sorted((s.name, s.default_status.value) for s in [*r.schedule_defs, *r.sensor_defs]))")
+    for on, status in (("true", "RUNNING"), ("false", "STOPPED")):
+        out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, "SHOPREC_CADENCE_ON": on},
+                             capture_output=True, text=True, check=True).stdout
+        got = dict(ast.literal_eval(out))
+        assert {got[n] for n in ("validate_events_job_schedule", "train_job_schedule", "refresh_job_schedule")} == {status}
+        assert got["retrain_sensor"] == "STOPPED"  # 50,000 events is under an hour of the local simulator
+        assert got["failure_sensor"] == "RUNNING"
