@@ -37,7 +37,8 @@ from pydantic import ValidationError
 
 from pipelines import kafka_io, lake
 from pipelines.columns import COL_ITEM
-from pipelines.schemas import CATALOG_COLUMNS, SCHEMA_VERSION, CatalogItem, EventError, describe_validation_error
+from pipelines.schemas import (CATALOG_COLUMNS, SCHEMA_VERSION, CatalogItem, EventError, check_record_size,
+                               decode_json_record, describe_validation_error)
 from pipelines.settings import Settings
 
 log = logging.getLogger("shoprec.catalog")
@@ -70,18 +71,8 @@ def parse_update(raw: bytes | None, key: bytes | None, rows: Mapping[str, dict],
             name = key.decode("utf-8", "replace")[:128] if key else "(no key)"
             raise EventError("unknown_item", f"tombstone for {name!r}, which is not in the catalog")
         return {**current, "in_stock": False}
-    if not raw:
-        raise EventError("empty", "record has an empty value; send one JSON product per record")
-    if len(raw) > max_bytes:
-        raise EventError("oversized", f"record is {len(raw)} bytes; the limit is {max_bytes}")
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise EventError("undecodable", "record is not UTF-8 text") from None
-        raise EventError("invalid_json", f"record is not valid JSON ({str(err)[:120]})") from None
+    check_record_size(raw, max_bytes, "product")
+    data = decode_json_record(raw)
     if not isinstance(data, dict):
         raise EventError("schema", "a catalog record must be a JSON object")
     version = data.pop("schema_version", SCHEMA_VERSION)

@@ -209,6 +209,26 @@ REJECT_REASONS = ("empty", "oversized", "undecodable", "invalid_json", "schema",
                   "unknown_event_type", "ts_in_future", "ts_too_old", "duplicate")
 
 
+def check_record_size(raw: bytes | None, max_bytes: int, what: str) -> None:
+    """Raise :class:`EventError` ``empty`` or ``oversized`` for a record value that is either."""
+    if not raw:
+        raise EventError("empty", f"record has no value; send one JSON {what} per record")
+    if len(raw) > max_bytes:
+        raise EventError("oversized", f"record is {len(raw)} bytes; the limit is {max_bytes}")
+
+
+def decode_json_record(raw: bytes) -> object:
+    """A record value's JSON, or :class:`EventError` ``undecodable`` / ``invalid_json`` saying which."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise EventError("undecodable", "record is not UTF-8 text") from None
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as err:
+        raise EventError("invalid_json", f"record is not valid JSON ({str(err)[:120]})") from None
+
+
 def parse_event(raw: bytes | None, *, max_bytes: int = 16_384, now_ms: int | None = None, max_age_days: int = 30,
                 max_future_s: int = 300) -> Event:
     """Decode and validate one Kafka record value.
@@ -219,25 +239,15 @@ def parse_event(raw: bytes | None, *, max_bytes: int = 16_384, now_ms: int | Non
     Raises:
         EventError: reason ``empty``, ``oversized``, ``undecodable``, ``invalid_json`` or a schema reason.
     """
-    if not raw:
-        raise EventError("empty", "record has no value; send one JSON event per record")
-    if len(raw) > max_bytes:
-        raise EventError("oversized", f"record is {len(raw)} bytes; the limit is {max_bytes}")
+    check_record_size(raw, max_bytes, "event")
     try:
         ev = Event.model_validate_json(raw)
     except ValidationError:
         ev = None
     if ev is None:
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise EventError("undecodable", "record is not UTF-8 text") from None
-        try:
-            data = orjson.loads(text)
-        except orjson.JSONDecodeError as err:
-            raise EventError("invalid_json", f"record is not valid JSON ({str(err)[:120]})") from None
         # the fast path failed, so this names the precise reason
-        return validate_event(data, now_ms=now_ms, max_age_days=max_age_days, max_future_s=max_future_s)
+        return validate_event(decode_json_record(raw), now_ms=now_ms, max_age_days=max_age_days,
+                              max_future_s=max_future_s)
     return _check_ts(ev, now_ms, max_age_days, max_future_s)
 
 

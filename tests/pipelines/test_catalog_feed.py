@@ -43,7 +43,7 @@ def test_a_whole_product_is_added_and_a_partial_record_changes_only_what_it_name
     (orjson.dumps([SHIRT]), b"p-shirt", "schema", "JSON object"),
     (b'{"item_id": "p-shirt",', b"p-shirt", "invalid_json", "not valid JSON"),
     (b"\xff\xfe\x00", b"p-shirt", "undecodable", "UTF-8"),
-    (b"", b"p-shirt", "empty", "empty value"),
+    (b"", b"p-shirt", "empty", "no value"),
     (b'{"item_id": "p-shirt", "title": "' + b"x" * 20_000 + b'"}', b"p-shirt", "oversized", "limit"),
 ])
 def test_a_bad_catalog_record_is_refused_with_a_reason_that_says_what_to_fix(raw, key, reason, says):
