@@ -16,7 +16,9 @@ and the new-product exploration slots. Per poll, in offset order: validate, merg
 whole file durably (temporary name, fsync, rename), then commit the offsets. A crash replays
 the uncommitted records onto the file they were already applied to, which changes nothing
 (an upsert is idempotent). Invalid records go to the DLQ topic with the original bytes and a
-``reason`` header, like rejected events, and never stop the feed.
+``reason`` header, like rejected events, and never stop the feed. With an
+:class:`~pipelines.state.OnlineState` the feed counts its rejects with the events' (reasons
+prefixed ``catalog_``) and reports what the catalog holds (the dashboard's *Overview* shows both).
 
 The topic has one partition, so one sync process writes the file at a time; a second one
 waits in the consumer group as a stand-by.
@@ -112,8 +114,9 @@ class CatalogSync:
     """Applies ``shop.catalog`` to the catalog file (see the module docstring)."""
 
     def __init__(self, settings: Settings, *, path: Path | None = None, group: str | None = None,
-                 consumer=None, producer=None):
+                 consumer=None, producer=None, state=None):
         self.settings = settings
+        self.state = state
         self.path = Path(path or settings.catalog_path)
         self.topic = settings.kafka_topic_catalog
         self.consumer = consumer or kafka_io.make_consumer(
@@ -170,9 +173,22 @@ class CatalogSync:
             self._stamp = self._file_stamp()
         self.consumer.commit()
         self.counts.update(records=len(records), changed=changed, rejected=sum(rejected.values()))
+        self._report(rejected)
         log.info("catalog: %d records, %d products changed, %d rejected%s; %d products in %s", len(records), changed,
                  sum(rejected.values()), f" {dict(rejected)}" if rejected else "", len(self.rows), self.path)
         return len(records)
+
+    def _report(self, rejected: Counter) -> None:
+        """Rejects and what the catalog holds, to Redis for the dashboard (never fails the feed)."""
+        if self.state is None:
+            return
+        try:
+            self.state.count_dlq({f"catalog_{reason}": n for reason, n in rejected.items()})
+            self.state.set_catalog_status(
+                products=len(self.rows), out_of_stock=sum(not r["in_stock"] for r in self.rows.values()),
+                updated_ms=int(time.time() * 1000), records=self.counts["records"], rejected=self.counts["rejected"])
+        except Exception as err:  # noqa: BLE001 - Redis down: the file is what matters
+            log.warning("could not report the catalog status to Redis (%s)", err)
 
     def run(self, stop: threading.Event, idle_exit_s: float | None = None) -> Counter:
         """Apply the topic until ``stop`` is set (or nothing arrived for ``idle_exit_s``)."""

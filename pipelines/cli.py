@@ -99,11 +99,14 @@ def catalog_sync(verbose: bool = False,
     """Apply the catalog topic (product upserts, stock changes) to the catalog file until stopped."""
     from pipelines import kafka_io
     from pipelines.catalog_feed import CatalogSync
+    from pipelines.state import OnlineState, connect
 
     _logging(verbose)
     s = get_settings()
     kafka_io.ensure_topics(s)
-    counts = CatalogSync(s).run(_stop_on_signals(), idle_exit_s=idle_exit_s)
+    state = OnlineState(connect(s.redis_url), recent_cap=s.recent_items_cap, cache_ttl_s=s.cache_ttl_s,
+                        experiment=s.ab_experiment)
+    counts = CatalogSync(s, state=state).run(_stop_on_signals(), idle_exit_s=idle_exit_s)
     typer.echo(f"catalog sync stopped: {dict(counts)}")
 
 

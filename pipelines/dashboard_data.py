@@ -386,6 +386,17 @@ def consumer_summary(status: Mapping[str, str], *, now_s: float | None = None,
                            stale=ago is None or ago > stale_after_s, last_commit_ago_s=commit_ago)
 
 
+def catalog_line(status: Mapping[str, str], *, now_s: float | None = None) -> str | None:
+    """One line on what the catalog feed last reported; None when it never applied a record."""
+    try:
+        products, out, rejected = (int(status[k]) for k in ("products", "out_of_stock", "rejected"))
+        ago = max(0.0, (time.time() if now_s is None else now_s) - int(status["updated_ms"]) / 1000)
+    except (KeyError, TypeError, ValueError):
+        return None
+    return (f"Catalog: {products:,} products ({out:,} out of stock), last change from `shop.catalog` "
+            f"{fmt_age(ago)} ago; {rejected:,} catalog record(s) rejected since the feed started.")
+
+
 # --- fetching -----------------------------------------------------------------------------------------
 def redact_url(url: str) -> str:
     """The URL without its password, for messages shown to people."""
@@ -414,6 +425,7 @@ class Snapshot:
     cache: dict[int, dict[str, int]]
     dlq_reasons: dict[str, int] = field(default_factory=dict)
     consumer_status: dict[str, str] = field(default_factory=dict)
+    catalog_status: dict[str, str] = field(default_factory=dict)
     events: dict[int, dict[str, int]] = field(default_factory=dict)
     latency: dict[str, dict[int, dict[str, int]]] = field(default_factory=dict)
 
@@ -454,6 +466,7 @@ def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES) -> Snapsho
         cache=state.read_stats(STATS_CACHE, minutes),
         dlq_reasons=state.dlq_reasons(),
         consumer_status=state.consumer_status(),
+        catalog_status=state.catalog_status(),
         events=state.read_stats(STATS_EVENTS, minutes),
         latency={src: state.read_stats(latency_stats_name(src), minutes) for src in REQUEST_SOURCES},
     )

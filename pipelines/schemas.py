@@ -94,6 +94,7 @@ class RedisKeys:
 
     dlq_reasons = REDIS_PREFIX + "dlq:reasons"
     consumer_status = REDIS_PREFIX + "consumer:status"
+    catalog_status = REDIS_PREFIX + "catalog:status"
 
     @staticmethod
     def event_id(event_id: str) -> str:

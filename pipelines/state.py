@@ -242,6 +242,9 @@ class OnlineState:
     def set_consumer_status(self, **fields) -> None:
         self.r.hset(RedisKeys.consumer_status, mapping={k: str(v) for k, v in fields.items()})
 
+    def set_catalog_status(self, **fields) -> None:
+        self.r.hset(RedisKeys.catalog_status, mapping={k: str(v) for k, v in fields.items()})
+
     # --- reads for serving ---------------------------------------------------
     def recent_items(self, user_id: str, n: int | None = None) -> list[str]:
         """The user's most recent items, newest first."""
@@ -311,6 +314,9 @@ class OnlineState:
 
     def consumer_status(self) -> dict[str, str]:
         return self.r.hgetall(RedisKeys.consumer_status)
+
+    def catalog_status(self) -> dict[str, str]:
+        return self.r.hgetall(RedisKeys.catalog_status)
 
     # --- serving: one round trip per request phase ------------------------------------
     def user_context(self, user_id: str, n_recent: int | None = None) -> tuple[list[str], set[str]]:

@@ -86,6 +86,9 @@ def traffic() -> None:
         if consumer.stale:
             st.warning("The stream consumer has not reported for over a minute: it may be down "
                        "(`make status`; `make up` restarts it).", icon=":material/warning:")
+    catalog = dd.catalog_line(snap.catalog_status, now_s=snap.now_s)
+    st.caption(catalog or "Catalog feed: no product change applied yet (`shoprec catalog sync` applies what the "
+                          "shop sends to `shop.catalog`; `make up` starts it).")
     dlq = dd.dlq_table(snap.dlq_reasons)
     if dlq.empty:
         st.caption("Dead-letter queue: no rejected records.")

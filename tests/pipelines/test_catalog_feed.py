@@ -14,9 +14,11 @@ from kafka import KafkaConsumer
 from typer.testing import CliRunner
 
 from pipelines import catalog_feed, kafka_io, lake, simulator
+from pipelines import dashboard_data as dd
 from pipelines.catalog_feed import CatalogSync, parse_update
 from pipelines.rules import Catalog
 from pipelines.schemas import EventError
+from pipelines.state import OnlineState
 from tests.pipelines.conftest import wait_until
 
 NOW_MS = int(time.time() * 1000)
@@ -90,8 +92,10 @@ def _handled(sync: CatalogSync, n: int) -> bool:
     return sync.counts["records"] >= n
 
 
-def test_the_sync_applies_upserts_to_the_catalog_file_quarantines_bad_ones_and_resumes_after_a_restart(feed_settings):
+def test_the_sync_applies_upserts_to_the_catalog_file_quarantines_bad_ones_and_resumes_after_a_restart(
+        feed_settings, redis_client):
     settings = feed_settings
+    state = OnlineState(redis_client)
     tag = uuid.uuid4().hex[:8]
     base = simulator.make_catalog(50, seed=3)
     base["item_id"] = [f"{tag}-{i}" for i in range(len(base))]
@@ -105,7 +109,7 @@ def test_the_sync_applies_upserts_to_the_catalog_file_quarantines_bad_ones_and_r
                         (sold_out, catalog_feed.item_record({"item_id": sold_out, "in_stock": False})),
                         (withdrawn, None)])
 
-    sync = CatalogSync(settings)
+    sync = CatalogSync(settings, state=state)
     try:
         wait_until(lambda: _handled(sync, 6), timeout=60, what="the sync to handle every record")
     finally:
@@ -119,6 +123,11 @@ def test_the_sync_applies_upserts_to_the_catalog_file_quarantines_bad_ones_and_r
     assert _dlq_reasons(settings, set(bad)) == {f"{tag}-bad-json".encode(): "invalid_json",
                                                 f"{tag}-bad-price".encode(): "schema",
                                                 f"{tag}-unknown".encode(): "missing_field"}
+
+    # the dashboard's Overview: rejects counted with the events', and what the catalog holds
+    assert state.dlq_reasons() == {"catalog_invalid_json": 1, "catalog_schema": 1, "catalog_missing_field": 1}
+    line = dd.catalog_line(state.catalog_status())
+    assert line.startswith(f"Catalog: 51 products ({51 - cat['in_stock'].sum()} out of stock)") and "3 catalog" in line
 
     # serving's rules see the new product (an exploration candidate) and the two that left the shelf
     rules = Catalog(settings.catalog_path, reload_s=0.01)
