@@ -1,6 +1,6 @@
 """ASGI guard of the ingestion path: everything that can be refused before the service parses a body.
 
-In order, for ``POST /events``:
+In order, for ``POST /events`` and ``POST /catalog`` (the batch's key is ``events`` or ``products``):
 
 1. API key (``Authorization: Bearer <key>``, one of ``SHOPREC_API_KEYS``; several may be valid at
    once, so a key is rotated by adding the new one, moving clients, then removing the old) → 401;
@@ -10,7 +10,9 @@ In order, for ``POST /events``:
    with ``Retry-After``; when Redis cannot be reached the request is let through (logged):
    losing events to a rate-limiter outage would be worse than a burst;
 4. body read in chunks and cut off past ``max_request_bytes`` (chunked uploads declare no size) → 413;
-5. more than ``max_events_per_request`` events in the batch → 413.
+5. more than ``max_events_per_request`` records in the batch → 413.
+
+Both paths share one rate-limit budget per key.
 
 Per-event validation (400 with a list of errors) is the service's, through :mod:`pipelines.ingest`.
 """
@@ -55,15 +57,16 @@ def _over_limit(redis_url: str, spec: str, key_id: str) -> float | None:
 
 
 class ApiKeyAndSizeGuard:
-    """ASGI middleware for ``/events``: 401, 413 and 429 before the body is parsed by the service."""
+    """ASGI middleware for the ingestion paths: 401, 413 and 429 before the body is parsed by the service."""
 
-    def __init__(self, app, path: str = "/events"):
+    def __init__(self, app, paths: dict[str, str] | None = None):
         self.app = app
-        self.path = path
+        self.paths = paths or {"/events": "events", "/catalog": "products"}  # path -> the batch's field
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] != self.path:
+        if scope["type"] != "http" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
+        field = self.paths[scope["path"]]
 
         async def refuse(status: int, error: str, headers: dict | None = None):
             await JSONResponse({"error": error}, status_code=status, headers=headers)(scope, receive, send)
@@ -110,11 +113,11 @@ class ApiKeyAndSizeGuard:
                 break
         body = b"".join(chunks)
         try:
-            events = orjson.loads(body).get("events") if body else None
+            batch = orjson.loads(body).get(field) if body else None
         except (orjson.JSONDecodeError, AttributeError):
-            events = None  # not ours to judge: the service answers 400 with what is wrong
-        if isinstance(events, list) and len(events) > settings.max_events_per_request:
-            return await refuse(413, f"{len(events)} events in one request; the limit is "
+            batch = None  # not ours to judge: the service answers 400 with what is wrong
+        if isinstance(batch, list) and len(batch) > settings.max_events_per_request:
+            return await refuse(413, f"{len(batch)} {field} in one request; the limit is "
                                      f"{settings.max_events_per_request}: split the batch")
 
         replayed = False

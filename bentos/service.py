@@ -184,13 +184,22 @@ class Shoprec:
     @bentoml.api(route="/events")
     def events(self, events: Annotated[list[Any], Field(max_length=1000)], ctx: bentoml.Context) -> dict:
         """Ingest shop events (API key required); 202 once Kafka acknowledged the whole batch."""
+        return self._ingest(self.ingestor.ingest, events, ctx)
+
+    @bentoml.api(route="/catalog")
+    def catalog(self, products: Annotated[list[Any], Field(max_length=1000)], ctx: bentoml.Context) -> dict:
+        """Send product changes to the catalog (API key required): a whole product adds or replaces it, a record
+        with ``item_id`` and some fields changes only those (e.g. ``in_stock``); 202 once Kafka acknowledged them."""
+        return self._ingest(self.ingestor.ingest_products, products, ctx)
+
+    def _ingest(self, ingest, batch: list, ctx: bentoml.Context) -> dict:
         try:
-            n = self.ingestor.ingest(events)
+            n = ingest(batch)
         except IngestRejected as err:
             ctx.response.status_code = 400
             return {"error": str(err), "errors": err.errors}
         except Exception as err:
-            log.warning("events not delivered to Kafka: %s", err)
+            log.warning("records not delivered to Kafka: %s", err)
             ctx.response.status_code = 503
             return {"error": "the event bus is unavailable; nothing was accepted, retry with backoff"}
         ctx.response.status_code = 202

@@ -14,7 +14,7 @@ import time
 from typing import Annotated, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model, model_validator
 
 SCHEMA_VERSION = 1
 
@@ -157,6 +157,14 @@ class CatalogItem(BaseModel):
     price: float = Field(gt=0)
     created_at: int = Field(ge=0, description="UTC epoch ms")
     in_stock: bool = True
+
+
+#: a catalog record as the shop sends it: ``item_id`` plus the fields to set, each with the
+#: constraints of :class:`CatalogItem` (a new product needs all of them; the catalog feed checks that)
+CatalogUpdate = create_model(
+    "CatalogUpdate", __config__=ConfigDict(extra="forbid"), schema_version=(Literal[1], SCHEMA_VERSION),
+    item_id=(Id, ...), **{name: ((Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation) | None, None)
+                          for name, f in CatalogItem.model_fields.items() if name != "item_id"})
 
 
 class EventError(ValueError):

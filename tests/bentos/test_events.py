@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 
+import pandas as pd
 import pytest
 from kafka import KafkaConsumer
 from starlette.testclient import TestClient
@@ -124,3 +125,39 @@ def _in_kafka(event_ids: set[str], until: str | None = None, timeout_ms: int = 2
     finally:
         consumer.close()
     return found
+
+
+def test_catalog_takes_whole_and_partial_products_with_a_key_and_the_feed_applies_them(events_client, tmp_path):
+    from pipelines import simulator
+    from pipelines.catalog_feed import CatalogSync
+    from tests.pipelines.conftest import wait_until
+    from tests.pipelines.test_catalog_feed import running
+
+    c, (key, _) = events_client
+    s = get_settings()
+    tag = uuid.uuid4().hex[:8]
+    base = simulator.make_catalog(3, seed=1)
+    base["item_id"] = [f"{tag}-{i}" for i in range(3)]
+    simulator.save_catalog(base, s.catalog_path)
+    lamp = {"item_id": f"{tag}-lamp", "title": "Desk lamp", "category": "home", "brand": "Acme", "price": 25.0,
+            "created_at": 1_795_000_000_000, "in_stock": True}
+    assert c.post("/catalog", json={"products": [lamp]}).status_code == 401
+
+    bad = c.post("/catalog", headers=key, json={"products": [
+        {**lamp, "price": -3}, {"title": "no id"}, {**lamp, "colour": "red"}, "text", lamp, lamp]})
+    assert bad.status_code == 400
+    assert [(e["index"], e["reason"]) for e in bad.json()["errors"]] == [
+        (0, "schema"), (1, "missing_field"), (2, "unknown_field"), (3, "schema"), (5, "duplicate")]
+    assert "price" in bad.json()["errors"][0]["message"]
+
+    ok = c.post("/catalog", headers=key, json={"products": [lamp, {"item_id": f"{tag}-0", "in_stock": False}]})
+    assert ok.status_code == 202 and ok.json() == {"accepted": 2}
+
+    def applied():
+        cat = pd.read_parquet(s.catalog_path).set_index("item_id")
+        return lamp["item_id"] in cat.index and not cat.loc[f"{tag}-0", "in_stock"] and cat
+
+    with running(CatalogSync(s, group=f"catalog-{tag}")):
+        cat = wait_until(applied, timeout=60, what="the products from /catalog in the catalog file")
+    assert cat.loc[lamp["item_id"], "title"] == "Desk lamp" and len(cat) == 4
+    assert cat.loc[f"{tag}-0", "title"] == base.loc[0, "title"]  # a partial record changes only what it names

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 
 import orjson
 import pandas as pd
@@ -87,9 +88,17 @@ def feed_settings(settings):
     return own
 
 
-def _handled(sync: CatalogSync, n: int) -> bool:
-    sync.step(500)
-    return sync.counts["records"] >= n
+@contextmanager
+def running(sync: CatalogSync):
+    """``sync.run`` in a thread (polling without pauses, as in production) until the block ends."""
+    stop = threading.Event()
+    worker = threading.Thread(target=sync.run, args=(stop,), daemon=True)
+    worker.start()
+    try:
+        yield sync
+    finally:
+        stop.set()
+        worker.join(30)
 
 
 def test_the_sync_applies_upserts_to_the_catalog_file_quarantines_bad_ones_and_resumes_after_a_restart(
@@ -109,11 +118,8 @@ def test_the_sync_applies_upserts_to_the_catalog_file_quarantines_bad_ones_and_r
                         (sold_out, catalog_feed.item_record({"item_id": sold_out, "in_stock": False})),
                         (withdrawn, None)])
 
-    sync = CatalogSync(settings, state=state)
-    try:
-        wait_until(lambda: _handled(sync, 6), timeout=60, what="the sync to handle every record")
-    finally:
-        sync.close()
+    with running(CatalogSync(settings, state=state)) as sync:
+        wait_until(lambda: sync.counts["records"] >= 6, timeout=60, what="the sync to handle every record")
     cat = pd.read_parquet(settings.catalog_path).set_index("item_id")
     assert len(cat) == 51 and cat.loc[new["item_id"], "title"] == SHIRT["title"]
     assert not cat.loc[sold_out, "in_stock"] and not cat.loc[withdrawn, "in_stock"]
@@ -136,11 +142,8 @@ def test_the_sync_applies_upserts_to_the_catalog_file_quarantines_bad_ones_and_r
 
     # offsets were committed: a restarted sync gets only what came after, and it is applied to the file as it is
     _publish(settings, [(new["item_id"], catalog_feed.item_record({"item_id": new["item_id"], "price": 29.9}))])
-    again = CatalogSync(settings)
-    try:
-        wait_until(lambda: _handled(again, 1), timeout=60, what="the restarted sync to handle the new record")
-    finally:
-        again.close()
+    with running(CatalogSync(settings)) as again:
+        wait_until(lambda: again.counts["records"] >= 1, timeout=60, what="the restarted sync to handle the new record")
     assert again.counts["records"] == 1
     cat = pd.read_parquet(settings.catalog_path).set_index("item_id")
     assert cat.loc[new["item_id"], "price"] == 29.9 and len(cat) == 51 and not cat.loc[sold_out, "in_stock"]
@@ -159,16 +162,9 @@ def test_products_that_appear_in_the_live_simulator_reach_the_catalog_through_th
         producer.close()
     appeared = {it["item_id"] for it in sim.new_items}
     assert appeared, "the simulator made no new product in 3 s at 1 per second"
-    stop = threading.Event()
-    sync = CatalogSync(settings)
-    worker = threading.Thread(target=sync.run, args=(stop,), daemon=True)
-    worker.start()
-    try:
+    with running(CatalogSync(settings)):
         wait_until(lambda: appeared <= set(pd.read_parquet(settings.catalog_path).item_id), timeout=60,
                    what="the new products in the catalog file")
-    finally:
-        stop.set()
-        worker.join(30)
     assert len(pd.read_parquet(settings.catalog_path)) == 200 + len(appeared)
 
 
