@@ -3,7 +3,8 @@
 The shop (or ``shoprec catalog publish``, or the simulator when a product appears) sends one
 record per change to ``settings.kafka_topic_catalog`` (``shop.catalog``), keyed by ``item_id``:
 
-* a whole product (every field of :class:`~pipelines.schemas.CatalogItem`) adds or replaces it;
+* a whole product (every required field of :class:`~pipelines.schemas.CatalogItem`) adds or
+  replaces it (``in_stock`` defaults to true);
 * a partial record for a known product changes only the fields it names, e.g.
   ``{"item_id": "i00042", "in_stock": false}`` when it sells out;
 * a tombstone (a record with no value, keyed by the item id) marks the product out of stock: it
@@ -13,9 +14,9 @@ record per change to ``settings.kafka_topic_catalog`` (``shop.catalog``), keyed 
 ``settings.catalog_path``, the file that training reads for item content, Great Expectations
 checks events against (unknown products) and serving re-reads for its rules (stock, categories)
 and the new-product exploration slots. Per poll, in offset order: validate, merge, write the
-whole file durably (temporary name, fsync, rename), then commit the offsets. A crash replays
-the uncommitted records onto the file they were already applied to, which changes nothing
-(an upsert is idempotent). Invalid records go to the DLQ topic with the original bytes and a
+whole file durably (temporary name, fsync, rename) under the file's writer lock, then commit the
+offsets. A crash replays the uncommitted records onto the file they were already applied to,
+which applies the same changes again. Invalid records go to the DLQ topic with the original bytes and a
 ``reason`` header, like rejected events, and never stop the feed. With an
 :class:`~pipelines.state.OnlineState` the feed counts its rejects with the events' (reasons
 prefixed ``catalog_``) and reports what the catalog holds (the dashboard's *Overview* shows both).
@@ -39,7 +40,7 @@ from pydantic import ValidationError
 
 from pipelines import kafka_io, lake
 from pipelines.columns import COL_ITEM
-from pipelines.schemas import (CATALOG_COLUMNS, SCHEMA_VERSION, CatalogItem, EventError, check_record_size,
+from pipelines.schemas import (SCHEMA_VERSION, CatalogItem, CatalogUpdate, EventError, check_record_size,
                                decode_json_record, describe_validation_error)
 from pipelines.settings import Settings
 
@@ -59,13 +60,22 @@ def publish_items(producer, items: Iterable[dict], topic: str) -> list:
     return [producer.send(topic, key=str(it[COL_ITEM]), value=item_record(it)) for it in items]
 
 
+#: what a new (or wholly replaced) product must name
+REQUIRED_FIELDS = tuple(name for name, f in CatalogItem.model_fields.items() if f.is_required())
+
+
 def parse_update(raw: bytes | None, key: bytes | None, rows: Mapping[str, dict], *,
                  max_bytes: int = MAX_ITEM_BYTES) -> dict:
     """The catalog row that a record makes, given the catalog's ``rows`` now (``{item_id: row}``).
 
+    The record alone is checked first (:class:`~pipelines.schemas.CatalogUpdate`: the catalog's
+    types and limits, no unknown field; a null means "not given"). With every required field it is
+    a whole product and replaces the row (``in_stock`` defaults to true); otherwise it changes only
+    the fields it names of a product the catalog has.
+
     Raises:
         EventError: with a reason (``empty``, ``oversized``, ``undecodable``, ``invalid_json``,
-            ``schema``, ``missing_field``, ``key_mismatch``, ``unknown_item``) and a message.
+            ``schema``, ``missing_field``, ``unknown_field``, ``key_mismatch``, ``unknown_item``) and a message.
     """
     if raw is None:  # a tombstone: the product is withdrawn
         current = rows.get(key.decode("utf-8", "replace")) if key else None
@@ -77,37 +87,62 @@ def parse_update(raw: bytes | None, key: bytes | None, rows: Mapping[str, dict],
     data = decode_json_record(raw)
     if not isinstance(data, dict):
         raise EventError("schema", "a catalog record must be a JSON object")
-    version = data.pop("schema_version", SCHEMA_VERSION)
-    if type(version) is not int or version != SCHEMA_VERSION:
-        raise EventError("schema", f"schema_version must be {SCHEMA_VERSION}")
-    if COL_ITEM not in data:
-        raise EventError("missing_field", "'item_id' is required")
-    if key is not None and key != str(data[COL_ITEM]).encode():
-        raise EventError("key_mismatch", "the record's key must be its item_id")
-    current = rows.get(data[COL_ITEM]) if isinstance(data[COL_ITEM], str) else None
-    merged = data if current is None else {**current, **data}
     try:
-        item = CatalogItem.model_validate(merged)
+        update = CatalogUpdate.model_validate(data)
     except ValidationError as err:
-        reason, message = describe_validation_error(err)
-        if reason == "missing_field" and current is None:
-            message += " for a new product (a partial update needs a product already in the catalog)"
-        raise EventError(reason, message) from None
-    return item.model_dump()
+        raise EventError(*describe_validation_error(err)) from None
+    if key is not None and key != update.item_id.encode():
+        raise EventError("key_mismatch", "the record's key must be its item_id")
+    given = update.model_dump(exclude_none=True, exclude={"schema_version"})
+    current = rows.get(update.item_id)
+    if all(f in given for f in REQUIRED_FIELDS):
+        return {**(current or {}), **CatalogItem.model_validate(given).model_dump()}
+    if current is None:
+        lacking = ", ".join(f"'{f}'" for f in REQUIRED_FIELDS if f not in given)
+        raise EventError("missing_field", f"{lacking} required for a new product (a partial update needs a "
+                                          "product already in the catalog)")
+    return {**current, **given}
 
 
 def read_catalog(path: Path) -> dict[str, dict]:
-    """The catalog file as ``{item_id: row}`` (empty when there is none)."""
-    if not Path(path).exists():
-        return {}
-    df = pd.read_parquet(path)
-    rows = df[[c for c in CATALOG_COLUMNS if c in df]].to_dict("records")
-    return {str(r[COL_ITEM]): r for r in rows}
+    """The catalog file as ``{item_id: row}`` (every column; empty when there is none)."""
+    df = lake.read_catalog(path)
+    return {} if df is None else {str(r[COL_ITEM]): r for r in df.to_dict("records")}
 
 
 def write_catalog(rows: dict[str, dict], path: Path) -> None:
-    """Write the catalog durably (temporary name, fsync, rename, fsync of the folder)."""
-    lake.write_catalog(pd.DataFrame(list(rows.values()), columns=list(CATALOG_COLUMNS)), path)
+    """Write ``{item_id: row}`` as the catalog file (:func:`pipelines.lake.write_catalog`)."""
+    lake.write_catalog(pd.DataFrame(list(rows.values())), path)
+
+
+def read_product_file(path: Path) -> list:
+    """Product records from a ``.jsonl`` (one JSON object a line), ``.csv`` (a header; an empty cell is
+    "not given", every value is text, so ids keep their leading zeros) or ``.parquet`` file
+    (timestamps become epoch ms).
+
+    Raises:
+        ValueError: for another suffix or a line that is not JSON.
+    """
+    path = Path(path)
+    if path.suffix == ".jsonl":
+        out = []
+        for n, line in enumerate(path.read_bytes().splitlines(), 1):
+            if line.strip():
+                try:
+                    out.append(orjson.loads(line))
+                except orjson.JSONDecodeError as err:
+                    raise ValueError(f"{path.name} line {n} is not JSON ({err})") from None
+        return out
+    if path.suffix == ".csv":
+        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        return [{k: v for k, v in row.items() if v != ""} for row in df.to_dict("records")]
+    if path.suffix == ".parquet":
+        df = pd.read_parquet(path)
+        if "created_at" in df:
+            df["created_at"] = lake.epoch_ms(df["created_at"]).astype("Int64")
+        return [{k: v for k, v in row.items() if v is not None and v is not pd.NA and v == v}
+                for row in df.astype(object).to_dict("records")]
+    raise ValueError(f"{path.name}: use a .jsonl, .csv or .parquet file")
 
 
 class CatalogSync:
@@ -123,15 +158,15 @@ class CatalogSync:
             settings, [self.topic], group=group or f"{settings.consumer_group}-catalog", max_poll_records=5_000)
         self.producer = producer or kafka_io.make_producer(settings)
         self.rows: dict[str, dict] = {}
-        self._stamp: tuple[int, int] | None = None  # (mtime_ns, size) of the file as last read or written
+        self._stamp: tuple[int, int, int] | None = None  # (inode, mtime_ns, size) of the file as last read or written
         self.counts: Counter = Counter()
 
-    def _file_stamp(self) -> tuple[int, int] | None:
+    def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
             st = self.path.stat()
         except FileNotFoundError:
             return None
-        return st.st_mtime_ns, st.st_size
+        return st.st_ino, st.st_mtime_ns, st.st_size
 
     def _refresh(self) -> None:
         """Re-read the file when something else wrote it (a backfill, the simulator making the catalog)."""
@@ -166,11 +201,12 @@ class CatalogSync:
         records = [r for part in sorted(polled, key=lambda tp: tp.partition) for r in polled[part]]
         if not records:
             return 0
-        self._refresh()
-        changed, rejected = self.apply(records)
-        if changed:
-            write_catalog(self.rows, self.path)
-            self._stamp = self._file_stamp()
+        with lake.catalog_lock(self.path):  # no other writer between reading the file and replacing it
+            self._refresh()
+            changed, rejected = self.apply(records)
+            if changed:
+                write_catalog(self.rows, self.path)
+                self._stamp = self._file_stamp()
         self.consumer.commit()
         self.counts.update(records=len(records), changed=changed, rejected=sum(rejected.values()))
         self._report(rejected)

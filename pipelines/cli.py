@@ -112,32 +112,37 @@ def catalog_sync(verbose: bool = False,
 
 @catalog_app.command("publish")
 def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False,
-                                                help="products as .parquet, .csv or .jsonl; at least item_id, "
-                                                     "plus the fields to set (all of them for a new product)")) -> None:
-    """Send products (new ones, or changes such as in_stock) to the catalog topic and wait for the acks."""
-    import pandas as pd
+                                                help="products as .jsonl, .csv or .parquet: item_id plus the fields "
+                                                     "to set (all of them for a new product)")) -> None:
+    """Send products (new ones, or changes such as in_stock) to the catalog topic and wait for the acks.
 
+    Every record is checked first, as `POST /catalog` does; when any is invalid nothing is sent.
+    """
     from pipelines import catalog_feed, kafka_io
+    from pipelines.ingest import validate_products
 
     _logging()
     s = get_settings()
-    readers = {".parquet": pd.read_parquet, ".csv": pd.read_csv, ".jsonl": lambda p: pd.read_json(p, lines=True)}
-    if path.suffix not in readers:
-        raise typer.BadParameter(f"{path.name}: use a .parquet, .csv or .jsonl file", param_hint="PATH")
-    df = readers[path.suffix](path)
-    if "item_id" not in df:
-        raise typer.BadParameter(f"{path.name} has no item_id column", param_hint="PATH")
-    items = [{k: v for k, v in row.items() if not pd.isna(v)} for row in df.to_dict("records")]
+    try:
+        records = catalog_feed.read_product_file(path)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="PATH") from None
+    products, errors = validate_products(records)
+    if errors:
+        for e in errors[:20]:
+            typer.echo(f"record {e['index'] + 1}: {e['reason']}: {e['message']}", err=True)
+        typer.echo(f"{len(errors)} invalid record(s) in {path.name}; nothing was sent", err=True)
+        raise typer.Exit(1)
     kafka_io.ensure_topics(s)
     producer = kafka_io.make_producer(s)
     try:
-        futures = catalog_feed.publish_items(producer, items, s.kafka_topic_catalog)
+        futures = catalog_feed.publish_items(producer, products, s.kafka_topic_catalog)
         with typer.progressbar(futures, label="sending", show_pos=True) as bar:
             for f in bar:
                 f.get(timeout=60)
     finally:
         producer.close()
-    typer.echo(f"sent {len(items)} products to {s.kafka_topic_catalog}; `shoprec catalog sync` applies them")
+    typer.echo(f"sent {len(products)} products to {s.kafka_topic_catalog}; `shoprec catalog sync` applies them")
 
 
 @stack_app.command("up")

@@ -16,11 +16,13 @@ consumed again (see :mod:`pipelines.consumer`).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -125,10 +127,61 @@ def write_tables(files: list[tuple[Path, str, pa.Table]], *, threads: int = 1) -
     return finals
 
 
-def write_catalog(catalog: pd.DataFrame, path: Path) -> Path:
-    """Write the product catalog (``schemas.CATALOG_COLUMNS``) durably, replacing the file atomically."""
+@contextmanager
+def catalog_lock(path: Path):
+    """Hold the catalog file's writer lock (``.<name>.lock`` beside it) for a read-merge-write.
+
+    Every writer of the file (the catalog feed, a backfill, ``load_or_make_catalog``) takes it, so
+    none overwrites another's change; the kernel drops it if the holder dies.
+    """
     path = Path(path)
-    df = catalog[list(CATALOG_COLUMNS)].astype({"price": "float64", "created_at": "int64", "in_stock": bool})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def epoch_ms(values: pd.Series) -> pd.Series:
+    """``created_at`` as UTC epoch ms, from epoch ms or timestamps (either may hold nulls)."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        ts = pd.to_datetime(values, utc=True)
+        return (ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1)
+    return pd.to_numeric(values)
+
+
+def read_catalog(path: Path) -> pd.DataFrame | None:
+    """The catalog file (every column kept, ``created_at`` as UTC epoch ms); None when there is none."""
+    if not Path(path).exists():
+        return None
+    df = pd.read_parquet(path)
+    if "created_at" in df:
+        df["created_at"] = epoch_ms(df["created_at"])
+    return df
+
+
+def write_catalog(catalog: pd.DataFrame, path: Path) -> Path:
+    """Write the product catalog durably, replacing the file atomically (take :func:`catalog_lock` around a
+    read-merge-write).
+
+    ``schemas.CATALOG_COLUMNS`` come first, typed (``created_at`` as UTC epoch ms; nullable types
+    where a value is missing), then any other column as it is (content features read them).
+
+    Raises:
+        ValueError: when a catalog column is missing.
+    """
+    missing = [c for c in CATALOG_COLUMNS if c not in catalog]
+    if missing:
+        raise ValueError(f"the catalog lacks columns {missing}")
+    path = Path(path)
+    df = catalog[[*CATALOG_COLUMNS, *(c for c in catalog if c not in CATALOG_COLUMNS)]].copy()
+    df["price"] = pd.to_numeric(df["price"]).astype("float64")
+    created = epoch_ms(df["created_at"])
+    df["created_at"] = created.astype("int64" if created.notna().all() else "Int64")
+    stock = df["in_stock"]
+    df["in_stock"] = stock.astype(bool) if stock.notna().all() else stock.astype("boolean")
     return write_table(path.parent, path.name, pa.Table.from_pandas(df, preserve_index=False))
 
 

@@ -217,19 +217,32 @@ def make_catalog(n_items: int = 5000, seed: int = 0, start_ms: int | None = None
 
 
 def save_catalog(catalog: pd.DataFrame, path: Path) -> None:
-    """Write the catalog to Parquet durably and atomically (:func:`pipelines.lake.write_catalog`)."""
-    lake.write_catalog(catalog, path)
+    """Write the catalog to Parquet durably and atomically (:func:`pipelines.lake.write_catalog`), replacing it."""
+    with lake.catalog_lock(path):
+        lake.write_catalog(catalog, path)
+
+
+def add_to_catalog(items: pd.DataFrame, path: Path) -> int:
+    """Add the products of ``items`` that the catalog file lacks (the file is made when missing); what it
+    already holds, including changes the catalog feed applied, is kept. Returns how many were added."""
+    with lake.catalog_lock(path):
+        current = lake.read_catalog(path)
+        if current is not None:
+            items = items[~items["item_id"].astype(str).isin(set(current["item_id"].astype(str)))]
+            items = pd.concat([current, items], ignore_index=True) if len(items) else None
+        if items is not None:
+            lake.write_catalog(items, path)
+        return 0 if items is None else len(items) - (0 if current is None else len(current))
 
 
 def load_or_make_catalog(path: Path, seed: int = 0, n_items: int = 5000) -> pd.DataFrame:
     """The catalog at ``path``; made with :func:`make_catalog` and saved there when missing."""
-    path = Path(path)
-    if path.exists():
-        return pd.read_parquet(path)
-    catalog = make_catalog(n_items, seed=seed)
-    save_catalog(catalog, path)
-    log.info("made a catalog of %d items at %s", len(catalog), path)
-    return catalog
+    catalog = lake.read_catalog(path)
+    if catalog is not None:
+        return catalog
+    if add_to_catalog(make_catalog(n_items, seed=seed), path):
+        log.info("made a catalog of %d items at %s", n_items, path)
+    return lake.read_catalog(path)
 
 
 # --- simulator -----------------------------------------------------------------
@@ -716,7 +729,7 @@ class ShopSimulator:
         Sessions run at ``events_per_day`` on average; events are written in chunks with
         :func:`pipelines.lake.write_events` (files named ``backfill-*``); sessions still running at
         ``end_ms`` are cut off there, so the count is close to, not exactly, ``days * events_per_day``.
-        With ``catalog_path`` the catalog (with the products that appeared meanwhile) is saved there.
+        With ``catalog_path`` the products that appeared meanwhile are added to the catalog file there.
 
         Returns:
             The number of events written.
@@ -752,7 +765,7 @@ class ShopSimulator:
                 flush()
         flush()
         if catalog_path is not None:
-            self.save_catalog(catalog_path)
+            add_to_catalog(self.catalog, catalog_path)
         if progress:
             log.info("backfill done: %d events over %.1f days in %.1fs (%d new users, %d new items)",
                      written, days, time.monotonic() - t0, self.n_users - self.n_initial_users,

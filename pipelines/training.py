@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: interactions column: False for what a user did after seeing a recommendation list (see build_interactions)
 COL_ORGANIC = "organic"
+#: fewest organic holdout interactions the gate decides on (below it, the whole holdout is used)
+MIN_ORGANIC_HOLDOUT = 20
 
 
 def build_interactions(events: pd.DataFrame) -> pd.DataFrame:
@@ -101,8 +103,9 @@ def _organic_holdout(train_df: pd.DataFrame, test_df: pd.DataFrame, what: str) -
     """Keep only the holdout's organic interactions (see :func:`build_interactions`) and drop the column.
 
     Whatever a served list steered favours the model that served it (the champion, mostly), so a
-    gate scoring on it would keep the incumbent. When nothing organic is left for a user the
-    training part knows, the whole holdout is kept and the description says so.
+    gate scoring on it would keep the incumbent. When fewer than ``MIN_ORGANIC_HOLDOUT`` organic
+    interactions of users the training part knows are left (too few to decide on), the whole
+    holdout is kept and the description says so.
     """
     if COL_ORGANIC not in test_df:
         return train_df, test_df, what
@@ -111,8 +114,10 @@ def _organic_holdout(train_df: pd.DataFrame, test_df: pd.DataFrame, what: str) -
     test_df = test_df.drop(columns=COL_ORGANIC)
     if len(organic) == len(test_df):
         return train_df, test_df, what
-    if organic.empty or not organic[COL_USER].isin(set(train_df[COL_USER])).any():
-        return train_df, test_df, f"{what}; all {len(test_df)} interactions followed a recommendation (kept)"
+    usable = int(organic[COL_USER].isin(set(train_df[COL_USER])).sum())
+    if usable < MIN_ORGANIC_HOLDOUT:
+        return train_df, test_df, (f"{what}; {usable} organic interaction(s) of users the training part knows "
+                                   f"(under {MIN_ORGANIC_HOLDOUT}), so all {len(test_df)} are kept")
     return train_df, organic, (f"{what}; organic only: {len(organic)} of {len(test_df)} interactions "
                                "(what followed a recommendation list is left out)")
 

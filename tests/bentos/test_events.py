@@ -159,5 +159,5 @@ def test_catalog_takes_whole_and_partial_products_with_a_key_and_the_feed_applie
 
     with running(CatalogSync(s, group=f"catalog-{tag}")):
         cat = wait_until(applied, timeout=60, what="the products from /catalog in the catalog file")
-    assert cat.loc[lamp["item_id"], "title"] == "Desk lamp" and len(cat) == 4
+    assert cat.loc[lamp["item_id"], "title"] == "Desk lamp" and set(base.item_id) <= set(cat.index)
     assert cat.loc[f"{tag}-0", "title"] == base.loc[0, "title"]  # a partial record changes only what it names

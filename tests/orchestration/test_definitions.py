@@ -60,7 +60,7 @@ def test_hourly_schedule_validates_the_hour_that_just_closed():
     assert request.partition_key == "2026-11-24-13:00"
 
 
-def test_make_up_runs_the_cadence_and_elsewhere_schedules_wait_to_be_turned_on(settings):
+def test_make_up_runs_the_cadence_and_elsewhere_schedules_wait_to_be_turned_on(settings, monkeypatch):
     import ast
     import os
     import subprocess
@@ -69,6 +69,7 @@ def test_make_up_runs_the_cadence_and_elsewhere_schedules_wait_to_be_turned_on(s
 
     from pipelines.stack import programs
 
+    monkeypatch.delenv("SHOPREC_CADENCE_ON", raising=False)
     dagster = next(p for p in programs(settings, Path.cwd()) if p.name == "dagster")
     assert dagster.env["SHOPREC_CADENCE_ON"] == "true"
     probe = ("from orchestration.definitions import defs; r = defs.get_repository_def(); "

@@ -19,6 +19,7 @@ from pipelines import dashboard_data as dd
 from pipelines.catalog_feed import CatalogSync, parse_update
 from pipelines.rules import Catalog
 from pipelines.schemas import EventError
+from pipelines.settings import get_settings
 from pipelines.state import OnlineState
 from tests.pipelines.conftest import wait_until
 
@@ -34,13 +35,22 @@ def test_a_whole_product_is_added_and_a_partial_record_changes_only_what_it_name
                            {"p-shirt": row})
     assert changed == {**SHIRT, "in_stock": False}
     assert parse_update(None, b"p-shirt", {"p-shirt": row}) == {**SHIRT, "in_stock": False}  # tombstone: withdrawn
+    # a whole product replaces the row: re-listed without in_stock, it is on sale again; other columns are kept
+    withdrawn = {**SHIRT, "in_stock": False, "description": "linen"}
+    relisted = parse_update(orjson.dumps({k: v for k, v in SHIRT.items() if k != "in_stock"}), b"p-shirt",
+                            {"p-shirt": withdrawn})
+    assert relisted == {**SHIRT, "in_stock": True, "description": "linen"}
+    # a null means "not given", as over HTTP
+    assert parse_update(orjson.dumps({"item_id": "p-shirt", "brand": None, "price": 9.5}), None,
+                        {"p-shirt": row}) == {**SHIRT, "price": 9.5}
 
 
 @pytest.mark.parametrize("raw,key,reason,says", [
     (orjson.dumps({"item_id": "p-new", "in_stock": False}), b"p-new", "missing_field", "partial update needs a product"),
     (None, b"p-gone", "unknown_item", "not in the catalog"),
     (orjson.dumps(SHIRT), b"p-other", "key_mismatch", "key must be its item_id"),
-    (orjson.dumps({**SHIRT, "schema_version": 2}), b"p-shirt", "schema", "schema_version must be 1"),
+    (orjson.dumps({**SHIRT, "schema_version": 2}), b"p-shirt", "schema", "schema_version"),
+    (orjson.dumps({"item_id": "p-shirt", "in_stok": False}), b"p-shirt", "unknown_field", "in_stok"),
     (orjson.dumps({**SHIRT, "price": -1}), b"p-shirt", "schema", "price"),
     (orjson.dumps({**SHIRT, "item_id": "bad id\n"}), None, "schema", "item_id"),
     (orjson.dumps([SHIRT]), b"p-shirt", "schema", "JSON object"),
@@ -177,3 +187,65 @@ def test_a_backfill_writes_the_products_that_appeared_during_it_into_the_catalog
     named = set(lake.read_all(settings.lake_dir).item_id.dropna())
     assert len(catalog) > 5000  # the products that appeared during the simulated day
     assert named <= catalog, f"events name products missing from the catalog: {sorted(named - catalog)[:5]}"
+
+
+def test_a_catalog_file_from_elsewhere_keeps_its_columns_and_gets_epoch_ms(tmp_path):
+    """A shop's own file: timestamps for created_at, a missing brand, an extra content column."""
+    path = tmp_path / "catalog.parquet"
+    pd.DataFrame({"item_id": ["a", "b"], "title": ["Mug", "Pan"], "category": ["home", "home"],
+                  "brand": ["Acme", None], "price": [5.0, 20.0],
+                  "created_at": pd.to_datetime([NOW_MS, NOW_MS - 1000], unit="ms", utc=True),
+                  "in_stock": [True, True], "description": ["blue mug", "iron pan"]}).to_parquet(path)
+    rows = catalog_feed.read_catalog(path)
+    assert rows["a"]["created_at"] == NOW_MS
+    rows["b"] = parse_update(orjson.dumps({"item_id": "b", "in_stock": False}), b"b", rows)  # null brand kept
+    rows["c"] = parse_update(catalog_feed.item_record({**SHIRT, "item_id": "c"}), b"c", rows)
+    catalog_feed.write_catalog(rows, path)
+    back = pd.read_parquet(path).set_index("item_id")
+    assert list(back.columns)[-1] == "description" and back.loc["a", "description"] == "blue mug"
+    assert back["created_at"].tolist() == [NOW_MS, NOW_MS - 1000, NOW_MS] and str(back["created_at"].dtype) == "int64"
+    assert not back.loc["b", "in_stock"] and pd.isna(back.loc["b", "brand"]) and pd.isna(back.loc["c", "description"])
+
+
+def test_a_backfill_adds_its_new_products_without_undoing_the_feed(tmp_path):
+    path = tmp_path / "catalog.parquet"
+    base = simulator.make_catalog(20, seed=2)
+    simulator.save_catalog(base, path)
+    rows = catalog_feed.read_catalog(path)  # the feed withdraws a product meanwhile
+    first = str(base.item_id[0])
+    rows[first] = parse_update(None, first.encode(), rows)
+    catalog_feed.write_catalog(rows, path)
+    grown = pd.concat([base, simulator.make_catalog(22, seed=2).tail(2).assign(item_id=["n1", "n2"])])
+    assert simulator.add_to_catalog(grown, path) == 2
+    back = pd.read_parquet(path).set_index("item_id")
+    assert len(back) == 22 and not back.loc[first, "in_stock"]
+
+
+def test_catalog_publish_reads_each_file_kind_checks_every_record_first_and_sends_them(feed_settings, tmp_path,
+                                                                                       monkeypatch):
+    from pipelines.cli import app
+
+    monkeypatch.setenv("SHOPREC_KAFKA_TOPIC_CATALOG", feed_settings.kafka_topic_catalog)
+    get_settings.cache_clear()
+    lamp = {"item_id": "00042", "title": "Desk lamp", "category": "home", "brand": "Acme", "price": 25.0,
+            "created_at": NOW_MS}
+    (tmp_path / "p.jsonl").write_bytes(orjson.dumps(lamp) + b"\n\n" + orjson.dumps({"item_id": "7", "in_stock": False}))
+    (tmp_path / "p.csv").write_text("item_id,title,category,brand,price,created_at,in_stock\n"
+                                    f"00043,Pan,home,Acme,19.5,{NOW_MS},false\n00044,,,,,,true\n")
+    pd.DataFrame([{**lamp, "item_id": "00045", "created_at": pd.Timestamp(NOW_MS, unit="ms", tz="UTC")}]
+                 ).to_parquet(tmp_path / "p.parquet")
+    (tmp_path / "bad.jsonl").write_bytes(orjson.dumps({**lamp, "price": -1}) + b"\n" + orjson.dumps({"item_id": 42}))
+    runner = CliRunner()
+    bad = runner.invoke(app, ["catalog", "publish", str(tmp_path / "bad.jsonl")])
+    assert bad.exit_code == 1 and "record 1: schema: price" in bad.output and "nothing was sent" in bad.output
+    for name in ("p.jsonl", "p.csv", "p.parquet"):
+        res = runner.invoke(app, ["catalog", "publish", str(tmp_path / name)])
+        assert res.exit_code == 0, res.output
+    consumer = KafkaConsumer(feed_settings.kafka_topic_catalog, auto_offset_reset="earliest", consumer_timeout_ms=5000,
+                             **feed_settings.kafka_client_kwargs())
+    got = [orjson.loads(r.value) for r in consumer]
+    consumer.close()
+    assert [g["item_id"] for g in got] == ["00042", "7", "00043", "00044", "00045"]  # ids keep their zeros
+    assert got[2]["in_stock"] is False and got[2]["price"] == 19.5 and got[2]["created_at"] == NOW_MS
+    assert got[3] == {"item_id": "00044", "in_stock": True, "schema_version": 1}  # empty cells are not given
+    assert got[4]["created_at"] == NOW_MS

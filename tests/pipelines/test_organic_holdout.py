@@ -42,16 +42,19 @@ def test_what_followed_a_recommendation_list_is_marked_as_steered():
 
 
 def test_the_holdout_keeps_only_organic_interactions_and_training_keeps_everything():
-    rows = [("view", f"u{u}", f"i{u + d}", f"s{u}-{d}", T0 + d * H, None) for u in range(6) for d in range(4)]
-    rows += [("impression", f"u{u}", None, f"s{u}-late", T0 + 3 * H + 60_000, f"r{u}") for u in range(6)]
-    rows += [("click", f"u{u}", "i1", f"s{u}-late", T0 + 3 * H + 120_000, f"r{u}") for u in range(6)]
+    users = range(24)
+    rows = [("view", f"u{u}", f"i{u + d}", f"s{u}-{d}", T0 + d * H, None) for u in users for d in range(4)]
+    rows += [("impression", f"u{u}", None, f"s{u}-{d}", T0 + d * H + 60_000, f"r{u}-{d}") for u in users for d in (0, 3)]
+    rows += [("click", f"u{u}", "i1", f"s{u}-{d}", T0 + d * H + 120_000, f"r{u}-{d}") for u in users for d in (0, 3)]
     inter = training.build_interactions(_events(rows))
     train, test, what = training.holdout_split(inter, hours=1)
     assert "organic" not in train and "organic" not in test
-    assert len(train) == 18 and len(test) == 6 and set(test.item_id) == {f"i{u + 3}" for u in range(6)}
-    assert "organic only: 6 of 12 interactions" in what
+    assert len(train) == 24 * 3 + 24  # the steered clicks of the first hour are trained on
 
-    # when every holdout interaction followed a list, all of them are kept and the description says so
-    steered_only = inter[(inter.ts < pd.Timestamp(T0 + 3 * H, unit="ms", tz="UTC")) | ~inter.organic]
-    train, test, what = training.holdout_split(steered_only, hours=1)
-    assert len(test) == 6 and set(test.item_id) == {"i1"} and "followed a recommendation (kept)" in what
+    assert len(test) == 24 and set(test.item_id) == {f"i{u + 3}" for u in users}
+    assert "organic only: 24 of 48 interactions" in what
+
+    # with too few organic interactions left to decide on, all of the holdout is kept and the description says so
+    few = inter[(inter.ts < pd.Timestamp(T0 + 3 * H, unit="ms", tz="UTC")) | ~inter.organic | (inter.user_id == "u0")]
+    train, test, what = training.holdout_split(few, hours=1)
+    assert len(test) == 25 and "1 organic interaction(s)" in what and "all 25 are kept" in what
