@@ -36,12 +36,11 @@ from pathlib import Path
 
 import orjson
 import pandas as pd
-from pydantic import ValidationError
 
 from pipelines import kafka_io, lake
 from pipelines.columns import COL_ITEM
-from pipelines.schemas import (SCHEMA_VERSION, CatalogItem, CatalogUpdate, EventError, check_record_size,
-                               decode_json_record, describe_validation_error)
+from pipelines.schemas import (SCHEMA_VERSION, CatalogItem, EventError, check_record_size, decode_json_record,
+                               validate_catalog_update)
 from pipelines.settings import Settings
 
 log = logging.getLogger("shoprec.catalog")
@@ -84,13 +83,7 @@ def parse_update(raw: bytes | None, key: bytes | None, rows: Mapping[str, dict],
             raise EventError("unknown_item", f"tombstone for {name!r}, which is not in the catalog")
         return {**current, "in_stock": False}
     check_record_size(raw, max_bytes, "product")
-    data = decode_json_record(raw)
-    if not isinstance(data, dict):
-        raise EventError("schema", "a catalog record must be a JSON object")
-    try:
-        update = CatalogUpdate.model_validate(data)
-    except ValidationError as err:
-        raise EventError(*describe_validation_error(err)) from None
+    update = validate_catalog_update(decode_json_record(raw))
     if key is not None and key != update.item_id.encode():
         raise EventError("key_mismatch", "the record's key must be its item_id")
     given = update.model_dump(exclude_none=True, exclude={"schema_version"})

@@ -50,16 +50,22 @@ def init() -> None:
 def consume(verbose: bool = False,
             idle_exit_s: float = typer.Option(None, help="exit after this many seconds without a record")) -> None:
     """Run one stream consumer (Kafka → lake + Redis; invalid records → DLQ) until stopped (SIGINT/SIGTERM)."""
-    from pipelines import kafka_io
     from pipelines.consumer import StreamConsumer
+
+    s, state = _consumer_setup(verbose)
+    StreamConsumer(s, state).run(_stop_on_signals(), idle_exit_s=idle_exit_s)
+
+
+def _consumer_setup(verbose: bool):
+    """Logging, settings, the topics and the online state of a consumer process."""
+    from pipelines import kafka_io
     from pipelines.state import OnlineState, connect
 
     _logging(verbose)
     s = get_settings()
     kafka_io.ensure_topics(s)
-    state = OnlineState(connect(s.redis_url), recent_cap=s.recent_items_cap, cache_ttl_s=s.cache_ttl_s,
-                        experiment=s.ab_experiment)
-    StreamConsumer(s, state).run(_stop_on_signals(), idle_exit_s=idle_exit_s)
+    return s, OnlineState(connect(s.redis_url), recent_cap=s.recent_items_cap, cache_ttl_s=s.cache_ttl_s,
+                          experiment=s.ab_experiment)
 
 
 @app.command()
@@ -97,15 +103,9 @@ def simulate(
 def catalog_sync(verbose: bool = False,
                  idle_exit_s: float = typer.Option(None, help="exit after this many seconds without a record")) -> None:
     """Apply the catalog topic (product upserts, stock changes) to the catalog file until stopped."""
-    from pipelines import kafka_io
     from pipelines.catalog_feed import CatalogSync
-    from pipelines.state import OnlineState, connect
 
-    _logging(verbose)
-    s = get_settings()
-    kafka_io.ensure_topics(s)
-    state = OnlineState(connect(s.redis_url), recent_cap=s.recent_items_cap, cache_ttl_s=s.cache_ttl_s,
-                        experiment=s.ab_experiment)
+    s, state = _consumer_setup(verbose)
     counts = CatalogSync(s, state=state).run(_stop_on_signals(), idle_exit_s=idle_exit_s)
     typer.echo(f"catalog sync stopped: {dict(counts)}")
 

@@ -12,10 +12,8 @@ import time
 
 import orjson
 
-from pydantic import ValidationError
-
 from pipelines import catalog_feed, kafka_io
-from pipelines.schemas import CatalogUpdate, Event, EventError, describe_validation_error, validate_event
+from pipelines.schemas import Event, EventError, validate_catalog_update, validate_event
 from pipelines.settings import Settings
 
 
@@ -27,33 +25,46 @@ class IngestRejected(ValueError):
         self.errors = errors
 
 
-def validate_batch(events: list, settings: Settings) -> tuple[list[Event], list[dict]]:
-    """Validate each event of a batch with the consumer's rules (size, schema, ts window, duplicates).
+def _validate_each(records: list, check, what: str, max_bytes: int) -> tuple[list, list[dict]]:
+    """``check(record) -> (id, valid)`` over a batch, with the size limit and a duplicate check on ``id``.
 
     Returns:
         ``(valid, errors)``; each error is ``{"index", "reason", "message"}`` with the consumer's reason codes.
     """
     errors, valid, seen = [], [], {}
-    now_ms = int(time.time() * 1000)
-    for i, ev in enumerate(events):
+    for i, rec in enumerate(records):
         try:
-            size = len(orjson.dumps(ev))
-            if size > settings.max_event_bytes:
-                raise EventError("oversized", f"event is {size} bytes as JSON; the limit is {settings.max_event_bytes}")
-            event = validate_event(ev, now_ms=now_ms, max_age_days=settings.max_event_age_days,
-                                   max_future_s=settings.max_event_future_s)
-            if event.event_id in seen:
-                raise EventError("duplicate", f"event_id {event.event_id} is also event {seen[event.event_id]} "
-                                              "of this batch")
+            size = len(orjson.dumps(rec))
+            if size > max_bytes:
+                raise EventError("oversized", f"{what} is {size} bytes as JSON; the limit is {max_bytes}")
+            key, ok = check(rec)
+            if key in seen:
+                raise EventError("duplicate", f"{key} is also {what} {seen[key]} of this batch")
         except EventError as err:
             errors.append({"index": i, "reason": err.reason, "message": err.message})
             continue
         except (TypeError, orjson.JSONEncodeError) as err:  # e.g. nesting deeper than JSON allows
-            errors.append({"index": i, "reason": "schema", "message": f"event cannot be encoded as JSON: {err}"})
+            errors.append({"index": i, "reason": "schema", "message": f"{what} cannot be encoded as JSON: {err}"})
             continue
-        seen[event.event_id] = i
-        valid.append(event)
+        seen[key] = i
+        valid.append(ok)
     return valid, errors
+
+
+def validate_batch(events: list, settings: Settings) -> tuple[list[Event], list[dict]]:
+    """Validate each event of a batch with the consumer's rules (size, schema, ts window, duplicate event_id).
+
+    Returns:
+        ``(valid, errors)`` as :func:`_validate_each`'s.
+    """
+    now_ms = int(time.time() * 1000)
+
+    def check(ev):
+        event = validate_event(ev, now_ms=now_ms, max_age_days=settings.max_event_age_days,
+                               max_future_s=settings.max_event_future_s)
+        return f"event_id {event.event_id}", event
+
+    return _validate_each(events, check, "event", settings.max_event_bytes)
 
 
 def validate_products(products: list) -> tuple[list[dict], list[dict]]:
@@ -63,30 +74,11 @@ def validate_products(products: list) -> tuple[list[dict], list[dict]]:
     Returns:
         ``(valid records without unset fields, errors)``; errors as :func:`validate_batch`'s.
     """
-    errors, valid, seen = [], [], {}
-    for i, rec in enumerate(products):
-        try:
-            if not isinstance(rec, dict):
-                raise EventError("schema", "a product must be a JSON object")
-            size = len(orjson.dumps(rec))
-            if size > catalog_feed.MAX_ITEM_BYTES:
-                raise EventError("oversized", f"product is {size} bytes as JSON; the limit is {catalog_feed.MAX_ITEM_BYTES}")
-            try:
-                update = CatalogUpdate.model_validate(rec)
-            except ValidationError as err:
-                raise EventError(*describe_validation_error(err)) from None
-            if update.item_id in seen:
-                raise EventError("duplicate", f"item_id {update.item_id} is also product {seen[update.item_id]} of "
-                                              "this batch: send one record per product")
-        except EventError as err:
-            errors.append({"index": i, "reason": err.reason, "message": err.message})
-            continue
-        except (TypeError, orjson.JSONEncodeError) as err:
-            errors.append({"index": i, "reason": "schema", "message": f"product cannot be encoded as JSON: {err}"})
-            continue
-        seen[update.item_id] = i
-        valid.append(update.model_dump(exclude_none=True, exclude={"schema_version"}))
-    return valid, errors
+    def check(rec):
+        update = validate_catalog_update(rec)
+        return f"item_id {update.item_id}", update.model_dump(exclude_none=True, exclude={"schema_version"})
+
+    return _validate_each(products, check, "product", catalog_feed.MAX_ITEM_BYTES)
 
 
 class EventIngestor:

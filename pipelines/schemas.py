@@ -188,6 +188,16 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str]:
     return "schema", f"{loc}: {first['msg']}"
 
 
+def validate_catalog_update(data: object) -> "CatalogUpdate":
+    """A decoded JSON object as a :class:`CatalogUpdate`, or :class:`EventError` saying what to fix."""
+    if not isinstance(data, dict):
+        raise EventError("schema", "a product must be a JSON object")
+    try:
+        return CatalogUpdate.model_validate(data)
+    except ValidationError as err:
+        raise EventError(*describe_validation_error(err)) from None
+
+
 def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int = 30,
                    max_future_s: int = 300) -> Event:
     """Validate a decoded JSON object as an :class:`Event`.
