@@ -178,7 +178,8 @@ class CatalogSync:
             except EventError as err:
                 rejected[err.reason] += 1
                 dlq.append(kafka_io.send_dlq(self.producer, rec.value, err.reason, err.message, key=rec.key,
-                                             headers=list(rec.headers or ()), topic=self.settings.kafka_topic_dlq))
+                                             headers=list(rec.headers or ()), topic=self.settings.kafka_topic_dlq,
+                                             source_topic=self.topic))
                 log.warning("catalog record rejected (%s): %s", err.reason, err.message)
                 continue
             if self.rows.get(row[COL_ITEM]) != row:
@@ -202,20 +203,22 @@ class CatalogSync:
                 self._stamp = self._file_stamp()
         self.consumer.commit()
         self.counts.update(records=len(records), changed=changed, rejected=sum(rejected.values()))
-        self._report(rejected)
+        self._report(changed, rejected)
         log.info("catalog: %d records, %d products changed, %d rejected%s; %d products in %s", len(records), changed,
                  sum(rejected.values()), f" {dict(rejected)}" if rejected else "", len(self.rows), self.path)
         return len(records)
 
-    def _report(self, rejected: Counter) -> None:
+    def _report(self, changed: int, rejected: Counter) -> None:
         """Rejects and what the catalog holds, to Redis for the dashboard (never fails the feed)."""
         if self.state is None:
             return
         try:
             self.state.count_dlq({f"catalog_{reason}": n for reason, n in rejected.items()})
-            self.state.set_catalog_status(
-                products=len(self.rows), out_of_stock=sum(not r["in_stock"] for r in self.rows.values()),
-                updated_ms=int(time.time() * 1000), records=self.counts["records"], rejected=self.counts["rejected"])
+            status = {"products": len(self.rows), "out_of_stock": sum(not r["in_stock"] for r in self.rows.values()),
+                      "records": self.counts["records"], "rejected": self.counts["rejected"]}
+            if changed:
+                status["updated_ms"] = int(time.time() * 1000)
+            self.state.set_catalog_status(**status)
         except Exception as err:  # noqa: BLE001 - Redis down: the file is what matters
             log.warning("could not report the catalog status to Redis (%s)", err)
 

@@ -262,7 +262,7 @@ class StreamConsumer:
 
     def _to_dlq(self, rec, reason: str, message: str) -> None:
         kafka_io.send_dlq(self.producer, rec.value, reason, message, rec.key, rec.headers,
-                          topic=self.settings.kafka_topic_dlq)
+                          topic=self.settings.kafka_topic_dlq, source_topic=rec.topic)
 
     def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]]) -> list:
         """Write a batch to the lake and fold it into Redis (in the persist thread); returns the files written."""

@@ -390,11 +390,15 @@ def catalog_line(status: Mapping[str, str], *, now_s: float | None = None) -> st
     """One line on what the catalog feed last reported; None when it never applied a record."""
     try:
         products, out, rejected = (int(status[k]) for k in ("products", "out_of_stock", "rejected"))
-        ago = max(0.0, (time.time() if now_s is None else now_s) - int(status["updated_ms"]) / 1000)
     except (KeyError, TypeError, ValueError):
         return None
-    return (f"Catalog: {products:,} products ({out:,} out of stock), last change from `shop.catalog` "
-            f"{fmt_age(ago)} ago; {rejected:,} catalog record(s) rejected since the feed started.")
+    try:
+        ago = max(0.0, (time.time() if now_s is None else now_s) - int(status["updated_ms"]) / 1000)
+        last = f"last change from `shop.catalog` {fmt_age(ago)} ago"
+    except (KeyError, TypeError, ValueError):
+        last = "no change applied yet"
+    return (f"Catalog: {products:,} products ({out:,} out of stock), {last}; {rejected:,} catalog record(s) "
+            "rejected since the feed started.")
 
 
 # --- fetching -----------------------------------------------------------------------------------------

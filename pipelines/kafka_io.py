@@ -113,8 +113,10 @@ def send_events(producer: KafkaProducer, events: Iterable[dict], topic: str) -> 
 
 
 def send_dlq(producer: KafkaProducer, raw: bytes | None, reason: str, message: str, key: bytes | None = None,
-             headers: Iterable[tuple[str, bytes]] = (), *, topic: str):
+             headers: Iterable[tuple[str, bytes]] = (), *, topic: str, source_topic: str | None = None):
     """Quarantine a rejected record in ``topic`` (``settings.kafka_topic_dlq``): original value, key and
-    headers, plus ``reason`` and ``error`` headers."""
-    return producer.send(topic, value=raw, key=key,
-                         headers=[*headers, (DLQ_REASON_HEADER, reason.encode()), ("error", message[:500].encode())])
+    headers, plus ``reason``, ``error`` and (when given) ``source_topic`` headers."""
+    extra = [(DLQ_REASON_HEADER, reason.encode()), ("error", message[:500].encode())]
+    if source_topic:
+        extra.append(("source_topic", source_topic.encode()))
+    return producer.send(topic, value=raw, key=key, headers=[*headers, *extra])

@@ -82,7 +82,9 @@ def _dlq_reasons(settings, keys: set[bytes]) -> dict[bytes, str]:
     try:
         for rec in dlq:
             if rec.key in keys:
-                found[rec.key] = dict(rec.headers)["reason"].decode()
+                headers = dict(rec.headers)
+                assert headers["source_topic"] == settings.kafka_topic_catalog.encode()  # told apart from events
+                found[rec.key] = headers["reason"].decode()
             if len(found) == len(keys):
                 break
     finally:
