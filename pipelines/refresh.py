@@ -191,7 +191,7 @@ def refresh_alias(registry: ModelRegistry, alias: str, interactions: pd.DataFram
     if source in skip_versions:
         return AliasRefresh(alias, SKIPPED, f"version {source} was refreshed for another alias", source)
     src_tags = registry.tags(source)
-    why = _nothing_new(registry, source, src_tags, pd.to_datetime(interactions[COL_TS], utc=True).max())
+    why = _nothing_new(registry, source, src_tags, training.as_utc(interactions[COL_TS]).max())
     if why:
         return AliasRefresh(alias, SKIPPED, why, source)
     loaded = registry.load(alias)
@@ -224,7 +224,7 @@ def refresh_alias(registry: ModelRegistry, alias: str, interactions: pd.DataFram
     else:
         decision, reason = alias, f"{text}: within {tolerance:.0%}, `{alias}` moves to the refresh"
 
-    ts = pd.to_datetime(interactions[COL_TS], utc=True)
+    ts = training.as_utc(interactions[COL_TS])
     window = (ts.min().isoformat(), ts.max().isoformat())
     start = min(filter(None, [src_tags.get(TAG_DATA_WINDOW_START), window[0]]), key=pd.Timestamp)
     tags = {
@@ -279,7 +279,7 @@ def refresh_served(registry: ModelRegistry, lake_dir: Path, quality_dir: Path, s
     if interactions.empty:
         report.note = f"no validated interactions between {start.isoformat()} and {end.isoformat()}: nothing to refresh"
         return report
-    ts = pd.to_datetime(interactions[COL_TS], utc=True)
+    ts = training.as_utc(interactions[COL_TS])
     report.window = (ts.min().isoformat(), ts.max().isoformat())
     report.holdout = training.holdout_split(interactions, holdout_hours, holdout_per_user)[2]
     tags = {**training.gx_tags(len(win.passed), win.failed), **(extra_tags or {})}

@@ -75,6 +75,13 @@ class TrainResult:
     history: dict[str, list[float]] = field(default_factory=dict)
 
 
+def as_utc(ts: pd.Series) -> pd.Series:
+    """Event times as UTC timestamps: the lake's timestamps, or epoch milliseconds (the events' ``ts``)."""
+    if pd.api.types.is_numeric_dtype(ts) and not pd.api.types.is_bool_dtype(ts):
+        return pd.to_datetime(ts, unit="ms", utc=True)
+    return pd.to_datetime(ts, utc=True)
+
+
 def holdout_split(interactions: pd.DataFrame, hours: int | None,
                   holdout_per_user: int = 1) -> tuple[pd.DataFrame, pd.DataFrame, str]:
     """Split off the last ``hours`` of the window as the holdout (a time-based split).
@@ -87,7 +94,7 @@ def holdout_split(interactions: pd.DataFrame, hours: int | None,
         ``(train, test, description)``.
     """
     if hours:
-        ts = pd.to_datetime(interactions[COL_TS], utc=True)
+        ts = as_utc(interactions[COL_TS])
         cutoff = ts.max() - pd.Timedelta(hours=hours)
         is_test = (ts > cutoff).to_numpy()
         train_df, test_df = interactions[~is_test], interactions[is_test]
@@ -160,7 +167,7 @@ def train(interactions: pd.DataFrame, cfg: TrainConfig, items: pd.DataFrame | No
     model.fit(train_df, items)
     fit_s = time.perf_counter() - t0
     scores = metrics.evaluate(model, train_df, test_df, k=cfg.k)
-    ts = pd.to_datetime(interactions[COL_TS], utc=True)
+    ts = as_utc(interactions[COL_TS])
     window = (ts.min().isoformat(), ts.max().isoformat())
     history = getattr(model, "history", None)
     history = {str(k): [float(x) for x in v] for k, v in history.items()} if isinstance(history, dict) else {}

@@ -58,3 +58,12 @@ def test_the_holdout_keeps_only_organic_interactions_and_training_keeps_everythi
     few = inter[(inter.ts < pd.Timestamp(T0 + 3 * H, unit="ms", tz="UTC")) | ~inter.organic | (inter.user_id == "u0")]
     train, test, what = training.holdout_split(few, hours=1)
     assert len(test) == 25 and "1 organic interaction(s)" in what and "all 25 are kept" in what
+
+
+def test_the_hour_based_holdout_reads_epoch_milliseconds_too():
+    rows = [("view", f"u{u}", f"i{u + d}", f"s{u}-{d}", T0 + d * H, None) for u in range(24) for d in range(4)]
+    inter = training.build_interactions(_events(rows))
+    as_ms = inter.assign(ts=(inter.ts - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(milliseconds=1))
+    for frame in (inter, as_ms):
+        train, test, what = training.holdout_split(frame, hours=1)
+        assert what.startswith("last 1h") and len(test) == 24 and len(train) == 72
