@@ -16,8 +16,8 @@ Per poll batch:
    events to the Parquet lake, one file per Kafka partition and hour, named by the partition's
    offset range in the batch, durable (tmp + fsync + rename);
 3. beside it, fold them into the online state in Redis (one script call plus one pipeline);
-4. while 1-3 run, the poll thread fetches the next batch (the Kafka client's record decoding is
-   most of this process's interpreter time); then it waits until 2 and 3 are done and the DLQ copies
+4. while 1-3 run, the poll thread fetches the next batch (records decoded column-wise,
+   :mod:`pipelines.kafka_columns`: kafka-python's own per-record decoding was a whole core); then it waits until 2 and 3 are done and the DLQ copies
    acknowledged, and commits exactly this batch's offsets (one past its last record per partition).
    Up to ``consumer_inflight_batches`` (2) polled batches are in these stages before the poll
    thread waits for the oldest; with no next batch at hand the commits follow at once.
@@ -78,7 +78,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines import kafka_io, lake
+from pipelines import kafka_columns, kafka_io, lake
+from pipelines.kafka_columns import RecordColumns
 from pipelines.eventbatch import ParsedBatch, parse_batch
 from pipelines.settings import Settings
 from pipelines.state import OnlineState, lines
@@ -103,11 +104,10 @@ class ConsumerStats:
 class _Batch:
     """One polled batch: what is written, and the offsets committed once it is durable."""
 
-    polled: dict  # TopicPartition -> records, as polled
+    polled: dict[TopicPartition, RecordColumns]  # the records of each partition, as polled
     valid: dict = field(default_factory=dict)  # TopicPartition -> valid events (a lake table), duplicates removed
     rejected: Counter = field(default_factory=Counter)
-    # from the prepare thread: the records of all partitions in order, their validation, the event_id claim
-    records: list | None = None
+    # from the prepare thread: the validation of all partitions' records in order, the event_id claim
     parsed: ParsedBatch | None = None
     claim: Future | None = None
     prepared: Future | None = None  # validated, rejects in the DLQ, claims sent (the prepare thread)
@@ -115,7 +115,15 @@ class _Batch:
 
     @property
     def n(self) -> int:
-        return sum(len(recs) for recs in self.polled.values())
+        return sum(len(cols) for cols in self.polled.values())
+
+    def record(self, i: int) -> tuple[RecordColumns, int]:
+        """The ``i``-th record of the batch (partition after partition): its partition's columns and its row."""
+        for cols in self.polled.values():
+            if i < len(cols):
+                return cols, i
+            i -= len(cols)
+        raise IndexError(i)
 
     def events(self) -> pa.Table | None:
         """The valid events of all partitions, partition after partition, each in offset order."""
@@ -124,7 +132,7 @@ class _Batch:
 
     def offsets(self) -> dict:
         """Offsets to commit: one past each partition's last record in this batch."""
-        return {tp: OffsetAndMetadata(recs[-1].offset + 1, "", -1) for tp, recs in self.polled.items()}
+        return {tp: OffsetAndMetadata(int(cols.offsets[-1]) + 1, "", -1) for tp, cols in self.polled.items()}
 
 
 class _CrashHook:
@@ -159,7 +167,8 @@ class StreamConsumer:
                  log_every_s: float = 10.0):
         self.settings = settings
         self.state = state
-        self.consumer = kafka_io.make_consumer(settings, (settings.kafka_topic_events,), group=group)
+        self.consumer = kafka_columns.install(kafka_io.make_consumer(settings, (settings.kafka_topic_events,),
+                                                                     group=group))
         self.producer = kafka_io.make_producer(settings)
         self.stats = ConsumerStats()
         self.log_every_s = log_every_s
@@ -185,9 +194,10 @@ class StreamConsumer:
             # kafka-python 3.0.12 drops a JoinGroup that completes between two polls and sends a new
             # one; tansu answers a join after ~3 s, so short polls can rejoin forever. Wait it out.
             timeout_ms = max(timeout_ms, JOIN_WAIT_MS)
-        polled = self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.consumer_max_records)
+        polled = {tp: RecordColumns.concat(chunks) for tp, chunks in
+                  self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.consumer_max_records).items()}
         self._owned &= self.consumer.assignment()
-        n = sum(len(recs) for recs in polled.values())
+        n = sum(len(cols) for cols in polled.values())
         if n:
             self._handle(polled)
             # batches already written are committed now; the others when the next poll brought nothing
@@ -201,10 +211,9 @@ class StreamConsumer:
 
     def _handle(self, polled: dict) -> None:
         # validation, the DLQ, the event_id claims, the lake write and the Redis fold run in worker
-        # threads, each stage one batch at a time and in order, so this thread, whose time goes to the
-        # Kafka client's record decoding, polls the next batch meanwhile
+        # threads, each stage one batch at a time and in order, so this thread polls the next batch meanwhile
         batch = _Batch(polled)
-        fresh = [(tp, recs[0].offset) for tp, recs in polled.items() if tp not in self._owned]
+        fresh = [(tp, int(cols.offsets[0])) for tp, cols in polled.items() if tp not in self._owned]
         self._owned.update(tp for tp, _ in fresh)
         batch.prepared = self._prepare_pool.submit(self._prepare, batch)
         batch.done = self._persist_pool.submit(self._persist, batch, fresh)
@@ -216,22 +225,22 @@ class StreamConsumer:
     def _prepare(self, batch: _Batch) -> None:
         """Validate a batch (all partitions at once), send rejects to the DLQ and claim the valid events' ids."""
         s = self.settings
-        records = [rec for recs in batch.polled.values() for rec in recs]
-        parsed = parse_batch([rec.value for rec in records], max_bytes=s.max_event_bytes,
-                             now_ms=int(time.time() * 1000), max_age_days=s.max_event_age_days,
-                             max_future_s=s.max_event_future_s)
+        columns = list(batch.polled.values())
+        values = pa.concat_arrays([cols.values for cols in columns]) if len(columns) > 1 else columns[0].values
+        parsed = parse_batch(values, max_bytes=s.max_event_bytes, now_ms=int(time.time() * 1000),
+                             max_age_days=s.max_event_age_days, max_future_s=s.max_event_future_s)
         for i, err in parsed.rejects:
             batch.rejected[err.reason] += 1
-            self._to_dlq(records[i], err.reason, err.message)
+            self._to_dlq(*batch.record(i), err.reason, err.message)
         if parsed.table.num_rows:
             # one script call claims the whole batch; the persist thread awaits it
-            partition = np.repeat([tp.partition for tp in batch.polled], [len(recs) for recs in batch.polled.values()])
-            offset = np.fromiter((rec.offset for rec in records), np.int64, len(records))
+            partition = np.repeat([tp.partition for tp in batch.polled], [len(cols) for cols in columns])
+            offset = np.concatenate([cols.offsets for cols in columns])
             positions = lines(pc.binary_join_element_wise(pa.array(partition[parsed.index]).cast(pa.string()),
                                                           pa.array(offset[parsed.index]).cast(pa.string()), ":"))
             batch.claim = self._claims_pool.submit(self._redis, self.state.claim_event_ids,
                                                    lines(parsed.table["event_id"]), positions, s.dedup_window_s)
-        batch.records, batch.parsed = records, parsed
+        batch.parsed = parsed
         if batch.rejected:
             self._redis(self.state.count_dlq, dict(batch.rejected))
             log.warning("rejected %d records: %s", sum(batch.rejected.values()), dict(batch.rejected))
@@ -243,7 +252,7 @@ class StreamConsumer:
         duplicates = batch.claim.result() if batch.claim is not None else {}
         if duplicates:
             for j, holder in duplicates.items():
-                self._to_dlq(batch.records[int(index[j])], "duplicate",
+                self._to_dlq(*batch.record(int(index[j])), "duplicate",
                              f"event_id {table['event_id'][j]} was already stored (record at {holder})")
             keep = np.ones(table.num_rows, dtype=bool)
             keep[list(duplicates)] = False
@@ -253,16 +262,16 @@ class StreamConsumer:
             log.warning("rejected %d records: %s", len(duplicates), {"duplicate": len(duplicates)})
         # rows are in record order, so each partition's rows are one slice
         start = 0
-        for tp, recs in batch.polled.items():
-            lo, hi = np.searchsorted(index, [start, start + len(recs)])
+        for tp, cols in batch.polled.items():
+            lo, hi = np.searchsorted(index, [start, start + len(cols)])
             if hi > lo:
                 batch.valid[tp] = table.slice(lo, hi - lo)
-            start += len(recs)
-        batch.parsed = batch.records = batch.claim = None
+            start += len(cols)
+        batch.parsed = batch.claim = None
 
-    def _to_dlq(self, rec, reason: str, message: str) -> None:
-        kafka_io.send_dlq(self.producer, rec.value, reason, message, rec.key, rec.headers,
-                          topic=self.settings.kafka_topic_dlq, source_topic=rec.topic)
+    def _to_dlq(self, cols: RecordColumns, row: int, reason: str, message: str) -> None:
+        kafka_io.send_dlq(self.producer, cols.values[row].as_py(), reason, message, cols.keys[row].as_py(),
+                          cols.record_headers(row), topic=self.settings.kafka_topic_dlq, source_topic=cols.topic)
 
     def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]]) -> list:
         """Write a batch to the lake and fold it into Redis (in the persist thread); returns the files written."""
@@ -341,8 +350,8 @@ class StreamConsumer:
         """Seek each partition of ``batches`` that is still assigned back to its first record in them."""
         first: dict[TopicPartition, int] = {}
         for b in batches:
-            for tp, recs in b.polled.items():
-                first[tp] = min(first.get(tp, recs[0].offset), recs[0].offset)
+            for tp, cols in b.polled.items():
+                first[tp] = min(first.get(tp, int(cols.offsets[0])), int(cols.offsets[0]))
         assigned = self.consumer.assignment()
         for tp, offset in first.items():
             if tp in assigned:
@@ -367,8 +376,9 @@ class StreamConsumer:
             if removed:
                 log.info("partition %s resumes at %d: removed %d uncommitted lake files",
                          tp.partition, resume, len(removed))
-        batches = [(lake.batch_file_name(tp.topic, tp.partition, polled[tp][0].offset, polled[tp][-1].offset,
-                                         self.writer), events) for tp, events in valid.items()]
+        batches = [(lake.batch_file_name(tp.topic, tp.partition, int(polled[tp].offsets[0]),
+                                         int(polled[tp].offsets[-1]), self.writer), events)
+                   for tp, events in valid.items()]
         return lake.write_batches(s.lake_dir, batches, threads=s.consumer_lake_threads) if batches else []
 
     @staticmethod
