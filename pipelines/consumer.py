@@ -15,10 +15,12 @@ Per poll batch:
    the claims found to the DLQ the same way (crash point ``after_claims``), then write the valid
    events to the Parquet lake, one file per Kafka partition and hour, named by the partition's
    offset range in the batch, durable (tmp + fsync + rename);
-3. beside it, fold them into the online state in Redis (one script call plus one pipeline);
-4. while 1-3 run, the poll thread fetches the next batch (records decoded column-wise,
-   :mod:`pipelines.kafka_columns`: kafka-python's own per-record decoding was a whole core); then it waits until 2 and 3 are done and the DLQ copies
-   acknowledged, and commits exactly this batch's offsets (one past its last record per partition).
+3. beside it (and beside the next batch's lake write), fold them into the online state in Redis
+   (one script call plus one pipeline), batch after batch in order;
+4. while 1-3 run, the poll thread fetches the next batch (records decoded column-wise by
+   :mod:`pipelines.kafka_columns`: kafka-python's own per-record decoding took a whole core); then it
+   waits until 2 and 3 are done and the DLQ copies acknowledged, and commits exactly this batch's
+   offsets (one past its last record per partition).
    Up to ``consumer_inflight_batches`` (2) polled batches are in these stages before the poll
    thread waits for the oldest; with no next batch at hand the commits follow at once.
 
@@ -111,11 +113,16 @@ class _Batch:
     parsed: ParsedBatch | None = None
     claim: Future | None = None
     prepared: Future | None = None  # validated, rejects in the DLQ, claims sent (the prepare thread)
-    done: Future | None = None  # duplicates dropped, the lake write and Redis fold (result: the files written)
+    done: Future | None = None  # duplicates dropped, the lake write done (result: the files written)
+    applied: Future | None = None  # the Redis fold (set by the persist thread before ``done`` completes)
 
     @property
     def n(self) -> int:
         return sum(len(cols) for cols in self.polled.values())
+
+    def durable(self) -> bool:
+        """Written to the lake and folded into Redis (or failed at it): ready to be committed."""
+        return self.done.done() and (self.applied is None or self.applied.done())
 
     def record(self, i: int) -> tuple[RecordColumns, int]:
         """The ``i``-th record of the batch (partition after partition): its partition's columns and its row."""
@@ -202,7 +209,7 @@ class StreamConsumer:
             self._handle(polled)
             # batches already written are committed now; the others when the next poll brought nothing
             # or more than consumer_inflight_batches are in flight
-            while self._inflight and self._inflight[0].done.done() and self._commit_oldest():
+            while self._inflight and self._inflight[0].durable() and self._commit_oldest():
                 pass
         else:
             self._finish()
@@ -279,14 +286,12 @@ class StreamConsumer:
         self._drop_duplicates(batch)
         self._crash("after_claims")
         events = batch.events()
-        # the Redis fold runs beside the lake write (both mostly wait: on Redis, on Parquet encoding and
-        # fsync, which release the GIL); both finish before the commit, so crash safety is unchanged
-        applied = self._state_pool.submit(self._redis, self.state.apply_events, events) if events else None
-        try:
-            return self._write_lake(batch.polled, batch.valid, fresh)
-        finally:
-            if applied is not None:
-                applied.result()
+        # the Redis fold runs beside the lake write and beside the next batch's (they mostly wait: on
+        # Redis, on Parquet encoding and fsync, which release the GIL); the commit waits for both, so
+        # crash safety is unchanged. Folds stay in order: the state thread takes one at a time.
+        if events:
+            batch.applied = self._state_pool.submit(self._redis, self.state.apply_events, events)
+        return self._write_lake(batch.polled, batch.valid, fresh)
 
     def _finish(self) -> bool:
         """Commit every batch in flight, oldest first; False when a commit was refused."""
@@ -306,6 +311,8 @@ class StreamConsumer:
         batch = self._inflight.popleft()
         try:
             written = batch.done.result()
+            if batch.applied is not None:
+                batch.applied.result()
         except BaseException:
             # nothing past a batch that was not written may be committed: the later ones are dropped
             # too (their records are consumed again after a restart, their files removed then)

@@ -12,8 +12,8 @@ included, and ``SHOPREC_REDIS_URL``) without touching the shop's data: the run g
    decodes each record (``orjson.loads``): the ceiling of this client;
 3. ``consumer_eps``: the real :class:`~pipelines.consumer.StreamConsumer` in this process
    (validation, event_id claims, DLQ, Parquet lake, Redis state, commits) over the same records.
-   Both rates run from the first fetched batch to the last record handled (the group join,
-   ~3 s on tansu, is left out of both);
+   Both rates run from the first fetched batch to the last record handled, for the real consumer
+   the last commit (the group join, ~3 s on tansu, is left out of both);
 4. ``freshness_ms``: ``shoprec consume`` as a separate process while this process produces a
    steady ``--rate`` events/s for ``--seconds``; one event in ``--sample-every`` is a tagged view
    of a fresh user, and a watcher thread polls Redis for that user's recent items. The figure is
@@ -113,8 +113,10 @@ def _real_consume(settings, n: int) -> float:
     sc.consumer.poll = timed_poll
     deadline = time.monotonic() + 900
     try:
+        # the consumer's own poll wait (``consumer_poll_ms``, as ``shoprec consume`` runs): it commits its
+        # last batches once a poll comes back empty, so a longer wait here would only add idle time
         while sc.stats.consumed < n and time.monotonic() < deadline:
-            sc.process_batch(timeout_ms=1000)
+            sc.process_batch()
         return sc.stats.consumed / (time.perf_counter() - first[0])
     finally:
         sc.close()
