@@ -1,7 +1,8 @@
 """`shoprec bench quality`: offline ranking quality on MovieLens-100K with RecBole's default protocol.
 
 Protocol (RecBole 1.2.1 defaults): every rating is a positive; each user's interactions are
-shuffled (seed 2020) and split 8:1:1 into train/valid/test; each model ranks all items for
+shuffled (seed 2020, with RecBole's own ``torch.randperm``, so the parts are RecBole's, pair for pair)
+and split 8:1:1 into train/valid/test; each model ranks all items for
 every user; items of the user's train part (and, for test, valid part) are never counted;
 Recall, MRR, NDCG, Hit and Precision at 10. Hyperparameters are picked on valid only; every
 model is then evaluated once on test. Baselines: popularity and the ``implicit`` package's ALS
@@ -40,7 +41,8 @@ log = logging.getLogger(__name__)
 
 K = 10
 SEED = 2020
-PROTOCOL = ("RecBole 1.2.1 default: all interactions positive, random 8:1:1 split per user (seed 2020), "
+PROTOCOL = ("RecBole 1.2.1 default: all interactions positive, random 8:1:1 split per user (seed 2020, RecBole's "
+            "own shuffle: the same pairs as RecBole's split), "
             "full ranking over all items, train (+valid for test) items excluded, @10; hyperparameters "
             "chosen on valid only")
 
