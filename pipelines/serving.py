@@ -50,6 +50,8 @@ ALIASES = (ALIAS_CHAMPION, ALIAS_CHALLENGER)
 RULES_HEADROOM = 20
 #: seconds Redis is skipped after an error (a dead Redis must not cost every request a timeout)
 REDIS_RETRY_S = 2.0
+#: most users whose Redis context (recent and bought items) one pipeline reads
+CONTEXT_BATCH = 64
 #: counters are summed in memory and written to Redis this often (one round trip, not one per request)
 STATS_FLUSH_S = 1.0
 
@@ -144,6 +146,7 @@ class ModelHolder:
                     elif alias not in models or models[alias].version != version:
                         loaded = self.registry.load(alias)
                         if loaded is not None:
+                            self._prepare(loaded)
                             models[alias] = loaded
                             log.info("serving %s = version %s", alias, loaded.version)
                 except Exception as err:  # registry down or a broken model: keep what we have
@@ -151,11 +154,28 @@ class ModelHolder:
             if ALIAS_CHAMPION not in models:
                 if self._packaged is None:
                     self._packaged = load_packaged(self.packaged_dir)
+                    if self._packaged is not None:
+                        self._prepare(self._packaged)
                 if self._packaged is not None:
                     log.info("serving the packaged champion (version %s)", self._packaged.version)
                     models[ALIAS_CHAMPION] = self._packaged
             self.models = models
             return self.versions()
+
+    def _prepare(self, loaded: LoadedModel) -> None:
+        """Set a loaded model up for serving: its item product's dtype (``serve_product_dtype``)."""
+        set_dtype = getattr(loaded.recommender, "set_product_dtype", None)
+        if set_dtype is None:
+            return
+        import torch
+
+        from pipelines.models.scoring import native_bfloat16
+
+        wanted = self.settings.serve_product_dtype
+        device = getattr(loaded.recommender, "_device", "cpu")
+        bf16 = wanted == "bfloat16" or (wanted == "auto" and native_bfloat16(device))
+        set_dtype(torch.bfloat16 if bf16 else torch.float32)
+        log.info("version %s scores its item product in %s", loaded.version, "bfloat16" if bf16 else "float32")
 
     def versions(self) -> dict[str, str]:
         return {a: m.version for a, m in self.models.items()}
@@ -334,7 +354,7 @@ InfoFn = Callable[[], Awaitable[dict]]
 
 
 class Coalescer:
-    """Merges concurrent one-request scoring calls of an API process into list calls.
+    """Merges concurrent one-request calls of an API process into list calls (scoring; users' Redis context).
 
     There is no timer: while fewer than ``max_in_flight`` calls are outstanding a request leaves at
     once (an idle service adds no latency); under load, requests that arrive while the calls are
@@ -375,7 +395,8 @@ class Coalescer:
         try:
             answers = await self.fn([req for req, _ in batch])
             if len(answers) != len(batch):
-                raise RuntimeError(f"the scoring service answered {len(answers)} of {len(batch)} requests")
+                raise RuntimeError(f"{getattr(self.fn, '__qualname__', self.fn)} answered {len(answers)} of "
+                                   f"{len(batch)} requests")
             for (_, future), answer in zip(batch, answers):
                 if not future.done():  # a caller past its deadline has cancelled its future
                     future.set_result(answer)
@@ -414,6 +435,8 @@ class RecommendationEngine:
         # one-request calls are coalesced under load, unless batching is off (max_batch_size 1)
         self.score_fn = (Coalescer(score_fn, settings.serve_max_batch_size, settings.serve_coalesce_in_flight)
                          if settings.serve_max_batch_size > 1 else score_fn)
+        # the recent and bought items of concurrent requests: one Redis pipeline for all of them under load
+        self.user_contexts = Coalescer(self.astate.user_contexts, CONTEXT_BATCH, max_in_flight=1)
         self.info_fn = info_fn
         self.experiment = Experiment.from_settings(settings)
         self.impressions = impressions if impressions is not None else ImpressionLog(settings)
@@ -519,7 +542,7 @@ class RecommendationEngine:
         return None
 
     async def _from_model(self, request_id, user_id, variant, k, counters) -> Recommendation | None:
-        recent, bought = await self._aredis(self.astate.user_context, user_id) or ([], set())
+        recent, bought = (await self._aredis(self.user_contexts, [user_id]) or [([], set())])[0]
         kk = max(k, self.settings.serve_cache_n) if self.settings.serve_cache else k
         req = {"user_id": user_id, "variant": variant, "k": kk, "recent": recent, "bought": sorted(bought)}
         try:

@@ -162,6 +162,9 @@ class Settings(BaseSettings):
     serve_torch_threads: int = Field(1, ge=0, description="torch threads of the scoring process (0: torch's default, "
                                      "one per core). One by default: batches are small, and idle intra-op threads "
                                      "spin on the cores the API process needs")
+    serve_product_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="dtype of the hybrid's item product in the scoring process: auto = bfloat16 where the "
+        "device multiplies it natively (AVX512-BF16/AMX CPUs, CUDA from Ampere), else float32")
     serve_info_poll_s: float = Field(1.0, gt=0, description="how often the API service asks the scorer which versions it serves")
     max_per_category: int = Field(3, ge=1, description="at most this many products of one category in the top 10")
     catalog_reload_s: float = Field(60.0, gt=0, description="how often serving re-reads the catalog Parquet file")

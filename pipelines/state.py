@@ -358,7 +358,8 @@ class OnlineState:
 class AsyncServingState:
     """The per-request reads and writes of serving on ``redis.asyncio``: a round trip never blocks the event loop.
 
-    Same keys and formats as :class:`OnlineState` (``get_cached``/``set_cached``/``user_context``).
+    Same keys and formats as :class:`OnlineState` (``get_cached``/``set_cached``; ``user_contexts`` reads
+    ``user_context`` for many users at once).
     """
 
     def __init__(self, url: str, *, recent_cap: int = 50, cache_ttl_s: int = 300, timeout_s: float = 2.0,
@@ -400,12 +401,14 @@ class AsyncServingState:
             p.expire(key, self.cache_ttl_s)
             await p.execute()
 
-    async def user_context(self, user_id: str) -> tuple[list[str], set[str]]:
+    async def user_contexts(self, user_ids: Sequence[str]) -> list[tuple[list[str], set[str]]]:
+        """Each user's recent items (newest first) and bought items, for many users in one round trip."""
         async with self.r.pipeline(transaction=False) as p:
-            p.lrange(RedisKeys.recent(user_id), 0, self.recent_cap - 1)
-            p.zrange(RedisKeys.purchased(user_id), 0, -1)
-            recent, bought = await p.execute()
-        return recent, set(bought)
+            for user_id in user_ids:
+                p.lrange(RedisKeys.recent(user_id), 0, self.recent_cap - 1)
+                p.zrange(RedisKeys.purchased(user_id), 0, -1)
+            replies = await p.execute()
+        return [(replies[n], set(replies[n + 1])) for n in range(0, len(replies), 2)]
 
 
 def lines(*columns: pa.Array | pa.ChunkedArray) -> str:

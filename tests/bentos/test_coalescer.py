@@ -77,3 +77,36 @@ def test_a_caller_past_its_deadline_does_not_disturb_the_others():
         return done
 
     assert [a[0]["items"][0][0] for a in asyncio.run(main())] == [f"u{n}" for n in range(5)]
+
+
+
+def test_concurrent_users_read_their_own_redis_context_in_shared_round_trips(redis_url, redis_client):
+    """Recent and bought items of 100 concurrent requests come from a few pipelines, each user's own."""
+    import uuid
+
+    from pipelines.schemas import new_event
+    from pipelines.state import AsyncServingState, OnlineState
+
+    tag = uuid.uuid4().hex[:6]
+    users = [f"ctx-{tag}-{n}" for n in range(100)]
+    OnlineState(redis_client).apply_events(
+        [e for n, u in enumerate(users) for e in (new_event("view", u, f"seen-{n}", "s"),
+                                                   new_event("purchase", u, f"bought-{n}", "s", price=1.0,
+                                                             quantity=1))])
+    astate = AsyncServingState(redis_url)
+    pipelines_sent = []
+
+    async def contexts(user_ids):
+        pipelines_sent.append(len(user_ids))
+        return await astate.user_contexts(user_ids)
+
+    co = Coalescer(contexts, max_batch=64, max_in_flight=1)
+
+    async def main():
+        return await asyncio.gather(*(co([u]) for u in users + ["ctx-nobody"]))
+
+    answers = [a[0] for a in asyncio.run(main())]
+    for n, (recent, bought) in enumerate(answers[:-1]):
+        assert recent == [f"bought-{n}", f"seen-{n}"] and bought == {f"bought-{n}"}
+    assert answers[-1] == ([], set())
+    assert sum(pipelines_sent) == 101 and len(pipelines_sent) <= 4

@@ -38,3 +38,20 @@ def test_rules_drop_stock_and_purchases_cap_categories_and_spread_exploration():
                            explore_share=0.2)
     assert [n for n, (i, _) in enumerate(explored) if i.startswith("n")] == [4, 9, 14, 19]
     assert explored[4][1] < explored[3][1]
+
+
+@pytest.mark.parametrize("setting", ["bfloat16", "float32"])
+def test_the_scorer_loads_the_champion_with_the_configured_product_dtype(settings, registered_champion, monkeypatch,
+                                                                          setting):
+    """``SHOPREC_SERVE_PRODUCT_DTYPE`` reaches the served hybrid, and it answers the same users either way."""
+    import torch
+
+    from pipelines.serving import ModelHolder
+
+    registry, _ = registered_champion
+    holder = ModelHolder(settings.model_copy(update={"serve_product_dtype": setting}), registry=registry)
+    holder.refresh()
+    model = holder.models["champion"].recommender
+    assert model._product_dtype == getattr(torch, setting)
+    answers = holder.score([{"user_id": "u0", "variant": "champion", "k": 5}, {"user_id": "walk-in", "k": 5}])
+    assert [len(a["items"]) for a in answers] == [5, 5] and answers[0]["cold"] is False and answers[1]["cold"] is True

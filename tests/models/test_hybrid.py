@@ -337,3 +337,38 @@ def test_row_standardisation_matches_torch_std_mean_including_constant_rows():
     assert torch.allclose(mean.double(), want_mean, rtol=1e-6, atol=1e-6)
     z = zscore_rows(scores)
     assert torch.isfinite(z).all() and (z[1] == 0).all() and (z[3] == 0).all()
+
+
+def test_new_visitors_get_trending_without_being_scored(synthetic_interactions_df, monkeypatch):
+    """A request with nothing known (unknown user, no session) costs no scoring pass, and batching it changes nothing."""
+    model = ShopRec(dim=8, epochs=3, device="cpu").fit(synthetic_interactions_df)
+    users = sorted(model.known_users)[:6]
+    requests = [(users[0], []), ("a-new-visitor", []), (users[1], ["i3"]), ("another-visitor", []),
+                ("visitor-with-a-click", ["i8"]), (users[2], [])]
+    alone = [model.recommend_batch([r], 10)[0] for r in requests]
+    scored_rows = []
+    real_score = model._score
+    monkeypatch.setattr(model, "_score", lambda p: scored_rows.append(p.n_rows) or real_score(p))
+    together = model.recommend_batch(requests, 10)
+    assert scored_rows == [4]  # the two visitors with nothing known were not scored
+    assert [[i for i, _ in r] for r in together] == [[i for i, _ in r] for r in alone]
+    trending = [i for i, _ in model.recommend_session_scored([], 10)]
+    assert [i for i, _ in together[1]] == [i for i, _ in together[3]] == trending
+    scored_rows.clear()
+    assert [i for i, _ in model.recommend_batch([("nobody", [])], 10)[0]] == trending and scored_rows == []
+
+
+def test_bfloat16_item_product_keeps_the_lists(synthetic_interactions_df):
+    """Serving's bfloat16 product (half the memory per batch) ranks like float32; other dtypes are refused."""
+    model = ShopRec(dim=16, epochs=5, device="cpu").fit(synthetic_interactions_df)
+    users = sorted(model.known_users)[:40]
+    exact = model.recommend(users, 10)
+    model.set_product_dtype(torch.bfloat16)
+    assert model._stacked_items_t([m for _, _, m in model._factor_parts()]).dtype == torch.bfloat16
+    approx = model.recommend(users, 10)
+    overlap = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(exact, approx)])
+    assert overlap >= 0.9, overlap
+    model.set_product_dtype(torch.float32)
+    assert model.recommend(users, 10) == exact
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        model.set_product_dtype(torch.float16)
