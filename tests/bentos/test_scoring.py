@@ -41,9 +41,8 @@ def test_rules_drop_stock_and_purchases_cap_categories_and_spread_exploration():
 
 
 @pytest.mark.parametrize("setting", ["bfloat16", "float32"])
-def test_the_scorer_loads_the_champion_with_the_configured_product_dtype(settings, registered_champion, monkeypatch,
-                                                                          setting):
-    """``SHOPREC_SERVE_PRODUCT_DTYPE`` reaches the served hybrid, and it answers the same users either way."""
+def test_the_scorer_loads_the_champion_with_the_configured_product_dtype(settings, registered_champion, setting):
+    """``SHOPREC_SERVE_PRODUCT_DTYPE`` reaches the served hybrid, which answers known and new users either way."""
     import torch
 
     from pipelines.serving import ModelHolder
