@@ -20,7 +20,9 @@ from typing import Annotated, Any
 
 import aiohttp
 import bentoml
+import orjson
 from pydantic import BaseModel, Field
+from starlette.responses import Response
 
 from bentos.content_type import JsonOnly
 from bentos.guard import ApiKeyAndSizeGuard
@@ -170,7 +172,9 @@ class Shoprec:
     async def recommend(self, user_id: Id, k: Annotated[int, Field(ge=1, le=_S.max_k)] = _S.default_k,
                         context: dict[str, Any] | None = None) -> RecommendResponse:
         """Top-k items for a user; ``source`` says whether the list came from the cache, a model or the fallback."""
-        return RecommendResponse(**(await self.engine.recommend(user_id, k)).to_dict())
+        # the RecommendResponse of the schema, serialised once: BentoML's validate-then-serialise of the
+        # model and its streamed response cost ~18 us per answer against ~2 us (a cached answer's CPU is ~0.3 ms)
+        return Response(orjson.dumps((await self.engine.recommend(user_id, k)).to_dict()), media_type="application/json")
 
     @bentoml.api(route="/similar")
     async def similar(self, item_id: Id, k: Annotated[int, Field(ge=1, le=_S.max_k)] = _S.default_k) -> dict:

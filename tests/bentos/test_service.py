@@ -59,7 +59,12 @@ def test_known_and_new_users_get_model_answers(settings, redis_client, registere
     c = client_for(registry.name)
     r = c.post("/recommend", json={"user_id": "u0", "k": 5})
     assert r.status_code == 200, r.text
+    assert r.headers["content-type"] == "application/json"
     body = r.json()
+    # exactly the documented RecommendResponse: nothing missing, nothing extra
+    from bentos.service import RecommendResponse
+
+    assert RecommendResponse.model_validate_json(r.content).model_dump(mode="json") == body
     assert body["source"] == "model" and body["model_version"] == reg.version and body["variant"] == "champion"
     assert len(body["items"]) == 5
     # u0 is in the even group: the model recommends even items, none already seen
