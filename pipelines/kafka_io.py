@@ -79,7 +79,9 @@ def make_impression_producer(settings: Settings, **overrides) -> confluent_kafka
     conf = {**librdkafka_config(settings), "client.id": "shoprec-impressions", "acks": 1,
             "partitioner": "murmur2_random", "linger.ms": settings.impression_linger_ms,
             "message.timeout.ms": 0, "queue.buffering.max.messages": settings.impression_buffer,
-            "reconnect.backoff.max.ms": 2000, "log_level": 3}
+            "reconnect.backoff.max.ms": 2000, "log_level": 3,
+            # a delivery report (a Python callback taking the API's GIL) only for a message that failed
+            "delivery.report.only.error": True}
     conf.update(overrides)
     return confluent_kafka.Producer(conf, logger=log)
 

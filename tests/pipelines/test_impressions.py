@@ -71,3 +71,25 @@ def test_a_users_impressions_share_the_partition_of_their_clicks(settings, monke
             admin.delete_topics([settings.kafka_topic_events])
         finally:
             admin.close()
+
+
+def test_an_impression_kafka_refuses_is_counted_and_the_next_ones_still_go(settings, monkeypatch):
+    # librdkafka refuses a record over message.max.bytes before queueing it; the request path must not see it
+    monkeypatch.setenv("SHOPREC_KAFKA_TOPIC_EVENTS", f"impressions-{uuid.uuid4().hex[:8]}")
+    settings = Settings()
+    kafka_io.ensure_topics(settings)
+    log = ImpressionLog(settings)
+    try:
+        log.log({"event_type": "impression", "user_id": "u1", "request_id": "too-big", "pad": "x" * 2_000_000})
+        ids = {uuid.uuid4().hex for _ in range(5)}
+        for rid in ids:
+            log.log({"event_type": "impression", "user_id": "u1", "request_id": rid})
+        log.close(timeout=20)
+        assert (log.failed, log.sent, log.dropped) == (1, len(ids), 0)
+        assert set(_consume_impressions(settings, ids)) == ids
+    finally:
+        admin = kafka_io.make_admin(settings)
+        try:
+            admin.delete_topics([settings.kafka_topic_events])
+        finally:
+            admin.close()
