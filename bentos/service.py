@@ -211,11 +211,11 @@ class Shoprec:
 
     @bentoml.api(route="/status")
     async def status(self) -> dict:
-        """Versions being served, the fallback list size, impressions waiting for Kafka, this process's list copies."""
+        """Versions being served, the fallback list size, this process's impressions and list copies."""
         await self.engine.refresh_info()
         local = self.engine.astate.local
         return {"models": self.engine.versions, "fallback_items": self.engine.fallback_size,
-                "experiment": self.engine.experiment.name, "impressions_pending": self.engine.impressions.pending(),
+                "experiment": self.engine.experiment.name, "impressions": self.engine.impressions.stats(),
                 "local_cache": {"active": local.active, "users": len(local), "invalidations": local.invalidations}
                 if local is not None else None}
 

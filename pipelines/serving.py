@@ -327,6 +327,10 @@ class ImpressionLog:
         """Impressions Kafka acknowledged (librdkafka reports only failures: a report per success cost the API ~5 %)."""
         return self.produced - self.pending() - self._undelivered
 
+    def stats(self) -> dict[str, int]:
+        """This process's impressions: acknowledged, waiting for Kafka, dropped (buffer full), failed."""
+        return {"sent": self.sent, "pending": self.pending(), "dropped": self.dropped, "failed": self.failed}
+
     def close(self, timeout: float = 15.0) -> None:
         """Stop; what is buffered gets until ``timeout`` to reach Kafka (best effort)."""
         self._stop.set()

@@ -33,14 +33,14 @@ def test_redis_scorer_and_broker_outages_never_fail_a_request(settings, serve_en
 
         assert rec("u0")["source"] == "model" and rec("u0")["source"] == "cache"
         wait_for(lambda: c.post("/status").json()["local_cache"]["active"], 10, "the local list copies to be on")
-        wait_for(lambda: c.post("/status").json()["impressions_pending"] == 0, 30, "impressions to reach Kafka")
+        wait_for(lambda: c.post("/status").json()["impressions"]["pending"] == 0, 30, "impressions to reach Kafka")
 
         # 1. the broker goes away: answers as usual, impressions wait in the buffer
         broker_proc.terminate()
         broker_proc.wait()
         assert rec("u0")["source"] == "cache"
         assert rec("u2")["source"] == "model"
-        assert c.post("/status").json()["impressions_pending"] >= 1
+        assert c.post("/status").json()["impressions"]["pending"] >= 1
 
         # 2. Redis goes away too: the model answers without the cache (each API process's in-memory
         # copy of the lists is dropped as soon as it sees the connection close)
@@ -63,4 +63,6 @@ def test_redis_scorer_and_broker_outages_never_fail_a_request(settings, serve_en
 
         # 4. the broker is back: the buffered impressions are delivered
         with localstack.running(localstack.broker_command(kport), kport, tmp_path / "broker2.log"):
-            wait_for(lambda: c.post("/status").json()["impressions_pending"] == 0, 60, "buffered impressions sent")
+            wait_for(lambda: c.post("/status").json()["impressions"]["pending"] == 0, 60, "buffered impressions sent")
+            impressions = c.post("/status").json()["impressions"]
+            assert impressions["sent"] >= 1 and impressions["dropped"] == impressions["failed"] == 0, impressions
