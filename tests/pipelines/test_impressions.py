@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 import orjson
+import pytest
 
 from pipelines import kafka_io
 from pipelines.serving import ImpressionLog
@@ -12,34 +13,37 @@ from pipelines.settings import Settings
 from tests.bentos.test_service import _consume_impressions
 
 
-def test_impressions_logged_just_before_close_still_reach_kafka(settings, monkeypatch):
+@pytest.fixture
+def own_topic(settings, monkeypatch):
+    """Settings whose events topic is this test's own, deleted afterwards (the DLQ and catalog topics are shared)."""
+    monkeypatch.setenv("SHOPREC_KAFKA_TOPIC_EVENTS", f"impressions-{uuid.uuid4().hex[:8]}")
+    own = Settings()
+    kafka_io.ensure_topics(own)
+    yield own
+    admin = kafka_io.make_admin(own)
+    try:
+        admin.delete_topics([own.kafka_topic_events])
+    finally:
+        admin.close()
+
+
+def test_impressions_logged_just_before_close_still_reach_kafka(own_topic, monkeypatch):
     # a long linger: without the flush on close these would still be waiting in memory
     monkeypatch.setenv("SHOPREC_IMPRESSION_LINGER_MS", "5000")
-    monkeypatch.setenv("SHOPREC_KAFKA_TOPIC_EVENTS", f"impressions-{uuid.uuid4().hex[:8]}")  # a topic of its own
     settings = Settings()
-    kafka_io.ensure_topics(settings)
     log = ImpressionLog(settings)
     ids = {uuid.uuid4().hex for _ in range(50)}
     for rid in ids:
         log.log({"event_id": uuid.uuid4().hex, "event_type": "impression", "user_id": "u1", "request_id": rid,
                  "ts": 1_790_000_000_000})
     log.close(timeout=20)
-    try:
-        assert log.pending() == 0 and log.sent == len(ids)
-        assert set(_consume_impressions(settings, ids)) == ids
-    finally:
-        admin = kafka_io.make_admin(settings)
-        try:
-            admin.delete_topics([settings.kafka_topic_events])  # its own; the DLQ and catalog topics are shared
-        finally:
-            admin.close()
+    assert log.pending() == 0 and log.sent == len(ids)
+    assert set(_consume_impressions(settings, ids)) == ids
 
 
-def test_a_users_impressions_share_the_partition_of_their_clicks(settings, monkeypatch):
+def test_a_users_impressions_share_the_partition_of_their_clicks(own_topic):
     # the shop's events are produced by kafka-python (murmur2 of the user id); impressions by librdkafka
-    monkeypatch.setenv("SHOPREC_KAFKA_TOPIC_EVENTS", f"impressions-{uuid.uuid4().hex[:8]}")
-    settings = Settings()
-    kafka_io.ensure_topics(settings)
+    settings = own_topic
     users = [f"user-{i}" for i in range(40)]
     producer = kafka_io.make_producer(settings)
     log = ImpressionLog(settings)
@@ -66,30 +70,15 @@ def test_a_users_impressions_share_the_partition_of_their_clicks(settings, monke
         assert all(partitions["impression", u] == partitions["click", u] for u in users)
     finally:
         producer.close(timeout=5)
-        admin = kafka_io.make_admin(settings)
-        try:
-            admin.delete_topics([settings.kafka_topic_events])
-        finally:
-            admin.close()
 
 
-def test_an_impression_kafka_refuses_is_counted_and_the_next_ones_still_go(settings, monkeypatch):
+def test_an_impression_kafka_refuses_is_counted_and_the_next_ones_still_go(own_topic):
     # librdkafka refuses a record over message.max.bytes before queueing it; the request path must not see it
-    monkeypatch.setenv("SHOPREC_KAFKA_TOPIC_EVENTS", f"impressions-{uuid.uuid4().hex[:8]}")
-    settings = Settings()
-    kafka_io.ensure_topics(settings)
-    log = ImpressionLog(settings)
-    try:
-        log.log({"event_type": "impression", "user_id": "u1", "request_id": "too-big", "pad": "x" * 2_000_000})
-        ids = {uuid.uuid4().hex for _ in range(5)}
-        for rid in ids:
-            log.log({"event_type": "impression", "user_id": "u1", "request_id": rid})
-        log.close(timeout=20)
-        assert (log.failed, log.sent, log.dropped) == (1, len(ids), 0)
-        assert set(_consume_impressions(settings, ids)) == ids
-    finally:
-        admin = kafka_io.make_admin(settings)
-        try:
-            admin.delete_topics([settings.kafka_topic_events])
-        finally:
-            admin.close()
+    log = ImpressionLog(own_topic)
+    log.log({"event_type": "impression", "user_id": "u1", "request_id": "too-big", "pad": "x" * 2_000_000})
+    ids = {uuid.uuid4().hex for _ in range(5)}
+    for rid in ids:
+        log.log({"event_type": "impression", "user_id": "u1", "request_id": rid})
+    log.close(timeout=20)
+    assert (log.failed, log.sent, log.dropped) == (1, len(ids), 0)
+    assert set(_consume_impressions(own_topic, ids)) == ids
