@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.responses import JSONResponse, StreamingResponse
@@ -98,6 +99,41 @@ def test_every_bentoml_service_has_it_outermost():
     from bentos.service import Scorer, Shoprec
 
     for service in (Shoprec, Scorer):
-        stack = service.to_asgi().user_middleware  # Starlette's order: the first wraps all the others
-        assert stack[0].cls is WholeResponse, [m.cls for m in stack]
-        assert sum(m.cls is WholeResponse for m in stack) == 1
+        app = service.to_asgi()  # what BentoML's worker hands to uvicorn
+        assert isinstance(app, WholeResponse) and not isinstance(app.app, WholeResponse)
+        assert WholeResponse not in [m.cls for m in app.app.user_middleware]
+
+
+def test_headers_and_body_are_written_with_the_socket_corked():
+    """Under uvicorn the two writes go out as one segment: the socket is corked around them, and only them."""
+    import socket
+
+    if not hasattr(socket, "TCP_CORK"):
+        pytest.skip("no TCP_CORK on this platform: no cork, the same answers")
+    server = socket.create_server(("127.0.0.1", 0))
+    conn = socket.create_connection(server.getsockname())
+    peer, _ = server.accept()
+
+    class Transport:
+        def get_extra_info(self, name):
+            return conn if name == "socket" else None
+
+    class Cycle:  # uvicorn's RequestResponseCycle: its bound send carries the transport
+        transport = Transport()
+        corked: list[tuple[str, int]] = []
+
+        async def send(self, message):
+            self.corked.append((message["type"], conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK)))
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    cycle = Cycle()
+    try:
+        asyncio.run(WholeResponse(app)({"type": "http"}, None, cycle.send))
+        assert cycle.corked == [("http.response.start", 1), ("http.response.body", 1)]
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CORK) == 0
+    finally:
+        for s in (conn, peer, server):
+            s.close()
