@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -92,30 +91,17 @@ def stop_group(proc: subprocess.Popen, sig_timeout: float = 10.0) -> None:
 
 
 def kill_now(proc: subprocess.Popen) -> None:
-    """SIGKILL ``bentoml serve`` and every worker at once: a replica that dies without a goodbye.
-
-    The workers run in process groups of their own, so they get their signals one after another:
-    API workers first, then the other services' workers, then the supervisor: a machine or
-    container that dies takes all its processes at once, and an API worker that outlived its
-    scorer by microseconds would be answering its requests in flight with the fallback as it dies
-    (a scorer that dies alone is answered by the fallback: tests/bentos/test_degradation.py).
-    """
+    """SIGKILL ``bentoml serve`` and every worker at once: a replica that dies without a goodbye."""
     import psutil
 
-    def scorer_last(child) -> bool:
-        try:
-            return "-scorer" in " ".join(child.cmdline())
-        except psutil.Error:
-            return True
-
     try:
-        children = sorted(psutil.Process(proc.pid).children(recursive=True), key=scorer_last)
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     except psutil.NoSuchProcess:
-        children = []
-    for pid in [c.pid for c in children] + [proc.pid]:
+        return
+    for p in procs:
         try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            p.kill()
+        except psutil.NoSuchProcess:
             pass
     proc.wait()
 
