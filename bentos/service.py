@@ -27,6 +27,7 @@ from starlette.responses import Response
 from bentos.content_type import JsonOnly
 from bentos.guard import ApiKeyAndSizeGuard
 from bentos.recycle import RecycleConnections
+from bentos.whole_response import install_outermost
 
 with bentoml.importing():
     from pipelines.ingest import EventIngestor, IngestRejected
@@ -35,6 +36,8 @@ with bentoml.importing():
     from pipelines.settings import get_settings
 
 log = logging.getLogger("shoprec.service")
+# headers and body leave in one write, so that a replica killed mid-answer lets the load balancer retry
+install_outermost()
 
 # batching and resources are decided when the service is defined, from the environment
 _S = get_settings()
