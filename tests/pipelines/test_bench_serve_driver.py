@@ -43,3 +43,25 @@ def test_fallback_answers_are_counted_apart_from_model_answers(tmp_path, monkeyp
         server.shutdown()
     assert out["errors"] == 0 and out["requests"] > 30
     assert out["fallback"] == pytest.approx(out["requests"] / 3, abs=3)  # one in three, give or take the cut-off
+
+
+def _pass(rps, p99, errors=0, fallback=0, requests=1000):
+    return {"rps": rps, "served_rps": rps * (1 - fallback / requests), "p50_ms": p99 / 3, "p99_ms": p99,
+            "errors": errors, "requests": requests, "fallback": fallback}
+
+
+def test_one_busy_pass_does_not_decide_a_scenario():
+    out = bench_serve.summarize([_pass(1400, 2.1), _pass(1450, 2.2), _pass(900, 4.8)])  # the third met a busy spell
+    assert out["p99_ms"] == 2.2 and out["rps"] == 1400
+    assert out["requests"] == 3000 and len(out["passes"]) == 3
+
+
+def test_an_error_in_any_pass_is_reported():
+    out = bench_serve.summarize([_pass(1400, 2.1), _pass(1450, 2.2, errors=2) | {"error_kinds": {"timeout": 2}},
+                                 _pass(1300, 2.3, fallback=40)])
+    assert out["errors"] == 2 and out["error_kinds"] == {"timeout": 2}
+    assert out["fallback"] == 40
+
+
+def test_a_single_round_keeps_the_old_shape():
+    assert "passes" not in bench_serve.summarize([_pass(1400, 2.1)])
