@@ -2,7 +2,7 @@
 
 ``python -m pipelines.bench.loadgen URL CONCURRENCY SECONDS`` with a JSON list of request bodies on
 stdin; prints ``{"rps", "p50_ms", "p99_ms", "errors", "requests", "fallback"}`` (``fallback``: 200 answers
-whose ``source`` is the fallback).
+whose ``source`` is the fallback, ``cached``: those from the cache).
 """
 
 from __future__ import annotations
@@ -19,13 +19,13 @@ import numpy as np
 
 async def _main(url: str, concurrency: int, seconds: float, bodies: list[dict]) -> dict:
     lat: list[float] = []
-    errors = fallback = 0
+    errors = fallback = cached = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(limits=limits, timeout=5) as client:
         end = time.perf_counter() + seconds
 
         async def worker():
-            nonlocal errors, fallback
+            nonlocal errors, fallback, cached
             while time.perf_counter() < end:
                 t = time.perf_counter()
                 try:
@@ -34,6 +34,8 @@ async def _main(url: str, concurrency: int, seconds: float, bodies: list[dict]) 
                         errors += 1
                     elif b'"source":"fallback"' in r.content:
                         fallback += 1
+                    elif b'"source":"cache"' in r.content:
+                        cached += 1
                 except httpx.HTTPError:
                     errors += 1
                 lat.append(time.perf_counter() - t)
@@ -44,7 +46,7 @@ async def _main(url: str, concurrency: int, seconds: float, bodies: list[dict]) 
     a = np.array(lat) * 1000
     return {"rps": round(len(a) / took, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
             "p99_ms": round(float(np.percentile(a, 99)), 2), "errors": errors,
-            "requests": len(a), "fallback": fallback}
+            "requests": len(a), "fallback": fallback, "cached": cached}
 
 
 if __name__ == "__main__":

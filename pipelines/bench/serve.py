@@ -15,7 +15,8 @@ httpx client when wrk is missing) at fixed concurrency for a fixed time:
 Each gives ``{"rps", "p50_ms", "p99_ms", "errors"}`` (errors = non-2xx answers, socket errors
 and timeouts) plus ``requests``, ``fallback`` (200 answers served by the fallback: the service sheds
 load that way instead of failing) and ``served_rps`` (answers per second that were not the
-fallback; the batching ratio compares these), at ``concurrency`` clients (64: throughput and the batching ratio) and again, under
+fallback; the batching ratio compares these) and ``cached`` (answers from the cache; ``cache_share`` in the
+``cached`` scenario says the scenario measured what it says), at ``concurrency`` clients (64: throughput and the batching ratio) and again, under
 ``"latency"``, at ``latency_concurrency`` clients (4: the latency targets, measured where the server
 is not saturated). The scenarios run in turn ``rounds`` times (3 by default; a fresh server each
 time) and each figure is the median of its passes, with every pass kept under ``passes``. The JSON
@@ -84,6 +85,7 @@ wrk.headers["Content-Type"] = "application/json"
 local bodies = {%(bodies)s}
 local threads = {}
 fallback = 0  -- answers served by the fallback (popular items), counted per thread
+cached = 0  -- answers served from the cache
 setup = function(thread)
   table.insert(threads, thread)
 end
@@ -93,36 +95,40 @@ end
 response = function(status, headers, body)
   if body and string.find(body, '"source":"fallback"', 1, true) then
     fallback = fallback + 1
+  elseif body and string.find(body, '"source":"cache"', 1, true) then
+    cached = cached + 1
   end
 end
 done = function(summary, latency, requests)
-  local fb = 0
+  local fb, ca = 0, 0
   for _, thread in ipairs(threads) do
     fb = fb + (thread:get("fallback") or 0)
+    ca = ca + (thread:get("cached") or 0)
   end
-  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
+  io.write(string.format("RESULT %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d %%d\\n", summary.requests, summary.duration,
     latency:percentile(50), latency:percentile(99), summary.errors.connect, summary.errors.read,
-    summary.errors.write, summary.errors.status, summary.errors.timeout, fb))
+    summary.errors.write, summary.errors.status, summary.errors.timeout, fb, ca))
 end
 """
 
 
 def drive(url: str, bodies: list[dict], concurrency: int, seconds: float, work: Path) -> dict:
-    """Closed-loop load from a separate process; returns ``{"rps", "p50_ms", "p99_ms", "errors", "fallback"}``.
+    """Closed-loop load from a separate process; returns ``{"rps", "p50_ms", "p99_ms", "errors", "fallback", "cached"}``.
 
     ``fallback`` counts the 200 answers that came from the fallback (popular items) instead of a model
     or the cache: the service sheds load that way rather than failing, so a scenario's ``rps`` alone
-    would credit the model with answers it never gave.
+    would credit the model with answers it never gave. ``cached`` counts the answers from the cache
+    (in the ``cached`` scenario that should be all of them).
     """
     if shutil.which("wrk"):
         script = work / "load.lua"
         script.write_text(_WRK_SCRIPT % {"bodies": ",".join(json.dumps(json.dumps(b)) for b in bodies)})
         out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "--timeout", "5s",
                               "-s", str(script), url], capture_output=True, text=True, check=True).stdout
-        m = re.search(r"RESULT" + r" (\d+)" * 10, out)
-        req, dur_us, p50, p99, *errs, fallback = (int(x) for x in m.groups())
+        m = re.search(r"RESULT" + r" (\d+)" * 11, out)
+        req, dur_us, p50, p99, *errs, fallback, cached = (int(x) for x in m.groups())
         out = {"rps": round(req / (dur_us / 1e6), 1), "p50_ms": round(p50 / 1000, 2), "p99_ms": round(p99 / 1000, 2),
-               "errors": sum(errs), "requests": req, "fallback": fallback}
+               "errors": sum(errs), "requests": req, "fallback": fallback, "cached": cached}
         if sum(errs):  # which kind, for whoever reads the JSON
             out["error_kinds"] = {k: n for k, n in zip(("connect", "read", "write", "status", "timeout"), errs) if n}
         return out
@@ -142,7 +148,7 @@ def summarize(passes: list[dict]) -> dict:
     med = {k: round(statistics.median(p[k] for p in passes), 2)
            for k in ("rps", "served_rps", "p50_ms", "p99_ms")}
     out = {**med, "errors": sum(p["errors"] for p in passes), "requests": sum(p["requests"] for p in passes),
-           "fallback": sum(p["fallback"] for p in passes)}
+           "fallback": sum(p["fallback"] for p in passes), "cached": sum(p["cached"] for p in passes)}
     kinds: dict[str, int] = {}
     for p in passes:
         for k, n in p.get("error_kinds", {}).items():
@@ -157,6 +163,7 @@ def summarize(passes: list[dict]) -> dict:
 def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = N_ITEMS,
         latency_concurrency: int = 4, model_name: str = "shoprec", api_workers: int = 2, rounds: int = 3) -> dict:
     import httpx
+    import redis
 
     from pipelines import localstack
     from pipelines.serve_process import bento_serving
@@ -187,6 +194,9 @@ def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = 
             # every scenario alike instead of on whichever one it happened to meet
             for rnd in range(1, rounds + 1):
                 for extra, runs in scenarios:
+                    # every server starts on the empty Redis of the first: lists cached two rounds ago would
+                    # otherwise reach their TTL (300 s) during a later `cached` pass and turn it into misses
+                    redis.Redis.from_url(env["SHOPREC_REDIS_URL"]).flushdb()
                     port = localstack.free_port()
                     base = f"http://127.0.0.1:{port}"
                     with bento_serving(port, {**env, **extra}, work / "bentoml.log"):
@@ -210,6 +220,8 @@ def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = 
         r["served_rps"] = round(r["rps"] * (1 - r["fallback"] / max(1, r["requests"])), 1)
     results = {name: summarize(ps) for name, ps in passes.items()}
     latency = {name: summarize(ps) for name, ps in latency_passes.items()}
+    for r in (results["cached"], latency["cached"]):  # the scenario is only what it says if (nearly) every answer was cached
+        r["cache_share"] = round(r["cached"] / max(1, r["requests"]), 4)
     unb = results["model_unbatched"]
     lat_cached, lat_floor, lat_model = latency["cached"], latency["floor"], latency["model"]
     report = {

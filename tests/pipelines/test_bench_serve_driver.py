@@ -1,4 +1,4 @@
-"""The serving benchmark's load driver credits the model only with answers the model gave."""
+"""The serving benchmark's load driver credits the model only with answers the model gave, and the cache with its own."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ from pipelines.bench import serve as bench_serve
 
 
 class _Answers(http.server.BaseHTTPRequestHandler):
-    """Every third answer is a fallback, as a service shedding load would give."""
+    """A third of the answers are the fallback (as a service shedding load would give), a third from the cache."""
 
     protocol_version = "HTTP/1.1"
     counter = itertools.count()
 
     def do_POST(self):  # noqa: N802 - http.server's name
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
-        source = "fallback" if next(self.counter) % 3 == 0 else "model"
+        source = ("fallback", "model", "cache")[next(self.counter) % 3]
         body = b'{"items":[],"source":"%s"}' % source.encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -32,7 +32,7 @@ class _Answers(http.server.BaseHTTPRequestHandler):
 
 
 @pytest.mark.parametrize("driver", ["wrk", "asyncio"])
-def test_fallback_answers_are_counted_apart_from_model_answers(tmp_path, monkeypatch, driver):
+def test_fallback_and_cache_answers_are_counted_apart_from_model_answers(tmp_path, monkeypatch, driver):
     if driver == "asyncio":  # the load generator used where wrk is not installed
         monkeypatch.setattr(bench_serve.shutil, "which", lambda name: None)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
@@ -43,11 +43,12 @@ def test_fallback_answers_are_counted_apart_from_model_answers(tmp_path, monkeyp
         server.shutdown()
     assert out["errors"] == 0 and out["requests"] > 30
     assert out["fallback"] == pytest.approx(out["requests"] / 3, abs=3)  # one in three, give or take the cut-off
+    assert out["cached"] == pytest.approx(out["requests"] / 3, abs=3)
 
 
 def _pass(rps, p99, errors=0, fallback=0, requests=1000):
     return {"rps": rps, "served_rps": rps * (1 - fallback / requests), "p50_ms": p99 / 3, "p99_ms": p99,
-            "errors": errors, "requests": requests, "fallback": fallback}
+            "errors": errors, "requests": requests, "fallback": fallback, "cached": 0}
 
 
 def test_one_busy_pass_does_not_decide_a_scenario():
