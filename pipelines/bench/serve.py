@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import typer
@@ -149,12 +150,9 @@ def summarize(passes: list[dict]) -> dict:
            for k in ("rps", "served_rps", "p50_ms", "p99_ms")}
     out = {**med, "errors": sum(p["errors"] for p in passes), "requests": sum(p["requests"] for p in passes),
            "fallback": sum(p["fallback"] for p in passes), "cached": sum(p["cached"] for p in passes)}
-    kinds: dict[str, int] = {}
-    for p in passes:
-        for k, n in p.get("error_kinds", {}).items():
-            kinds[k] = kinds.get(k, 0) + n
+    kinds = sum((Counter(p.get("error_kinds", {})) for p in passes), Counter())
     if kinds:
-        out["error_kinds"] = kinds
+        out["error_kinds"] = dict(kinds)
     if len(passes) > 1:
         out["passes"] = passes
     return out
