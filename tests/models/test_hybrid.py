@@ -91,6 +91,40 @@ class TestItemItemCoVisitation(TestItemItemEASE):
         assert model.table_bytes() == 12 * 4 * (4 + 4)
         assert set(model.similar_items("B1", 4)) <= {f"B{i}" for i in range(6)}
 
+    def test_table_matches_the_dense_cosine_co_visitation(self):
+        """Each row holds the N largest ``C_ij / sqrt(c_i c_j)`` of the dense formula, computed chunk by chunk sparsely."""
+        rng = np.random.default_rng(3)
+        n_items, n = 300, 7
+        inter = pd.DataFrame({"user_id": rng.integers(0, 120, 3000).astype(str),
+                              "item_id": rng.zipf(1.3, 3000).clip(1, n_items).astype(str),
+                              "ts": pd.Timestamp("2024-05-01", tz="UTC")})
+        lone = pd.DataFrame({"user_id": "solo", "item_id": ["X1", "X2"], "ts": pd.Timestamp("2024-05-01", tz="UTC")})
+        inter = pd.concat([inter, lone], ignore_index=True)  # X1 and X2 are co-visited with one item each
+        model = self.make(neighbours=n).fit(inter)
+        model._fit_covisit(*self._codes(model, inter), chunk=16)  # many chunks, same table
+        pairs = inter.drop_duplicates(["user_id", "item_id"])
+        x = pd.crosstab(pairs["user_id"], pairs["item_id"]).reindex(columns=model.item_ids).to_numpy(float)
+        c = x.T @ x
+        count = np.diag(c).copy()
+        w = c / np.sqrt(np.outer(count, count))
+        np.fill_diagonal(w, 0.0)
+        expected = -np.sort(-w, axis=1)[:, :n]
+        got = model.nb_weight.numpy()
+        assert np.allclose(got, expected, atol=1e-6)  # the same top-N weights, best first
+        rows = np.arange(len(w))[:, None]
+        assert np.allclose(w[rows, model.nb_index.numpy()], got, atol=1e-6)  # each weight at its own neighbour
+        x1 = model.item_index["X1"]  # fewer co-visited items than N: the rest is padding at weight 0
+        assert model.nb_index[x1, 0].item() == model.item_index["X2"] and got[x1, 0] == pytest.approx(1.0)
+        assert (got[x1, 1:] == 0).all() and (model.nb_index[x1, 1:] == x1).all()
+        assert model.similar_items("X1", 3)[0] == "X2"
+
+    @staticmethod
+    def _codes(model, inter):
+        pairs = inter.drop_duplicates(["user_id", "item_id"])
+        users = {u: k for k, u in enumerate(sorted(pairs["user_id"].unique()))}
+        return (pairs["user_id"].map(users).to_numpy(), pairs["item_id"].map(model.item_index).to_numpy(),
+                len(users), len(model.item_ids))
+
 
 class TestIALS(RecommenderContract):
     """The hybrid's second collaborative signal: iALS, user vectors folded in from the profile."""

@@ -66,6 +66,9 @@ data = pd.DataFrame(rows, columns=["user_id", "item_id"]).assign(ts=pd.Timestamp
 m = get_recommender("shoprec", l2=1.0, dim=8, epochs=2, device="cpu").fit(data)
 m.save({str(tmp_path)!r})
 again = load_recommender({str(tmp_path)!r})
+from pipelines.bench import gpu  # the GPU benchmark's scoring part draws its shop and fits with the core alone
+scoring = gpu.run(n_items=500, training=False)["scoring"]
+assert scoring["n_items"] == 500 and scoring["by_batch"]["64"]["cpu"]["ms_per_batch"] > 0, scoring
 print(json.dumps(again.recommend(["a0"], 3)))
 """
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
@@ -75,6 +78,7 @@ print(json.dumps(again.recommend(["a0"], 3)))
 
 def test_gpu_bench_reports_cpu_figures_without_a_gpu():
     result = gpu.run(n_items=2_000, training=False)
+    assert result["scoring"]["model"] == "shoprec" and result["scoring"]["n_items"] == 2_000  # the production hybrid
     row = result["scoring"]["by_batch"]["64"]
     assert row["cpu"]["ms_per_batch"] > 0 and row["cpu"]["users_per_s"] > 0
     if torch.cuda.is_available():
