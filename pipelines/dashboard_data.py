@@ -926,7 +926,6 @@ def revenue_per_impression(impressions: pd.DataFrame, purchases: pd.DataFrame) -
         purchases that carry its ``request_id`` (0 for most). Purchases without a matching impression
         are not counted (their list was not shown in the window).
     """
-    import numpy as np
 
     imp = impressions.dropna(subset=["request_id", "variant"]).drop_duplicates("request_id")
     if imp.empty:

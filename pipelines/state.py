@@ -149,8 +149,8 @@ class OnlineState:
                          lines(trending["hour"], pc.cast(trending["w_sum"], pa.string()), trending["item"]),
                          lines(shown["rid"], shown["variant"])], client=p)
         bucket = int(time.time()) // BUCKET_S
-        for hour in pc.unique(hour).to_pylist():
-            p.expire(RedisKeys.trending_hour(hour), TRENDING_WINDOW_H * 3600)
+        for hour_key in pc.unique(hour).to_pylist():
+            p.expire(RedisKeys.trending_hour(hour_key), TRENDING_WINDOW_H * 3600)
         for (variant, metric), n in ab.items():
             p.hincrby(RedisKeys.ab(self.experiment, variant), metric, n)
             p.hincrby(RedisKeys.counter(f"ab:{variant}", bucket), metric, n)
