@@ -72,8 +72,8 @@ from dataclasses import dataclass, field
 
 import redis
 from kafka import TopicPartition
-from kafka.structs import OffsetAndMetadata
-from kafka.errors import CommitFailedError
+from kafka.structs import MemberState, OffsetAndMetadata
+from kafka.errors import CommitFailedError, RebalanceInProgressError
 from tenacity import before_sleep_log, retry, retry_if_exception_type, stop_after_delay, wait_exponential
 
 import numpy as np
@@ -330,9 +330,11 @@ class StreamConsumer:
                 # kafka-python commits under the new generation without checking ownership
                 raise CommitFailedError("partitions of this batch were revoked while it was written")
             self.consumer.commit(batch.offsets())
-        except CommitFailedError as err:
-            # the group rebalanced under us: the partitions' new owner replays these batches, so the
-            # files written here must go (it deletes uncommitted files too, but may have looked already)
+        except (CommitFailedError, RebalanceInProgressError) as err:
+            # the group rebalanced under us (or is rebalancing: kafka-python then refuses the commit
+            # before sending it, e.g. when a member joins): the partitions' next owner, perhaps this
+            # consumer again, replays these batches from the committed offset, so the files written
+            # here must go (it deletes uncommitted files too, but may have looked already)
             later, written = list(self._inflight), list(written)
             self._inflight.clear()
             for b in later:
@@ -395,7 +397,11 @@ class StreamConsumer:
 
     # --- progress ------------------------------------------------------------------------------
     def lag(self) -> int:
-        """Records behind the partition ends (from ``highwater``, which is exact on tansu)."""
+        """Records behind the ends of this member's partitions (from ``highwater``, which is exact on tansu).
+
+        0 for a member that owns no partition (tansu's ListOffsets answers are not reliable enough to
+        measure the whole group's backlog from here): the log line and the status say so.
+        """
         total = 0
         for tp in self.consumer.assignment():
             hw = self.consumer.highwater(tp)
@@ -429,8 +435,12 @@ class StreamConsumer:
         if now - self._last_log >= self.log_every_s:
             rate = (self.stats.consumed - self._last_logged_count) / (now - self._last_log)
             self._last_log, self._last_logged_count = now, self.stats.consumed
-            log.info("consumed=%d stored=%d rejected=%d rate=%.0f ev/s lag=%d", self.stats.consumed,
-                     self.stats.stored, sum(self.stats.rejected.values()), rate, self.lag())
+            partitions = len(self.consumer.assignment())
+            log.log(logging.INFO if partitions else logging.WARNING,
+                    "consumed=%d stored=%d rejected=%d rate=%.0f ev/s lag=%d partitions=%d%s", self.stats.consumed,
+                    self.stats.stored, sum(self.stats.rejected.values()), rate, self.lag(), partitions,
+                    "" if partitions else " (this member has no partition: more consumers than partitions, or "
+                    "the group has not settled; lag is the whole group's)")
 
     def run(self, stop: threading.Event | None = None, *, idle_exit_s: float | None = None) -> ConsumerStats:
         """Consume until ``stop`` is set (or no record came for ``idle_exit_s``)."""
@@ -461,5 +471,23 @@ class StreamConsumer:
             self.producer.flush(timeout=5)
         finally:
             self.producer.close(timeout=5)
+            self._settle_membership()
             self.consumer.close()
+
+    def _settle_membership(self, timeout_s: float = 30.0) -> None:
+        """Before leaving the group, let a rebalance this member takes part in finish.
+
+        A member that leaves while its group rebalances (a member joining, another leaving) leaves the
+        tansu broker's group stuck: from then on no member, old or new, is given a partition until the
+        broker restarts (reproduced with two plain kafka-python consumers). So a closing consumer first
+        polls until it is a stable member again. Records polled here are not committed: whoever owns
+        their partitions next consumes them.
+        """
+        deadline = time.monotonic() + timeout_s
+        try:
+            while (self.consumer.group_metadata().state == MemberState.REBALANCING
+                   and time.monotonic() < deadline):
+                self.consumer.poll(timeout_ms=100)
+        except Exception as err:  # noqa: BLE001 - leaving anyway
+            log.warning("could not wait for the group to settle before leaving: %s", err)
 

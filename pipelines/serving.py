@@ -134,15 +134,25 @@ class ModelHolder:
         self._refresh_lock = threading.Lock()
 
     def refresh(self) -> dict[str, str]:
-        """Load the versions behind the aliases that changed; an alias that was removed stops serving."""
+        """Load the versions behind the aliases that changed; an alias that was removed stops serving.
+
+        A ``challenger`` that names the champion's version (left behind when a person promoted it) is
+        not served: with one version there is no experiment, and all traffic goes to the champion.
+        """
         with self._refresh_lock:
             models = dict(self.models)
             for alias in ALIASES:
                 try:
                     version = self.registry.version_for(alias)
+                    if alias == ALIAS_CHALLENGER and version is not None and ALIAS_CHAMPION in models \
+                            and models[ALIAS_CHAMPION].version == version:
+                        # a person promoted the challenger and left its alias: no experiment to run
+                        if alias in models:
+                            log.info("challenger is the champion's version %s: all traffic to the champion", version)
+                        version = None
                     if version is None:
                         if alias in models and models[alias] is not self._packaged:
-                            log.info("alias %s removed; no longer serving it", alias)
+                            log.info("alias %s removed or the champion's; no longer serving it", alias)
                             models.pop(alias)
                     elif alias not in models or models[alias].version != version:
                         loaded = self.registry.load(alias)

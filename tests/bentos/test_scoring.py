@@ -54,3 +54,21 @@ def test_the_scorer_loads_the_champion_with_the_configured_product_dtype(setting
     assert model._product_dtype == getattr(torch, setting)
     answers = holder.score([{"user_id": "u0", "variant": "champion", "k": 5}, {"user_id": "walk-in", "k": 5}])
     assert [len(a["items"]) for a in answers] == [5, 5] and answers[0]["cold"] is False and answers[1]["cold"] is True
+
+
+def test_a_challenger_left_on_the_promoted_version_is_not_served_as_an_experiment(settings, registered_champion):
+    """Promoting by hand moves ``champion`` onto the challenger's version; the stale alias must not split traffic."""
+    from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION
+    from pipelines.serving import ModelHolder
+
+    registry, reg = registered_champion
+    model = registry.load(ALIAS_CHAMPION).recommender
+    _, v2 = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.1}, tags={})
+    registry.set_alias(ALIAS_CHALLENGER, v2)
+    holder = ModelHolder(settings, registry=registry)
+    assert holder.refresh() == {ALIAS_CHAMPION: reg.version, ALIAS_CHALLENGER: v2}  # an A/B test of two versions
+    registry.set_alias(ALIAS_CHAMPION, v2)  # a person promotes the challenger and leaves its alias
+    assert holder.refresh() == {ALIAS_CHAMPION: v2}
+    assert holder.refresh() == {ALIAS_CHAMPION: v2}  # and stays so on the next polls
+    answer = holder.score([{"user_id": "u0", "variant": ALIAS_CHALLENGER, "k": 5}])[0]
+    assert answer["model_version"] == v2 and len(answer["items"]) == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+import time
 
 import pytest
 
@@ -78,3 +79,77 @@ def test_two_consumers_share_partitions_and_one_stopping_loses_nothing(settings,
                 _stop(p)
     counts = lake_counts(settings, wanted)
     assert set(counts.values()) == {1}, f"doubled events: see {log_a} and {log_b}"
+
+
+def test_a_member_joining_and_leaving_mid_stream_does_not_stall_the_group(settings, redis_client, tmp_path):
+    """The README's "start more for more partitions": a second consumer joins a busy one, then leaves.
+
+    The first keeps running throughout (no crash, no restart), takes every partition back, and every
+    event sent before, during and after ends up in the lake exactly once.
+    """
+    import threading
+
+    kafka_io.ensure_topics(settings)
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = start_consumer(log_a)
+    sent: list[str] = []
+    stop = threading.Event()
+
+    def trickle():  # the shop: a few events every 50 ms, all the time
+        while not stop.is_set():
+            batch = tagged_events(5)
+            produce(settings, batch)
+            sent.extend(e["event_id"] for e in batch)
+            stop.wait(0.05)
+
+    shop = threading.Thread(target=trickle, daemon=True)
+    shop.start()
+    b = None
+    try:
+        wait_until(lambda: len(sent) > 50 and len(lake_counts(settings, sent[:50])) == 50, timeout=60,
+                   what="the first consumer to store the first events")
+        b = start_consumer(log_b)
+        wait_until(lambda: "consumed=" in log_b.read_text() or b.poll() is not None, timeout=60,
+                   what="the second consumer to join")
+        time.sleep(3)  # both members work side by side for a while (traffic keeps flowing meanwhile)
+        assert _stop(b) == 0
+        upto = len(sent)
+        wait_until(lambda: len(lake_counts(settings, sent[:upto + 100])) == len(sent[:upto + 100])
+                   and len(sent) > upto + 100, timeout=90,
+                   what=f"events sent after the second consumer left to reach the lake (see {log_a})")
+        assert a.poll() is None, f"the first consumer exited: see {log_a}"
+    finally:
+        stop.set()
+        shop.join(timeout=30)
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                _stop(p)
+    counts = lake_counts(settings, sent)
+    assert len(counts) == len(sent) and set(counts.values()) == {1}, f"see {log_a} and {log_b}"
+
+
+def test_a_consumer_closed_while_its_group_rebalances_does_not_stall_the_group(settings, redis_client, tmp_path):
+    """Stopping a consumer mid-rebalance (it had just joined) must leave the group usable for the next one."""
+    from kafka.structs import MemberState
+
+    from pipelines.consumer import StreamConsumer
+
+    kafka_io.ensure_topics(settings)
+    first = StreamConsumer(settings, OnlineState(redis_client))
+    def joining():  # the broker knows the member (it has an id) and its join is not complete
+        first.consumer.poll(timeout_ms=10)
+        meta = first.consumer.group_metadata()
+        return meta.state == MemberState.REBALANCING and bool(meta.member_id)
+    wait_until(joining, timeout=30, step=0, what="the first consumer to be joining its group")
+    first.close()  # stopped (SIGTERM) while the group is rebalancing
+    log = tmp_path / "next.log"
+    proc = start_consumer(log)
+    try:
+        events = tagged_events(300)
+        produce(settings, events)
+        wanted = [e["event_id"] for e in events]
+        wait_until(lambda: len(lake_counts(settings, wanted)) == len(wanted), timeout=60,
+                   what=f"the next consumer to be given partitions and store the events (see {log})")
+    finally:
+        _stop(proc)
+
