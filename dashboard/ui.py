@@ -209,5 +209,6 @@ def quality_reports() -> list[dict]:
     return _quality_reports(str(settings().quality_dir))
 
 
-def altair(chart) -> None:
-    st.altair_chart(chart, width="stretch")
+def altair(chart, time_format: str = "%H:%M") -> None:
+    """Render a chart; time axes label on a 24-hour clock (Vega-Lite's default mixes "08:45" with "08 PM")."""
+    st.altair_chart(chart.configure_axisTemporal(format=time_format), width="stretch")

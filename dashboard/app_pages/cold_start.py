@@ -82,7 +82,7 @@ def products() -> None:
         tooltip=["hour:T", "slots:Q", "new_slots:Q", alt.Tooltip("new_share:Q", format=".2%")])
     budget = alt.Chart(df.assign(budget=rep.explore_share)).mark_rule(color="red", strokeDash=[4, 4]).encode(
         y="budget:Q")
-    ui.altair((line + budget).properties(height=220))
+    ui.altair((line + budget).properties(height=220), time_format="%d %b %H:%M")
 
 
 ui.live(users)

@@ -164,6 +164,8 @@ def test_overview_shows_models_traffic_ingestion(seeded):
     dlq = [d.value for d in at.dataframe if "records" in d.value.columns][0]
     assert dlq["records"].to_dict() == {"invalid_json": 3, "schema": 1}
     assert charts(at) == 1 and not at.warning
+    chart = (at.get("vega_lite_chart") + at.get("arrow_vega_lite_chart"))[0]
+    assert json.loads(chart.proto.spec)["config"]["axisTemporal"]["format"] == "%H:%M"  # 24-hour labels, no "08 PM"
 
 
 def test_ab_page_shows_rates_lift_verdict_and_revenue(seeded):
