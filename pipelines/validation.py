@@ -329,6 +329,11 @@ def hour_window(partition_key: str) -> tuple[datetime, datetime]:
     return start, start + timedelta(hours=1)
 
 
+def hour_is_open(partition_key: str, now: datetime | None = None) -> bool:
+    """Whether the hour of ``partition_key`` has not ended yet (events may still arrive in it)."""
+    return hour_window(partition_key)[1] > (now or datetime.now(timezone.utc))
+
+
 def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
                     hour_end: datetime | None = None, known_items: Sequence[str] | None = None,
                     volume: tuple[int, int] | None = None) -> ValidationReport:
@@ -485,21 +490,25 @@ def read_report(quality_dir: Path, partition: str) -> dict | None:
 
 def validate_partition(lake_dir: Path, key: str, *, quality_dir: Path | None = None,
                        known_items: Sequence[str] | None = None, band_factor: float = 4.0,
-                       history_hours: int = 24, dagster_run_id: str | None = None
-                       ) -> tuple[ValidationReport, pd.DataFrame]:
+                       history_hours: int = 24, dagster_run_id: str | None = None,
+                       now: datetime | None = None) -> tuple[ValidationReport, pd.DataFrame]:
     """Validate one hourly partition of the lake with every suite that applies; write its report.
 
-    The volume band is learned from the ``history_hours`` partitions before ``key``.
+    The volume band is learned from the ``history_hours`` partitions before ``key``. An hour that
+    has not closed yet (:func:`hour_is_open`) is checked by every suite but volume: its row count
+    so far says nothing about the stream (the hourly schedule checks it once it closed).
 
     Returns:
         ``(report, events)``; the report is also written to ``quality_dir`` when given.
     """
     df = read_partition_lenient(lake_dir, key)
     start, end = hour_window(key)
-    history = [partition_rows(lake_dir, (start - timedelta(hours=h)).strftime("%Y-%m-%d-%H:00"))
-               for h in range(1, history_hours + 1)]
-    report = validate_events(df, hour_start=start, hour_end=end, known_items=known_items,
-                             volume=volume_band(history, band_factor))
+    volume = None
+    if not hour_is_open(key, now):
+        history = [partition_rows(lake_dir, (start - timedelta(hours=h)).strftime("%Y-%m-%d-%H:00"))
+                   for h in range(1, history_hours + 1)]
+        volume = volume_band(history, band_factor)
+    report = validate_events(df, hour_start=start, hour_end=end, known_items=known_items, volume=volume)
     if quality_dir is not None:
         write_report(report, key, quality_dir, dagster_run_id)
     return report, df
@@ -509,15 +518,17 @@ def split_by_quality(lake_dir: Path, keys: Sequence[str], quality_dir: Path, **v
                      ) -> tuple[list[str], list[str]]:
     """Which of ``keys`` (partitions with files) training may use.
 
-    A partition is usable when its latest quality report passed; one never validated is
-    validated now (and its report written), so training never reads unchecked data.
+    A partition is usable when its latest quality report passed; one never validated, or the hour
+    still being written, is validated now (and its report written), so training never reads
+    unchecked data.
 
     Returns:
         ``(passed, failed)`` partition keys.
     """
     passed, failed = [], []
     for key in keys:
-        rep = read_report(quality_dir, key)
+        # the hour still being written is validated again each time: its stored report saw part of it
+        rep = None if hour_is_open(key) else read_report(quality_dir, key)
         ok = rep["success"] if rep is not None else validate_partition(
             lake_dir, key, quality_dir=quality_dir, **validate_kw)[0].success
         (passed if ok else failed).append(key)
@@ -552,4 +563,5 @@ def describe_report(data: dict) -> str:
 
 __all__ = ["CATALOG_KEY", "SUITE_PATH", "WINDOW_SUITE_PATH", "ValidationReport", "hour_window", "load_suite",
            "describe_report", "read_report", "sample_rows", "split_by_quality", "suite_parameters",
-           "validate_catalog", "validate_events", "validate_partition", "volume_band", "write_report"]
+           "validate_catalog", "validate_events", "validate_partition", "volume_band", "write_report",
+           "hour_is_open"]

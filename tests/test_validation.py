@@ -213,3 +213,35 @@ def test_runtime_is_cached_and_fast():
 def test_not_a_dataframe():
     with pytest.raises(TypeError, match="DataFrame"):
         validation.validate_events([{"event_id": "x"}])  # type: ignore[arg-type]
+
+
+def _hours_in_lake(lake_dir, rows_per_hour: dict[int, int]) -> None:
+    """Write ``n`` clean view events into each hour ``h`` after HOUR."""
+    for h, n in rows_per_hour.items():
+        lake.write_events(lake_dir, [schemas.new_event("view", f"user{i % 5}", f"sku:{i}", f"sess{i % 7}",
+                                                       ts=HOUR_MS + h * 3_600_000 + i * 1000) for i in range(n)])
+
+
+def test_volume_is_judged_once_the_hour_closed_not_while_it_fills(tmp_path):
+    _hours_in_lake(tmp_path, {h: 300 for h in range(4)} | {4: 20})  # four steady hours, then a thin fifth
+    key = lake.partition_key(HOUR_MS + 4 * 3_600_000)
+    qdir = tmp_path / "quality"
+    _, end = validation.hour_window(key)
+    closed, _ = validation.validate_partition(tmp_path, key, quality_dir=qdir, now=end + pd.Timedelta(minutes=5))
+    assert not closed.success and "volume" in closed.summary()  # 20 rows where ~300 are usual: the stream broke
+    filling, _ = validation.validate_partition(tmp_path, key, quality_dir=qdir, now=end - pd.Timedelta(minutes=50))
+    assert filling.success, filling.summary()  # ten minutes into the hour, 20 rows say nothing yet
+    assert "volume_band" not in filling.statistics
+
+
+def test_training_revalidates_the_hour_still_being_written(tmp_path, monkeypatch):
+    _hours_in_lake(tmp_path, {0: 50})
+    key = lake.partition_key(HOUR_MS)
+    qdir = tmp_path / "quality"
+    validation.write_report(validation.ValidationReport(success=False, evaluated=1), key, qdir)  # an old verdict
+    monkeypatch.setattr(validation, "hour_is_open", lambda k, now=None: True)  # as if it were the current hour
+    assert validation.split_by_quality(tmp_path, [key], qdir) == ([key], [])  # judged on what it holds now
+    monkeypatch.undo()
+    assert validation.read_report(qdir, key)["success"] is True
+    assert validation.hour_is_open(lake.partition_key(int(time.time() * 1000)))
+    assert not validation.hour_is_open(key)
