@@ -131,7 +131,8 @@ def training_interactions(context: dg.AssetExecutionContext, config: WindowConfi
     end = _window_end(config.end)
     window = training.load_window(lake_store.path, lake_store.quality_path, end - timedelta(days=days), end,
                                   known_items=_known_items(lake_store.catalog()),
-                                  band_factor=s.volume_band_factor, history_hours=s.volume_history_hours)
+                                  band_factor=s.volume_band_factor, history_hours=s.volume_history_hours,
+                                  dagster_run_id=context.run_id)  # the report links the run that validated it
     df = training.build_interactions(window.events)
     context.add_output_metadata({
         "rows": len(df), "users": int(df.user_id.nunique()), "items": int(df.item_id.nunique()),
@@ -206,7 +207,7 @@ def itemitem_refresh(context: dg.AssetExecutionContext, config: RefreshConfig, l
         holdout_hours=s.holdout_hours, holdout_per_user=s.train.holdout_per_user, k=s.train.k,
         tolerance=s.challenger_tolerance, move_champion=s.refresh_moves_champion,
         extra_tags={"dagster_run_id": context.run_id}, known_items=_known_items(lake_store.catalog()),
-        band_factor=s.volume_band_factor, history_hours=s.volume_history_hours)
+        band_factor=s.volume_band_factor, history_hours=s.volume_history_hours, dagster_run_id=context.run_id)
     context.log.info(report.summary())
     meta: dict = {"note": report.note, "summary": dg.MetadataValue.md(report.summary()), "window_hours": hours,
                   "window_rows": report.window_rows,

@@ -59,6 +59,8 @@ def test_training_registers_a_champion_with_tags_and_a_worse_model_gets_no_alias
         report = json.loads((s.quality_dir / f"{key_of(hour)}.json").read_text())
         assert set(report) == REPORT_FIELDS and report["success"] and report["partition"] == key_of(hour)
     assert json.loads((s.quality_dir / f"{key_of(hours[0])}.json").read_text())["dagster_run_id"] == checked.run_id
+    # the hours training validated itself link to the training run (the data-quality page's run link)
+    assert json.loads((s.quality_dir / f"{key_of(hours[1])}.json").read_text())["dagster_run_id"] == first.run_id
 
     # serving's cache holds the champion's top-N for the most active users, in serving's payload
     served = _meta(first, "served_model")
