@@ -6,7 +6,7 @@ import streamlit as st
 
 from dashboard import ui
 from pipelines import dashboard_data as dd
-from pipelines.schemas import SOURCE_CACHE, SOURCE_MODEL
+from pipelines.schemas import SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL
 
 ui.sidebar()
 st.title("Cache")
@@ -41,7 +41,12 @@ def render() -> None:
     st.subheader("Latency of hits and misses")
     lat = dd.latency_summary(snap.latency)
     hit, miss = lat.loc[SOURCE_CACHE], lat.loc[SOURCE_MODEL]
-    if int(hit.requests) + int(miss.requests) == 0:
+    fallback = int(lat.loc[SOURCE_FALLBACK].requests)
+    if int(hit.requests) + int(miss.requests) == 0 and fallback:
+        st.warning(f"No answer came from the cache or a model in the last {snap.minutes} minutes: all {fallback:,} "
+                   "requests got the fallback list. Either no model is registered yet (run `train_job` in Dagster) "
+                   "or the scorer fails: see `/status` and `var/log/bentoml.log`.", icon=":material/warning:")
+    elif int(hit.requests) + int(miss.requests) == 0:
         ui.no_traffic(f"no `/recommend` latency recorded in the last {snap.minutes} minutes")
     else:
         c = st.columns(4)

@@ -266,3 +266,16 @@ def test_data_quality_page_lists_partitions_failures_and_run_links(seeded):
     fails = at.dataframe[1].value
     assert fails.iloc[0]["expectation"] == "expect_column_values_to_not_be_null"
     assert fails.iloc[0]["unexpected"] == 7 and "evt-a" in fails.iloc[0]["examples"]
+
+
+def test_cache_page_says_when_every_request_got_the_fallback(dashboard_env, redis_client, redis_url):
+    """Right after `make up` nothing is trained: the latency section must say why, not "no traffic"."""
+    state = OnlineState(redis_client)
+    state.incr_stats(dd.STATS_REQUESTS, {"fallback": 243})
+    state.incr_stats(dd.STATS_CACHE, {"miss": 243, "miss:champion": 243})
+    state.incr_stats(dd.latency_stats_name("fallback"), {"1": 243})
+    dashboard_env(redis_url, DEAD_MLFLOW)
+    at = run_page(PAGES[3])
+    warning = texts(at.warning)
+    assert "all 243 requests got the fallback list" in warning and "train_job" in warning
+    assert "no `/recommend` latency" not in texts(at.info)
