@@ -111,7 +111,7 @@ def catalog_sync(verbose: bool = False,
 
 
 @catalog_app.command("publish")
-def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False,
+def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False, metavar="FILE",
                                                 help="products as .jsonl, .csv or .parquet: item_id plus the fields "
                                                      "to set (all of them for a new product)")) -> None:
     """Send products (new ones, or changes such as in_stock) to the catalog topic and wait for the acks.
