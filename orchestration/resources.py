@@ -11,6 +11,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from pipelines.experiment import counter_name
 from pipelines.registry import ModelRegistry
 from pipelines.schemas import REGISTERED_MODEL
 from pipelines.settings import Settings, get_settings
@@ -50,7 +51,7 @@ class RedisResource(dg.ConfigurableResource):
     def state(self) -> OnlineState:
         s = _s()
         return OnlineState(connect(self.url), recent_cap=s.recent_items_cap, cache_ttl_s=s.cache_ttl_s,
-                           experiment=s.ab_experiment)
+                           experiment=counter_name(s))
 
 
 class MLflowResource(dg.ConfigurableResource):

@@ -59,13 +59,14 @@ def consume(verbose: bool = False,
 def _consumer_setup(verbose: bool):
     """Logging, settings, the topics and the online state of a consumer process."""
     from pipelines import kafka_io
+    from pipelines.experiment import counter_name
     from pipelines.state import OnlineState, connect
 
     _logging(verbose)
     s = get_settings()
     kafka_io.ensure_topics(s)
     return s, OnlineState(connect(s.redis_url), recent_cap=s.recent_items_cap, cache_ttl_s=s.cache_ttl_s,
-                          experiment=s.ab_experiment)
+                          experiment=counter_name(s))
 
 
 @app.command()

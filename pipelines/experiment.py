@@ -90,3 +90,13 @@ class Experiment:
         if available is not None and chosen not in available:
             return ALIAS_CHAMPION
         return chosen
+
+
+def counter_name(settings: Settings) -> str:
+    """The experiment name the A/B counters live under: the YAML file's ``name`` when there is one.
+
+    The stream consumer (which counts), serving and the dashboard (which reads) all use this, so an
+    experiment file's name reaches every one of them (``ab_experiment`` alone is the default).
+    """
+    return Experiment.from_settings(settings).name
+

@@ -33,7 +33,7 @@ import orjson
 import redis
 
 from pipelines import kafka_io
-from pipelines.experiment import Experiment
+from pipelines.experiment import Experiment, counter_name
 from pipelines.models import Recommender, load_recommender
 from pipelines.models.base import Scored
 from pipelines.registry import LoadedModel, ModelRegistry
@@ -475,7 +475,7 @@ class RecommendationEngine:
     @classmethod
     def from_settings(cls, settings: Settings, score_fn: ScoreFn, info_fn: InfoFn) -> RecommendationEngine:
         state = OnlineState(connect(settings.redis_url), recent_cap=settings.recent_items_cap,
-                            cache_ttl_s=settings.cache_ttl_s, experiment=settings.ab_experiment)
+                            cache_ttl_s=settings.cache_ttl_s, experiment=counter_name(settings))
         return cls(settings, state, score_fn, info_fn)
 
     def close(self) -> None:

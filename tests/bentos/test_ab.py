@@ -58,3 +58,23 @@ def test_both_variants_served_and_impressions_carry_variant_and_version(settings
         ev = impressions[a["request_id"]]
         assert (ev["variant"], ev["model_version"]) == (a["variant"], a["model_version"])
         assert ev["items"] == [i["item_id"] for i in a["items"]]
+
+
+def test_an_experiment_file_names_the_counters_the_dashboard_reads(settings, redis_client, tmp_path, monkeypatch):
+    """With SHOPREC_AB_EXPERIMENT_FILE the consumer counts under the file's name, where the A/B page looks."""
+    from pipelines import dashboard_data as dd
+    from pipelines.cli import _consumer_setup
+    from pipelines.schemas import new_event
+    from pipelines.settings import get_settings
+    from pipelines.state import OnlineState
+
+    f = tmp_path / "exp.yaml"
+    f.write_text("name: homepage-v2\nsalt: s1\nvariants: {champion: 0.5, challenger: 0.5}\n")
+    monkeypatch.setenv("SHOPREC_AB_EXPERIMENT_FILE", str(f))
+    get_settings.cache_clear()
+    s, consumer_state = _consumer_setup(False)
+    consumer_state.apply_events([
+        new_event("impression", "u1", None, "s1", items=["i1"], request_id="r1", variant=ALIAS_CHALLENGER),
+        new_event("click", "u1", "i1", "s1", request_id="r1")])
+    page = OnlineState(redis_client, experiment=dd.ABConfig.from_settings(s).experiment)  # what the A/B page reads
+    assert dd.fetch_ab_counts(page) == {ALIAS_CHALLENGER: {"impressions": 1, "clicks": 1}}
