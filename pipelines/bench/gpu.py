@@ -256,7 +256,20 @@ def command(out: Path = Path("var/bench/gpu.json"), n_items: int = N_ITEMS, trai
     print(f"written to {out}")
 
 
-if __name__ == "__main__":
-    import typer
+def main(argv: list[str] | None = None) -> None:
+    """``python -m pipelines.bench.gpu``: the same options as ``shoprec bench gpu``, with only the standard library
+    for the command line (a bare GPU machine has torch, numpy and pandas, not necessarily typer)."""
+    import argparse
 
-    typer.run(command)
+    p = argparse.ArgumentParser(prog="python -m pipelines.bench.gpu", description=command.__doc__)
+    p.add_argument("--out", type=Path, default=Path("var/bench/gpu.json"))
+    p.add_argument("--n-items", type=int, default=N_ITEMS)
+    p.add_argument("--training", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--scale-data", type=Path, default=None)
+    p.add_argument("--export-scale-data", type=Path, default=None)
+    a = p.parse_args(argv)
+    command(a.out, a.n_items, a.training, a.scale_data, a.export_scale_data)
+
+
+if __name__ == "__main__":
+    main()

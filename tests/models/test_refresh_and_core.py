@@ -66,8 +66,9 @@ data = pd.DataFrame(rows, columns=["user_id", "item_id"]).assign(ts=pd.Timestamp
 m = get_recommender("shoprec", l2=1.0, dim=8, epochs=2, device="cpu").fit(data)
 m.save({str(tmp_path)!r})
 again = load_recommender({str(tmp_path)!r})
-from pipelines.bench import gpu  # the GPU benchmark's scoring part draws its shop and fits with the core alone
-scoring = gpu.run(n_items=500, training=False)["scoring"]
+from pipelines.bench import gpu  # the GPU benchmark, command line included, runs with the core alone
+gpu.main(["--n-items", "500", "--no-training", "--out", {str(tmp_path / "gpu.json")!r}])
+scoring = json.load(open({str(tmp_path / "gpu.json")!r}))["scoring"]
 assert scoring["n_items"] == 500 and scoring["by_batch"]["64"]["cpu"]["ms_per_batch"] > 0, scoring
 print(json.dumps(again.recommend(["a0"], 3)))
 """
