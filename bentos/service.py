@@ -142,8 +142,15 @@ class Scorer:
     @bentoml.api
     def similar(self, item_id: str, k: int = 10) -> dict:
         model = self.holder.models.get("champion")
-        items = model.recommender.similar_items(item_id, k) if model else []
-        return {"item_id": item_id, "items": items, "model_version": model.version if model else None}
+        if model is None:
+            return {"item_id": item_id, "items": [], "model_version": None,
+                    "reason": "no model is served yet: run train_job in Dagster"}
+        out = {"item_id": item_id, "items": model.recommender.similar_items(item_id, k), "model_version": model.version}
+        index = getattr(model.recommender, "item_index", None)  # (popularity has no item index and no neighbours)
+        if not out["items"] and index is not None and item_id not in index:
+            out["reason"] = (f"{item_id!r} is not in the catalog model version {model.version} was trained with: "
+                             "products added since get similar items after the next retrain")
+        return out
 
 
 @bentoml.service(name="shoprec", http={"port": 3001}, traffic={"timeout": _S.serve_request_timeout_s}, workers=_S.serve_api_workers,
@@ -181,12 +188,13 @@ class Shoprec:
 
     @bentoml.api(route="/similar")
     async def similar(self, item_id: Id, k: Annotated[int, Field(ge=1, le=_S.max_k)] = _S.default_k) -> dict:
-        """Items similar to one item (from the champion's item embeddings); empty when no model answers."""
+        """Items similar to one item (from the champion); empty, with a ``reason``, when there are none to give."""
         try:
             return await self.scorer.to_async.similar(item_id=item_id, k=k)
         except Exception as err:
             log.warning("similar items unavailable: %s", err)
-            return {"item_id": item_id, "items": [], "model_version": None}
+            return {"item_id": item_id, "items": [], "model_version": None,
+                    "reason": "the scoring service did not answer: retry shortly"}
 
     @bentoml.api(route="/events")
     def events(self, events: Annotated[list[Any], Field(max_length=1000)], ctx: bentoml.Context) -> dict:

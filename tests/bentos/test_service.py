@@ -203,3 +203,17 @@ def test_business_rules_stock_purchases_category_cap_and_new_products(settings, 
     assert sum(1 for i in ids if i.startswith("i") and int(i[1:]) % 2 == 0) <= 3  # at most 3 of "even"
     assert ids.index("fresh-1") == 4  # the new product takes an exploration slot (every 5th with a 20% share)
     assert len(ids) == 10
+
+
+def test_similar_items_for_a_known_and_an_unknown_product(settings, redis_client, registered_champion, client_for):
+    registry, reg = registered_champion
+    c = client_for(registry.name)
+    r = c.post("/similar", json={"item_id": "i2", "k": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model_version"] == reg.version and len(body["items"]) == 3 and "i2" not in body["items"]
+    assert "reason" not in body
+    unknown = c.post("/similar", json={"item_id": "launched-today", "k": 3}).json()
+    assert unknown["items"] == [] and "next retrain" in unknown["reason"]  # says why, not a silent empty list
+    none = client_for("no-such-model").post("/similar", json={"item_id": "i2", "k": 3}).json()
+    assert none["items"] == [] and "train_job" in none["reason"]
