@@ -63,6 +63,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 import uuid
@@ -180,6 +181,7 @@ class StreamConsumer:
         self.stats = ConsumerStats()
         self.log_every_s = log_every_s
         self.writer = uuid.uuid4().hex[:8]
+        self.member = f"{socket.gethostname()}-{os.getpid()}-{self.writer}"  # its progress hash for the dashboard
         self._crash = _CrashHook(os.environ.get("SHOPREC_CRASH_AT"))
         self._owned: set[TopicPartition] = set()  # partitions cleaned since they were (re)assigned
         now = time.monotonic()
@@ -427,9 +429,9 @@ class StreamConsumer:
             self._rate = (self.stats.consumed - self._last_status_count) / (now - self._last_status)
             self._last_status, self._last_status_count = now, self.stats.consumed
             try:
-                self.state.set_consumer_status(lag=self.lag(), rate_eps=round(self._rate, 1),
+                self.state.set_consumer_status(self.member, lag=self.lag(), rate_eps=round(self._rate, 1),
                                                consumed=self.stats.consumed, last_commit_ts=self.stats.last_commit_ts,
-                                               updated_ts=time.time())
+                                               partitions=len(self.consumer.assignment()), updated_ts=time.time())
             except redis.RedisError as err:
                 log.warning("consumer status not written: %s", err)
         if now - self._last_log >= self.log_every_s:

@@ -360,6 +360,8 @@ class ConsumerSummary:
     updated_ago_s: float | None
     stale: bool
     last_commit_ago_s: float | None = None
+    members: int | None = None  # consumers reporting (None: a status written without members)
+    idle_members: int | None = None  # of those, how many own no partition
 
 
 def consumer_summary(status: Mapping[str, str], *, now_s: float | None = None,
@@ -383,7 +385,8 @@ def consumer_summary(status: Mapping[str, str], *, now_s: float | None = None,
     commit = num("last_commit_ts", float)
     commit_ago = max(0.0, now_s - commit) if commit else None
     return ConsumerSummary(num("lag", int), num("rate_eps", float), num("consumed", int), ago,
-                           stale=ago is None or ago > stale_after_s, last_commit_ago_s=commit_ago)
+                           stale=ago is None or ago > stale_after_s, last_commit_ago_s=commit_ago,
+                           members=num("members", int), idle_members=num("idle_members", int))
 
 
 def catalog_line(status: Mapping[str, str], *, now_s: float | None = None) -> str | None:

@@ -94,6 +94,11 @@ class RedisKeys:
 
     dlq_reasons = REDIS_PREFIX + "dlq:reasons"
     consumer_status = REDIS_PREFIX + "consumer:status"
+
+    @staticmethod
+    def consumer_member(member: str) -> str:
+        """One stream consumer's progress (``member``: host and pid); see :meth:`OnlineState.consumer_status`."""
+        return f"{REDIS_PREFIX}consumer:status:{member}"
     catalog_status = REDIS_PREFIX + "catalog:status"
 
     @staticmethod

@@ -239,8 +239,19 @@ class OnlineState:
                 p.hincrby(RedisKeys.dlq_reasons, reason, n)
             p.execute()
 
-    def set_consumer_status(self, **fields) -> None:
-        self.r.hset(RedisKeys.consumer_status, mapping={k: str(v) for k, v in fields.items()})
+    def set_consumer_status(self, member: str | None = None, **fields) -> None:
+        """A stream consumer's progress for the dashboard (lag, rate_eps, consumed, partitions, timestamps).
+
+        With ``member`` (one per consumer process) each member keeps its own hash, so several consumers
+        add up in :meth:`consumer_status` instead of overwriting each other; a hash expires a day after
+        its member's last report.
+        """
+        key = RedisKeys.consumer_status if member is None else RedisKeys.consumer_member(member)
+        p = self.r.pipeline(transaction=False)
+        p.hset(key, mapping={k: str(v) for k, v in fields.items()})
+        if member is not None:
+            p.expire(key, 86_400)
+        p.execute()
 
     def set_catalog_status(self, **fields) -> None:
         self.r.hset(RedisKeys.catalog_status, mapping={k: str(v) for k, v in fields.items()})
@@ -312,8 +323,36 @@ class OnlineState:
     def dlq_reasons(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(RedisKeys.dlq_reasons).items()}
 
-    def consumer_status(self) -> dict[str, str]:
-        return self.r.hgetall(RedisKeys.consumer_status)
+    def consumer_status(self, fresh_s: float = 60.0) -> dict[str, str]:
+        """The stream consumers' progress, as one hash.
+
+        Members that reported in the last ``fresh_s`` seconds add up: ``lag``, ``rate_eps`` and
+        ``consumed`` are summed, ``members`` counts them and ``idle_members`` those that own no
+        partition; ``last_commit_ts`` and ``updated_ts`` are the latest of any member (so when all
+        of them stopped, the dashboard sees how long ago the last one reported). Without member
+        hashes, the single hash written without a member.
+        """
+        keys = sorted(self.r.scan_iter(RedisKeys.consumer_member("*"), count=1000))
+        if not keys:
+            return self.r.hgetall(RedisKeys.consumer_status)
+        p = self.r.pipeline(transaction=False)
+        for key in keys:
+            p.hgetall(key)
+        rows = [r for r in p.execute() if r]
+
+        def num(row, key):
+            try:
+                return float(row[key])
+            except (KeyError, TypeError, ValueError):
+                return 0.0
+
+        latest = max((num(r, "updated_ts") for r in rows), default=0.0)
+        live = [r for r in rows if num(r, "updated_ts") >= latest - fresh_s] if rows else []
+        out = {"lag": sum(int(num(r, "lag")) for r in live), "rate_eps": round(sum(num(r, "rate_eps") for r in live), 1),
+               "consumed": sum(int(num(r, "consumed")) for r in live), "members": len(live),
+               "idle_members": sum(1 for r in live if "partitions" in r and num(r, "partitions") == 0),
+               "last_commit_ts": max((num(r, "last_commit_ts") for r in rows), default=0.0), "updated_ts": latest}
+        return {k: str(v) for k, v in out.items()}
 
     def catalog_status(self) -> dict[str, str]:
         return self.r.hgetall(RedisKeys.catalog_status)

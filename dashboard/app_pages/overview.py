@@ -86,6 +86,12 @@ def traffic() -> None:
         if consumer.stale:
             st.warning("The stream consumer has not reported for over a minute: it may be down "
                        "(`make status`; `make up` restarts it).", icon=":material/warning:")
+        elif consumer.idle_members:
+            st.warning(f"{consumer.idle_members} of {consumer.members} stream consumers own no partition, so they "
+                       "consume nothing (more consumers than the topic has partitions, or the group is "
+                       "rebalancing); the lag counts the others' partitions only.", icon=":material/warning:")
+        elif consumer.members and consumer.members > 1:
+            st.caption(f"{consumer.members} stream consumers share the partitions; lag and rate are their sums.")
     catalog = dd.catalog_line(snap.catalog_status, now_s=snap.now_s)
     st.caption(catalog or "Catalog feed: no product change applied yet (`shoprec catalog sync` applies what the "
                           "shop sends to `shop.catalog`; `make up` starts it).")

@@ -126,7 +126,7 @@ def _freshness(settings, env: dict, rate: float, seconds: float, sample_every: i
     """Latencies (ms) from produce to Redis for tagged events while ``rate`` events/s stream in."""
     from pipelines import kafka_io
     from pipelines.schemas import RedisKeys, new_event
-    from pipelines.state import connect
+    from pipelines.state import OnlineState, connect
 
     r = connect(settings.redis_url)
     proc = subprocess.Popen([str(Path(sys.executable).parent / "shoprec"), "consume"], env=env,
@@ -194,7 +194,7 @@ def _freshness(settings, env: dict, rate: float, seconds: float, sample_every: i
         # let the consumer commit every record it was sent (it counts only its own), then stop it gracefully
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            st = r.hgetall(RedisKeys.consumer_status)
+            st = OnlineState(r).consumer_status()
             if st and int(st.get("consumed", 0)) >= len(produced):
                 break
             time.sleep(0.5)

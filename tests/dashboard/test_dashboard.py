@@ -279,3 +279,14 @@ def test_cache_page_says_when_every_request_got_the_fallback(dashboard_env, redi
     warning = texts(at.warning)
     assert "all 243 requests got the fallback list" in warning and "train_job" in warning
     assert "no `/recommend` latency" not in texts(at.info)
+
+
+def test_overview_adds_up_consumers_and_flags_one_without_partitions(dashboard_env, redis_client, redis_url):
+    state = OnlineState(redis_client)
+    now = time.time()
+    state.set_consumer_status("a", lag=7, rate_eps=10.0, consumed=90, partitions=6, last_commit_ts=now, updated_ts=now)
+    state.set_consumer_status("b", lag=0, rate_eps=0.0, consumed=0, partitions=0, last_commit_ts=0, updated_ts=now)
+    dashboard_env(redis_url, DEAD_MLFLOW)
+    at = run_page(PAGES[0])
+    assert metrics(at)["Consumer lag (records)"] == "7"
+    assert "1 of 2 stream consumers own no partition" in texts(at.warning)

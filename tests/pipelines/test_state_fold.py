@@ -54,3 +54,22 @@ def test_a_large_batch_of_one_user_is_folded(redis_client):
     state.apply_events([{**new_event("view", user, f"i{i}", "s")} for i in range(5000)])
     assert state.recent_items(user, 3) == ["i4999", "i4998", "i4997"]
     assert redis_client.llen(RedisKeys.recent(user)) == 50
+
+
+def test_several_consumers_add_up_and_a_member_without_partitions_is_counted(redis_client):
+    import time
+
+    state = OnlineState(redis_client)
+    now = time.time()
+    state.set_consumer_status("host-1", lag=30, rate_eps=10.5, consumed=1000, partitions=4, last_commit_ts=now - 2,
+                              updated_ts=now)
+    state.set_consumer_status("host-2", lag=12, rate_eps=4.0, consumed=500, partitions=2, last_commit_ts=now - 1,
+                              updated_ts=now - 1)
+    state.set_consumer_status("host-3", lag=0, rate_eps=0.0, consumed=0, partitions=0, last_commit_ts=0,
+                              updated_ts=now)
+    state.set_consumer_status("gone", lag=999, rate_eps=99.0, consumed=7, partitions=6, updated_ts=now - 3600)
+    st = state.consumer_status()
+    assert (st["lag"], st["rate_eps"], st["consumed"]) == ("42", "14.5", "1500")  # the one that stopped is left out
+    assert (st["members"], st["idle_members"]) == ("3", "1")
+    assert float(st["last_commit_ts"]) == now - 1 and float(st["updated_ts"]) == now
+    assert 0 < redis_client.ttl(RedisKeys.consumer_member("host-1")) <= 86_400  # a member's hash does not outlive it
