@@ -41,6 +41,7 @@ from pipelines.columns import COL_ITEM, COL_USER
 log = logging.getLogger(__name__)
 
 _DENSE_SCORING_MAX = 8192  # up to this many items a dense [n, n] weight matrix scores by one matmul
+_DENSE_BLOCK_SHARE = 0.05  # a co-visitation block with more of its pairs filled is topk'd dense
 
 
 @register
@@ -162,14 +163,16 @@ class ItemItem(ScoringRecommender):
         b.diagonal().zero_()
         self.nb_index, self.nb_weight = self._keep_top(b.float())
 
-    def _fit_covisit(self, u: np.ndarray, i: np.ndarray, n_users: int, n_items: int, chunk: int = 4096) -> None:
-        """The co-visitation table, ``chunk`` item rows at a time, sparse throughout.
+    def _fit_covisit(self, u: np.ndarray, i: np.ndarray, n_users: int, n_items: int, chunk: int = 1024) -> None:
+        """The co-visitation table, ``chunk`` item rows at a time.
 
-        ``X^T X`` is formed block by block as a sparse product and each row's top N is taken from
-        its co-visited items only, so time and memory follow the number of co-visited pairs, not
-        ``n_items^2`` (a dense ``[chunk, n_items]`` block per chunk made a 100,000-item catalog cost
-        minutes and a 1,000,000-item one hours). Rows with fewer than N co-visited items are padded
-        with weight 0 (the row's own item), which scores nothing.
+        ``X^T X`` is formed block by block as a sparse product. A sparse block (the usual case) keeps
+        only its co-visited pairs and each row's top N is taken from those, so time and memory follow
+        the number of co-visited pairs, not ``n_items^2`` (1,000,000 products fit in seconds). A block
+        that is mostly filled (a user who viewed most of the catalog makes every pair co-visited) is
+        made dense and its top N taken with ``topk``, which is then the cheaper way. Either way a row
+        with fewer than N co-visited items is padded with weight 0 (the row's own item), which scores
+        nothing.
         """
         dev = self._device  # the sparse products run on the GPU when there is one
         xt = torch.sparse_coo_tensor(torch.from_numpy(np.stack([i, u])), torch.ones(len(u)), (n_items, n_users),
@@ -185,9 +188,17 @@ class ItemItem(ScoringRecommender):
         self.nb_weight = torch.zeros(n_items, n, device=dev)
         for start in range(0, n_items, chunk):
             stop = min(start + chunk, n_items)
-            rows = torch.arange(start, stop, device=dev, dtype=torch.int32)
-            self.nb_index[start:stop] = rows[:, None]
-            block = torch.sparse.mm(_coo_rows(xt, row_start, start, stop), x).coalesce()  # [chunk, n_items], sparse
+            rows = torch.arange(start, stop, device=dev)
+            block = torch.sparse.mm(_coo_rows(xt, row_start, start, stop), x)  # [chunk, n_items], sparse
+            if block._nnz() > _DENSE_BLOCK_SHARE * (stop - start) * n_items:
+                w = block.to_dense() * inv_a[start:stop, None] * inv_b[None, :]
+                w[rows - start, rows] = 0.0
+                w, idx = torch.topk(w, n, dim=1)
+                self.nb_index[start:stop] = torch.where(w > 0, idx, rows[:, None]).to(torch.int32)
+                self.nb_weight[start:stop] = w
+                continue
+            block = block.coalesce()
+            self.nb_index[start:stop] = rows[:, None].to(torch.int32)
             r, c = block.indices()
             off = r != c - start  # the diagonal is not a neighbour
             r, c = r[off], c[off]

@@ -91,8 +91,12 @@ class TestItemItemCoVisitation(TestItemItemEASE):
         assert model.table_bytes() == 12 * 4 * (4 + 4)
         assert set(model.similar_items("B1", 4)) <= {f"B{i}" for i in range(6)}
 
-    def test_table_matches_the_dense_cosine_co_visitation(self):
-        """Each row holds the N largest ``C_ij / sqrt(c_i c_j)`` of the dense formula, computed chunk by chunk sparsely."""
+    @pytest.mark.parametrize("dense_share", [2.0, 0.0], ids=["sparse-blocks", "dense-blocks"])
+    def test_table_matches_the_dense_cosine_co_visitation(self, dense_share, monkeypatch):
+        """Each row holds the N largest ``C_ij / sqrt(c_i c_j)`` of the dense formula, whichever way a block is taken."""
+        from pipelines.models import itemitem
+
+        monkeypatch.setattr(itemitem, "_DENSE_BLOCK_SHARE", dense_share)
         rng = np.random.default_rng(3)
         n_items, n = 300, 7
         inter = pd.DataFrame({"user_id": rng.integers(0, 120, 3000).astype(str),
