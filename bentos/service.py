@@ -58,6 +58,8 @@ class RecommendResponse(BaseModel):
     variant: str
     model_version: str | None
     source: str = Field(description="cache | model | fallback")
+    experiment: str | None = Field(None, description="the A/B comparison: experiment name and the versions served "
+                                                     "(default@champion.2:challenger.3); echo it with clicks")
 
 
 def _freeze_startup_objects() -> None:

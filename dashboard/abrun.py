@@ -18,7 +18,7 @@ from pipelines.lake import write_events
 from pipelines.models import Recommender, get_recommender
 from pipelines.schemas import RedisKeys
 from pipelines.simulator import ShopSimulator, make_catalog
-from pipelines.state import AB_METRICS, BUCKET_S, STATS_TTL_S, OnlineState
+from pipelines.state import AB_METRICS, BUCKET_S, STATS_TTL_S, OnlineState, ab_stats_name
 from pipelines.training import build_interactions
 
 
@@ -78,7 +78,7 @@ def record(state: OnlineState, events: list[dict], lake_dir) -> None:
         if v and e["event_type"] in AB_METRICS:
             metric = AB_METRICS[e["event_type"]]
             p.hincrby(RedisKeys.ab(state.experiment, v), metric, 1)
-            key = RedisKeys.counter(f"ab:{v}", e["ts"] // 1000 // BUCKET_S)
+            key = RedisKeys.counter(ab_stats_name(state.experiment, v), e["ts"] // 1000 // BUCKET_S)
             p.hincrby(key, metric, 1)
             p.expire(key, STATS_TTL_S)
     p.execute()

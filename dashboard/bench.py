@@ -63,7 +63,7 @@ def fill_redis(state, *, days: float, rps: float, now_s: float) -> int:
         for v in totals:
             imp = int(rng.poisson(30))
             c = {"impressions": imp, "clicks": int(rng.binomial(imp, 0.12)), "carts": 1, "purchases": int(i % 3 == 0)}
-            fields[dd.ab_stats_name(v)] = c
+            fields[dd.ab_stats_name(state.experiment, v)] = c
             for k, x in c.items():
                 totals[v][k] += x
         for name, f in fields.items():

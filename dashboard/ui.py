@@ -36,8 +36,8 @@ def _online_state(redis_url: str, experiment: str) -> OnlineState:
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def _snapshot(redis_url: str, experiment: str, minutes: int) -> dd.Snapshot:
-    return dd.fetch_snapshot(_online_state(redis_url, experiment), minutes)
+def _snapshot(redis_url: str, experiment: str, minutes: int, tag: str | None) -> dd.Snapshot:
+    return dd.fetch_snapshot(_online_state(redis_url, experiment), minutes, tag)
 
 
 def ab_config() -> dd.ABConfig:
@@ -49,11 +49,12 @@ def ab_config() -> dd.ABConfig:
         st.stop()
 
 
-def snapshot(minutes: int = dd.WINDOW_MINUTES) -> dd.Snapshot | None:
-    """The Redis counters, or None after showing a warning when Redis is down."""
+def snapshot(minutes: int = dd.WINDOW_MINUTES, tag: str | None = None) -> dd.Snapshot | None:
+    """The Redis counters (A/B totals of the comparison ``tag``, default the latest), or None after showing a
+    warning when Redis is down."""
     s = settings()
     try:
-        return _snapshot(s.redis_url, ab_config().experiment, minutes)
+        return _snapshot(s.redis_url, ab_config().experiment, minutes, tag)
     except redis.RedisError as err:
         st.warning(f"**Redis is down**: cannot reach `{dd.redact_url(s.redis_url)}` ({type(err).__name__}: {err}). "
                    f"The traffic, cache and cold-start counters live there. {START_HINT} "
@@ -118,22 +119,22 @@ def _redis_down(err: Exception, what: str) -> None:
 
 
 @st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
-def _cumulative_lift(redis_url: str, experiment: str, a: str, b: str, minutes: int, alpha: float):
+def _cumulative_lift(redis_url: str, experiment: str, tag: str, a: str, b: str, minutes: int, alpha: float):
     import time
 
     state = _online_state(redis_url, experiment)
     now_s = time.time()
-    hist = {v: dd.fetch_minute_counts(state, dd.ab_stats_name(v), ("impressions", "clicks"), minutes, now_s)
+    hist = {v: dd.fetch_minute_counts(state, dd.ab_stats_name(tag, v), ("impressions", "clicks"), minutes, now_s)
             for v in (a, b)}
     return dd.cumulative_lift_frame(hist, a, b, minutes=minutes, now_s=now_s, alpha=alpha)
 
 
-def cumulative_lift(a: str, b: str, minutes: int, alpha: float):
-    """Cumulative CTR lift of ``b`` over ``a`` from the per-minute counters of the last ``minutes``
-    (:func:`pipelines.dashboard_data.cumulative_lift_frame`); None after a warning when Redis is down."""
+def cumulative_lift(tag: str, a: str, b: str, minutes: int, alpha: float):
+    """Cumulative CTR lift of ``b`` over ``a`` in the comparison ``tag`` from the per-minute counters of the last
+    ``minutes`` (:func:`pipelines.dashboard_data.cumulative_lift_frame`); None after a warning when Redis is down."""
     s = settings()
     try:
-        return _cumulative_lift(s.redis_url, ab_config().experiment, a, b, minutes, alpha)
+        return _cumulative_lift(s.redis_url, ab_config().experiment, tag, a, b, minutes, alpha)
     except redis.RedisError as err:
         _redis_down(err, "The A/B counters live there.")
         return None

@@ -8,7 +8,8 @@ events) and those are merged on every load:
 
 * ``ab``: the partition's impressions (``request_id``, ``variant``; first one per request), its attributed
   purchases (``request_id``, ``amount`` = price × quantity) and its distinct (``variant``, ``user_id``)
-  pairs, ids stored as 64-bit hashes (:func:`id_hash`). Merged, they give what
+  pairs, where ``variant`` is the comparison and the variant (:func:`pipelines.dashboard_data.lake_ab_key`),
+  ids stored as 64-bit hashes (:func:`id_hash`). Merged, they give what
   :func:`pipelines.dashboard_data.fetch_lake_ab` computes from the raw events (revenue of every impression,
   distinct users per variant; purchases whose impression lies in an earlier partition included), exactly
   unless two of a week's ids share a hash (probability ~10^-8).
@@ -42,7 +43,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.feather as feather
 
-from pipelines.dashboard_data import LakeAB, NewItemReport, launch_times, read_lake_files, window_partitions
+from pipelines.dashboard_data import (LakeAB, NewItemReport, lake_ab_key, launch_times, read_lake_files,
+                                      window_partitions)
 
 __all__ = ["SUMMARY_VERSION", "cache_dir", "window_partitions", "id_hash", "summarize_ab", "summarize_new_items",
            "fetch_lake_ab", "fetch_new_item_report", "build_summaries", "summarize_partition"]
@@ -50,7 +52,7 @@ __all__ = ["SUMMARY_VERSION", "cache_dir", "window_partitions", "id_hash", "summ
 log = logging.getLogger(__name__)
 
 #: bump when a summary's tables change meaning: older cache files are then ignored (and replaced)
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 AB_TABLES = ("impressions", "purchases", "users")
 NEW_ITEM_TABLES = ("slots", "first_impression", "first_click")
 
@@ -179,12 +181,14 @@ def summarize_ab(files: Sequence[Path]) -> tuple[dict[str, pa.Table], bool]:
 
     Request and user ids are stored as :func:`id_hash` values.
     """
-    df = read_lake_files(files, ["user_id", "request_id", "variant", "price", "quantity"], ["impression", "purchase"])
-    imp = df[df["event_type"] == "impression"]
+    df = read_lake_files(files, ["user_id", "request_id", "variant", "experiment", "price", "quantity"],
+                         ["impression", "purchase"])
+    imp = df[(df["event_type"] == "impression") & df["variant"].notna()]
+    imp = imp.assign(variant=lake_ab_key(imp))  # comparison and variant
     pur = df[(df["event_type"] == "purchase") & df["request_id"].notna()]
-    first = imp.dropna(subset=["request_id", "variant"]).drop_duplicates("request_id")
+    first = imp.dropna(subset=["request_id"]).drop_duplicates("request_id")
     amount = pur["price"].fillna(0).astype("float64") * pur["quantity"].fillna(1).astype("float64")
-    users = imp.dropna(subset=["variant", "user_id"])
+    users = imp.dropna(subset=["user_id"])
     users = pd.DataFrame({"variant": users["variant"].astype(str), "user": id_hash(users["user_id"])}).drop_duplicates()
     return {"impressions": _table(pd.DataFrame({"request": id_hash(first["request_id"]),
                                                 "variant": first["variant"].astype(str)}), _AB_SCHEMAS["impressions"]),

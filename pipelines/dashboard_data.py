@@ -19,8 +19,9 @@ Counter names (written by serving, read here; the values live in
   history at all), ``cold_user_session`` (of those, served from their session)
   and ``cold_user_trending`` (no clicks yet, served trending).
 * ``STATS_CACHE`` (``cache``): ``hit`` | ``miss``.
-* ``ab:{variant}`` (see :func:`ab_stats_name`): impressions, clicks, carts,
-  purchases per minute; totals per variant come from :func:`fetch_ab_counts`.
+* ``ab:{tag}:{variant}`` (see :func:`ab_stats_name`): impressions, clicks, carts,
+  purchases per minute of one comparison (``tag``: the experiment and the versions served,
+  :meth:`pipelines.experiment.Experiment.tag`); totals per variant come from :func:`fetch_ab_counts`.
 * ``events`` (one field per event type, written by the stream consumer) and
   ``latency:{source}`` (histogram, field = upper bucket edge in ms or ``inf``).
 
@@ -41,7 +42,7 @@ import pandas as pd
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, EVENT_TYPES, LATENCY_EDGES_MS, REGISTERED_MODEL,
                                REDIS_PREFIX, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL, STATS_CACHE, STATS_EVENTS, STATS_LATENCY,
                                STATS_REQUESTS, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START)
-from pipelines.state import BUCKET_S, OnlineState
+from pipelines.state import BUCKET_S, OnlineState, ab_keys, ab_stats_name, ab_variant
 
 __all__ = [
     "STATS_REQUESTS", "STATS_CACHE", "REQUEST_SOURCES", "COLD_USER", "COLD_USER_SESSION", "COLD_USER_TRENDING",
@@ -74,11 +75,6 @@ MIN_IMPRESSIONS = 100
 def latency_stats_name(source: str) -> str:
     """Name of the per-minute latency histogram of one request source (``latency:cache`` ...)."""
     return f"{STATS_LATENCY}:{source}"
-
-
-def ab_stats_name(variant: str) -> str:
-    """Name of the per-minute A/B counters of one variant (for ``read_stats``/``incr_stats``)."""
-    return f"ab:{variant}"
 
 
 # --- generic helpers --------------------------------------------------------------------
@@ -426,8 +422,7 @@ class Snapshot:
 
     now_s: float
     minutes: int
-    ab_counts: dict[str, dict[str, int]]
-    ab_minutes: dict[str, dict[int, dict[str, int]]]
+    ab_counts: dict[str, dict[str, int]]  # of the comparison ``ab_tag``
     requests: dict[int, dict[str, int]]
     cache: dict[int, dict[str, int]]
     dlq_reasons: dict[str, int] = field(default_factory=dict)
@@ -435,10 +430,13 @@ class Snapshot:
     catalog_status: dict[str, str] = field(default_factory=dict)
     events: dict[int, dict[str, int]] = field(default_factory=dict)
     latency: dict[str, dict[int, dict[str, int]]] = field(default_factory=dict)
+    #: the experiment's comparisons, ``(tag, first_ts_ms, last_ts_ms)``, most recent first (OnlineState.ab_comparisons)
+    ab_comparisons: list[tuple[str, int, int]] = field(default_factory=list)
+    ab_tag: str = ""
 
 
-def fetch_ab_counts(state: OnlineState, scan_count: int = 10_000) -> dict[str, dict[str, int]]:
-    """Totals per variant of the running experiment, like ``OnlineState.ab_counts()`` but in a few round trips.
+def fetch_ab_counts(state: OnlineState, tag: str, scan_count: int = 10_000) -> dict[str, dict[str, int]]:
+    """Totals per variant of the comparison ``tag``, like ``OnlineState.ab_counts(tag)`` but in a few round trips.
 
     A week of per-minute counters is ~70 k keys; a SCAN with Redis' default page of 10 keys takes thousands
     of round trips to find the two A/B hashes, so this asks for ``scan_count`` keys per page and reads the
@@ -447,28 +445,48 @@ def fetch_ab_counts(state: OnlineState, scan_count: int = 10_000) -> dict[str, d
     Raises:
         redis.RedisError: when Redis cannot be reached.
     """
-    from pipelines.schemas import RedisKeys
-
-    keys = sorted(set(state.r.scan_iter(match=RedisKeys.ab(state.experiment, "*"), count=scan_count)))
+    keys = ab_keys(state.r, tag, scan_count)
     p = state.r.pipeline(transaction=False)
     for key in keys:
         p.hgetall(key)
-    return {key.rsplit(":", 1)[1]: {f: int(v) for f, v in got.items()} for key, got in zip(keys, p.execute())}
+    return {ab_variant(key, tag): {f: int(v) for f, v in got.items()} for key, got in zip(keys, p.execute())}
 
 
-def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES) -> Snapshot:
-    """Read all dashboard counters of the last ``minutes``.
+def comparison_label(tag: str, first_ms: int | None = None, last_ms: int | None = None) -> str:
+    """A comparison as people read it: ``champion v2 vs challenger v3 (12-06 22:10 – 22:45 UTC)``."""
+    from datetime import datetime, timezone
+
+    _, at, arms = tag.partition("@")
+    what = " vs ".join(f"{v} v{n}" for v, _, n in (a.rpartition(".") for a in arms.split(":"))) if at else \
+        "untagged (logged before impressions named their versions, or with no model served)"
+    if first_ms is None:
+        return what
+
+    def fmt(ms: int, f: str) -> str:
+        return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime(f)
+
+    same_day = last_ms is None or fmt(first_ms, "%m-%d") == fmt(last_ms, "%m-%d")
+    end = "" if last_ms is None else f" – {fmt(last_ms, '%H:%M' if same_day else '%m-%d %H:%M')}"
+    return f"{what} ({fmt(first_ms, '%m-%d %H:%M')}{end} UTC)"
+
+
+def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES, tag: str | None = None) -> Snapshot:
+    """Read all dashboard counters of the last ``minutes``; the A/B totals of the comparison ``tag`` (default: the
+    most recently seen one).
 
     Raises:
         redis.RedisError: when Redis cannot be reached.
     """
     now_s = time.time()
-    counts = fetch_ab_counts(state)
+    comparisons = state.ab_comparisons()
+    if tag is None:
+        tag = comparisons[0][0] if comparisons else state.experiment
     return Snapshot(
         now_s=now_s,
         minutes=minutes,
-        ab_counts=counts,
-        ab_minutes={v: state.read_stats(ab_stats_name(v), minutes) for v in counts},
+        ab_counts=fetch_ab_counts(state, tag),
+        ab_comparisons=comparisons,
+        ab_tag=tag,
         requests=state.read_stats(STATS_REQUESTS, minutes),
         cache=state.read_stats(STATS_CACHE, minutes),
         dlq_reasons=state.dlq_reasons(),
@@ -946,23 +964,44 @@ def revenue_per_impression(impressions: pd.DataFrame, purchases: pd.DataFrame) -
 
 @dataclass
 class LakeAB:
-    """What the A/B page reads from the lake: revenue of every impression and distinct users, per variant."""
+    """What the A/B page reads from the lake: revenue of every impression and distinct users, per comparison and
+    variant (keys :func:`lake_ab_key`); :meth:`of` picks one comparison."""
 
     revenue: dict[str, Any] = field(default_factory=dict)
     users: dict[str, int] = field(default_factory=dict)
 
+    def of(self, tag: str, experiment: str) -> LakeAB:
+        """The comparison ``tag`` alone, keyed by variant. Impressions without a tag (logged before impressions
+        carried one) belong to the comparison named like the ``experiment`` itself, as their counters do."""
+        def pick(d: dict) -> dict:
+            out = {}
+            for key, value in d.items():
+                t, _, variant = key.rpartition("\t")
+                if t == tag or (not t and tag == experiment):
+                    out[variant] = value
+            return out
+
+        return LakeAB(pick(self.revenue), pick(self.users))
+
+
+def lake_ab_key(events: pd.DataFrame) -> pd.Series:
+    """Per impression, its comparison and variant as one key (``"<tag>\t<variant>"``; the tag empty when absent)."""
+    return events["experiment"].fillna("").astype(str) + "\t" + events["variant"].astype(str)
+
 
 def fetch_lake_ab(lake_dir, *, hours: int, now_s: float | None = None) -> LakeAB:
-    """Revenue per impression (see :func:`revenue_per_impression`) and distinct users per variant over the
-    last ``hours`` of the lake, from the raw events (the dashboard reads the same numbers from cached
+    """Revenue per impression (see :func:`revenue_per_impression`) and distinct users per comparison and variant
+    over the last ``hours`` of the lake, from the raw events (the dashboard reads the same numbers from cached
     per-partition summaries: :func:`pipelines.dashboard_agg.fetch_lake_ab`)."""
     now_s = time.time() if now_s is None else now_s
     df = read_lake_columns(lake_dir, now_s - hours * 3600, now_s + 3600,
-                           ["user_id", "request_id", "variant", "price", "quantity"], ["impression", "purchase"])
+                           ["user_id", "request_id", "variant", "experiment", "price", "quantity"],
+                           ["impression", "purchase"])
     if df.empty:
         return LakeAB()
-    imp = df[df["event_type"] == "impression"]
-    users = imp.dropna(subset=["variant"]).groupby("variant")["user_id"].nunique()
+    imp = df[(df["event_type"] == "impression") & df["variant"].notna()]
+    imp = imp.assign(variant=lake_ab_key(imp))
+    users = imp.groupby("variant")["user_id"].nunique()
     return LakeAB(revenue_per_impression(imp, df[df["event_type"] == "purchase"]),
                   {str(k): int(v) for k, v in users.items()})
 

@@ -199,6 +199,7 @@ def _valid_expression(oldest_ms: int, newest_ms: int) -> pc.Expression:
             & pc.if_else(item.is_null(), impression, matches(item))
             & null_or(f("request_id"), matches(f("request_id")))
             & null_or(f("variant"), matches(f("variant")))
+            & null_or(f("experiment"), matches(f("experiment")))
             # Arrow reads an explicit null as an absent field, but the model takes only absence for 1:
             # rows without schema_version go record by record (producers that use new_event send it)
             & (f("schema_version") == 1)

@@ -13,7 +13,8 @@ from a YAML file (``SHOPREC_AB_EXPERIMENT_FILE``)::
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Collection
+import re
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,11 @@ from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION
 from pipelines.settings import Settings
 
 _SCALE = 2**64
+#: an experiment or variant name: it becomes part of Redis keys and of every impression's ``experiment`` tag
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}").fullmatch
+_VARIANT = re.compile(r"[A-Za-z0-9_-]{1,32}").fullmatch  # an MLflow alias, without '.' (the tag's separator)
+_TAG_MAX = 128  # an event id's length limit (pipelines.schemas.Id)
+_VERSION_CHARS = 8  # room for ".<version>" and ":" per variant in a tag
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,15 @@ class Experiment:
     variants: dict[str, float] = field(default_factory=lambda: {ALIAS_CHAMPION: 1.0})
 
     def __post_init__(self):
+        if not _NAME(self.name):
+            raise ValueError(f"experiment name {self.name!r}: use 1-64 letters, digits, '_', '.' or '-'")
+        bad = [v for v in self.variants if not _VARIANT(v)]
+        if bad:
+            raise ValueError(f"experiment {self.name!r}: variant {bad[0]!r} is not an MLflow alias name; "
+                             "use 1-32 letters, digits, '_' or '-'")
+        if len(self.name) + 1 + sum(len(v) + _VERSION_CHARS for v in self.variants) > _TAG_MAX:
+            raise ValueError(f"experiment {self.name!r}: name and variant names are too long for the tag every "
+                             f"impression carries ({_TAG_MAX} characters); shorten them")
         if not self.variants or any(s < 0 for s in self.variants.values()):
             raise ValueError(f"experiment {self.name!r}: give each variant a share >= 0")
         total = sum(self.variants.values())
@@ -65,6 +80,17 @@ class Experiment:
             raise ValueError(f"{path}: expected 'name', 'salt' and a 'variants' mapping of alias -> share")
         name = str(data.get("name", "default"))
         return cls(name, str(data.get("salt", name)), {str(k): float(v) for k, v in data["variants"].items()})
+
+    def tag(self, versions: Mapping[str, str | None]) -> str:
+        """The comparison running while ``versions`` (alias -> version) are served: the experiment name and the
+        version of each variant served, in the experiment's order (``default@champion.2:challenger.3``).
+
+        Every impression carries it, and the A/B counters are kept per tag: a new challenger version (or a
+        new champion) starts a new comparison instead of mixing into the counts of the last one, and the
+        champion's traffic from before a challenger was served stays out of the comparison with it.
+        """
+        served = [f"{v}.{versions[v]}" for v in self.variants if versions.get(v)]
+        return f"{self.name}@{':'.join(served)}" if served else self.name
 
     def bucket(self, user_id: str) -> float:
         """The user's sticky position in [0, 1) (a salted SHA-256 hash)."""

@@ -45,6 +45,7 @@ LAKE_SCHEMA = pa.schema([
     ("request_id", pa.string()),
     ("variant", pa.string()),
     ("model_version", pa.string()),
+    ("experiment", pa.string()),
     ("items", pa.list_(pa.string())),
     ("schema_version", pa.int16()),
 ])

@@ -42,7 +42,7 @@ from pipelines.columns import (  # noqa: E402  (re-exported: the model core impo
 )
 LAKE_COLUMNS = (
     "event_id", "event_type", "user_id", "item_id", "session_id", "ts", "price", "quantity",
-    "request_id", "variant", "model_version", "items", "schema_version",
+    "request_id", "variant", "model_version", "experiment", "items", "schema_version",
 )
 
 # --- serving counters (time-bucketed in Redis, read by the dashboard) ----------
@@ -86,7 +86,14 @@ class RedisKeys:
 
     @staticmethod
     def ab(experiment: str, variant: str) -> str:
+        """A/B totals of one variant (fields: impressions, clicks, carts, purchases) in one comparison
+        (an experiment tag, ``default@champion.2:challenger.3``) or, for events without a tag, the experiment name."""
         return f"{REDIS_PREFIX}ab:{experiment}:{variant}"
+
+    @staticmethod
+    def ab_seen(experiment: str, edge: str) -> str:
+        """Sorted set of an experiment's comparisons (tags) scored by the ts (ms) of their ``first`` or ``last`` event."""
+        return f"{REDIS_PREFIX}abseen:{edge}:{experiment}"
 
     @staticmethod
     def request(request_id: str) -> str:
@@ -138,6 +145,9 @@ class Event(BaseModel):
     request_id: Id | None = None
     variant: Id | None = None
     model_version: Annotated[str, StringConstraints(max_length=64)] | None = None
+    #: the A/B comparison the list was served in: experiment name and the version of every variant
+    #: served then (``default@champion.2:challenger.3``, :meth:`pipelines.experiment.Experiment.tag`)
+    experiment: Id | None = None
     items: list[Id] | None = Field(None, max_length=200)
 
     @model_validator(mode="after")
@@ -307,6 +317,9 @@ def _common_shape(d: object) -> bool:
         if v is not None and not _ID_FULL(v):
             return False
         v = get("variant")
+        if v is not None and not _ID_FULL(v):
+            return False
+        v = get("experiment")
         if v is not None and not _ID_FULL(v):
             return False
         v = get("schema_version", 1)

@@ -369,6 +369,9 @@ class Recommendation:
     variant: str
     model_version: str | None
     source: str
+    #: the comparison this answer belongs to (:meth:`pipelines.experiment.Experiment.tag`); shop clients may
+    #: echo it with the clicks they attribute, like ``request_id``
+    experiment: str | None = None
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -544,6 +547,7 @@ class RecommendationEngine:
             rec = await self._from_model(request_id, user_id, variant, k, counters)
         if rec is None:
             rec = Recommendation(request_id, self._fallback_items(k), variant, None, SOURCE_FALLBACK)
+        rec.experiment = self.experiment.tag(self.versions)
         counters.setdefault(STATS_REQUESTS, {})[rec.source] = 1
         ms = (time.perf_counter() - t0) * 1000
         counters[f"{STATS_LATENCY}:{rec.source}"] = {latency_field(ms): 1}
@@ -551,7 +555,8 @@ class RecommendationEngine:
         if rec.items:
             self.impressions.log(new_event(
                 "impression", user_id, None, request_id, items=[i["item_id"] for i in rec.items],
-                request_id=request_id, variant=rec.variant, model_version=rec.model_version))
+                request_id=request_id, variant=rec.variant, model_version=rec.model_version,
+                experiment=rec.experiment))
         return rec
 
     async def _from_cache(self, request_id, user_id, variant, k, counters) -> Recommendation | None:

@@ -137,7 +137,7 @@ class OnlineState:
         purchases: dict[str, dict[str, int]] = {}
         for d in inter.filter(pc.equal(inter["event_type"], "purchase")).select(["user", "item", "ts"]).to_pylist():
             purchases.setdefault(d["user"], {})[d["item"]] = d["ts"]
-        shown, ab = self._ab_counts(events)
+        shown, ab, seen = self._ab_counts(events)
         # the per-user, per-item and per-request writes (most of the commands) go as one script call,
         # their arguments built in Arrow (no Python object per event)
         if self._fold is None:
@@ -147,13 +147,16 @@ class OnlineState:
                          RedisKeys.trending_hour(""), RedisKeys.known_users, REQUEST_TTL_S,  # type: ignore[arg-type]
                          lines(recent["user"], pc.binary_join(recent["item_list"], " ")),
                          lines(trending["hour"], pc.cast(trending["w_sum"], pa.string()), trending["item"]),
-                         lines(shown["rid"], shown["variant"])], client=p)
+                         lines(shown["rid"], shown["memo"])], client=p)
         bucket = int(time.time()) // BUCKET_S
         for hour_key in pc.unique(hour).to_pylist():
             p.expire(RedisKeys.trending_hour(hour_key), TRENDING_WINDOW_H * 3600)
-        for (variant, metric), n in ab.items():
-            p.hincrby(RedisKeys.ab(self.experiment, variant), metric, n)
-            p.hincrby(RedisKeys.counter(f"ab:{variant}", bucket), metric, n)
+        for (tag, variant, metric), n in ab.items():
+            p.hincrby(RedisKeys.ab(tag, variant), metric, n)
+            p.hincrby(RedisKeys.counter(ab_stats_name(tag, variant), bucket), metric, n)
+        for tag, (first, last) in seen.items():  # when each comparison was first and last seen
+            p.zadd(RedisKeys.ab_seen(self.experiment, "first"), {tag: first}, lt=True)
+            p.zadd(RedisKeys.ab_seen(self.experiment, "last"), {tag: last}, gt=True)
         for user, bought in purchases.items():  # serving never recommends what the user just bought
             key = RedisKeys.purchased(user)
             p.zadd(key, bought)
@@ -165,34 +168,57 @@ class OnlineState:
         p.expire(ev_key, STATS_TTL_S)
         p.execute()
 
-    def _ab_counts(self, events: pa.Table) -> tuple[pa.Table, Counter]:
-        """The impressions' requests and variants (``rid``, ``variant``), and the A/B counts ``{(variant, metric): n}``.
+    def _ab_counts(self, events: pa.Table) -> tuple[pa.Table, Counter, dict[str, tuple[int, int]]]:
+        """What the batch adds to the A/B counters.
 
-        A click, cart or purchase that names a request but not its variant counts for the variant of
-        that request: from an impression in this batch, else the one Redis remembers.
+        Returns:
+            the impressions to remember (``rid``, ``memo`` = "variant tag"), the counts
+            ``{(tag, variant, metric): n}`` and, per tag, the first and last impression ts (ms).
+
+        A count goes to the comparison (``tag``) its list was served in: an impression names it in its
+        ``experiment`` field (an event without one counts under the experiment's name). A click, cart or
+        purchase takes the variant and tag it names, and what it does not name from the impression of its
+        ``request_id``: in this batch, else the one Redis remembers.
         """
         etype = events["event_type"]
-        t = pa.table({"event_type": etype, "variant": events["variant"], "rid": events["request_id"]}).filter(
+        tag = pc.fill_null(events["experiment"], self.experiment)
+        t = pa.table({"event_type": etype, "variant": events["variant"], "rid": events["request_id"], "tag": tag,
+                      "named": pc.is_valid(events["experiment"]), "ts": events["ts"].cast(pa.int64())}).filter(
             pc.is_in(etype, value_set=_AB_TYPES))
         impression = pc.equal(t["event_type"], "impression")
-        shown = t.filter(pc.and_(impression, pc.and_(pc.is_valid(t["rid"]), pc.is_valid(t["variant"]))))
+        imps = t.filter(pc.and_(impression, pc.is_valid(t["variant"])))
+        shown = imps.filter(pc.is_valid(imps["rid"]))
+        shown = pa.table({"rid": shown["rid"], "memo": pc.binary_join_element_wise(shown["variant"], shown["tag"], " ")})
         ab: Counter = Counter()
-        named = t.filter(pc.is_valid(t["variant"])).group_by(["variant", "event_type"], use_threads=False).aggregate(
-            [("variant", "count")])
-        for variant, et, n in zip(named["variant"].to_pylist(), named["event_type"].to_pylist(),
-                                  named["variant_count"].to_pylist()):
-            ab[(variant, AB_METRICS[et])] += n
-        unnamed = t.filter(pc.and_(pc.invert(impression), pc.and_(pc.is_null(t["variant"]), pc.is_valid(t["rid"]))))
-        if unnamed.num_rows:
-            requests = dict(zip(shown["rid"].to_pylist(), shown["variant"].to_pylist()))
-            pairs = list(zip(unnamed["event_type"].to_pylist(), unnamed["rid"].to_pylist()))
-            missing = list({rid for _, rid in pairs if rid not in requests})
+        seen: dict[str, tuple[int, int]] = {}
+        if imps.num_rows:
+            g = imps.group_by(["tag", "variant"], use_threads=False).aggregate(
+                [("ts", "count"), ("ts", "min"), ("ts", "max")])
+            for tg, variant, n, lo, hi in zip(*(g[c].to_pylist() for c in ("tag", "variant", "ts_count", "ts_min",
+                                                                            "ts_max"))):
+                ab[(tg, variant, "impressions")] += n
+                first, last = seen.get(tg, (lo, hi))
+                seen[tg] = (min(first, lo), max(last, hi))
+        # clicks, carts, purchases: complete what they do not name from their request's impression
+        acts = t.filter(pc.invert(impression))
+        complete = pc.and_(pc.is_valid(acts["variant"]), acts["named"])
+        for tg, variant, et in zip(*(acts.filter(complete)[c].to_pylist() for c in ("tag", "variant", "event_type"))):
+            ab[(tg, variant, AB_METRICS[et])] += 1
+        rest = acts.filter(pc.invert(complete))
+        if rest.num_rows:
+            requests = dict(zip(shown["rid"].to_pylist(), shown["memo"].to_pylist()))
+            rows = list(zip(*(rest[c].to_pylist() for c in ("event_type", "variant", "rid", "tag", "named"))))
+            missing = list({rid for *_, rid, _, _ in rows if rid is not None and rid not in requests})
             remembered = dict(zip(missing, self.r.mget([RedisKeys.request(r) for r in missing]))) if missing else {}
-            for et, rid in pairs:
-                variant = requests.get(rid) or remembered.get(rid)
-                if variant:
-                    ab[(variant, AB_METRICS[et])] += 1
-        return shown, ab
+            for et, variant, rid, tg, named in rows:
+                memo = (requests.get(rid) or remembered.get(rid) or "").split(" ")  # "variant tag"; before tags, "variant"
+                variant = variant or memo[0]
+                if not variant:
+                    continue
+                if not named and len(memo) == 2:
+                    tg = memo[1]
+                ab[(tg, variant, AB_METRICS[et])] += 1
+        return shown, ab, seen
 
     def claim_event_ids(self, event_ids: Sequence[str] | str, positions: Sequence[str] | str,
                         ttl_s: int) -> dict[int, str]:
@@ -313,12 +339,24 @@ class OnlineState:
             p.hgetall(RedisKeys.counter(name, b))
         return {b * BUCKET_S: {f: int(v) for f, v in got.items()} for b, got in zip(buckets, p.execute()) if got}
 
-    def ab_counts(self) -> dict[str, dict[str, int]]:
-        """Totals per variant of the running experiment: impressions, clicks, carts, purchases."""
-        out = {}
-        for key in self.r.scan_iter(RedisKeys.ab(self.experiment, "*"), count=10_000):
-            out[key.rsplit(":", 1)[1]] = {f: int(v) for f, v in self.r.hgetall(key).items()}
-        return out
+    def ab_comparisons(self) -> list[tuple[str, int, int]]:
+        """The experiment's comparisons (tags) as ``(tag, first_ts_ms, last_ts_ms)`` of their impressions, the
+        most recently seen first."""
+        p = self.r.pipeline(transaction=False)
+        p.zrange(RedisKeys.ab_seen(self.experiment, "last"), 0, -1, desc=True, withscores=True)
+        p.zrange(RedisKeys.ab_seen(self.experiment, "first"), 0, -1, withscores=True)
+        last, first = p.execute()
+        first = dict(first)
+        return [(tag, int(first.get(tag, ts)), int(ts)) for tag, ts in last]
+
+    def ab_counts(self, tag: str | None = None) -> dict[str, dict[str, int]]:
+        """Totals per variant of one comparison (default: the most recently seen): impressions, clicks, carts,
+        purchases."""
+        if tag is None:
+            seen = self.r.zrange(RedisKeys.ab_seen(self.experiment, "last"), 0, 0, desc=True)
+            tag = seen[0] if seen else self.experiment
+        return {ab_variant(key, tag): {f: int(v) for f, v in self.r.hgetall(key).items()}
+                for key in ab_keys(self.r, tag)}
 
     def dlq_reasons(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(RedisKeys.dlq_reasons).items()}
@@ -458,6 +496,23 @@ def lines(*columns: pa.Array | pa.ChunkedArray) -> str:
     if isinstance(rows, pa.ChunkedArray):
         rows = rows.combine_chunks()
     return pc.binary_join(pa.ListArray.from_arrays(pa.array([0, len(rows)], pa.int32()), rows), "\n")[0].as_py()
+
+
+def ab_keys(r: redis.Redis, tag: str, scan_count: int = 10_000) -> list[str]:
+    """The A/B totals keys of one comparison (one per variant), sorted."""
+    prefix = RedisKeys.ab(tag, "")
+    # a variant holds no ':', so this leaves out the keys of a longer tag that starts with this one
+    return sorted({k for k in r.scan_iter(match=prefix + "*", count=scan_count) if ":" not in k[len(prefix):]})
+
+
+def ab_variant(key: str, tag: str) -> str:
+    """The variant of an :func:`ab_keys` key."""
+    return key[len(RedisKeys.ab(tag, "")):]
+
+
+def ab_stats_name(tag: str, variant: str) -> str:
+    """Name of the per-minute A/B counters of ``variant`` in the comparison ``tag`` (:meth:`OnlineState.incr_stats`)."""
+    return f"ab:{tag}:{variant}"
 
 
 def latency_field(ms: float) -> str:

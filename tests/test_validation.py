@@ -37,6 +37,7 @@ def partition(n: int = 400, seed: int = 0) -> pd.DataFrame:
         "request_id": [f"r{i}" if imp else None for i, imp in enumerate(impression)],
         "variant": [("a" if i % 2 else "b") if imp else None for i, imp in enumerate(impression)],
         "model_version": [None] * n,
+        "experiment": [("x@a.1:b.2" if i % 3 else None) if imp else None for i, imp in enumerate(impression)],
         "items": [["item-1", "item-2"] if imp else None for imp in impression],
         "schema_version": np.full(n, 1, dtype="int16"),
     })

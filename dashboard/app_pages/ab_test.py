@@ -26,10 +26,25 @@ def render() -> None:
     snap = ui.snapshot()
     if snap is None:
         return
+    if snap.ab_comparisons:
+        labels = {tag: dd.comparison_label(tag, first, last) for tag, first, last in snap.ab_comparisons}
+        latest = snap.ab_comparisons[0][0]
+        chosen = st.selectbox(
+            "Comparison", [None, *labels], key="ab_comparison",
+            format_func=lambda t: f"the latest: {labels[latest]}" if t is None else labels[t],
+            help="Counts are kept per comparison: the experiment and the versions it served. A new challenger "
+                 "(or champion) version starts a new comparison, so earlier versions and the champion's traffic "
+                 "from before the challenger was served stay out of it.")
+        if chosen is not None and chosen != snap.ab_tag:
+            snap = ui.snapshot(tag=chosen)
+            if snap is None:
+                return
     if not snap.ab_counts:
         ui.no_traffic("no impressions recorded for any variant")
         return
     lake = ui.lake_ab()
+    if lake is not None:
+        lake = lake.of(snap.ab_tag, cfg.experiment)
     revenue = None if lake is None else lake.revenue
     report = dd.ab_report(snap.ab_counts, revenue or {}, cfg, users=None if lake is None else lake.users)
     conf = f"{1 - cfg.alpha:.0%}"
@@ -51,7 +66,7 @@ def render() -> None:
                      "(check `SHOPREC_AB_CHALLENGER_SHARE` and the serving logs).", icon=":material/warning:")
 
     st.subheader("Per variant")
-    st.caption(f"Totals since the experiment started (Redis counters). CTR = clicks / impressions, conversion = "
+    st.caption(f"Totals of this comparison (Redis counters). CTR = clicks / impressions, conversion = "
                f"purchases / impressions ({conf} Wilson intervals); revenue per impression = price × quantity of the "
                f"purchases attributed to each impression, from the last {s.dashboard_lake_hours} h of the lake "
                f"({conf} t interval).")
@@ -102,7 +117,7 @@ def render() -> None:
                    f"(chi-square p = {report.srm.p_value:.3g}).")
 
     st.subheader("Cumulative CTR lift over time")
-    cum = ui.cumulative_lift(report.a, report.b, STATS_TTL_S // 60, cfg.alpha)
+    cum = ui.cumulative_lift(snap.ab_tag, report.a, report.b, STATS_TTL_S // 60, cfg.alpha)
     if cum is None:
         return
     if cum.empty:

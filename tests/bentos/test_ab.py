@@ -54,9 +54,11 @@ def test_both_variants_served_and_impressions_carry_variant_and_version(settings
     assert {a["variant"] for a in answers} == {ALIAS_CHAMPION, ALIAS_CHALLENGER}
     impressions = _consume_impressions(settings, {a["request_id"] for a in answers})
     assert len(impressions) == len(answers)
+    pair = f"{exp.name}@champion.{reg.version}:challenger.{challenger_version}"  # the comparison both were in
     for a in answers:
         ev = impressions[a["request_id"]]
-        assert (ev["variant"], ev["model_version"]) == (a["variant"], a["model_version"])
+        assert (ev["variant"], ev["model_version"], ev["experiment"]) == (a["variant"], a["model_version"], pair)
+        assert a["experiment"] == pair
         assert ev["items"] == [i["item_id"] for i in a["items"]]
 
 
@@ -77,4 +79,16 @@ def test_an_experiment_file_names_the_counters_the_dashboard_reads(settings, red
         new_event("impression", "u1", None, "s1", items=["i1"], request_id="r1", variant=ALIAS_CHALLENGER),
         new_event("click", "u1", "i1", "s1", request_id="r1")])
     page = OnlineState(redis_client, experiment=dd.ABConfig.from_settings(s).experiment)  # what the A/B page reads
-    assert dd.fetch_ab_counts(page) == {ALIAS_CHALLENGER: {"impressions": 1, "clicks": 1}}
+    assert dd.fetch_snapshot(page).ab_counts == {ALIAS_CHALLENGER: {"impressions": 1, "clicks": 1}}
+
+
+def test_the_tag_names_the_versions_served_and_bad_names_are_refused():
+    exp = Experiment("ranking", "s", {"champion": 0.8, "challenger": 0.2})
+    assert exp.tag({"champion": "3", "challenger": "5"}) == "ranking@champion.3:challenger.5"
+    assert exp.tag({"challenger": "5", "champion": "3"}) == "ranking@champion.3:challenger.5"  # the experiment's order
+    assert exp.tag({"champion": "3"}) == "ranking@champion.3"  # no challenger served: a comparison of its own
+    assert exp.tag({}) == "ranking"  # nothing served (fallback only)
+    with pytest.raises(ValueError, match="experiment name 'spring sale'"):
+        Experiment("spring sale", "s")
+    with pytest.raises(ValueError, match="not an MLflow alias"):
+        Experiment("ranking", "s", {"champion": 0.5, "chal.lenger": 0.5})

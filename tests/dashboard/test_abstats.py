@@ -167,7 +167,7 @@ def run_experiment(world, variants, n_sessions, redis_client, tmp_path, salt):
     abrun.record(state, events, tmp_path / "lake")
     counts = state.ab_counts()
     assert counts == abrun.ab_counts(events)  # what Redis holds is what the users did
-    return counts, dd.fetch_lake_ab(tmp_path / "lake", hours=8)
+    return counts, dd.fetch_lake_ab(tmp_path / "lake", hours=8).of("sim", "sim")
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def seed_redis(state: OnlineState, ab=AB) -> None:
     for variant, counts in ab.items():
         for f, n in counts.items():
             state.r.hincrby(RedisKeys.ab(state.experiment, variant), f, n)
-        state.incr_stats(dd.ab_stats_name(variant), counts)
+        state.incr_stats(dd.ab_stats_name(state.experiment, variant), counts)
     state.incr_stats(dd.STATS_REQUESTS, {"cache": 30, "model": 60, "fallback": 10, "cold_user": 20,
                                          "cold_user_session": 10, "cold_user_trending": 5})
     state.incr_stats(dd.STATS_CACHE, {"hit": 30, "miss": 70, "hit:champion": 20, "miss:champion": 30,
@@ -214,6 +214,31 @@ def test_ab_page_reads_the_configured_shares(dashboard_env, redis_client, redis_
     assert not run_page(PAGES[1]).error
     dashboard_env(redis_url, DEAD_MLFLOW)
     assert "Sample-ratio mismatch" in texts(run_page(PAGES[1]).error)
+
+
+def test_the_page_compares_the_latest_versions_and_an_earlier_comparison_can_be_picked(dashboard_env, redis_client,
+                                                                                       redis_url):
+    """The champion served alone for a while, then with a challenger: the latest comparison holds only the
+    traffic both shared (mixed with the champion's solo traffic, a 50/50 split would look broken)."""
+    state = OnlineState(redis_client)
+    solo, pair = f"{state.experiment}@champion.1", f"{state.experiment}@champion.1:challenger.2"
+    now = int(time.time() * 1000)
+
+    def shown(n: int, variant: str, tag: str, ts: int) -> list[dict]:
+        return [new_event("impression", f"{variant}-{tag}-{i % 50}", None, "s", ts=ts + i, items=["i1"],
+                          request_id=f"{tag}-{variant}-{i}", variant=variant, experiment=tag) for i in range(n)]
+
+    state.apply_events(shown(800, "champion", solo, now - 2 * HOUR_MS))
+    state.apply_events(shown(500, "champion", pair, now - HOUR_MS) + shown(500, "challenger", pair, now - HOUR_MS))
+    dashboard_env(redis_url, DEAD_MLFLOW)
+    at = run_page(PAGES[1])
+    assert metrics(at)["champion impressions"] == "500" and metrics(at)["challenger impressions"] == "500"
+    assert "Sample-ratio mismatch" not in texts(at.error)
+    picker = at.selectbox(key="ab_comparison")
+    assert picker.options[0].startswith("the latest: champion v1 vs challenger v2")
+    picker.set_value(solo).run()
+    assert metrics(at)["champion impressions"] == "800" and "challenger impressions" not in metrics(at)
+    assert "Only one variant has traffic" in texts(at.info)
 
 
 def test_one_variant_only_explains_there_is_no_test(dashboard_env, redis_client, redis_url):

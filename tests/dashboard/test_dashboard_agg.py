@@ -21,8 +21,9 @@ NOW_S = 1_800_000_000.0 + 1800  # half past an hour
 NOW = int(NOW_S * 1000)
 
 
-def imp(rid, user, variant, ts, items=("i00001", "i00002")):
-    return new_event("impression", user, None, "s", ts=ts, request_id=rid, variant=variant, items=list(items))
+def imp(rid, user, variant, ts, items=("i00001", "i00002"), tag=None):
+    return new_event("impression", user, None, "s", ts=ts, request_id=rid, variant=variant, items=list(items),
+                     experiment=tag)
 
 
 def ab_lake(lake) -> None:
@@ -33,7 +34,8 @@ def ab_lake(lake) -> None:
         t = NOW - (3 - h) * H
         for j in range(6):
             v = ALIAS_CHAMPION if j % 2 else ALIAS_CHALLENGER
-            events.append(imp(f"r{h}-{j}", f"u{j + h}", v, t - j * 1000))
+            tag = None if h < 2 else f"default@champion.1:challenger.{h}"  # two later comparisons name their versions
+            events.append(imp(f"r{h}-{j}", f"u{j + h}", v, t - j * 1000, tag=tag))
     events += [
         imp("r0-1", "u1", ALIAS_CHAMPION, NOW - 2 * H),  # the same request again, an hour later
         imp(None, "u50", ALIAS_CHAMPION, NOW - H), imp("r-nov", "u51", None, NOW - H),
@@ -60,7 +62,10 @@ def test_ab_summaries_equal_the_raw_lake_and_follow_new_files(tmp_path):
     lake, cache = tmp_path / "lake", tmp_path / "cache"
     ab_lake(lake)
     want = dd.fetch_lake_ab(lake, hours=4, now_s=NOW_S)
-    assert want.revenue[ALIAS_CHAMPION].sum() == pytest.approx(2 * 9.5 + 3.0 + 4.0)
+    assert want.of("default", "default").revenue[ALIAS_CHAMPION].sum() == pytest.approx(2 * 9.5 + 3.0)
+    later = want.of("default@champion.1:challenger.3", "default")  # the comparison of the last hour alone
+    assert later.revenue[ALIAS_CHAMPION].sum() == pytest.approx(4.0) and later.users == {ALIAS_CHAMPION: 3,
+                                                                                         ALIAS_CHALLENGER: 3}
     first = ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S)
     assert_same_ab(first, want)
     assert len(list((cache / "ab").iterdir())) == 4  # one summary per partition, stored
@@ -73,7 +78,8 @@ def test_ab_summaries_equal_the_raw_lake_and_follow_new_files(tmp_path):
                         new_event("purchase", "u77", "i1", "s", ts=NOW, price=20.0, request_id="r-new")])
     after = ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S)
     assert_same_ab(after, dd.fetch_lake_ab(lake, hours=4, now_s=NOW_S))
-    assert after.users[ALIAS_CHALLENGER] == first.users[ALIAS_CHALLENGER] + 1
+    untagged = "\t" + ALIAS_CHALLENGER  # lake_ab_key of an impression without a tag
+    assert after.users[untagged] == first.users[untagged] + 1
     assert all(len(list(d.glob("*.arrow"))) == 3 for d in (cache / "ab").iterdir())  # the stale one is gone
 
     # an hour later the oldest partition leaves the window and its summary is dropped
@@ -174,11 +180,13 @@ def test_minute_counts_and_ab_counts_in_one_round_trip(redis_client):
     state = OnlineState(redis_client)
     now = time.time()
     b = int(now) // BUCKET_S * BUCKET_S
+    tag = state.experiment
     for ago, counts in ((0, {"impressions": 5, "clicks": 1}), (3, {"impressions": 2}), (9, {"clicks": 4})):
-        redis_client.hset(RedisKeys.counter(dd.ab_stats_name(ALIAS_CHAMPION), b // BUCKET_S - ago), mapping=counts)
-    state.incr_stats(dd.ab_stats_name(ALIAS_CHALLENGER), {"impressions": 7})
-    got = dd.fetch_minute_counts(state, dd.ab_stats_name(ALIAS_CHAMPION), ("impressions", "clicks"), 10, now)
-    want = dd.buckets_to_frame(state.read_stats(dd.ab_stats_name(ALIAS_CHAMPION), 10), ("impressions", "clicks"),
+        redis_client.hset(RedisKeys.counter(dd.ab_stats_name(tag, ALIAS_CHAMPION), b // BUCKET_S - ago),
+                          mapping=counts)
+    state.incr_stats(dd.ab_stats_name(tag, ALIAS_CHALLENGER), {"impressions": 7})
+    got = dd.fetch_minute_counts(state, dd.ab_stats_name(tag, ALIAS_CHAMPION), ("impressions", "clicks"), 10, now)
+    want = dd.buckets_to_frame(state.read_stats(dd.ab_stats_name(tag, ALIAS_CHAMPION), 10), ("impressions", "clicks"),
                                minutes=10, now_s=now)
     pd.testing.assert_frame_equal(got, want)
     assert got["impressions"].sum() == 7 and got["clicks"].sum() == 5
@@ -186,5 +194,5 @@ def test_minute_counts_and_ab_counts_in_one_round_trip(redis_client):
 
     for v, n in ((ALIAS_CHAMPION, 3), (ALIAS_CHALLENGER, 4)):
         state.r.hset(RedisKeys.ab(state.experiment, v), mapping={"impressions": n, "clicks": 1})
-    assert dd.fetch_ab_counts(state) == state.ab_counts() == {
+    assert dd.fetch_ab_counts(state, tag) == state.ab_counts() == {
         ALIAS_CHAMPION: {"impressions": 3, "clicks": 1}, ALIAS_CHALLENGER: {"impressions": 4, "clicks": 1}}

@@ -22,7 +22,7 @@ def test_counter_names_are_the_serving_contract():
     assert dd.REQUEST_SOURCES == ("cache", "model", "fallback")
     assert dd.COLD_FIELDS == ("cold_user", "cold_user_session", "cold_user_trending")
     assert (dd.CACHE_HIT, dd.CACHE_MISS) == ("hit", "miss")
-    assert dd.ab_stats_name("challenger") == "ab:challenger"
+    assert dd.ab_stats_name("exp@champion.1:challenger.2", "challenger") == "ab:exp@champion.1:challenger.2:challenger"
 
 
 def test_rate_pct_totals():
@@ -176,10 +176,20 @@ def test_redact_url():
 
 # --- fetching from real services ---------------------------------------------------------
 def test_fetch_snapshot_reads_what_serving_and_the_consumer_write(redis_client):
+    from pipelines.schemas import new_event
+
     state = OnlineState(redis_client, experiment="exp1")
-    state.r.hincrby(RedisKeys.ab("exp1", ALIAS_CHAMPION), "impressions", 4)
+    solo, pair = "exp1@champion.1", "exp1@champion.1:challenger.2"  # the champion alone, then with a challenger
+    t0 = int(time.time() * 1000) - 60_000
+
+    def shown(user, variant, tag, ts):
+        return new_event("impression", user, None, "s", ts=ts, items=["i1"], request_id=f"r-{user}", variant=variant,
+                         model_version=tag[-1], experiment=tag)
+
+    state.apply_events([shown("u1", ALIAS_CHAMPION, solo, t0), shown("u2", ALIAS_CHAMPION, pair, t0 + 1000),
+                        shown("u3", ALIAS_CHALLENGER, pair, t0 + 2000),
+                        new_event("click", "u3", "i1", "s", request_id="r-u3", variant=ALIAS_CHALLENGER)])
     state.r.hincrby(RedisKeys.ab("other-exp", ALIAS_CHAMPION), "impressions", 99)
-    state.incr_stats(dd.ab_stats_name(ALIAS_CHAMPION), {"impressions": 4, "clicks": 1})
     state.incr_stats(dd.STATS_REQUESTS, {"model": 2, "cold_user": 1})
     state.incr_stats(dd.STATS_CACHE, {"miss": 2})
     state.count_dlq({"schema": 1})
@@ -188,11 +198,23 @@ def test_fetch_snapshot_reads_what_serving_and_the_consumer_write(redis_client):
     snap = dd.fetch_snapshot(state, minutes=5)
     bucket = int(snap.now_s) // BUCKET_S * BUCKET_S
     assert snap.minutes == 5
-    assert snap.ab_counts == {ALIAS_CHAMPION: {"impressions": 4}}
-    assert snap.ab_minutes == {ALIAS_CHAMPION: {bucket: {"impressions": 4, "clicks": 1}}}
+    # the latest comparison by default: the champion's traffic from before the challenger is not in it
+    assert snap.ab_tag == pair
+    assert snap.ab_counts == {ALIAS_CHAMPION: {"impressions": 1}, ALIAS_CHALLENGER: {"impressions": 1, "clicks": 1}}
+    assert snap.ab_comparisons == [(pair, t0 + 1000, t0 + 2000), (solo, t0, t0)]
+    assert dd.fetch_snapshot(state, 5, solo).ab_counts == {ALIAS_CHAMPION: {"impressions": 1}}
+    assert state.read_stats(dd.ab_stats_name(pair, ALIAS_CHALLENGER), 5) == {bucket: {"impressions": 1, "clicks": 1}}
     assert snap.requests == {bucket: {"model": 2, "cold_user": 1}}
     assert snap.cache == {bucket: {"miss": 2}}
     assert snap.dlq_reasons == {"schema": 1} and snap.consumer_status["lag"] == "0"
+
+
+def test_comparison_labels_name_the_versions_and_when():
+    t = 1_796_596_200_000  # 2026-12-06 22:30 UTC
+    assert dd.comparison_label("exp1@champion.2:challenger.3") == "champion v2 vs challenger v3"
+    assert dd.comparison_label("exp1@champion.2", t, t + 15 * 60_000) == "champion v2 (12-06 22:30 – 22:45 UTC)"
+    assert dd.comparison_label("exp1@champion.2", t, t + 86_400_000).endswith("(12-06 22:30 – 12-07 22:30 UTC)")
+    assert dd.comparison_label("exp1").startswith("untagged")
 
 
 def test_fetch_snapshot_raises_when_redis_is_down():
@@ -299,8 +321,15 @@ def test_fetch_lake_ab_reads_only_the_window(tmp_path):
         new_event("view", "u2", "i1", "s", ts=now - 30_000),
         new_event("impression", "u9", None, "s", ts=now - 30 * 3_600_000, request_id="old", variant="champion",
                   items=["i1"]),
+        # a later comparison: impressions that name their versions
+        new_event("impression", "u3", None, "s", ts=now - 20_000, request_id="r4", variant="challenger", items=["i1"],
+                  experiment="default@champion.1:challenger.2"),
+        new_event("purchase", "u3", "i1", "s", ts=now - 10_000, request_id="r4", price=5.0),
     ])
-    got = dd.fetch_lake_ab(tmp_path, hours=2, now_s=NOW)
+    lake = dd.fetch_lake_ab(tmp_path, hours=2, now_s=NOW)
+    paired = lake.of("default@champion.1:challenger.2", "default")
+    assert paired.users == {"challenger": 1} and paired.revenue["challenger"].tolist() == [5.0]
+    got = lake.of("default", "default")  # untagged impressions belong to the comparison named like the experiment
     assert got.users == {"champion": 1, "challenger": 1}
     assert got.revenue["challenger"].tolist() == [12.0] and got.revenue["champion"].tolist() == [0.0, 0.0]
     assert dd.fetch_lake_ab(tmp_path / "nothing", hours=2, now_s=NOW) == dd.LakeAB()

@@ -38,7 +38,7 @@ def base_events() -> list[dict]:
         new_event("view", "u1", "i1", "s1", ts=NOW - 1000),
         new_event("purchase", "u1", "i1", "s1", ts=NOW, price=12.5, quantity=2),
         new_event("impression", "u1", None, "s1", ts=NOW, items=["i1", "i2"], request_id=rid, variant="champion",
-                  model_version="3"),
+                  model_version="3", experiment="default@champion.3:challenger.4"),
         new_event("click", "u1", "i2", "s1", ts=NOW, request_id=rid, variant="challenger", model_version="3"),
     ]
 

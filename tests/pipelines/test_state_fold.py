@@ -42,7 +42,7 @@ def test_the_fold_gives_the_same_state_from_dicts_as_from_models(redis_client):
         assert state.get_cached(user, "champion") is None  # the user's cached lists were invalidated
         assert state.is_known(user)
         assert state.ab_counts() == {"challenger": {"impressions": 1, "clicks": 1, "carts": 1}}
-        assert redis_client.get(RedisKeys.request(f"r-{user}")) == "challenger"
+        assert redis_client.get(RedisKeys.request(f"r-{user}")) == f"challenger {state.experiment}"
     state = by_dict
     state.refresh_trending()
     assert dict(state.trending(10))["b"] > dict(state.trending(10))["a"] > 0
@@ -73,3 +73,33 @@ def test_several_consumers_add_up_and_a_member_without_partitions_is_counted(red
     assert (st["members"], st["idle_members"]) == ("3", "1")
     assert float(st["last_commit_ts"]) == now - 1 and float(st["updated_ts"]) == now
     assert 0 < redis_client.ttl(RedisKeys.consumer_member("host-1")) <= 86_400  # a member's hash does not outlive it
+
+
+def test_ab_counts_are_kept_per_comparison_and_clicks_follow_their_impression(redis_client):
+    """A challenger that appears starts a new comparison: the champion's earlier traffic stays out of it (it
+    would look like a sample-ratio mismatch), and a click finds its comparison through its request."""
+    name = f"exp-{uuid.uuid4().hex[:6]}"
+    state = OnlineState(redis_client, experiment=name)
+    solo, pair = f"{name}@champion.1", f"{name}@champion.1:challenger.2"
+
+    def shown(rid, variant, tag, ts):
+        return new_event("impression", "u", None, "s", ts=ts, items=["i"], request_id=rid, variant=variant,
+                         experiment=tag)
+
+    state.apply_events([shown(f"a{n}", "champion", solo, 1000 + n) for n in range(5)])
+    state.apply_events([shown("b1", "champion", pair, 2000), shown("b2", "challenger", pair, 2001)])
+    # later batches: a click names only its request (found in Redis), a cart its variant and request too,
+    # a purchase of the champion-only time, and an event of a request Redis never saw
+    state.apply_events([new_event("click", "u", "i", "s", request_id="b2"),
+                        new_event("add_to_cart", "u", "i", "s", request_id="b1", variant="champion"),
+                        new_event("purchase", "u", "i", "s", request_id="a0", price=2.0),
+                        new_event("click", "u", "i", "s", request_id="unknown")])
+    assert state.ab_counts() == {"champion": {"impressions": 1, "carts": 1},
+                                 "challenger": {"impressions": 1, "clicks": 1}}
+    # (the pair's keys start like the solo tag's: they are not read as part of it)
+    assert state.ab_counts(solo) == {"champion": {"impressions": 5, "purchases": 1}}
+    assert state.ab_comparisons() == [(pair, 2000, 2001), (solo, 1000, 1004)]
+    # impressions logged before they named their versions count under the experiment's name
+    state.apply_events([new_event("impression", "u", None, "s", items=["i"], request_id="c1", variant="champion"),
+                        new_event("click", "u", "i", "s", request_id="c1")])
+    assert state.ab_counts(name) == {"champion": {"impressions": 1, "clicks": 1}}
