@@ -212,6 +212,44 @@ class TestTwoTower(RecommenderContract):
         assert vec.shape == (1, 16) and torch.linalg.norm(vec) > 0
 
 
+class TestTwoTowerSparseIds(TestTwoTower):
+    """The path for catalogs too big for dense id tables: sparse gradients and SparseAdam, sampled softmax.
+
+    Small batches and few negatives, so a step reads only some rows of each table (what makes lazy
+    Adam differ from Adam); no user embedding, as in the production hybrid.
+    """
+
+    def make(self, **params) -> TwoTower:
+        model = super().make(**{"batch_size": 32, "full_softmax_max": 0, "n_negatives": 4, "weight_decay": 1e-4,
+                                "user_embedding": False, **params})
+        model.dense_id_max = 0  # every id table counts as big here (the real threshold is 100,000 rows)
+        return model
+
+    def test_both_id_tables_take_the_sparse_path_and_two_fits_are_identical(self, caplog):
+        with caplog.at_level("INFO", logger="pipelines.models.twotower"):
+            a = self.make(user_embedding=True).fit(self.data(), catalog())
+        assert "SparseAdam for the id tables over 0 rows: item, user" in caplog.text
+        b = self.make(user_embedding=True).fit(self.data(), catalog())
+        assert torch.equal(a.item_emb, b.item_emb) and torch.equal(a.user_emb, b.user_emb)
+        assert a.user_emb.abs().sum() > 0
+        assert a.recommend_scored(["a1", "b1"], 5) == b.recommend_scored(["a1", "b1"], 5)
+
+    def test_tables_up_to_the_threshold_stay_dense(self, caplog):
+        """12 items, 16 users: a threshold of 12 rows leaves the item table on the dense path; 16, both."""
+        with caplog.at_level("INFO", logger="pipelines.models.twotower"):
+            model = self.make(user_embedding=True)
+            model.dense_id_max = 12
+            model.fit(self.data())
+        assert "SparseAdam for the id tables over 12 rows: user" in caplog.text
+        caplog.clear()
+        with caplog.at_level("INFO", logger="pipelines.models.twotower"):
+            model.dense_id_max = 16
+            dense = model.fit(self.data())
+        assert "SparseAdam" not in caplog.text
+        default = super().make(batch_size=32, full_softmax_max=0, n_negatives=4, weight_decay=1e-4).fit(self.data())
+        assert torch.equal(dense.item_emb, default.item_emb)
+
+
 class TestShopRec(RecommenderContract):
     probe_user = "a0"
     probe_expected = {"A3", "A4", "A5"}
