@@ -364,6 +364,74 @@ def test_content_features_tokens():
     assert len(tokens) == 0 and list(offsets) == [0]
 
 
+def _reference_bags(feats: ContentFeatures, items: pd.DataFrame) -> tuple[list[list[str]], dict[str, int]]:
+    """Token bags row by row, straight from the rules in ``pipelines.models.content`` (and the vocabulary they
+    give): what the column-wise implementation must reproduce exactly."""
+    import re
+
+    from pipelines.models.content import SKIP_COLUMNS, TEXT_COLUMNS
+
+    bags = []
+    for _, row in items.iterrows():
+        toks = []
+        for col in (c for c in items.columns if c not in SKIP_COLUMNS):
+            v = row[col]
+            if col in feats.bands:
+                if pd.notna(v):
+                    toks.append(f"{col}#{int(np.searchsorted(feats.bands[col], float(v), side='right'))}")
+            elif pd.api.types.is_numeric_dtype(items[col]) and not pd.api.types.is_bool_dtype(items[col]):
+                continue
+            elif col in TEXT_COLUMNS:
+                toks += [f"{col}:{w}" for w in re.findall(r"[a-z0-9]+", str(v).lower())] if pd.notna(v) else []
+            elif pd.notna(v):
+                toks.append(f"{col}={v}")
+        bags.append(list(dict.fromkeys(toks)))
+    docs: dict[str, int] = {}
+    for b in bags:
+        for t in b:
+            docs[t] = docs.get(t, 0) + 1
+    vocab = {t: n for n, t in enumerate(sorted(t for t, c in docs.items() if c >= feats.min_count))}
+    return bags, vocab
+
+
+def _hostile_catalog() -> pd.DataFrame:
+    return pd.DataFrame({
+        "item_id": ["a", "b", "c", "d", "e", "f"],
+        "title": ["Red red RUNNER-2000", None, "", "Ünïcode café 42", "red", "  runner  red  "],
+        "category": ["shoes", "shoes", None, "lamps", "lamps", "shoes"],
+        "brand": ["Acme", "Acme", "Zeta", None, "Zeta", "Acme"],
+        "price": [20.0, np.nan, 300.0, 25.0, 310.0, 20.0],
+        "on_sale": [True, False, True, True, False, True],
+        "created_at": [0, 1, 2, 3, 4, 5], "in_stock": [True] * 6,
+    })
+
+
+@pytest.mark.parametrize("source", ["hostile", "simulator", "ml-100k"])
+def test_content_bags_match_the_row_by_row_rules(source):
+    """The column-wise tokenizer gives exactly the bags and vocabulary of the rules applied row by row
+    (repeated words once, in first-occurrence order; missing values no token; rare tokens dropped)."""
+    if source == "hostile":
+        items = _hostile_catalog()
+    elif source == "simulator":
+        from pipelines.simulator import make_catalog
+
+        items = make_catalog(2000, seed=3)
+    else:
+        from pipelines.datasets import load_ml100k
+
+        items = load_ml100k()[1]
+    feats = ContentFeatures(min_count=2).fit(items)
+    bags, vocab = _reference_bags(feats, items)
+    assert feats.vocab == vocab and len(vocab) > 3
+    tokens, offsets = feats.transform(items)
+    ends = list(offsets[1:]) + [len(tokens)]
+    inverse = {n: t for t, n in vocab.items()}
+    got = [[inverse[int(t)] for t in tokens[a:b]] for a, b in zip(offsets, ends)]
+    assert got == [[t for t in b if t in vocab] for b in bags]
+    once_tokens, once_offsets = ContentFeatures(min_count=2).fit_transform(items)  # tokenizes once
+    assert np.array_equal(once_tokens, tokens) and np.array_equal(once_offsets, offsets)
+
+
 def test_fit_is_deterministic_for_a_seed(synthetic_interactions_df):
     a = ShopRec(dim=8, epochs=3, device="cpu").fit(synthetic_interactions_df)
     b = ShopRec(dim=8, epochs=3, device="cpu").fit(synthetic_interactions_df)
