@@ -166,7 +166,10 @@ class BPR(IndexedRecommender):
             total = torch.zeros((), device=dev)
             for start in range(0, n, bs):
                 ub, ib, jb = u_t[start:start + bs], i_t[start:start + bs], j_t[start:start + bs]
-                pu, qi, qj, bi, bj = P[ub], Q[ib], Q[jb], b[ib], b[jb]
+                # F.embedding, not P[ub]: its backward sums each row's gradients in a fixed order (indexing's
+                # accumulates in thread order on CPU, so two fits differed in the low bits)
+                pu, qi, qj = F.embedding(ub, P), F.embedding(ib, Q), F.embedding(jb, Q)
+                bi, bj = F.embedding(ib, b[:, None])[:, 0], F.embedding(jb, b[:, None])[:, 0]
                 x = (pu * (qi - qj)).sum(dim=1) + bi - bj  # [B]
                 rank_loss = -(w_t[start:start + bs] * F.logsigmoid(x)).sum()
                 l2 = reg * (pu.square().sum() + qi.square().sum() + qj.square().sum()

@@ -121,7 +121,9 @@ class TwoTower(ScoringRecommender):
         has_content = len(tokens) > 0
 
         def item_vectors(codes: torch.Tensor, drop_ids: bool) -> torch.Tensor:
-            vec = F.embedding(codes, net.item, sparse=True) if big["item"] else net.item[codes]
+            # F.embedding, not net.item[codes]: its backward sums each row's gradients in a fixed order
+            # (indexing's accumulates in thread order on CPU, so two fits differed in the low bits)
+            vec = F.embedding(codes, net.item, sparse=big["item"])
             if drop_ids and self.id_dropout > 0:
                 keep = (torch.rand(len(codes), 1, device=dev) >= self.id_dropout).float()
                 vec = vec * keep
@@ -159,7 +161,7 @@ class TwoTower(ScoringRecommender):
                 u = net.context(bag / n_in[:, None])
                 if self.user_embedding:
                     ub_t = torch.from_numpy(ub).to(dev)
-                    u = u + (F.embedding(ub_t, net.user, sparse=True) if big["user"] else net.user[ub_t])
+                    u = u + F.embedding(ub_t, net.user, sparse=big["user"])
                 logp = F.log_softmax(u @ v_cand.T / self.temperature, dim=1)  # [B, C]
                 loss = -logp[torch.from_numpy(rows).to(dev), target_cols].sum() / len(ub)
                 for opt in opts:

@@ -432,6 +432,23 @@ def test_content_bags_match_the_row_by_row_rules(source):
     assert np.array_equal(once_tokens, tokens) and np.array_equal(once_offsets, offsets)
 
 
+@pytest.mark.parametrize("name", ["twotower", "bpr"])
+def test_torch_fits_are_bit_identical_with_two_threads(name):
+    """On ml-100k with two threads (this machine's default), where reading the embedding tables by indexing
+    let the gradients' summation order vary between runs: two fits must give the same bits."""
+    from pipelines.datasets import load_ml100k
+
+    inter, items = load_ml100k(rating_as_weight=True)
+    params = {"twotower": {"user_embedding": True}, "bpr": {}}[name]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        a, b = (get_recommender(name, device="cpu", epochs=1, dim=32, **params).fit(inter, items) for _ in range(2))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(a.item_emb, b.item_emb) and torch.equal(a.user_emb, b.user_emb)
+
+
 def test_fit_is_deterministic_for_a_seed(synthetic_interactions_df):
     a = ShopRec(dim=8, epochs=3, device="cpu").fit(synthetic_interactions_df)
     b = ShopRec(dim=8, epochs=3, device="cpu").fit(synthetic_interactions_df)
