@@ -17,7 +17,8 @@ simulator, no global random state; event and session ids come from it too).
   sessions) and new products (a rate per simulated hour, ``created_at`` = the
   moment they appear, promoted so they get views) arrive over time.
 * Closed loop: a share of sessions asks a ``recommend_fn`` first; the user sees
-  the list (an ``impression``), clicks an item with a probability that grows
+  the list (an ``impression``, unless the recommender logs it itself, as the
+  BentoML service does), clicks an item with a probability that grows
   with the hidden taste match and falls with the position (1/log2(pos+2)),
   and the click, add-to-cart and purchase that follow carry the ``request_id``,
   ``variant`` and ``model_version`` of the list.
@@ -321,17 +322,19 @@ class _Stream:
         return heap[0][0]
 
     def pop(self) -> dict:
-        ts = self.peek_ts()
-        _, _, sess = heapq.heappop(self.heap)
-        self.sim._arrivals_until(ts)
-        ev, next_ts = self.sim._step(sess, ts)
-        self.counts[ev["event_type"]] += 1
-        if next_ts is None:
-            self.sim._session_done(sess)
-        else:
-            self.seq += 1
-            heapq.heappush(self.heap, (next_ts, self.seq, sess))
-        return ev
+        while True:
+            ts = self.peek_ts()
+            _, _, sess = heapq.heappop(self.heap)
+            self.sim._arrivals_until(ts)
+            ev, next_ts = self.sim._step(sess, ts)
+            if next_ts is None:
+                self.sim._session_done(sess)
+            else:
+                self.seq += 1
+                heapq.heappush(self.heap, (next_ts, self.seq, sess))
+            if ev is not None:  # None: an impression the recommendation service logged itself
+                self.counts[ev["event_type"]] += 1
+                return ev
 
 
 class ShopSimulator:
@@ -618,12 +621,16 @@ class ShopSimulator:
                 return ts + self._gap_ms(60_000, 0.6, 10_000, 600_000)
         return None
 
-    def _step(self, sess: _Session, ts: int) -> tuple[dict, int | None]:
-        """Emit the session's event due at ``ts``; returns it and the time of the next one (None = ended)."""
+    def _step(self, sess: _Session, ts: int) -> tuple[dict | None, int | None]:
+        """Emit the session's event due at ``ts``; returns it and the time of the next one (None = ended).
+
+        The event is None for an impression that the recommendation service logged itself
+        (a ``recommend_fn`` with ``logs_impressions`` set, such as :func:`http_recommend_fn`).
+        """
         action = sess.action
         if action == "rec":
-            ev, nxt = self._step_rec(sess, ts)
-            if ev is not None:
+            answered, ev, nxt = self._step_rec(sess, ts)
+            if answered:
                 return ev, nxt
             action = "view"
         if action == "view":
@@ -654,8 +661,9 @@ class ShopSimulator:
             return ev, (ts + self._gap_ms(800, 0.5, 100, 5_000) if sess.to_buy else None)
         raise AssertionError(f"unknown session action {action!r}")
 
-    def _step_rec(self, sess: _Session, ts: int) -> tuple[dict | None, int | None]:
-        """Ask the recommender; an impression and maybe a click on the list, or None to browse instead."""
+    def _step_rec(self, sess: _Session, ts: int) -> tuple[bool, dict | None, int | None]:
+        """Ask the recommender: ``(True, impression, next)`` with maybe a click on the list next, or ``(False, None,
+        None)`` to browse instead. The impression is None when the recommender logs its impressions itself."""
         stream = sess.stream
         fn = stream.recommend_fn if stream is not None else self._step_fn
         got = None
@@ -670,18 +678,20 @@ class ShopSimulator:
                 if not got or not got[1]:
                     stream.counts["recommend_failures"] += 1
         if not got or not got[1]:
-            return None, None
+            return False, None, None
         request_id, items, variant, model_version = got
         items = [str(x) for x in items][:200]
         attr = (str(request_id), str(variant), None if model_version is None else str(model_version)[:64])
-        ev = self._emit(sess, "impression", ts, None, attr, items=items)
+        # a second impression of a list the service already logged would count it twice in the A/B test
+        ev = None if getattr(fn, "logs_impressions", False) else self._emit(sess, "impression", ts, None, attr,
+                                                                             items=items)
         pos_bias = self._pos_bias
         for pos, iid in enumerate(items):
             i = self._index.get(iid, -1)
             if i >= 0 and self._r() < CLICK_BASE * (0.1 + 0.9 * self._affinity(sess.user, i)) * pos_bias[pos]:
                 sess.action, sess.item, sess.attr = "click", i, attr
-                return ev, ts + self._gap_ms(6_000, 0.6, 500, 60_000)
-        return ev, self._next_browse(sess, ts)
+                return True, ev, ts + self._gap_ms(6_000, 0.6, 500, 60_000)
+        return True, ev, self._next_browse(sess, ts)
 
     _step_fn: RecommendFn | None = None
 
@@ -716,7 +726,8 @@ class ShopSimulator:
             while nxt is not None:
                 self._arrivals_until(nxt)
                 ev, nxt = self._step(sess, nxt)
-                out.append(ev)
+                if ev is not None:
+                    out.append(ev)
             self._session_done(sess)
             return out
         finally:
@@ -859,6 +870,7 @@ def http_recommend_fn(base_url: str, timeout: float = 2.0, k: int = 10) -> Recom
             return None
 
     recommend.client = client  # type: ignore[attr-defined]  # closable by the caller
+    recommend.logs_impressions = True  # type: ignore[attr-defined]  # the service logs each answer's impression
     return recommend
 
 

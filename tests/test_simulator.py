@@ -227,6 +227,24 @@ def test_closed_loop_impressions_and_attributed_clicks(catalog):
     assert pos[True] > pos[False]
 
 
+def test_a_service_that_logs_its_impressions_gets_no_second_one(catalog):
+    """The BentoML service logs each answer's impression itself; the simulated shop must not send another one
+    (it counted every list twice in the A/B test), while its clicks still carry the list's request."""
+    shown = catalog["item_id"].tolist()[:10]
+    rec = fixed_recommender(shown)
+    rec.logs_impressions = True
+    sim = simulator.ShopSimulator(catalog, n_users=500, seed=0)
+    evs = [e for k in range(300) for e in sim.step_with_recommender(rec, ts_ms=T0 + k * 1000)]
+    assert len(rec.calls) == 300 and not any(e["event_type"] == "impression" for e in evs)
+    clicks = [e for e in evs if e["event_type"] == "click"]
+    assert clicks and all(e["request_id"] and e["variant"] == "champion" for e in clicks)
+    stream = pd.DataFrame(simulator.ShopSimulator(catalog, n_users=500, seed=0).events(
+        3000, start_ms=T0, rate_eps=10.0, recommend_fn=rec, loop_share=0.3))
+    assert len(stream) == 3000 and (stream["event_type"] == "impression").sum() == 0
+    assert stream["request_id"].notna().sum() > 0
+    assert simulator.http_recommend_fn("http://127.0.0.1:1").logs_impressions
+
+
 def test_closed_loop_rewards_lists_that_match_taste(catalog):
     def ctr(pick):
         sim = simulator.ShopSimulator(catalog, n_users=300, seed=11)
