@@ -973,15 +973,19 @@ class LakeAB:
     def of(self, tag: str, experiment: str) -> LakeAB:
         """The comparison ``tag`` alone, keyed by variant. Impressions without a tag (logged before impressions
         carried one) belong to the comparison named like the ``experiment`` itself, as their counters do."""
-        def pick(d: dict) -> dict:
-            out = {}
-            for key, value in d.items():
-                t, _, variant = key.rpartition("\t")
-                if t == tag or (not t and tag == experiment):
-                    out[variant] = value
-            return out
+        import numpy as np
 
-        return LakeAB(pick(self.revenue), pick(self.users))
+        revenue: dict[str, Any] = {}
+        users: dict[str, int] = {}
+        for key in dict.fromkeys([*self.revenue, *self.users]):
+            t, _, variant = key.rpartition("\t")
+            if t == tag or (not t and tag == experiment):  # both kinds may be there: merged, not overwritten
+                if key in self.revenue:
+                    revenue[variant] = (np.concatenate([revenue[variant], self.revenue[key]]) if variant in revenue
+                                        else self.revenue[key])
+                # a user in both (an untagged and a name-tagged impression) counts twice: a rare overlap
+                users[variant] = users.get(variant, 0) + self.users.get(key, 0)
+        return LakeAB(revenue, {v: n for v, n in users.items() if n})
 
 
 def lake_ab_key(events: pd.DataFrame) -> pd.Series:

@@ -27,18 +27,22 @@ def render() -> None:
     if snap is None:
         return
     if snap.ab_comparisons:
-        labels = {tag: dd.comparison_label(tag, first, last) for tag, first, last in snap.ab_comparisons}
+        # labels that do not change while a comparison runs (a changed label resets the widget's choice)
+        labels = {tag: dd.comparison_label(tag, first) for tag, first, _ in snap.ab_comparisons}
+        seen = {tag: (first, last) for tag, first, last in snap.ab_comparisons}
         latest = snap.ab_comparisons[0][0]
         chosen = st.selectbox(
-            "Comparison", [None, *labels], key="ab_comparison",
-            format_func=lambda t: f"the latest: {labels[latest]}" if t is None else labels[t],
+            "Comparison", ["", *labels], key="ab_comparison",  # "": follow the latest, whichever it is
+            format_func=lambda t: f"the latest: {labels[latest]}" if t == "" else labels[t],
             help="Counts are kept per comparison: the experiment and the versions it served. A new challenger "
                  "(or champion) version starts a new comparison, so earlier versions and the champion's traffic "
                  "from before the challenger was served stay out of it.")
-        if chosen is not None and chosen != snap.ab_tag:
+        if chosen and chosen != snap.ab_tag:
             snap = ui.snapshot(tag=chosen)
             if snap is None:
                 return
+        if snap.ab_tag in seen:
+            st.caption(f"Impressions of this comparison: {dd.comparison_label(snap.ab_tag, *seen[snap.ab_tag])}.")
     if not snap.ab_counts:
         ui.no_traffic("no impressions recorded for any variant")
         return
@@ -50,8 +54,10 @@ def render() -> None:
     conf = f"{1 - cfg.alpha:.0%}"
 
     if report.verdict is None:
-        st.info("Only one variant has traffic, so there is nothing to compare yet. A challenger gets "
-                "traffic once the registry has a `challenger` alias.", icon=":material/compare_arrows:")
+        st.info("Only one variant has traffic in this comparison, so there is nothing to compare. A challenger gets "
+                "traffic once the registry's `challenger` alias names a version other than the champion's; "
+                "comparisons that ended (after a promotion, say) stay in the list above.",
+                icon=":material/compare_arrows:")
     else:
         v = report.verdict
         show = {"winner": st.success, "no difference yet": st.info}.get(v.kind, st.info)

@@ -235,7 +235,9 @@ def test_the_page_compares_the_latest_versions_and_an_earlier_comparison_can_be_
     assert metrics(at)["champion impressions"] == "500" and metrics(at)["challenger impressions"] == "500"
     assert "Sample-ratio mismatch" not in texts(at.error)
     picker = at.selectbox(key="ab_comparison")
-    assert picker.options[0].startswith("the latest: champion v1 vs challenger v2")
+    assert picker.value == "" and picker.options[0].startswith("the latest: champion v1 vs challenger v2")
+    # the labels hold no time that moves while a comparison runs (a changed label resets the choice)
+    assert picker.options[1] == dd.comparison_label(pair, now - HOUR_MS)
     picker.set_value(solo).run()
     assert metrics(at)["champion impressions"] == "800" and "challenger impressions" not in metrics(at)
     assert "Only one variant has traffic" in texts(at.info)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 
+import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import chi2_contingency
@@ -331,6 +332,10 @@ def test_fetch_lake_ab_reads_only_the_window(tmp_path):
     assert paired.users == {"challenger": 1} and paired.revenue["challenger"].tolist() == [5.0]
     got = lake.of("default", "default")  # untagged impressions belong to the comparison named like the experiment
     assert got.users == {"champion": 1, "challenger": 1}
+    # impressions tagged with the bare name (served while no model was) join the untagged ones, not replace them
+    merged = dd.LakeAB({"\tchampion": np.array([0.0, 2.0]), "default\tchampion": np.array([5.0])},
+                       {"\tchampion": 2, "default\tchampion": 1}).of("default", "default")
+    assert sorted(merged.revenue["champion"].tolist()) == [0.0, 2.0, 5.0] and merged.users == {"champion": 3}
     assert got.revenue["challenger"].tolist() == [12.0] and got.revenue["champion"].tolist() == [0.0, 0.0]
     assert dd.fetch_lake_ab(tmp_path / "nothing", hours=2, now_s=NOW) == dd.LakeAB()
     df = dd.read_lake_columns(tmp_path, NOW - 7200, NOW + 3600, ["ts"], ["view"])
