@@ -228,7 +228,9 @@ class Shoprec:
         await self.engine.refresh_info()
         local = self.engine.astate.local
         return {"models": self.engine.versions, "fallback_items": self.engine.fallback_size,
-                "experiment": self.engine.experiment.name, "impressions": self.engine.impressions.stats(),
+                "experiment": self.engine.experiment.name,
+                "comparison": self.engine.experiment.tag(self.engine.versions),  # what impressions are tagged with
+                "impressions": self.engine.impressions.stats(),
                 "local_cache": {"active": local.active, "users": len(local), "invalidations": local.invalidations}
                 if local is not None else None}
 

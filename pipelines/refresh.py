@@ -251,6 +251,12 @@ def refresh_alias(registry: ModelRegistry, alias: str, interactions: pd.DataFram
         if registry.version_for(alias) == source:  # a person may have moved it meanwhile: theirs wins
             registry.set_alias(alias, version)
             moved = True
+            if alias == ALIAS_CHAMPION and registry.version_for(ALIAS_CHALLENGER) == source:
+                # a challenger left on the champion's version is no contender (serving ignores it); left behind,
+                # it would name the old champion and bring it back into traffic, so it follows the champion
+                registry.set_alias(ALIAS_CHALLENGER, version)
+                reason += f"; `{ALIAS_CHALLENGER}` named the champion's version and follows it"
+                registry.client.set_model_version_tag(registry.name, version, "gate_reason", reason)
         else:
             reason += f"; `{alias}` was moved meanwhile, left alone"
             registry.client.set_model_version_tag(registry.name, version, "gate_reason", reason)
@@ -290,6 +296,8 @@ def refresh_served(registry: ModelRegistry, lake_dir: Path, quality_dir: Path, s
                                move_champion=move_champion, extra_tags=tags, skip_versions=frozenset(done))
         if result.status != SKIPPED:
             done.add(result.source_version)
+            if result.alias_moved:
+                done.add(result.version)  # an alias that followed it is not refreshed again
         report.aliases.append(result)
     moved = [a.alias for a in report.aliases if a.alias_moved]
     report.note = (f"refreshed from {len(interactions)} interactions ({report.window[0]} .. {report.window[1]}); "

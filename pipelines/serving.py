@@ -21,6 +21,7 @@ import asyncio
 import collections
 import json
 import logging
+import math
 import threading
 import time
 import uuid
@@ -220,11 +221,13 @@ class ModelHolder:
                 newest first) and ``bought`` (items the user purchased).
 
         Returns:
-            Per request ``{"items": [[item_id, score], ...], "model_version", "variant", "cold"}``,
-            or ``{"error": message}`` when that variant cannot answer (the caller falls back).
+            Per request ``{"items": [[item_id, score], ...], "model_version", "variant", "cold", "versions"}``
+            (``versions``: every alias's version in this batch's snapshot), or ``{"error": message}`` when that
+            variant cannot answer (the caller falls back).
         """
         self.catalog.maybe_reload()
         models = self.models  # one consistent snapshot for the whole batch
+        versions = {a: m.version for a, m in models.items()}  # what this batch was scored with, every alias
         out: list[dict] = [{} for _ in requests]
         by_variant: dict[str, list[int]] = collections.defaultdict(list)
         for n, req in enumerate(requests):
@@ -254,7 +257,7 @@ class ModelHolder:
                     max_per_category=self.settings.max_per_category, new_items=self.catalog.new_items,
                     explore_share=self.settings.explore_share, rank_new=self._content_ranker(rec, *batch[j]))
                 out[n] = {"items": [[i, round(float(s), 6)] for i, s in items], "model_version": model.version,
-                          "variant": variant, "cold": bool(is_cold)}
+                          "variant": variant, "cold": bool(is_cold), "versions": versions}
         return out
 
 
@@ -469,6 +472,7 @@ class RecommendationEngine:
         self.experiment = Experiment.from_settings(settings)
         self.impressions = impressions if impressions is not None else ImpressionLog(settings)
         self.versions: dict[str, str] = {}
+        self._warned: dict[str, tuple[float, int]] = {}
         self._info_at = 0.0
         self._info_task: asyncio.Task | None = None
         self._redis_down_until = 0.0
@@ -509,6 +513,17 @@ class RecommendationEngine:
     def _flush_loop(self) -> None:
         while not self._stop.wait(STATS_FLUSH_S):
             self.flush_stats()
+
+    def _warn_every_minute(self, key: str, msg: str, *args) -> None:
+        """A warning at most once a minute per ``key`` (before the first training every request would log one),
+        with how many were left out since."""
+        now = time.monotonic()
+        last, skipped = self._warned.get(key, (-math.inf, 0))
+        if now - last < 60:
+            self._warned[key] = (last, skipped + 1)
+            return
+        self._warned[key] = (now, 0)
+        log.warning(msg + (f" ({skipped} more like it in the last minute)" if skipped else ""), *args)
 
     # --- versions and fallback, from the scorer ----------------------------------------
     async def refresh_info(self) -> dict[str, str]:
@@ -588,11 +603,15 @@ class RecommendationEngine:
             return None
         if "error" in res or not res.get("items"):
             if "error" in res:
-                log.warning("no model answer for %s: %s", user_id, res["error"])
+                self._warn_every_minute(res["error"], "no model answer for %s: %s", user_id, res["error"])
             return None
         items = [{"item_id": i, "score": s} for i, s in res["items"]]
         version, served_variant = res["model_version"], res.get("variant", variant)
-        if self.versions.get(served_variant) != version:  # the scorer swapped before we heard of it
+        if res.get("versions") is not None and res["versions"] != self.versions:
+            # the scorer swapped before we heard of it: take its whole map, so that no impression is tagged
+            # with a mix of the new champion and the old challenger
+            self.versions = dict(res["versions"])
+        elif self.versions.get(served_variant) != version:
             self.versions = {**self.versions, served_variant: version}
         if res.get("cold"):
             counters.setdefault(STATS_REQUESTS, {}).update(

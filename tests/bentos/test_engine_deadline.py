@@ -80,3 +80,22 @@ def test_a_healthy_scorer_answers_from_the_model(engine_with):
 
     rec = asyncio.run(engine_with(ok).recommend("u1", 2))
     assert rec.source == SOURCE_MODEL and rec.model_version == "7" and [i["item_id"] for i in rec.items] == ["m1", "m2"]
+
+
+def test_a_swap_the_api_has_not_heard_of_yet_tags_answers_with_the_scorers_versions(engine_with):
+    """The scorer promoted version 8 and stopped serving the challenger before the API process polled /info:
+    the answer must be tagged with what the scorer now serves, not the new champion beside the old challenger."""
+    async def promoted(requests):
+        return [{"items": [["m1", 1.0]], "model_version": "8", "variant": "champion", "versions": {"champion": "8"}}
+                for _ in requests]
+
+    engine = engine_with(promoted)
+
+    async def run():
+        await engine.refresh_info()
+        engine.versions = {"champion": "7", "challenger": "8"}  # what it heard last
+        return [await engine.recommend(f"u{n}", 1) for n in range(3)]
+
+    answers = asyncio.run(run())
+    assert {(a.model_version, a.experiment) for a in answers} == {("8", f"{engine.experiment.name}@champion.8")}
+    assert engine.versions == {"champion": "8"}

@@ -94,6 +94,30 @@ def test_a_refresh_is_registered_with_its_lineage_and_takes_the_alias_only_when_
     assert "refreshed on this window already" in _refresh(registry, later).note
 
 
+def test_a_challenger_left_on_the_champions_version_follows_the_refreshed_champion(settings, tmp_path):
+    """After a person promoted the challenger (leaving the `challenger` alias on it, as README allows), the hourly
+    refresh moves `champion` to a new version: the old champion must not come back into traffic as a challenger,
+    and the same version is not refreshed twice in the round."""
+    from pipelines import lake
+
+    registry = _registry(settings)
+    full = taste_window(12)
+    champion = _champion(registry, full[full.ts < pd.Timestamp(T0 + timedelta(hours=8))], settings, model="itemitem")
+    registry.set_alias(ALIAS_CHALLENGER, champion)  # promoted by hand: both aliases on one version
+    events = full.assign(event_type="view", session_id="s", ts=[int(t.timestamp() * 1000) for t in full.ts])
+    lake.write_events(tmp_path / "lake", [{**e, "event_id": uuid.uuid4().hex} for e in events.drop(columns="weight")
+                                          .to_dict("records")])
+    report = refresh.refresh_served(registry, tmp_path / "lake", tmp_path / "quality", T0, T0 + timedelta(hours=13),
+                                    holdout_hours=1, tolerance=0.05)
+    assert report.aliases, report.note
+    moved = next(a for a in report.aliases if a.alias == ALIAS_CHAMPION)
+    assert moved.alias_moved, report.note
+    assert registry.version_for(ALIAS_CHAMPION) == registry.version_for(ALIAS_CHALLENGER) == moved.version
+    assert "follows it" in registry.tags(moved.version)["gate_reason"]
+    assert all(a.status == refresh.SKIPPED for a in report.aliases if a.alias == ALIAS_CHALLENGER)
+    assert len(registry.client.search_model_versions(f"name = '{registry.name}'")) == 2  # no refresh of the refresh
+
+
 def test_the_champion_stays_with_a_person_when_refreshes_may_not_move_it(settings):
     registry = _registry(settings)
     full = taste_window(10)
