@@ -63,6 +63,10 @@ def partition_dir(lake_dir: Path, key: str) -> Path:
     return Path(lake_dir) / f"date={dt:%Y-%m-%d}" / f"hour={dt:%H}"
 
 
+#: file name prefix of history imported in bulk (the simulator's backfill), not written by the stream consumer
+BACKFILL_PREFIX = "backfill"
+
+
 def write_events(lake_dir: Path, events: Iterable[dict], *, prefix: str = "batch") -> list[Path]:
     """Append events (dicts in the Event schema) to the lake, one file per touched hour.
 

@@ -760,7 +760,7 @@ class ShopSimulator:
             nonlocal written, chunk
             if not chunk:
                 return
-            lake.write_events(lake_dir, chunk, prefix="backfill")
+            lake.write_events(lake_dir, chunk, prefix=lake.BACKFILL_PREFIX)
             written += len(chunk)
             if progress:
                 el = time.monotonic() - t0

@@ -216,11 +216,27 @@ def test_not_a_dataframe():
         validation.validate_events([{"event_id": "x"}])  # type: ignore[arg-type]
 
 
-def _hours_in_lake(lake_dir, rows_per_hour: dict[int, int]) -> None:
-    """Write ``n`` clean view events into each hour ``h`` after HOUR."""
+def _hours_in_lake(lake_dir, rows_per_hour: dict[int, int], prefix: str = "batch") -> None:
+    """Write ``n`` clean view events into each hour ``h`` after HOUR (``prefix``: the files' name prefix)."""
     for h, n in rows_per_hour.items():
         lake.write_events(lake_dir, [schemas.new_event("view", f"user{i % 5}", f"sku:{i}", f"sess{i % 7}",
-                                                       ts=HOUR_MS + h * 3_600_000 + i * 1000) for i in range(n)])
+                                                       ts=HOUR_MS + h * 3_600_000 + i * 1000) for i in range(n)],
+                          prefix=prefix)
+
+
+def test_the_volume_band_is_learned_from_the_stream_not_from_a_backfill(tmp_path):
+    """The local stack backfills thin history, then its live shop sends ~30x that rate: the live hours must
+    not fail the volume check against the backfill's density (they were left out of training)."""
+    _hours_in_lake(tmp_path, {h: 20 for h in range(6)}, prefix=lake.BACKFILL_PREFIX)
+    _hours_in_lake(tmp_path, {6: 600, 7: 620, 8: 580, 9: 610, 10: 15})
+    reports = {}
+    for h in (6, 9, 10):
+        key = lake.partition_key(HOUR_MS + h * 3_600_000)
+        reports[h], _ = validation.validate_partition(tmp_path, key, now=validation.hour_window(key)[1]
+                                                      + pd.Timedelta(minutes=5))
+    assert reports[6].success and "volume_band" not in reports[6].statistics  # no stream history yet
+    assert reports[9].success and reports[9].statistics["volume_band"] == [150, 2400]  # three stream hours
+    assert not reports[10].success and "volume" in reports[10].summary()  # the stream thinned: that is caught
 
 
 def test_volume_is_judged_once_the_hour_closed_not_while_it_fills(tmp_path):
