@@ -9,8 +9,10 @@ Loss over user vectors ``w_u`` and item vectors ``h_i`` (every observed pair is 
 + reg * (sum_u (n_u + alpha0 * n_items)^nu |w_u|^2 + sum_i (n_i + alpha0 * n_users)^nu |h_i|^2)``,
 the unobserved weight ``alpha0`` small and the regularisation scaled by frequency, as in the paper.
 Each half-step solves every row's normal equations with a few conjugate-gradient steps warm-started
-from the previous vectors; the products touch only the observed pairs plus one ``[dim, dim]`` Gram
-matrix, so memory and time grow with the number of interactions, not users x items.
+from the previous vectors; the products touch only the observed pairs (one sampled product for
+their dot products, one sparse product for the sums) plus one ``[dim, dim]`` Gram matrix, so memory
+and time grow with the number of interactions, not users x items. Catalog items with no interactions
+are left out of the solve: their vectors are zero.
 
 Scoring folds a profile in: the user vector is solved from the profile's weighted items against
 the fixed item vectors (the same normal equations), so a known user, a known user with a fresh
@@ -68,20 +70,24 @@ class IALS(ScoringRecommender):
         pairs = np.unique(ucodes * n_items + icodes)
         dev = self._device
         u_np, i_np = pairs // n_items, pairs % n_items  # sorted by user
+        # Only items with behaviour are solved for: a catalog-only item's vector is zero (no
+        # behaviour, no vector), so it adds nothing to the Gram matrix and costs nothing per step;
+        # in a big catalog most products have no interactions yet.
+        # Items [0, n_warm) are those with interactions (ScoringRecommender._index puts them first).
+        n_warm = self._n_warm
         by_item = np.argsort(i_np, kind="stable")
         users_side = _Rows(u_np, i_np, np.ones(len(u_np)), n_users, dev)
-        items_side = _Rows(i_np[by_item], u_np[by_item], np.ones(len(u_np)), n_items, dev)
+        items_side = _Rows(i_np[by_item], u_np[by_item], np.ones(len(u_np)), n_warm, dev)
         gen = torch.Generator().manual_seed(self.seed)
         scale = 0.1 / self.dim ** 0.5
         w = (torch.randn(n_users, self.dim, generator=gen) * scale).to(dev)
-        h = (torch.randn(n_items, self.dim, generator=gen) * scale).to(dev)
+        h = (torch.randn(n_items, self.dim, generator=gen)[:n_warm] * scale).to(dev)
         lam_u = self._lambda(users_side.totals, n_items)
         lam_i = self._lambda(items_side.totals, n_users)
         for _ in range(self.iterations):
             w = self._solve(w, h, users_side, lam_u, self.cg_steps)
             h = self._solve(h, w, items_side, lam_i, self.cg_steps)
-        h[items_side.totals == 0] = 0.0  # catalog-only items: no behaviour, no vector
-        self.item_vectors = h.float()
+        self.item_vectors = torch.cat([h.float(), torch.zeros(n_items - n_warm, self.dim, device=dev)])
         self._gram = None
         log.info("ials fitted %d users x %d items (dim %d) in %.1fs", n_users, n_items, self.dim,
                  time.perf_counter() - t0)
@@ -94,10 +100,9 @@ class IALS(ScoringRecommender):
                gram: torch.Tensor | None = None) -> torch.Tensor:
         """Conjugate-gradient steps on every row's ``(sum_j c_j h_j h_j^T + alpha0 G + lam I) x = sum_j c_j h_j``."""
         g = self.alpha0 * (other.T @ other) if gram is None else gram
-        oc = other[side.cols]  # [nnz, dim]
 
         def apply(p: torch.Tensor) -> torch.Tensor:
-            s = (p[side.rows] * oc).sum(1) * side.conf
+            s = side.dots(p, other) * side.conf
             return side.matmul(s, other) + p @ g + lam[:, None] * p
 
         r = side.matmul(side.conf, other) - apply(x)
@@ -183,11 +188,17 @@ class _Rows:
 
     def __init__(self, rows: np.ndarray, cols: np.ndarray, conf: np.ndarray, n_rows: int, device: torch.device):
         self.n_rows = n_rows
-        self.rows = torch.from_numpy(rows.astype("int64")).to(device)
         self.cols = torch.from_numpy(cols.astype("int64")).to(device)
         self.conf = torch.from_numpy(conf.astype("float32")).to(device)
         self.crow = torch.from_numpy(np.searchsorted(rows, np.arange(n_rows + 1)).astype("int64")).to(device)
         self.totals = torch.from_numpy(np.bincount(rows, weights=conf, minlength=n_rows).astype("float32")).to(device)
+
+    def dots(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``[nnz]``: ``x[row] . y[col]`` of every pair, without forming the ``[nnz, dim]`` operands."""
+        if not len(self.cols):
+            return torch.zeros(0, device=x.device)
+        pattern = torch.sparse_csr_tensor(self.crow, self.cols, self.conf, (self.n_rows, y.shape[0]))
+        return torch.sparse.sampled_addmm(pattern, x, y.T, beta=0.0).values()
 
     def matmul(self, values: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``[n_rows, dim]``: for each row, the ``values``-weighted sum of ``y[col]``."""
