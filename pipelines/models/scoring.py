@@ -88,9 +88,8 @@ class ScoringRecommender(IndexedRecommender, abc.ABC):
         users, item_ids, ucodes, icodes = encode(interactions)
         self._n_warm = len(item_ids)
         if items is not None and len(items):
-            known = set(item_ids)
-            extra = sorted({str(i) for i in items[COL_ITEM]} - known)
-            item_ids = item_ids + extra
+            extra = pd.Index(items[COL_ITEM].astype(str).unique()).difference(pd.Index(item_ids), sort=True)
+            item_ids = item_ids + [str(i) for i in extra]
         self._set_ids(users, item_ids)
         w = interaction_weights(interactions)
         self.popularity = item_popularity(icodes, w, len(item_ids))
