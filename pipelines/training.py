@@ -115,12 +115,12 @@ def _organic_holdout(train_df: pd.DataFrame, test_df: pd.DataFrame, what: str) -
     holdout is kept and the description says so.
     """
     if COL_ORGANIC not in test_df:
-        return train_df, test_df, what
+        return train_df, test_df, f"{what}; {len(test_df)} interactions"
     train_df = train_df.drop(columns=COL_ORGANIC)
     organic = test_df[test_df[COL_ORGANIC].to_numpy(bool)].drop(columns=COL_ORGANIC).reset_index(drop=True)
     test_df = test_df.drop(columns=COL_ORGANIC)
     if len(organic) == len(test_df):
-        return train_df, test_df, what
+        return train_df, test_df, f"{what}; {len(test_df)} interactions, all organic"
     usable = int(organic[COL_USER].isin(set(train_df[COL_USER])).sum())
     if usable < MIN_ORGANIC_HOLDOUT:
         return train_df, test_df, (f"{what}; {usable} organic interaction(s) of users the training part knows "

@@ -67,3 +67,4 @@ def test_the_hour_based_holdout_reads_epoch_milliseconds_too():
     for frame in (inter, as_ms):
         train, test, what = training.holdout_split(frame, hours=1)
         assert what.startswith("last 1h") and len(test) == 24 and len(train) == 72
+        assert what.endswith("; 24 interactions, all organic")  # the tag says how many, before any list was served
