@@ -150,9 +150,23 @@ class Scorer:
         out = {"item_id": item_id, "items": model.recommender.similar_items(item_id, k), "model_version": model.version}
         index = getattr(model.recommender, "item_index", None)  # (popularity has no item index and no neighbours)
         if not out["items"] and index is not None and item_id not in index:
-            out["reason"] = (f"{item_id!r} is not in the catalog model version {model.version} was trained with: "
-                             "products added since get similar items after the next retrain")
+            out["reason"] = self._unknown_item_reason(item_id, model.version)
         return out
+
+    def _unknown_item_reason(self, item_id: str, version: str) -> str:
+        """Why the champion has no neighbours for ``item_id``, and what would give it some."""
+        catalog = self.holder.catalog
+        catalog.maybe_reload()
+        if catalog.category and item_id not in catalog.category:
+            return f"no product {item_id!r} in the catalog: check the item_id"
+        newer = [f"version {m.version} ({alias})" for alias, m in self.holder.models.items()
+                 if alias != "champion" and item_id in (getattr(m.recommender, "item_index", None) or ())]
+        if newer:
+            return (f"{item_id!r} is newer than champion version {version}; {', '.join(newer)} knows it: "
+                    "/similar answers from the champion, so it gets similar items once such a version is promoted")
+        return (f"{item_id!r} is not in the catalog champion version {version} was trained with: it gets "
+                "similar items once a version trained since it was added becomes champion (train_job, then the gate "
+                "or a person promotes it)")
 
 
 @bentoml.service(name="shoprec", http={"port": 3001}, traffic={"timeout": _S.serve_request_timeout_s}, workers=_S.serve_api_workers,

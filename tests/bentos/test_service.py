@@ -214,6 +214,16 @@ def test_similar_items_for_a_known_and_an_unknown_product(settings, redis_client
     assert body["model_version"] == reg.version and len(body["items"]) == 3 and "i2" not in body["items"]
     assert "reason" not in body
     unknown = c.post("/similar", json={"item_id": "launched-today", "k": 3}).json()
-    assert unknown["items"] == [] and "next retrain" in unknown["reason"]  # says why, not a silent empty list
+    assert unknown["items"] == [] and "becomes champion" in unknown["reason"]  # says why, not a silent empty list
+
+    import pandas as pd
+
+    settings.catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"item_id": i, "title": i, "category": "c", "brand": "b", "price": 1.0, "created_at": 0,
+                   "in_stock": True} for i in ("i2", "launched-today")]).to_parquet(settings.catalog_path)
+    c = client_for(registry.name)
+    assert "becomes champion" in c.post("/similar", json={"item_id": "launched-today", "k": 3}).json()["reason"]
+    typo = c.post("/similar", json={"item_id": "launched-2day", "k": 3}).json()
+    assert typo["items"] == [] and "no product 'launched-2day' in the catalog" in typo["reason"]
     none = client_for("no-such-model").post("/similar", json={"item_id": "i2", "k": 3}).json()
     assert none["items"] == [] and "train_job" in none["reason"]
