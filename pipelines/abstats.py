@@ -59,7 +59,11 @@ def rate_interval(successes: int, trials: int, alpha: float = 0.05) -> Interval:
 
 
 def mean_interval(values: Sequence[float] | np.ndarray, alpha: float = 0.05) -> Interval:
-    """Mean with its t interval (e.g. revenue per impression, one value per impression)."""
+    """Mean with its t interval (e.g. revenue per impression, one value per impression).
+
+    With no negative value (revenue) the interval is cut at 0: a mean of such values cannot be below
+    it, whereas the t interval of a few purchases among many zeros reaches below 0.
+    """
     from statsmodels.stats.weightstats import DescrStatsW
 
     v = np.asarray(values, dtype="float64")
@@ -69,6 +73,8 @@ def mean_interval(values: Sequence[float] | np.ndarray, alpha: float = 0.05) -> 
         m = float(v.mean())
         return Interval(m, m, m)
     lo, hi = DescrStatsW(v).tconfint_mean(alpha=alpha)
+    if float(v.min()) >= 0.0:
+        lo = max(float(lo), 0.0)
     return Interval(float(v.mean()), float(lo), float(hi))
 
 

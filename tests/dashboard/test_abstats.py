@@ -74,6 +74,9 @@ def test_mean_interval_and_lift_match_scipy():
     assert abstats.mean_lift([0, 0, 0], [1, 2, 3]) is None  # no baseline revenue: no relative lift
     # hand-checked: [0, 0, 1, 2] has mean 0.75, sd 0.9574, t(3, 0.975) = 3.1824 -> 0.75 ± 1.5235
     assert abstats.mean_interval([0, 0, 1, 2]).high == pytest.approx(0.75 + 3.18245 * 0.957427 / 2, rel=1e-5)
+    # ... whose lower end, 0.75 - 1.5235, would be negative: revenue per impression is never below 0
+    assert abstats.mean_interval([0, 0, 1, 2]).low == 0.0
+    assert abstats.mean_interval([-1, 0, 1, 2]).low < 0  # values that can be negative keep the t interval
 
 
 # --- sample-ratio mismatch ----------------------------------------------------------------------------
