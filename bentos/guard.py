@@ -10,7 +10,10 @@ In order, for ``POST /events`` and ``POST /catalog`` (the batch's key is ``event
    with ``Retry-After``; when Redis cannot be reached the request is let through (logged):
    losing events to a rate-limiter outage would be worse than a burst;
 4. body read in chunks and cut off past ``max_request_bytes`` (chunked uploads declare no size) → 413;
-5. more than ``max_events_per_request`` records in the batch → 413.
+5. a body that is not JSON, or not an object whose batch field is a list → 400 with what to send
+   (BentoML would log it as an unhandled exception with a traceback and answer with pydantic's
+   own text, "1 validation error for Input");
+6. more than ``max_events_per_request`` records in the batch → 413.
 
 Both paths share one rate-limit budget per key.
 
@@ -54,6 +57,31 @@ def _over_limit(redis_url: str, spec: str, key_id: str) -> float | None:
             reset_at = limiter.get_window_stats(item, "events", key_id).reset_time
             return max(1.0, reset_at - time.time())
     return None
+
+
+def _batch_of(body: bytes, field: str) -> tuple[str | None, list | None]:
+    """``(None, batch)`` for a body ``{field: [...]}``, else ``(what is wrong with it, None)``.
+
+    Only the envelope is judged here; each record of the batch is the service's (400 with a list of errors).
+    """
+    if not body.strip():
+        return "the body is empty", None
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as err:
+        return f"the body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno} (char {err.pos})", None
+    if not isinstance(data, dict):
+        return f"the body is a JSON {_json_type(data)}, not an object", None
+    if field not in data:
+        return f"the body has no {field!r} field", None
+    if not isinstance(data[field], list):
+        return f"{field!r} is a JSON {_json_type(data[field])}, not an array", None
+    return None, data[field]
+
+
+def _json_type(value: object) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 class ApiKeyAndSizeGuard:
@@ -112,11 +140,11 @@ class ApiKeyAndSizeGuard:
             if not message.get("more_body", False):
                 break
         body = b"".join(chunks)
-        try:
-            batch = orjson.loads(body).get(field) if body else None
-        except (orjson.JSONDecodeError, AttributeError):
-            batch = None  # not ours to judge: the service answers 400 with what is wrong
-        if isinstance(batch, list) and len(batch) > settings.max_events_per_request:
+        problem, batch = _batch_of(body, field)
+        if problem is not None:
+            return await refuse(400, f"{problem}; send a JSON object {{\"{field}\": [...]}} with "
+                                     "'Content-Type: application/json'")
+        if len(batch) > settings.max_events_per_request:
             return await refuse(413, f"{len(batch)} {field} in one request; the limit is "
                                      f"{settings.max_events_per_request}: split the batch")
 

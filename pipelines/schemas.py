@@ -11,6 +11,7 @@ import os
 import random
 import re
 import time
+from datetime import datetime, timezone
 from typing import Annotated, Literal
 
 import orjson
@@ -203,14 +204,57 @@ def describe_validation_error(err: ValidationError) -> tuple[str, str]:
     return "schema", f"{loc}: {first['msg']}"
 
 
-def validate_catalog_update(data: object) -> "CatalogUpdate":
-    """A decoded JSON object as a :class:`CatalogUpdate`, or :class:`EventError` saying what to fix."""
+#: the earliest ``created_at`` a product may have: 2000-01-01T00:00:00Z in epoch ms. Older values are not
+#: products but units: a time in epoch seconds (1.8e9 today) reads as January 1970 in milliseconds
+CATALOG_CREATED_AT_MIN_MS = 946_684_800_000
+#: how far ``created_at`` may lie ahead of the receiver's clock (clock skew, as ``max_event_future_s`` for events);
+#: serving treats a product as new from ``created_at`` on, so a future one would stay "new" until then
+CATALOG_MAX_FUTURE_S = 300
+
+
+def _iso_ms(ms: int) -> str:
+    try:
+        return datetime.fromtimestamp(ms / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return "beyond year 9999"
+
+
+def check_created_at(created_at: int, *, now_ms: int | None = None,
+                     max_future_s: int = CATALOG_MAX_FUTURE_S) -> None:
+    """Raise :class:`EventError` ``created_at_too_old`` (before 2000, e.g. epoch seconds) or
+    ``created_at_in_future`` (more than ``max_future_s`` ahead of ``now_ms``) for an implausible ``created_at``."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    if created_at < CATALOG_CREATED_AT_MIN_MS:
+        hint = (f" (it looks like epoch seconds: send {created_at * 1000})"
+                if CATALOG_CREATED_AT_MIN_MS <= created_at * 1000 <= now_ms + max_future_s * 1000 else "")
+        raise EventError("created_at_too_old",
+                         f"created_at {created_at} is {_iso_ms(created_at)} read as epoch milliseconds, before "
+                         f"2000-01-01{hint}; send the time the product was added as UTC epoch milliseconds")
+    if created_at > now_ms + max_future_s * 1000:
+        hint = next((f" (it looks like epoch {unit}: send {created_at // div})" for unit, div in
+                     (("microseconds", 1000), ("nanoseconds", 1_000_000))
+                     if CATALOG_CREATED_AT_MIN_MS <= created_at // div <= now_ms + max_future_s * 1000), "")
+        raise EventError("created_at_in_future",
+                         f"created_at {created_at} is {_iso_ms(created_at)}, more than {max_future_s}s in the "
+                         f"future{hint}; send the time the product was added as UTC epoch milliseconds")
+
+
+def validate_catalog_update(data: object, *, now_ms: int | None = None,
+                            max_future_s: int = CATALOG_MAX_FUTURE_S) -> "CatalogUpdate":
+    """A decoded JSON object as a :class:`CatalogUpdate`, or :class:`EventError` saying what to fix.
+
+    Besides the schema, a ``created_at`` it names must be plausible (:func:`check_created_at`): the
+    ``/catalog`` endpoint, ``shoprec catalog publish`` and the catalog feed all check records here.
+    """
     if not isinstance(data, dict):
         raise EventError("schema", "a product must be a JSON object")
     try:
-        return CatalogUpdate.model_validate(data)
+        update = CatalogUpdate.model_validate(data)
     except ValidationError as err:
         raise EventError(*describe_validation_error(err)) from None
+    if update.created_at is not None:
+        check_created_at(update.created_at, now_ms=now_ms, max_future_s=max_future_s)
+    return update
 
 
 def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int = 30,
@@ -241,6 +285,8 @@ def _check_ts(ev: Event, now_ms: int | None, max_age_days: int, max_future_s: in
 #: reasons a record can be rejected for (the DLQ ``reason`` header and the ``dlq:reasons`` hash fields)
 REJECT_REASONS = ("empty", "oversized", "undecodable", "invalid_json", "schema", "missing_field", "unknown_field",
                   "unknown_event_type", "ts_in_future", "ts_too_old", "duplicate")
+#: reasons a catalog record can be rejected for besides those (the catalog feed counts them prefixed ``catalog_``)
+CATALOG_REJECT_REASONS = ("key_mismatch", "unknown_item", "created_at_in_future", "created_at_too_old")
 
 
 def check_record_size(raw: bytes | None, max_bytes: int, what: str) -> None:
@@ -422,6 +468,8 @@ COL_CATEGORY = "category"
 #: MLflow run/version tags written by the training gate (read by the dashboard and by people)
 TAG_DATA_WINDOW_START, TAG_DATA_WINDOW_END = "data_window_start", "data_window_end"
 TAG_GATE_DECISION = "gate_decision"
+#: on a refreshed version: the version ``train_job`` trained that it comes from (through one or more refreshes)
+TAG_TRAINED_VERSION = "trained_version"
 TAG_GX_SUCCESS = "gx_success"
 
 # --- serving (bentos/) ------------------------------------------------------------

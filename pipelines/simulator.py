@@ -1,7 +1,11 @@
 """The shop simulator: a catalog, users with hidden tastes, and their sessions.
 
-Everything is deterministic for a seed (one ``numpy.random.Generator`` per
-simulator, no global random state; event and session ids come from it too).
+The behaviour is deterministic for a seed (one ``numpy.random.Generator`` per
+simulator, no global random state): the same seed gives the same users, products,
+sessions, items and timestamps. Event and session ids are not part of it: they come
+from a second generator seeded from the OS (``id_seed``) for each simulator, so a
+backfill, a live run and every restart of either produce ids no other run produces
+(the lake and the stream consumer drop a repeated ``event_id`` as a duplicate).
 
 * :func:`make_catalog` builds ~5,000 products in 20 categories and 100 brands.
   Every item has a hidden Zipf-like base popularity (a stable hash of seed and
@@ -343,14 +347,18 @@ class ShopSimulator:
     Args:
         catalog: as made by :func:`make_catalog` (or loaded from Parquet; extra columns are ignored).
         n_users: users that exist at the start (``u000001``...).
-        seed: everything, event ids included, is a function of the seed and the calls made.
+        seed: the behaviour (users, sessions, items, timestamps, new products) is a function of the seed and
+            the calls made.
+        id_seed: seeds the event and session ids only. None (the default) draws it from the OS, so every
+            simulator makes ids no other makes, whatever its ``seed``; give one only to repeat a run's ids
+            exactly (a test), never for data that goes to the lake or the stream.
         new_item_rate: new products per simulated hour (0 = none). They are appended to
             :attr:`catalog` with ``created_at`` = the moment they appear and start getting views.
         new_user_rate: share of sessions that come from a brand-new user.
     """
 
     def __init__(self, catalog: pd.DataFrame, n_users: int = 2000, seed: int = 0, new_item_rate: float = 2.0,
-                 new_user_rate: float = 0.05):
+                 new_user_rate: float = 0.05, id_seed: int | None = None):
         missing = set(CATALOG_COLUMNS) - set(catalog.columns)
         if missing:
             raise ValueError(f"catalog lacks columns {sorted(missing)}")
@@ -362,6 +370,8 @@ class ShopSimulator:
         self.new_item_rate = float(new_item_rate)
         self.new_user_rate = float(new_user_rate)
         self.rng = np.random.default_rng([seed, 1])
+        #: ids only (never the behaviour): from the OS unless ``id_seed`` is given, so runs never share ids
+        self._id_rng = np.random.default_rng(id_seed)
         self._u_buf: list[float] = []
         self._u_i = 0
         self._n_buf: list[float] = []
@@ -435,15 +445,16 @@ class ShopSimulator:
         return self._n_buf[i]
 
     def _bytes(self, n: int) -> bytes:
+        """Random bytes for ids, from the id generator (drawing them leaves the behaviour's generator alone)."""
         i = self._b_i
         if i + n > len(self._b_buf):
-            self._b_buf = self.rng.bytes(65_536)
+            self._b_buf = self._id_rng.bytes(65_536)
             i = 0
         self._b_i = i + n
         return self._b_buf[i:i + n]
 
     def _event_id(self) -> str:
-        """A version-4 UUID string made of generator bytes (same as ``str(uuid.UUID(bytes=b, version=4))``)."""
+        """A version-4 UUID string made of id-generator bytes (same as ``str(uuid.UUID(bytes=b, version=4))``)."""
         h = self._bytes(16).hex()
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 import uuid
 
 import pandas as pd
@@ -65,6 +66,44 @@ def test_413_over_the_body_size_or_the_batch_length(events_client):
     long = {"events": [_event("long") for _ in range(21)]}  # small in bytes, over 20 events
     r = c.post("/events", json=long, headers=key)
     assert r.status_code == 413 and "split the batch" in r.json()["error"]
+
+
+def test_415_without_a_content_type_or_with_another_one(events_client):
+    """README: anything but application/json is a 415; a POST without the header was read as JSON and answered
+    202 (``{"accepted": 0}`` for an empty batch), so a client that forgot it never found out."""
+    c, (key, _) = events_client
+    for path, body in (("/events", b'{"events": []}'), ("/catalog", b'{"products": []}')):
+        r = c.post(path, content=body, headers=key)  # httpx sets no Content-Type for raw content
+        assert r.status_code == 415, (path, r.text)
+        assert r.json()["error"] == ("a request without a Content-Type is not supported: send a JSON body with "
+                                     "'Content-Type: application/json'")
+    r = c.post("/events", content=b'{"events": []}', headers={**key, "Content-Type": "text/plain"})
+    assert r.status_code == 415 and r.json()["error"] == (
+        "Content-Type 'text/plain' is not supported: send a JSON body with 'Content-Type: application/json'")
+    ok = c.post("/events", content=b'{"events": []}',
+                headers={**key, "Content-Type": "application/json; charset=utf-8"})
+    assert ok.status_code == 202 and ok.json() == {"accepted": 0}
+
+
+def test_a_body_that_is_not_a_json_batch_is_a_400_that_says_what_to_send_and_logs_no_traceback(events_client, caplog):
+    c, (key_a, key_b) = events_client
+    cases = [(key_a, "/events", b'{"events": [{"event_id": "x",', "the body is not valid JSON: unexpected end of data "
+              "at line 1 column 30 (char 29); send a JSON object {\"events\": [...]}"),
+             (key_a, "/events", b"[]", "the body is a JSON array, not an object"),
+             (key_a, "/catalog", b"", "the body is empty; send a JSON object {\"products\": [...]}"),
+             (key_b, "/catalog", b'{"products": {"item_id": "a"}}', "'products' is a JSON object, not an array"),
+             (key_b, "/catalog", b'{"events": []}', "the body has no 'products' field")]
+    with caplog.at_level("INFO"):
+        for key, path, body, says in cases:
+            r = c.post(path, content=body, headers={**key, "Content-Type": "application/json"})
+            assert r.status_code == 400, (body, r.text)
+            assert says in r.json()["error"] and "pydantic" not in r.text and "validation error" not in r.text
+            assert "'Content-Type: application/json'" in r.json()["error"]
+        assert not [rec for rec in caplog.records if rec.levelname == "ERROR" or rec.exc_info], \
+            [rec.getMessage() for rec in caplog.records]
+        # the check above would see BentoML's traceback: a route outside the guard still logs one
+        assert c.post("/recommend", json={"user_id": "u0", "k": 0}).status_code == 400
+        assert any("Exception on" in rec.getMessage() for rec in caplog.records if rec.levelname == "ERROR")
 
 
 def test_429_over_the_rate_limit_of_one_key_only(events_client):
@@ -144,11 +183,14 @@ def test_catalog_takes_whole_and_partial_products_with_a_key_and_the_feed_applie
     assert c.post("/catalog", json={"products": [lamp]}).status_code == 401
 
     bad = c.post("/catalog", headers=key, json={"products": [
-        {**lamp, "price": -3}, {"title": "no id"}, {**lamp, "colour": "red"}, "text", lamp, lamp]})
+        {**lamp, "price": -3}, {"title": "no id"}, {**lamp, "colour": "red"}, "text", lamp, lamp,
+        {**lamp, "created_at": 1_796_607_026}, {**lamp, "created_at": int(time.time() * 1000) + 3 * 365 * 86_400_000}]})
     assert bad.status_code == 400
     assert [(e["index"], e["reason"]) for e in bad.json()["errors"]] == [
-        (0, "schema"), (1, "missing_field"), (2, "unknown_field"), (3, "schema"), (5, "duplicate")]
+        (0, "schema"), (1, "missing_field"), (2, "unknown_field"), (3, "schema"), (5, "duplicate"),
+        (6, "created_at_too_old"), (7, "created_at_in_future")]
     assert "price" in bad.json()["errors"][0]["message"]
+    assert "epoch seconds: send 1796607026000" in bad.json()["errors"][5]["message"]
 
     ok = c.post("/catalog", headers=key, json={"products": [lamp, {"item_id": f"{tag}-0", "in_stock": False}]})
     assert ok.status_code == 202 and ok.json() == {"accepted": 2}

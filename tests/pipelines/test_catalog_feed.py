@@ -58,12 +58,28 @@ def test_a_whole_product_is_added_and_a_partial_record_changes_only_what_it_name
     (b"\xff\xfe\x00", b"p-shirt", "undecodable", "UTF-8"),
     (b"", b"p-shirt", "empty", "no value"),
     (b'{"item_id": "p-shirt", "title": "' + b"x" * 20_000 + b'"}', b"p-shirt", "oversized", "limit"),
+    # created_at in seconds reads as January 1970 in ms; 3 years ahead made a product "new" until then
+    (orjson.dumps({**SHIRT, "created_at": NOW_MS // 1000}), b"p-shirt", "created_at_too_old",
+     f"it looks like epoch seconds: send {NOW_MS // 1000 * 1000}"),
+    (orjson.dumps({**SHIRT, "created_at": 0}), b"p-shirt", "created_at_too_old", "before 2000-01-01"),
+    (orjson.dumps({**SHIRT, "created_at": NOW_MS + 3 * 365 * 86_400_000}), b"p-shirt", "created_at_in_future",
+     "in the future"),
+    (orjson.dumps({**SHIRT, "created_at": NOW_MS * 1000}), b"p-shirt", "created_at_in_future",
+     f"looks like epoch microseconds: send {NOW_MS}"),
+    (orjson.dumps({"item_id": "p-shirt", "created_at": 1_796_607_026}), b"p-shirt", "created_at_too_old",
+     "as UTC epoch milliseconds"),  # a partial record is checked too
 ])
 def test_a_bad_catalog_record_is_refused_with_a_reason_that_says_what_to_fix(raw, key, reason, says):
     with pytest.raises(EventError) as err:
         parse_update(raw, key, {})
     assert err.value.reason == reason
     assert says in err.value.message
+
+
+def test_a_created_at_within_the_clock_skew_or_long_ago_is_accepted():
+    for created_at in (NOW_MS + 60_000, 946_684_800_000, NOW_MS - 20 * 365 * 86_400_000):
+        row = parse_update(orjson.dumps({**SHIRT, "created_at": created_at}), b"p-shirt", {})
+        assert row["created_at"] == created_at
 
 
 def _publish(settings, records: list[tuple[str | None, bytes | None]]) -> None:
@@ -125,27 +141,37 @@ def test_the_sync_applies_upserts_to_the_catalog_file_quarantines_bad_ones_and_r
     sold_out, withdrawn = f"{tag}-1", f"{tag}-2"
     bad = {f"{tag}-bad-json".encode(): b"{nope",
            f"{tag}-bad-price".encode(): orjson.dumps({**new, "item_id": f"{tag}-bad-price", "price": 0}),
-           f"{tag}-unknown".encode(): orjson.dumps({"item_id": f"{tag}-unknown", "in_stock": False})}
+           f"{tag}-unknown".encode(): orjson.dumps({"item_id": f"{tag}-unknown", "in_stock": False}),
+           f"{tag}-seconds".encode(): orjson.dumps({**new, "item_id": f"{tag}-seconds", "created_at": NOW_MS // 1000}),
+           f"{tag}-future".encode(): orjson.dumps({**new, "item_id": f"{tag}-future",
+                                                   "created_at": NOW_MS + 3 * 365 * 86_400_000}),
+           # a partial update may not move a known product's created_at out of range either
+           f"{tag}-3".encode(): orjson.dumps({"item_id": f"{tag}-3", "created_at": NOW_MS // 1000})}
     _publish(settings, [(new["item_id"], catalog_feed.item_record(new)), *bad.items(),
                         (sold_out, catalog_feed.item_record({"item_id": sold_out, "in_stock": False})),
                         (withdrawn, None)])
 
     with running(CatalogSync(settings, state=state)) as sync:
-        wait_until(lambda: sync.counts["records"] >= 6, timeout=60, what="the sync to handle every record")
+        wait_until(lambda: sync.counts["records"] >= 9, timeout=60, what="the sync to handle every record")
     cat = pd.read_parquet(settings.catalog_path).set_index("item_id")
     assert len(cat) == 51 and cat.loc[new["item_id"], "title"] == SHIRT["title"]
+    assert cat.loc[f"{tag}-3", "created_at"] == base.set_index("item_id").loc[f"{tag}-3", "created_at"]
     assert not cat.loc[sold_out, "in_stock"] and not cat.loc[withdrawn, "in_stock"]
     assert cat.loc[sold_out, "title"] == base.set_index("item_id").loc[sold_out, "title"]  # the rest kept
     was = base.set_index("item_id")["in_stock"]
     assert cat["in_stock"].sum() == was.sum() + 1 - was[[sold_out, withdrawn]].sum()  # nothing else changed
     assert _dlq_reasons(settings, set(bad)) == {f"{tag}-bad-json".encode(): "invalid_json",
                                                 f"{tag}-bad-price".encode(): "schema",
-                                                f"{tag}-unknown".encode(): "missing_field"}
+                                                f"{tag}-unknown".encode(): "missing_field",
+                                                f"{tag}-seconds".encode(): "created_at_too_old",
+                                                f"{tag}-future".encode(): "created_at_in_future",
+                                                f"{tag}-3".encode(): "created_at_too_old"}
 
     # the dashboard's Overview: rejects counted with the events', and what the catalog holds
-    assert state.dlq_reasons() == {"catalog_invalid_json": 1, "catalog_schema": 1, "catalog_missing_field": 1}
+    assert state.dlq_reasons() == {"catalog_invalid_json": 1, "catalog_schema": 1, "catalog_missing_field": 1,
+                                   "catalog_created_at_too_old": 2, "catalog_created_at_in_future": 1}
     line = dd.catalog_line(state.catalog_status())
-    assert line.startswith(f"Catalog: 51 products ({51 - cat['in_stock'].sum()} out of stock)") and "3 catalog" in line
+    assert line.startswith(f"Catalog: 51 products ({51 - cat['in_stock'].sum()} out of stock)") and "6 catalog" in line
 
     # serving's rules see the new product (an exploration candidate) and the two that left the shelf
     rules = Catalog(settings.catalog_path, reload_s=0.01)
