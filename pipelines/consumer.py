@@ -42,6 +42,14 @@ replays the batch from the last committed offset. Two mechanisms make the replay
   has different boundaries (another ``max_poll_records``, another fetch split, another hour
   split) than the one that crashed. A member that loses the partition during a rebalance finds
   its commit refused and deletes its own files of that batch.
+  Offsets mean something only within one log, so files also carry the broker's id of the topic's
+  log (its topic id, :meth:`StreamConsumer._log_id`), and only files of the log being consumed are
+  removed. A new log restarts at offset 0: a topic deleted and created again, or a broker that keeps
+  its log in memory (tansu under ``make up``) restarted. The files of an earlier log are committed
+  history: nothing can replay them. (A broker without topic ids, Kafka before 2.8, gets unnamed files,
+  handled as before; so are files written before logs were named, which a broker with topic ids
+  never removes: at worst, the uncommitted batch of a consumer killed just before the upgrade is
+  stored twice, where removing them would delete every earlier file of a restarted tansu broker.)
 * The event_id index in Redis (``SET NX GET`` with the record's position, one script call per
   partition) tells a genuine duplicate (same event_id, another position: client retries, a
   producer that sent twice) from the same record seen again after a crash (same position), so
@@ -183,7 +191,9 @@ class StreamConsumer:
         self.writer = uuid.uuid4().hex[:8]
         self.member = f"{socket.gethostname()}-{os.getpid()}-{self.writer}"  # its progress hash for the dashboard
         self._crash = _CrashHook(os.environ.get("SHOPREC_CRASH_AT"))
-        self._owned: set[TopicPartition] = set()  # partitions cleaned since they were (re)assigned
+        # partitions cleaned since they were (re)assigned, with the log (topic id) they were cleaned for
+        self._owned: dict[TopicPartition, str | None] = {}
+        self._logs: dict[str, str] = {}  # the last log id the broker named for each topic
         now = time.monotonic()
         self._last_log = self._last_status = self._last_trending = now
         self._last_logged_count = self._last_status_count = 0
@@ -205,7 +215,8 @@ class StreamConsumer:
             timeout_ms = max(timeout_ms, JOIN_WAIT_MS)
         polled = {tp: RecordColumns.concat(chunks) for tp, chunks in
                   self.consumer.poll(timeout_ms=timeout_ms, max_records=self.settings.consumer_max_records).items()}
-        self._owned &= self.consumer.assignment()
+        assigned = self.consumer.assignment()
+        self._owned = {tp: lid for tp, lid in self._owned.items() if tp in assigned}
         n = sum(len(cols) for cols in polled.values())
         if n:
             self._handle(polled)
@@ -222,10 +233,19 @@ class StreamConsumer:
         # validation, the DLQ, the event_id claims, the lake write and the Redis fold run in worker
         # threads, each stage one batch at a time and in order, so this thread polls the next batch meanwhile
         batch = _Batch(polled)
-        fresh = [(tp, int(cols.offsets[0])) for tp, cols in polled.items() if tp not in self._owned]
-        self._owned.update(tp for tp, _ in fresh)
+        logs = {topic: self._log_id(topic) for topic in {tp.topic for tp in polled}}
+        fresh = []
+        for tp, cols in polled.items():
+            log_id = logs[tp.topic]
+            if tp in self._owned and self._owned[tp] == log_id:
+                continue
+            if tp in self._owned:  # the broker's log changed under us (the topic was recreated, the broker restarted)
+                log.warning("topic %s is a new log (topic id %s, was %s): partition %d starts over at offset %d",
+                            tp.topic, log_id, self._owned[tp], tp.partition, int(cols.offsets[0]))
+            self._owned[tp] = log_id
+            fresh.append((tp, int(cols.offsets[0])))
         batch.prepared = self._prepare_pool.submit(self._prepare, batch)
-        batch.done = self._persist_pool.submit(self._persist, batch, fresh)
+        batch.done = self._persist_pool.submit(self._persist, batch, fresh, logs)
         self._inflight.append(batch)
         # the batches before this one have been written while it was polled: commit them, oldest first
         while len(self._inflight) > self.settings.consumer_inflight_batches and self._commit_oldest():
@@ -282,7 +302,7 @@ class StreamConsumer:
         kafka_io.send_dlq(self.producer, cols.values[row].as_py(), reason, message, cols.keys[row].as_py(),
                           cols.record_headers(row), topic=self.settings.kafka_topic_dlq, source_topic=cols.topic)
 
-    def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]]) -> list:
+    def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]], logs: dict[str, str | None]) -> list:
         """Write a batch to the lake and fold it into Redis (in the persist thread); returns the files written."""
         batch.prepared.result()
         self._drop_duplicates(batch)
@@ -293,7 +313,7 @@ class StreamConsumer:
         # crash safety is unchanged. Folds stay in order: the state thread takes one at a time.
         if events:
             batch.applied = self._state_pool.submit(self._redis, self.state.apply_events, events)
-        return self._write_lake(batch.polled, batch.valid, fresh)
+        return self._write_lake(batch.polled, batch.valid, fresh, logs)
 
     def _finish(self) -> bool:
         """Commit every batch in flight, oldest first; False when a commit was refused."""
@@ -372,25 +392,42 @@ class StreamConsumer:
                     pass
 
     def _write_lake(self, polled: dict, valid: dict[TopicPartition, pa.Table],
-                    fresh: list[tuple[TopicPartition, int]]) -> list:
-        """One durable file per Kafka partition and hour, named by the partition's offsets in this batch.
+                    fresh: list[tuple[TopicPartition, int]], logs: dict[str, str | None]) -> list:
+        """One durable file per Kafka partition and hour, named by the partition's log and offsets in this batch.
 
-        ``fresh``: the partitions (re)assigned since the last batch, with the offset they resume at.
+        ``fresh``: the partitions (re)assigned (or whose log changed) since the last batch, with the offset
+        they resume at; ``logs``: each topic's log id (:meth:`_log_id`) when the batch was polled.
         """
         s = self.settings
         for tp, resume in fresh:
-            # first batch since this partition was (re)assigned: drop files of uncommitted batches
+            # first batch since this partition was (re)assigned: drop files of uncommitted batches of this log
             now_ms = int(time.time() * 1000)
-            removed = lake.remove_uncommitted(s.lake_dir, tp.topic, tp.partition, resume,
+            removed = lake.remove_uncommitted(s.lake_dir, tp.topic, tp.partition, resume, log=logs[tp.topic],
                                               since_ms=now_ms - (s.max_event_age_days + 1) * 86_400_000,
                                               until_ms=now_ms + s.max_event_future_s * 1000 + 3_600_000)
             if removed:
-                log.info("partition %s resumes at %d: removed %d uncommitted lake files",
-                         tp.partition, resume, len(removed))
+                log.info("partition %s resumes at %d (log %s): removed %d uncommitted lake files",
+                         tp.partition, resume, logs[tp.topic], len(removed))
         batches = [(lake.batch_file_name(tp.topic, tp.partition, int(polled[tp].offsets[0]),
-                                         int(polled[tp].offsets[-1]), self.writer), events)
+                                         int(polled[tp].offsets[-1]), self.writer, log=logs[tp.topic]), events)
                    for tp, events in valid.items()]
         return lake.write_batches(s.lake_dir, batches, threads=s.consumer_lake_threads) if batches else []
+
+    def _log_id(self, topic: str) -> str | None:
+        """The broker's id of ``topic``'s log as 32 hex digits: its topic id (Kafka 2.8+, KIP-516), from the
+        metadata the consumer fetched the topic's partitions by; None where the broker names none.
+
+        A topic id is given once, when the topic is created: a topic deleted and created again, or a
+        broker that lost its log (tansu, memory only, restarted) gets a new one; a real Kafka cluster's
+        brokers restarting keep it. Once named, a topic's log is never None for this consumer (a metadata
+        answer without the topic would otherwise make it remove the unnamed files of earlier logs).
+        """
+        topic_id = self.consumer._client.cluster.topic_id(topic)  # kafka-python has no public accessor
+        if topic_id is not None and topic_id.int:
+            if self._logs.get(topic) != topic_id.hex:
+                log.info("topic %s: consuming log %s (its topic id)", topic, topic_id.hex)
+            self._logs[topic] = topic_id.hex
+        return self._logs.get(topic)
 
     @staticmethod
     @_redis_retry

@@ -6,12 +6,17 @@ reader never sees a half-written file and a crash leaves at most an ignored
 ``.tmp`` behind.
 
 Files written by the stream consumer carry the Kafka position they hold in
-their name: ``<topic>-<partition>-<first offset>-<last offset>-<writer>.parquet``
+their name: ``<topic>-<partition>-<first offset>-<last offset>-<log>-<writer>.parquet``
 (see :func:`batch_file_name`). That is what makes the lake exactly-once after a
 crash: offsets are committed only after a batch's files are durable, so any file
 whose offset range reaches the committed offset or beyond is a batch whose commit
 never happened; :func:`remove_uncommitted` deletes those before the batch is
 consumed again (see :mod:`pipelines.consumer`).
+
+Offsets mean something only within one log: ``<log>`` is the broker's id of the topic
+(its topic id), which a new log gets, whether the topic was deleted and created again or
+the broker kept it in memory and restarted (tansu under ``make up``). Files of another log
+are never removed: nothing can replay their records, they are committed history.
 """
 
 from __future__ import annotations
@@ -191,16 +196,25 @@ def write_catalog(catalog: pd.DataFrame, path: Path) -> Path:
 
 
 # --- files of the stream consumer, named by their Kafka position ---------------------------------
-_BATCH_FILE = re.compile(r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{12})-(?P<last>\d{12})-(?P<writer>\w+)\.parquet$")
+# ``log`` is absent from the files of a broker that names no topic ids, and from those written before logs
+# were named (both read as "log None"); the writer is always last
+_BATCH_FILE = re.compile(r"^(?P<topic>.+)-(?P<partition>\d+)-(?P<first>\d{12})-(?P<last>\d{12})"
+                         r"(?:-(?P<log>[0-9a-f]{32}))?-(?P<writer>\w+)\.parquet$")
 
 
-def batch_file_name(topic: str, partition: int, first_offset: int, last_offset: int, writer: str) -> str:
+def batch_file_name(topic: str, partition: int, first_offset: int, last_offset: int, writer: str, *,
+                    log: str | None = None) -> str:
     """Name of a consumer batch file holding the valid records of ``[first_offset, last_offset]``.
 
-    ``writer`` (the consumer instance) keeps two members of a group that briefly both think they
-    own a partition (a rebalance) from replacing each other's files.
+    ``log`` (32 hex digits) names the incarnation of the topic's log the offsets belong to: the
+    broker's topic id; None where the broker names none (Kafka before 2.8). ``writer`` (the
+    consumer instance) keeps two members of a group that briefly both think they own a partition
+    (a rebalance) from replacing each other's files.
     """
-    return f"{topic}-{partition}-{first_offset:012d}-{last_offset:012d}-{writer}.parquet"
+    if log is not None and not re.fullmatch(r"[0-9a-f]{32}", log):
+        raise ValueError(f"a log id is 32 lowercase hex digits, not {log!r}")
+    named = "" if log is None else f"-{log}"
+    return f"{topic}-{partition}-{first_offset:012d}-{last_offset:012d}{named}-{writer}.parquet"
 
 
 _LAKE_STRUCT = pa.struct(list(LAKE_SCHEMA))
@@ -246,12 +260,14 @@ def _hour_dir(lake_dir: Path, hour: int) -> Path:
     return Path(lake_dir) / f"date={dt:%Y-%m-%d}" / f"hour={dt:%H}"
 
 
-def remove_uncommitted(lake_dir: Path, topic: str, partition: int, from_offset: int, *,
+def remove_uncommitted(lake_dir: Path, topic: str, partition: int, from_offset: int, *, log: str | None,
                        since_ms: int, until_ms: int) -> list[Path]:
-    """Delete the consumer batch files of one Kafka partition that reach ``from_offset`` or later.
+    """Delete the consumer batch files of one Kafka partition of log ``log`` that reach ``from_offset`` or later.
 
     Called with the committed offset a consumer resumes from: such files were written but their
     offsets never committed, so the records are about to be consumed (and written) again.
+    Files of another log (another topic id; for ``log`` None, any named log; for a named ``log``,
+    files without one) are kept: their offsets are not this log's, nothing replays them.
     Only hourly folders whose hour lies in ``[since_ms, until_ms]`` are searched (events outside
     the accepted ts window never reach the lake).
 
@@ -267,7 +283,8 @@ def remove_uncommitted(lake_dir: Path, topic: str, partition: int, from_offset: 
         for f in folder.iterdir():
             name = f.name[1:-4] if f.name.endswith(".tmp") else f.name
             m = _BATCH_FILE.match(name)
-            if m and m["topic"] == topic and int(m["partition"]) == partition and int(m["last"]) >= from_offset:
+            if (m and m["topic"] == topic and int(m["partition"]) == partition and m["log"] == log
+                    and int(m["last"]) >= from_offset):
                 f.unlink(missing_ok=True)
                 removed.append(f)
     return removed
