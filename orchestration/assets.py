@@ -252,7 +252,7 @@ def served_model(context: dg.AssetExecutionContext, training_interactions: pd.Da
     for alias in (ALIAS_CHAMPION, ALIAS_CHALLENGER):
         loaded = registry.load(alias)
         meta[f"{alias}_version"] = loaded.version if loaded else "none"
-        warmed = training.warm_cache(state, loaded, users, s.warm_cache_k, alias) if loaded else 0
+        warmed = training.warm_cache(state, loaded, users, s.warm_cache_k, alias, s) if loaded else 0
         meta[f"{alias}_users_warmed"] = warmed
     context.log.info(f"cache warmed: {meta}")
     return dg.MaterializeResult(metadata=meta)

@@ -1,17 +1,20 @@
 """Business rules applied to a scored list after the model and before the cache.
 
 In order: drop out-of-stock products and what the user bought; keep at most
-``max_per_category`` products of one category in the top 10 (the rest move down);
-give ``explore_share`` of the slots to new products (younger than ``new_item_age_h``).
+``max_per_category`` products of one category in the top 10 (the rest move down; when the
+model's list runs out of products that fit, popular ones that fit fill in); give
+``explore_share`` of the slots to new products (younger than ``new_item_age_h``), which obey
+the same rules. See :func:`apply_rules`.
 The catalog is the Parquet file ``Settings.catalog_path``, re-read when it changes.
 """
 
 from __future__ import annotations
 
 import logging
+import itertools
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -91,8 +94,19 @@ class Catalog:
 def apply_rules(scored: Scored, k: int, *, out_of_stock: frozenset[str] | set[str] = frozenset(),
                 bought: set[str] | frozenset[str] = frozenset(), category: dict[str, str] | None = None,
                 max_per_category: int = 3, new_items: Sequence[str] = (), explore_share: float = 0.0,
-                rank_new: Callable[[Sequence[str]], Sequence[str]] | None = None) -> Scored:
+                rank_new: Callable[[Sequence[str]], Sequence[str]] | None = None,
+                backfill: Sequence[tuple[str, float]] = ()) -> Scored:
     """Apply the business rules to a model's list.
+
+    Every rule holds for every item shown, whatever its source (the model, an exploration slot or
+    the backfill): no out-of-stock or bought product, and at most ``max_per_category`` products of
+    one category among the first ``DIVERSITY_TOP`` positions. Over-cap model items move below those
+    positions, in their order. When the model's list has too few items that fit the cap to fill the
+    top positions (a user whose candidates are nearly all one category), the gaps are filled from
+    ``backfill`` (the popular list) under the same rules, with a score just below the item before
+    them; an over-cap item is never pulled back into the top positions. If even the backfill cannot
+    fill them (a catalog with too few categories for the cap), the answer is shorter than ``k``:
+    the cap is a hard rule, the length is not.
 
     Args:
         scored: ``(item_id, score)`` best first, ideally longer than ``k`` so that filtered items
@@ -104,47 +118,129 @@ def apply_rules(scored: Scored, k: int, *, out_of_stock: frozenset[str] | set[st
         max_per_category: most products of one category among the first ``DIVERSITY_TOP`` positions.
         new_items: new in-stock products, newest first (the exploration candidates).
         explore_share: share in [0, 1] of the ``k`` slots given to new products; they take every
-            ``1/explore_share``-th slot with a score just below the item before them.
+            ``1/explore_share``-th slot with a score just below the item before them. In the top
+            positions a slot takes the best candidate that fits the category cap; when none fits it
+            goes to the model's next item.
         rank_new: orders the candidates for this user (e.g. the model's content path); default recency.
+        backfill: ``(item_id, score)`` best first (popular items) that fill what the model's list
+            cannot (see above); read only when needed.
 
     Returns:
-        At most ``k`` ``(item_id, score)`` pairs.
+        At most ``k`` ``(item_id, score)`` pairs: exactly ``k`` unless the rules leave too few items.
     """
-    category = category or {}
+    cat = (category or {}).get
     kept = [(i, s) for i, s in scored if i not in out_of_stock and i not in bought]
-    # per-category cap in the top positions: over-cap items move below them, in their order
-    top: Scored = []
-    deferred: Scored = []
+    n_explore = int(round(explore_share * k)) if new_items else 0
+    explore: list[str] = []
+    more: Iterator[str] = iter(())
+    slots: set[int] = set()
+    if n_explore > 0:
+        shown = {i for i, _ in kept}
+        if rank_new is None:  # by recency: the first few are enough, unless the cap rejects them
+            more = (i for i in new_items if i not in shown and i not in bought and i not in out_of_stock)
+            explore = list(itertools.islice(more, n_explore))
+        else:
+            explore = [i for i in new_items if i not in shown and i not in bought and i not in out_of_stock]
+            if explore:
+                explore = list(rank_new(explore))
+        # spread the slots (every 1/share-th position) so that any prefix of a cached list explores its share;
+        # a slot no candidate fits (see take_new) goes to the model's next item
+        if explore:
+            slots = {min(k - 1, int((j + 1) / explore_share) - 1) for j in range(n_explore)}
+    out: Scored = []
     per_cat: dict[str, int] = {}
-    for i, s in kept:
-        if len(top) < DIVERSITY_TOP:
-            c = category.get(i, i)
-            if per_cat.get(c, 0) >= max_per_category:
+    deferred: Scored = []
+    model = iter(kept)
+    used: set[str] | None = None  # items shown, once the backfill or a late candidate may repeat one
+    fill: Iterator[tuple[str, float]] | None = None
+    spare: Scored = []  # backfill items over the cap in the top positions (they may come after them)
+
+    def take_new(capped: bool) -> str | None:
+        """The best unused exploration candidate (that fits the cap when ``capped``)."""
+        for j, i in enumerate(explore):
+            if (used is None or i not in used) and (not capped or per_cat.get(cat(i, i), 0) < max_per_category):
+                del explore[j]
+                return i
+        for i in more:  # candidates past the first few (recency order): only when the cap rejected those
+            if used is None or i not in used:
+                if not capped or per_cat.get(cat(i, i), 0) < max_per_category:
+                    return i
+                explore.append(i)
+        return None
+
+    top = min(k, DIVERSITY_TOP)
+    while len(out) < top:
+        pos = len(out)
+        if pos in slots:
+            i = take_new(True)
+            if i is not None:
+                c = cat(i, i)
+                per_cat[c] = per_cat.get(c, 0) + 1
+                if used is not None:
+                    used.add(i)
+                out.append((i, (out[-1][1] if out else 0.0) - 1e-6))
+                continue
+        for i, s in model:
+            c = cat(i, i)
+            n = per_cat.get(c, 0)
+            if n >= max_per_category:
                 deferred.append((i, s))
                 continue
-            per_cat[c] = per_cat.get(c, 0) + 1
-        top.append((i, s))
-    ranked = top[:DIVERSITY_TOP] + deferred + top[DIVERSITY_TOP:]
-    n_explore = int(round(explore_share * k))
-    if n_explore <= 0 or not new_items:
-        return ranked[:k]
-    shown = {i for i, _ in ranked}
-    candidates = [i for i in new_items if i not in shown and i not in bought and i not in out_of_stock]
-    if rank_new is not None and candidates:
-        candidates = list(rank_new(candidates))
-    explore = candidates[:n_explore]
-    # spread the slots (every 1/share-th position) so that any prefix of a cached list explores its share
-    slots = {min(k - 1, int((j + 1) / explore_share) - 1) for j in range(len(explore))}
-    out: Scored = []
-    model_items = iter(ranked)
-    new = iter(explore)
-    for pos in range(k):
-        if pos in slots:
-            i = next(new)
-            out.append((i, (out[-1][1] if out else 0.0) - 1e-6))
-        else:
-            nxt = next(model_items, None)
-            if nxt is None:
+            per_cat[c] = n + 1
+            out.append((i, s))
+            break
+        else:  # the model's list has nothing left that fits the cap: the backfill, under the same rules
+            if fill is None:
+                used = {i for i, _ in out}
+                used.update(i for i, _ in kept)
+                fill = iter(backfill)
+            for i, s in fill:
+                if i in used or i in out_of_stock or i in bought:
+                    continue
+                c = cat(i, i)
+                n = per_cat.get(c, 0)
+                if n >= max_per_category:
+                    spare.append((i, s))
+                    continue
+                per_cat[c] = n + 1
+                used.add(i)
+                out.append((i, (out[-1][1] if out else 0.0) - 1e-6))
                 break
-            out.append(nxt)
+            else:
+                return out  # nothing left fits the cap: a shorter list rather than a broken rule
+    if len(out) >= k:
+        return out
+    # past the top positions: the deferred model items, then the rest of the model's list, in their order
+    rest = itertools.chain(deferred, model)
+    for pos in sorted(p for p in slots if p >= len(out)):
+        out.extend(itertools.islice(rest, pos - len(out)))
+        if len(out) < pos:
+            break  # the model's list ran out: the backfill below
+        i = take_new(False)
+        if i is not None:  # (else the next model item takes the slot)
+            if used is not None:
+                used.add(i)
+            out.append((i, out[-1][1] - 1e-6))
+    out.extend(itertools.islice(rest, k - len(out)))
+    if spare:
+        fill = itertools.chain(spare, fill)
+    while len(out) < k:  # the model's list ran out: the backfill, with the exploration slots still spread
+        if len(out) in slots:
+            i = take_new(False)
+            if i is not None:
+                if used is not None:
+                    used.add(i)
+                out.append((i, out[-1][1] - 1e-6))
+                continue
+        if fill is None:
+            used = {i for i, _ in out}
+            used.update(i for i, _ in kept)
+            fill = iter(backfill)
+        for i, _ in fill:
+            if i not in used and i not in out_of_stock and i not in bought:
+                used.add(i)
+                out.append((i, out[-1][1] - 1e-6))
+                break
+        else:
+            break
     return out

@@ -25,7 +25,7 @@ import math
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,12 +50,41 @@ log = logging.getLogger(__name__)
 ALIASES = (ALIAS_CHAMPION, ALIAS_CHALLENGER)
 #: extra candidates asked from the model so that the business rules can drop some
 RULES_HEADROOM = 20
+#: popular items the business rules may fill in with when a model's list runs out of products that fit
+#: (:func:`pipelines.rules.apply_rules`'s ``backfill``; read once per model version)
+RULES_BACKFILL = 200
 #: seconds Redis is skipped after an error (a dead Redis must not cost every request a timeout)
 REDIS_RETRY_S = 2.0
 #: most users whose Redis context (recent and bought items) one pipeline reads
 CONTEXT_BATCH = 64
 #: counters are summed in memory and written to Redis this often (one round trip, not one per request)
 STATS_FLUSH_S = 1.0
+
+
+# --- what the two halves exchange, and what the cache holds -----------------------------
+def cached_list_length(settings: Settings, k: int) -> int:
+    """How many items serving scores (and caches) for a request of ``k``: ``serve_cache_n`` at least when it caches."""
+    return max(k, settings.serve_cache_n) if settings.serve_cache else k
+
+
+def scoring_request(user_id: str, variant: str, n: int, recent: Sequence[str], bought: Iterable[str]) -> dict:
+    """One request of the scoring service's batchable API (:meth:`ModelHolder.score`)."""
+    return {"user_id": user_id, "variant": variant, "k": n, "recent": list(recent), "bought": sorted(bought)}
+
+
+def cache_entry(answer: dict, n: int) -> dict:
+    """The Redis cache payload of a scoring answer to a request of ``n`` items.
+
+    ``n`` is kept with the list: a list shorter than ``n`` is all the business rules allow (see
+    :func:`pipelines.rules.apply_rules`), so it answers any request of up to ``n`` items.
+    """
+    return {"items": [{"item_id": i, "score": s} for i, s in answer["items"]], "model_version": answer["model_version"],
+            "n": n}
+
+
+def cache_answers(cached: dict, k: int) -> bool:
+    """Whether a cache entry (:func:`cache_entry`) answers a request of ``k`` items."""
+    return len(cached["items"]) >= k or k <= cached.get("n", 0)
 
 
 # --- scoring (the scoring service) ----------------------------------------------------
@@ -123,16 +152,24 @@ class ModelHolder:
     version finishes on it and the next batch uses the new one: no request is dropped.
     """
 
-    def __init__(self, settings: Settings, registry: ModelRegistry | None = None, packaged_dir: Path | None = None):
+    def __init__(self, settings: Settings, registry: ModelRegistry | None = None, packaged_dir: Path | None = None,
+                 models: dict[str, LoadedModel] | None = None):
+        """``models`` (by alias): serve these, prepared as a refresh would, instead of the registry's (cache warming
+        scores through a holder of the models it warms: :func:`pipelines.training.warm_cache`)."""
         self.settings = settings
         self.packaged_dir = packaged_dir or settings.packaged_model_dir
         self._packaged: LoadedModel | None = None
-        self.registry = registry or ModelRegistry(settings.mlflow_tracking_uri, name=settings.mlflow_model_name)
+        self.registry = registry if registry is not None or models is not None else ModelRegistry(
+            settings.mlflow_tracking_uri, name=settings.mlflow_model_name)
         self.models: dict[str, LoadedModel] = {}
         self.catalog = Catalog(settings.catalog_path, reload_s=settings.catalog_reload_s,
                                new_item_age_h=settings.new_item_age_h)
+        self._backfills: dict[tuple[str, str], Scored] = {}
         self._stop = threading.Event()
         self._refresh_lock = threading.Lock()
+        for loaded in (models or {}).values():
+            self._prepare(loaded)
+        self.models = dict(models or {})
 
     def refresh(self) -> dict[str, str]:
         """Load the versions behind the aliases that changed; an alias that was removed stops serving.
@@ -204,6 +241,21 @@ class ModelHolder:
     def stop(self) -> None:
         self._stop.set()
 
+    def _backfill(self, model: LoadedModel) -> Scored:
+        """The model's popular list: what the business rules fill in with (:data:`RULES_BACKFILL`, per version)."""
+        key = (model.alias, model.version)
+        items = self._backfills.get(key)
+        if items is None:
+            try:
+                items = [(i, float(s)) for i, s in model.recommender.recommend_session_scored([], RULES_BACKFILL)]
+            except Exception as err:  # a nicety: without it a short list stays short
+                log.warning("version %s has no popular list to fill in with (%s)", model.version, err)
+                items = []
+            if len(self._backfills) >= 8:  # versions swapped out long ago
+                self._backfills.clear()
+            self._backfills[key] = items
+        return items
+
     def popular(self, k: int) -> Scored:
         """The champion's popular list (what a user with no history gets): the fallback snapshot's source."""
         model = self.models.get(ALIAS_CHAMPION)
@@ -249,13 +301,15 @@ class ModelHolder:
                 for n in positions:
                     out[n] = {"error": f"model raised: {err}"}
                 continue
+            backfill = self._backfill(model)
             for j, (n, scored, is_cold) in enumerate(zip(positions, lists, cold)):
                 req = requests[n]
                 items = apply_rules(
                     scored, int(req.get("k", 10)), out_of_stock=self.catalog.out_of_stock,
                     bought=set(req.get("bought") or ()), category=self.catalog.category,
                     max_per_category=self.settings.max_per_category, new_items=self.catalog.new_items,
-                    explore_share=self.settings.explore_share, rank_new=self._content_ranker(rec, *batch[j]))
+                    explore_share=self.settings.explore_share, rank_new=self._content_ranker(rec, *batch[j]),
+                    backfill=backfill)
                 out[n] = {"items": [[i, round(float(s), 6)] for i, s in items], "model_version": model.version,
                           "variant": variant, "cold": bool(is_cold), "versions": versions}
         return out
@@ -579,7 +633,7 @@ class RecommendationEngine:
             return None
         cached = await self._aredis(self.astate.get_cached, user_id, variant)
         version = self.versions.get(variant)
-        hit = bool(cached and version and cached.get("model_version") == version and len(cached["items"]) >= k)
+        hit = bool(cached and version and cached.get("model_version") == version and cache_answers(cached, k))
         word = "hit" if hit else "miss"
         counters[STATS_CACHE] = {word: 1, f"{word}:{variant}": 1}
         if hit:
@@ -588,8 +642,8 @@ class RecommendationEngine:
 
     async def _from_model(self, request_id, user_id, variant, k, counters) -> Recommendation | None:
         recent, bought = (await self._aredis(self.user_contexts, [user_id]) or [([], set())])[0]
-        kk = max(k, self.settings.serve_cache_n) if self.settings.serve_cache else k
-        req = {"user_id": user_id, "variant": variant, "k": kk, "recent": recent, "bought": sorted(bought)}
+        kk = cached_list_length(self.settings, k)
+        req = scoring_request(user_id, variant, kk, recent, bought)
         try:
             res = (await asyncio.wait_for(self.score_fn([req]), timeout=self.settings.serve_deadline_ms / 1000))[0]
         except (asyncio.TimeoutError, TimeoutError):
@@ -605,7 +659,8 @@ class RecommendationEngine:
             if "error" in res:
                 self._warn_every_minute(res["error"], "no model answer for %s: %s", user_id, res["error"])
             return None
-        items = [{"item_id": i, "score": s} for i, s in res["items"]]
+        entry = cache_entry(res, kk)
+        items = entry["items"]
         version, served_variant = res["model_version"], res.get("variant", variant)
         if res.get("versions") is not None and res["versions"] != self.versions:
             # the scorer swapped before we heard of it: take its whole map, so that no impression is tagged
@@ -617,7 +672,7 @@ class RecommendationEngine:
             counters.setdefault(STATS_REQUESTS, {}).update(
                 {"cold_user": 1, "cold_user_session" if recent else "cold_user_trending": 1})
         if self.settings.serve_cache:
-            await self._aredis(self.astate.set_cached, user_id, served_variant, {"items": items, "model_version": version})
+            await self._aredis(self.astate.set_cached, user_id, served_variant, entry)
         return Recommendation(request_id, items[:k], served_variant, version, SOURCE_MODEL)
 
     # --- fallback -----------------------------------------------------------------

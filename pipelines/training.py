@@ -23,7 +23,7 @@ from pipelines.registry import PRIMARY_METRIC, ModelRegistry
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_EVENT_TYPE, COL_ITEM, COL_REQUEST_ID,
                                COL_SESSION, COL_TS, COL_USER, COL_WEIGHT, EVENT_WEIGHTS, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
                                TAG_GATE_DECISION, TAG_GX_SUCCESS)
-from pipelines.settings import TrainConfig
+from pipelines.settings import Settings, TrainConfig, get_settings
 
 log = logging.getLogger(__name__)
 
@@ -367,22 +367,37 @@ def active_users(interactions: pd.DataFrame, n: int) -> list[str]:
     return [str(u) for u in interactions[COL_USER].value_counts().head(n).index]
 
 
-def warm_cache(state, loaded, users: list[str], k: int, variant: str) -> int:
-    """Write each known user's top-``k`` of ``loaded`` (a ``registry.LoadedModel``) to the Redis cache.
+def warm_cache(state, loaded, users: list[str], k: int, variant: str, settings: Settings | None = None) -> int:
+    """Cache for each known user what serving would cache on their next ``/recommend`` of ``k`` items.
 
-    The payload is the one serving writes (``pipelines.serving``), so the next ``/recommend``
-    of these users is a cache hit with this model version.
+    The lists go through serving's own path, not a copy of it: a
+    :class:`~pipelines.serving.ModelHolder` of ``loaded`` (a ``registry.LoadedModel``) scores the
+    users in batches with their recent items, applies the business rules (stock, category cap and
+    new products from the catalog file, their purchases from Redis) with the model's popular list to
+    fill in with, and each answer is stored as serving stores it (:func:`~pipelines.serving.cache_entry`,
+    under the variant that answered, with its version, :func:`~pipelines.serving.cached_list_length`
+    items). So the next ``/recommend`` of these users is a cache hit with this model version and the
+    list a freshly scored one would be. Nothing is written when serving does not cache (``serve_cache``).
 
     Returns:
         How many users were warmed (users the model does not know are skipped).
     """
+    from pipelines.serving import ModelHolder, cache_entry, cached_list_length, scoring_request
+
+    settings = settings or get_settings()
+    if not settings.serve_cache:
+        return 0
+    holder = ModelHolder(settings, models={variant: loaded})
+    n = cached_list_length(settings, k)
     known = set(map(str, loaded.recommender.known_users))
     users = [u for u in users if u in known]
     done = 0
     for i in range(0, len(users), 256):
         chunk = users[i:i + 256]
-        for user, scored in zip(chunk, loaded.recommender.recommend_scored(chunk, k, exclude_seen=True)):
-            items = [{"item_id": it, "score": round(float(s), 6)} for it, s in scored]
-            state.set_cached(user, variant, {"items": items, "model_version": loaded.version})
+        requests = [scoring_request(user, variant, n, *state.user_context(user)) for user in chunk]
+        for user, answer in zip(chunk, holder.score(requests)):
+            if "error" in answer or not answer.get("items"):  # (serving caches no such answer either)
+                continue
+            state.set_cached(user, answer["variant"], cache_entry(answer, n))
             done += 1
     return done

@@ -29,11 +29,24 @@ def test_batched_scoring_equals_one_by_one(bpr):
 def test_rules_drop_stock_and_purchases_cap_categories_and_spread_exploration():
     scored = [(f"a{n}", 10.0 - n * 0.1) for n in range(8)] + [(f"b{n}", 5.0 - n * 0.1) for n in range(8)]
     category = {i: i[0] for i, _ in scored}
-    out = apply_rules(scored, 10, out_of_stock={"a0"}, bought={"b0"}, category=category, max_per_category=3)
+    out = apply_rules(scored, 20, out_of_stock={"a0"}, bought={"b0"}, category=category, max_per_category=3)
     ids = [i for i, _ in out]
     assert "a0" not in ids and "b0" not in ids
     assert ids[:6] == ["a1", "a2", "a3", "b1", "b2", "b3"]  # three of each category, best first
-    assert ids[6:] == ["a4", "a5", "a6", "a7"]  # the deferred ones fill up the list, in their order
+    # two categories cannot fill a top 10 under the cap, and with nothing to fill in with the list ends there:
+    # the deferred ones never come back into the top 10
+    assert ids == ["a1", "a2", "a3", "b1", "b2", "b3"]
+    # popular items that fit (in stock, not bought, under the cap) fill the top 10, then the deferred ones follow
+    popular = [("a9", 99.0), ("c1", 98.0), ("b0", 97.0), ("oos", 96.0), ("c2", 95.0), ("c3", 94.0), ("c4", 93.0),
+               ("d1", 92.0), ("d2", 91.0)]
+    category |= {"a9": "a", "c1": "c", "c2": "c", "c3": "c", "c4": "c", "d1": "d", "d2": "d", "oos": "d"}
+    out = apply_rules(scored, 20, out_of_stock={"a0", "oos"}, bought={"b0"}, category=category, max_per_category=3,
+                      backfill=popular)
+    ids = [i for i, _ in out]
+    assert ids[:10] == ["a1", "a2", "a3", "b1", "b2", "b3", "c1", "c2", "c3", "d1"]
+    # past the top 10: the deferred ones, in their order, then the rest of the popular items
+    assert ids[10:] == ["a4", "a5", "a6", "a7", "b4", "b5", "b6", "b7", "a9", "c4"]
+    assert [s for _, s in out[:10]] == sorted((s for _, s in out[:10]), reverse=True)  # filled in below b3
     explored = apply_rules(scored, 20, category=category, max_per_category=20, new_items=["n1", "n2", "n3", "n4"],
                            explore_share=0.2)
     assert [n for n, (i, _) in enumerate(explored) if i.startswith("n")] == [4, 9, 14, 19]

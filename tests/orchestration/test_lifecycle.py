@@ -13,6 +13,7 @@ from orchestration import assets
 from pipelines import lake, training, validation
 from pipelines.registry import ModelRegistry
 from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION
+from pipelines.serving import cached_list_length
 from pipelines.state import OnlineState
 from tests.orchestration.conftest import key_of
 
@@ -62,14 +63,17 @@ def test_training_registers_a_champion_with_tags_and_a_worse_model_gets_no_alias
     # the hours training validated itself link to the training run (the data-quality page's run link)
     assert json.loads((s.quality_dir / f"{key_of(hours[1])}.json").read_text())["dagster_run_id"] == first.run_id
 
-    # serving's cache holds the champion's top-N for the most active users, in serving's payload
+    # serving's cache holds the champion's top-N for the most active users, in serving's payload, under its rules
     served = _meta(first, "served_model")
     assert served["champion_users_warmed"] > 0 and served["champion_version"] == version
     state = OnlineState(redis_client)
     top_user = training.active_users(training.build_interactions(lake.read_all(s.lake_dir)), 1)[0]
     cached = state.get_cached(top_user, ALIAS_CHAMPION)
-    assert cached["model_version"] == version and len(cached["items"]) == s.warm_cache_k
+    assert cached["model_version"] == version and cached["n"] == cached_list_length(s, s.warm_cache_k)
     assert set(cached["items"][0]) == {"item_id", "score"}
+    # this shop has two categories: at most 3 of each in the top 10 leaves a list of 6
+    parity = [int(i["item_id"][1:]) % 2 for i in cached["items"]]
+    assert len(parity) == 2 * s.max_per_category and sorted(parity) == [0, 0, 0, 1, 1, 1]
     assert len(state.popular_fallback(10)) == 10
 
     # a worse model (popularity ignores the taste groups) is registered but gets no alias
