@@ -139,7 +139,8 @@ class Scorer:
     @bentoml.api
     def info(self) -> dict:
         """Versions served per alias and the champion's popular list (the API's fallback snapshot)."""
-        return {"versions": self.holder.versions(), "popular": self.holder.popular(self.settings.fallback_k)}
+        return {"versions": self.holder.versions(), "lineage": self.holder.lineage(),
+                "popular": self.holder.popular(self.settings.fallback_k)}
 
     @bentoml.api
     def similar(self, item_id: str, k: int = 10) -> dict:
@@ -243,7 +244,7 @@ class Shoprec:
         local = self.engine.astate.local
         return {"models": self.engine.versions, "fallback_items": self.engine.fallback_size,
                 "experiment": self.engine.experiment.name,
-                "comparison": self.engine.experiment.tag(self.engine.versions),  # what impressions are tagged with
+                "comparison": self.engine.comparison,  # what impressions are tagged with
                 "impressions": self.engine.impressions.stats(),
                 "local_cache": {"active": local.active, "users": len(local), "invalidations": local.invalidations}
                 if local is not None else None}

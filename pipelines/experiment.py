@@ -84,6 +84,8 @@ class Experiment:
     def tag(self, versions: Mapping[str, str | None]) -> str:
         """The comparison running while ``versions`` (alias -> version) are served: the experiment name and the
         version of each variant served, in the experiment's order (``default@champion.2:challenger.3``).
+        Serving passes each variant's *trained* version (a refreshed version's ``trained_version`` tag), so
+        that the hourly refreshes of both arms continue one comparison instead of starting a new one each hour.
 
         Every impression carries it, and the A/B counters are kept per tag: a new challenger version (or a
         new champion) starts a new comparison instead of mixing into the counts of the last one, and the

@@ -30,7 +30,7 @@ from pipelines import metrics, training
 from pipelines.models import Recommender
 from pipelines.registry import ModelRegistry
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_ITEM, COL_TS, COL_USER, TAG_DATA_WINDOW_END,
-                               TAG_DATA_WINDOW_START, TAG_GATE_DECISION)
+                               TAG_DATA_WINDOW_START, TAG_GATE_DECISION, TAG_TRAINED_VERSION)
 
 log = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def refresh_alias(registry: ModelRegistry, alias: str, interactions: pd.DataFram
     window = (ts.min().isoformat(), ts.max().isoformat())
     start = min(filter(None, [src_tags.get(TAG_DATA_WINDOW_START), window[0]]), key=pd.Timestamp)
     tags = {
-        TAG_REFRESH_OF: source, "refresh_alias": alias,
+        TAG_REFRESH_OF: source, "refresh_alias": alias, TAG_TRAINED_VERSION: src_tags.get(TAG_TRAINED_VERSION) or source,
         TAG_REFRESH_WINDOW_START: window[0], TAG_REFRESH_WINDOW_END: window[1],
         # embeddings saw the source's window, neighbours and trending the refresh window
         TAG_DATA_WINDOW_START: start, TAG_DATA_WINDOW_END: window[1],

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.models import Recommender, load_recommender
-from pipelines.schemas import ALIAS_CHAMPION, MLFLOW_EXPERIMENT, REGISTERED_MODEL
+from pipelines.schemas import ALIAS_CHAMPION, MLFLOW_EXPERIMENT, REGISTERED_MODEL, TAG_TRAINED_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,13 @@ class LoadedModel:
     recommender: Recommender
     version: str
     alias: str
+    #: the version trained by ``train_job`` that this one comes from through hourly refreshes (itself when
+    #: it was trained): an A/B comparison is between trained versions and goes on across their refreshes
+    trained: str = ""
+
+    @property
+    def lineage(self) -> str:
+        return self.trained or self.version
 
 
 class ModelRegistry:
@@ -119,7 +126,8 @@ class ModelRegistry:
         mlflow.set_tracking_uri(self.tracking_uri)
         mlflow.set_registry_uri(self.tracking_uri)
         pyfunc = mlflow.pyfunc.load_model(f"models:/{self.name}/{version}")
-        return LoadedModel(pyfunc.unwrap_python_model().recommender, version, alias)
+        trained = self.tags(version).get(TAG_TRAINED_VERSION) or version
+        return LoadedModel(pyfunc.unwrap_python_model().recommender, version, alias, trained)
 
 
 def _metric_key(k: str) -> str:

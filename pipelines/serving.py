@@ -229,6 +229,10 @@ class ModelHolder:
     def versions(self) -> dict[str, str]:
         return {a: m.version for a, m in self.models.items()}
 
+    def lineage(self) -> dict[str, str]:
+        """Per alias, the trained version the served one comes from (itself, or the root of its hourly refreshes)."""
+        return {a: m.lineage for a, m in self.models.items()}
+
     def start_polling(self) -> threading.Thread:
         def loop():
             while not self._stop.wait(self.settings.model_poll_s):
@@ -273,13 +277,15 @@ class ModelHolder:
                 newest first) and ``bought`` (items the user purchased).
 
         Returns:
-            Per request ``{"items": [[item_id, score], ...], "model_version", "variant", "cold", "versions"}``
-            (``versions``: every alias's version in this batch's snapshot), or ``{"error": message}`` when that
-            variant cannot answer (the caller falls back).
+            Per request ``{"items": [[item_id, score], ...], "model_version", "variant", "cold", "versions",
+            "lineage"}`` (``versions``: every alias's version in this batch's snapshot; ``lineage``: the trained
+            version behind each, see :attr:`LoadedModel.lineage`), or ``{"error": message}`` when that variant
+            cannot answer (the caller falls back).
         """
         self.catalog.maybe_reload()
         models = self.models  # one consistent snapshot for the whole batch
         versions = {a: m.version for a, m in models.items()}  # what this batch was scored with, every alias
+        lineage = {a: m.lineage for a, m in models.items()}
         out: list[dict] = [{} for _ in requests]
         by_variant: dict[str, list[int]] = collections.defaultdict(list)
         for n, req in enumerate(requests):
@@ -311,7 +317,7 @@ class ModelHolder:
                     explore_share=self.settings.explore_share, rank_new=self._content_ranker(rec, *batch[j]),
                     backfill=backfill)
                 out[n] = {"items": [[i, round(float(s), 6)] for i, s in items], "model_version": model.version,
-                          "variant": variant, "cold": bool(is_cold), "versions": versions}
+                          "variant": variant, "cold": bool(is_cold), "versions": versions, "lineage": lineage}
         return out
 
 
@@ -502,7 +508,8 @@ class RecommendationEngine:
         state: Redis online state (cache, counters, recent items, purchases).
         score_fn: async call of the scoring service's batchable API (a list of requests; wrapped
             in a :class:`Coalescer` unless ``serve_max_batch_size`` is 1).
-        info_fn: async call returning ``{"versions": {alias: version}, "popular": [[item, score]]}``.
+        info_fn: async call returning ``{"versions": {alias: version}, "lineage": {alias: trained version},
+            "popular": [[item, score]]}`` (``lineage`` optional: each version is its own).
         impressions: where impression events go (default: a Kafka :class:`ImpressionLog`).
     """
 
@@ -525,7 +532,9 @@ class RecommendationEngine:
         self.info_fn = info_fn
         self.experiment = Experiment.from_settings(settings)
         self.impressions = impressions if impressions is not None else ImpressionLog(settings)
-        self.versions: dict[str, str] = {}
+        self.versions: dict[str, str] = {}  # alias -> version the scorer serves
+        self.lineage: dict[str, str] = {}  # alias -> trained version behind it (refreshes continue a comparison)
+        self.comparison = self.experiment.tag({})  # the comparison answers are tagged with (see _set_versions)
         self._warned: dict[str, tuple[float, int]] = {}
         self._info_at = 0.0
         self._info_task: asyncio.Task | None = None
@@ -584,7 +593,7 @@ class RecommendationEngine:
         """Ask the scoring service which versions it serves and for its popular list; keep the last known on failure."""
         try:
             info = await asyncio.wait_for(self.info_fn(), timeout=2.0)
-            self.versions = dict(info.get("versions") or {})
+            self._set_versions(info.get("versions") or {}, info.get("lineage") or {})
             popular = [(str(i), float(s)) for i, s in info.get("popular") or []]
         except Exception as err:
             log.warning("scoring service did not answer /info (%s); keeping versions %s", err, self.versions)
@@ -592,6 +601,17 @@ class RecommendationEngine:
         redis_popular = self._redis(self.state.popular_fallback, self.settings.fallback_k)
         self._update_fallback(redis_popular or popular)
         return self.versions
+
+    def _set_versions(self, versions: dict[str, str], lineage: dict[str, str]) -> None:
+        """Adopt the scorer's versions and their lineage, and the comparison tag they make.
+
+        The tag names each variant's *trained* version (:attr:`LoadedModel.lineage`): the hourly refresh
+        registers new versions of both arms (new neighbours and trending, same embeddings), and a tag per
+        registered version started a new comparison every hour, too short for any verdict.
+        """
+        self.versions = dict(versions)
+        self.lineage = {a: str(lineage.get(a) or v) for a, v in self.versions.items()}
+        self.comparison = self.experiment.tag(self.lineage)
 
     def _maybe_refresh_info(self) -> None:
         now = time.monotonic()
@@ -616,7 +636,7 @@ class RecommendationEngine:
             rec = await self._from_model(request_id, user_id, variant, k, counters)
         if rec is None:
             rec = Recommendation(request_id, self._fallback_items(k), variant, None, SOURCE_FALLBACK)
-        rec.experiment = self.experiment.tag(self.versions)
+        rec.experiment = self.comparison
         counters.setdefault(STATS_REQUESTS, {})[rec.source] = 1
         ms = (time.perf_counter() - t0) * 1000
         counters[f"{STATS_LATENCY}:{rec.source}"] = {latency_field(ms): 1}
@@ -665,9 +685,10 @@ class RecommendationEngine:
         if res.get("versions") is not None and res["versions"] != self.versions:
             # the scorer swapped before we heard of it: take its whole map, so that no impression is tagged
             # with a mix of the new champion and the old challenger
-            self.versions = dict(res["versions"])
+            self._set_versions(res["versions"], res.get("lineage") or {})
         elif self.versions.get(served_variant) != version:
-            self.versions = {**self.versions, served_variant: version}
+            self._set_versions({**self.versions, served_variant: version},
+                               {**self.lineage, served_variant: (res.get("lineage") or {}).get(served_variant, version)})
         if res.get("cold"):
             counters.setdefault(STATS_REQUESTS, {}).update(
                 {"cold_user": 1, "cold_user_session" if recent else "cold_user_trending": 1})

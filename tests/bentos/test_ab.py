@@ -92,3 +92,25 @@ def test_the_tag_names_the_versions_served_and_bad_names_are_refused():
         Experiment("spring sale", "s")
     with pytest.raises(ValueError, match="not an MLflow alias"):
         Experiment("ranking", "s", {"champion": 0.5, "chal.lenger": 0.5})
+
+
+def test_an_hourly_refresh_continues_the_comparison_of_the_versions_it_refreshed(settings, redis_client,
+                                                                                registered_champion, client_for):
+    from pipelines.schemas import TAG_TRAINED_VERSION
+
+    registry, reg = registered_champion
+    model = registry.load(ALIAS_CHAMPION).recommender
+    _, trained = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.1}, tags={})
+    # what refresh_job registers: a new version whose tags name the trained version it came from
+    _, refreshed = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.1},
+                                             tags={TAG_TRAINED_VERSION: trained, "refresh_of": trained})
+    registry.set_alias(ALIAS_CHALLENGER, refreshed)
+    kafka_io.ensure_topics(settings)
+    c = client_for(registry.name, ab_challenger_share=0.5)
+    answers = [c.post("/recommend", json={"user_id": f"ab-{n}", "k": 3}).json() for n in range(20)]
+    served = {a["model_version"] for a in answers if a["variant"] == ALIAS_CHALLENGER}
+    assert served == {refreshed}  # the refreshed version answers ...
+    exp = Experiment.from_settings(settings.model_copy(update={"ab_challenger_share": 0.5}))
+    # ... in the comparison of the trained versions, which it continues
+    assert {a["experiment"] for a in answers} == {f"{exp.name}@champion.{reg.version}:challenger.{trained}"}
+    assert c.post("/status", json={}).json()["comparison"] == f"{exp.name}@champion.{reg.version}:challenger.{trained}"

@@ -73,6 +73,7 @@ def test_a_refresh_is_registered_with_its_lineage_and_takes_the_alias_only_when_
     # what serving loads behind `champion` now: the refreshed model, still knowing the trained users
     loaded = registry.load(ALIAS_CHAMPION)
     assert loaded.version == fresh.version and len(loaded.recommender.recommend(["u1"], 5)[0]) == 5
+    assert loaded.lineage == champion  # its A/B comparison stays the trained version's
 
     # nothing new since: no version is registered
     again = _refresh(registry, full)
@@ -90,6 +91,7 @@ def test_a_refresh_is_registered_with_its_lineage_and_takes_the_alias_only_when_
     assert registry.version_for(ALIAS_CHAMPION) == fresh.version
     tags = registry.tags(worse.version)
     assert tags["gate_decision"] == "rejected" and tags[refresh.TAG_REFRESH_OF] == fresh.version
+    assert tags["trained_version"] == champion  # a refresh of a refresh: still the version train_job trained
     # and the same garbage window is not refreshed a second time
     assert "refreshed on this window already" in _refresh(registry, later).note
 
