@@ -39,8 +39,8 @@ from pipelines.models import Recommender, load_recommender
 from pipelines.models.base import Scored
 from pipelines.registry import LoadedModel, ModelRegistry
 from pipelines.rules import Catalog, apply_rules
-from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL,
-                               STATS_CACHE, STATS_LATENCY, STATS_MODEL_ERROR, STATS_MODEL_TIMEOUT, STATS_REQUESTS,
+from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_CATEGORY, COL_ITEM, SOURCE_CACHE,
+                               SOURCE_FALLBACK, SOURCE_MODEL, STATS_CACHE, STATS_LATENCY, STATS_MODEL_ERROR, STATS_MODEL_TIMEOUT, STATS_REQUESTS,
                                new_event, new_id)
 from pipelines.settings import Settings
 from pipelines.state import AsyncServingState, OnlineState, connect, latency_field
@@ -85,6 +85,28 @@ def cache_entry(answer: dict, n: int) -> dict:
 def cache_answers(cached: dict, k: int) -> bool:
     """Whether a cache entry (:func:`cache_entry`) answers a request of ``k`` items."""
     return len(cached["items"]) >= k or k <= cached.get("n", 0)
+
+
+def fallback_by_rules(items: Scored, settings: Settings) -> Scored:
+    """``items`` (the popular fallback list) without out-of-stock products and with the category cap.
+
+    Reads only the catalog rows of these items (three columns, filtered in the Parquet reader), so an
+    API process need not hold the catalog. An unreadable catalog leaves the list as it is.
+    """
+    import pandas as pd
+
+    if not items:
+        return items
+    try:
+        df = pd.read_parquet(settings.catalog_path, columns=[COL_ITEM, "in_stock", COL_CATEGORY],
+                             filters=[(COL_ITEM, "in", [i for i, _ in items])])
+    except Exception as err:
+        log.warning("could not read the catalog %s for the fallback list (%s); serving it unfiltered",
+                    settings.catalog_path, err)
+        return items
+    ids = df[COL_ITEM].astype(str)
+    return apply_rules(items, len(items), out_of_stock=frozenset(ids[~df["in_stock"].astype(bool)]),
+                       category=dict(zip(ids, df[COL_CATEGORY].astype(str))), max_per_category=settings.max_per_category)
 
 
 # --- scoring (the scoring service) ----------------------------------------------------
@@ -541,6 +563,8 @@ class RecommendationEngine:
         self._redis_down_until = 0.0
         self._snapshot_path = settings.var_dir / "serving" / "fallback.json"
         self._fallback: list[tuple[str, float]] = self._read_snapshot()
+        self._fallback_shown = self._fallback  # the fallback list under the catalog's rules (_rule_fallback)
+        self._fallback_ruled_for: tuple | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, score_fn: ScoreFn, info_fn: InfoFn) -> RecommendationEngine:
@@ -600,7 +624,22 @@ class RecommendationEngine:
             popular = []
         redis_popular = self._redis(self.state.popular_fallback, self.settings.fallback_k)
         self._update_fallback(redis_popular or popular)
+        await self._rule_fallback()
         return self.versions
+
+    async def _rule_fallback(self) -> None:
+        """Apply the rules a list for nobody in particular can have (stock, category cap) to the fallback list,
+        again when the list or the catalog file changed (one ``stat`` a poll otherwise)."""
+        try:
+            mtime = self.settings.catalog_path.stat().st_mtime
+        except OSError:
+            mtime = None
+        key = (mtime, tuple(self._fallback))
+        if key == self._fallback_ruled_for:
+            return
+        self._fallback_ruled_for = key
+        self._fallback_shown = self._fallback if mtime is None else \
+            await asyncio.to_thread(fallback_by_rules, self._fallback, self.settings)
 
     def _set_versions(self, versions: dict[str, str], lineage: dict[str, str]) -> None:
         """Adopt the scorer's versions and their lineage, and the comparison tag they make.
@@ -698,11 +737,11 @@ class RecommendationEngine:
 
     # --- fallback -----------------------------------------------------------------
     def _fallback_items(self, k: int) -> list[dict]:
-        return [{"item_id": i, "score": round(float(s), 6)} for i, s in self._fallback[:k]]
+        return [{"item_id": i, "score": round(float(s), 6)} for i, s in self._fallback_shown[:k]]
 
     @property
     def fallback_size(self) -> int:
-        return len(self._fallback)
+        return len(self._fallback_shown)
 
     def _update_fallback(self, items: list[tuple[str, float]]) -> None:
         items = [(str(i), float(s)) for i, s in items]

@@ -99,3 +99,37 @@ def test_a_swap_the_api_has_not_heard_of_yet_tags_answers_with_the_scorers_versi
     answers = asyncio.run(run())
     assert {(a.model_version, a.experiment) for a in answers} == {("8", f"{engine.experiment.name}@champion.8")}
     assert engine.versions == {"champion": "8"}
+
+
+def test_the_fallback_list_obeys_stock_and_the_category_cap(engine_with, settings):
+    import pandas as pd
+
+    popular = [[f"p{n}", 100.0 - n] for n in range(20)]
+
+    async def info_many():
+        return {"versions": {"champion": "7"}, "popular": popular}
+
+    async def failing(requests):
+        raise RuntimeError("scorer down")
+
+    # p0 sold out; p1..p6 share one category, the rest have their own
+    settings.catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame([{"item_id": f"p{n}", "title": "t", "category": "shoes" if 1 <= n <= 6 else f"c{n}", "brand": "b",
+                   "price": 1.0, "created_at": 0, "in_stock": n != 0} for n in range(20)]).to_parquet(settings.catalog_path)
+    engine = engine_with(failing)
+    engine.info_fn = info_many
+
+    async def scenario():
+        first = await engine.recommend("u1", 10)
+        # a product selling out reaches the fallback at the next poll
+        pd.DataFrame([{"item_id": f"p{n}", "title": "t", "category": f"c{n}", "brand": "b", "price": 1.0,
+                       "created_at": 0, "in_stock": n not in (0, 1)} for n in range(20)]).to_parquet(settings.catalog_path)
+        await engine.refresh_info()
+        return first, await engine.recommend("u2", 3)
+
+    rec, later = asyncio.run(scenario())
+    ids = [i["item_id"] for i in rec.items]
+    assert rec.source == SOURCE_FALLBACK and len(ids) == 10
+    assert "p0" not in ids  # sold out: never shown, not even by the fallback
+    assert ids[:3] == ["p1", "p2", "p3"] and sum(i in {f"p{n}" for n in range(1, 7)} for i in ids) == 3
+    assert [i["item_id"] for i in later.items] == ["p2", "p3", "p4"]
