@@ -12,7 +12,7 @@ import pandas as pd
 
 from orchestration.partitions import hourly_events
 from orchestration.resources import LakeResource, MLflowResource, RedisResource
-from pipelines import dashboard_agg, lake, refresh, training, validation
+from pipelines import compaction, dashboard_agg, lake, refresh, training, validation
 from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_ITEM, COL_TS, TAG_GX_SUCCESS
 from pipelines.settings import get_settings
 
@@ -80,6 +80,14 @@ def catalog(context: dg.AssetExecutionContext, lake_store: LakeResource):
 def events(context: dg.AssetExecutionContext, lake_store: LakeResource):
     key = context.partition_key
     s = get_settings()
+    # first merge the hour's small consumer files (only those Kafka says are committed), so validation and every
+    # later reader reads a few files; without Kafka nothing is merged and validation goes on as before
+    try:
+        compacted = compaction.compact_partition(lake_store.path, key, s)
+        context.log.info(f"compaction: {compacted.summary()}")
+    except OSError as err:  # e.g. a full disk: the hour stays as it is, validation goes on
+        compacted = compaction.CompactionResult(lake.partition_dir(lake_store.path, key))
+        context.log.warning(f"compaction of {key} failed ({err}); validating the files as they are")
     report, df = validation.validate_partition(
         lake_store.path, key, quality_dir=lake_store.quality_path, known_items=_known_items(lake_store.catalog()),
         band_factor=s.volume_band_factor, history_hours=s.volume_history_hours, dagster_run_id=context.run_id)
@@ -92,6 +100,7 @@ def events(context: dg.AssetExecutionContext, lake_store: LakeResource):
         "folder": dg.MetadataValue.path(str(lake.partition_dir(lake_store.path, key))),
         "quality_report": dg.MetadataValue.path(str(validation.report_path(lake_store.quality_path, key))),
         "validation_passed": report.success,
+        "compacted_files": compacted.merged,
     })
     yield dg.AssetCheckResult(check_name=EVENTS_CHECK, passed=report.success,
                               severity=dg.AssetCheckSeverity.ERROR, metadata=_check_metadata(report, df))

@@ -21,9 +21,12 @@ are never removed: nothing can replay their records, they are committed history.
 
 from __future__ import annotations
 
+import base64
 import fcntl
+import json
 import os
 import re
+import zlib
 import uuid
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -311,9 +314,66 @@ def read_all(lake_dir: Path) -> pd.DataFrame:
 
 
 def read_files(files: list[Path]) -> pd.DataFrame:
-    if not files:
-        return LAKE_SCHEMA.empty_table().to_pandas()
-    return pa.concat_tables([pq.read_table(f, schema=LAKE_SCHEMA) for f in files]).to_pandas()
+    """The events of ``files`` (whole hourly folders, as listed), as the lake schema.
+
+    Compaction-aware (:mod:`pipelines.compaction`): a consumer file that a listed compacted file
+    already holds is skipped (a crash between writing the compacted file and deleting its sources
+    leaves both), and a file deleted by a compaction after it was listed is replaced by the
+    compacted file that holds it.
+    """
+    files = live_files(files)
+    for _ in range(3):
+        if not files:
+            return LAKE_SCHEMA.empty_table().to_pandas()
+        try:
+            return pa.concat_tables([read_lake_table(f) for f in files]).to_pandas()
+        except FileNotFoundError:  # compacted under us: list the affected folders again
+            files = _relist(files)
+    return pa.concat_tables([read_lake_table(f) for f in files]).to_pandas()
+
+
+def read_lake_table(path: Path, pf: pq.ParquetFile | None = None) -> pa.Table:
+    """One lake file (``pf``: the file already open) as the lake schema (columns an older file lacks are null)."""
+    pf = pf or pq.ParquetFile(path)
+    if pf.schema_arrow.equals(LAKE_SCHEMA, check_metadata=False):
+        return pf.read()  # the usual case, one open: read_table(schema=) goes through the slower dataset path
+    return pq.read_table(path, schema=LAKE_SCHEMA)
+
+
+# --- compaction (pipelines.compaction): many small consumer files of an hour merged into one ------
+#: file name prefix of a compacted file: never a :data:`_BATCH_FILE`, so :func:`remove_uncommitted` keeps it,
+#: and never :data:`BACKFILL_PREFIX`, so its rows count as stream rows
+COMPACTED_PREFIX = "compacted"
+#: Parquet key-value metadata of a compacted file: the names of the files it replaces (zlib-compressed JSON)
+COMPACTED_SOURCES_KEY = b"shoprec.compacted_from"
+
+
+def is_compacted(path: Path) -> bool:
+    return Path(path).name.startswith(COMPACTED_PREFIX + "-") and Path(path).name.endswith(".parquet")
+
+
+def compacted_sources(path: Path) -> list[str]:
+    """Names (in the same folder) of the files a compacted file replaces, from its footer; [] when unreadable."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):
+        return []
+    raw = meta.get(COMPACTED_SOURCES_KEY)
+    return json.loads(zlib.decompress(base64.b64decode(raw))) if raw else []
+
+
+def live_files(files: list[Path]) -> list[Path]:
+    """``files`` less the ones a compacted file among them replaces (left by a crash mid-compaction)."""
+    files = [Path(f) for f in files]
+    superseded = {f.parent / n for f in files if is_compacted(f) for n in compacted_sources(f)}
+    return [f for f in files if f not in superseded] if superseded else files
+
+
+def _relist(files: list[Path]) -> list[Path]:
+    """``files`` with the folders where one has vanished listed again (a compaction replaced it)."""
+    gone = {f.parent for f in files if not f.exists()}
+    kept = [f for f in files if f.parent not in gone]
+    return live_files(kept + [f for d in sorted(gone) for f in sorted(d.glob("*.parquet"))])
 
 
 def partitions(lake_dir: Path) -> list[str]:

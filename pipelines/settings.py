@@ -135,6 +135,10 @@ class Settings(BaseSettings):
                                    "`limits` notation (e.g. '100/second;3000/minute'); shared through Redis")
     consumer_lake_threads: int = Field(4, ge=1, description="lake files (one per Kafka partition and hour of a "
                                        "batch) the consumer encodes and fsyncs at once")
+    lake_compact_min_age_s: float = Field(120.0, ge=0, description="consumer files younger than this are not "
+                                          "compacted yet (a member whose commit a rebalance refused deletes "
+                                          "its own files within about max_poll_interval, 60 s)")
+    lake_compact_threads: int = Field(8, ge=1, description="files a compaction reads at once")
 
     # serving (bentos/): adaptive batching, deadlines, cache, business rules, A/B experiment file
     mlflow_model_name: str = Field(REGISTERED_MODEL, description="registered model the service serves "
