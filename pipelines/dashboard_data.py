@@ -895,14 +895,14 @@ def window_partitions(lake_dir, start_s: float, end_s: float) -> list[tuple[str,
     from datetime import datetime, timedelta, timezone
     from pathlib import Path
 
-    from pipelines.lake import partition_dir
+    from pipelines.lake import partition_files
 
     out = []
     t = datetime.fromtimestamp(start_s, tz=timezone.utc).replace(minute=0, second=0, microsecond=0)
     end = datetime.fromtimestamp(end_s, tz=timezone.utc)
     while t < end:
         key = t.strftime("%Y-%m-%d-%H:00")
-        files = sorted(partition_dir(Path(lake_dir), key).glob("*.parquet"))
+        files = partition_files(Path(lake_dir), key)
         if files:
             out.append((key, files))
         t += timedelta(hours=1)
@@ -914,14 +914,13 @@ def read_lake_files(files: Sequence, columns: Sequence[str], event_types: Sequen
     and a filter). ``ts`` comes back as UTC epoch milliseconds (int64)."""
     import pyarrow.dataset as ds
 
-    from pipelines.lake import LAKE_SCHEMA
+    from pipelines.lake import LAKE_SCHEMA, read_relisting
 
     cols = list(dict.fromkeys(["event_type", *columns]))
     if not files:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
-    table = ds.dataset([str(f) for f in files], schema=LAKE_SCHEMA, format="parquet").to_table(
-        columns=cols, filter=ds.field("event_type").isin(list(event_types)))
-    df = table.to_pandas()
+    df = read_relisting(files, lambda fs: ds.dataset([str(f) for f in fs], schema=LAKE_SCHEMA, format="parquet")
+                        .to_table(columns=cols, filter=ds.field("event_type").isin(list(event_types))).to_pandas())
     if "ts" in df:
         df["ts"] = df["ts"].astype("datetime64[ms, UTC]").astype("int64")
     return df

@@ -28,11 +28,12 @@ import os
 import re
 import zlib
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import pandas as pd
 import pyarrow as pa
@@ -58,6 +59,8 @@ LAKE_SCHEMA = pa.schema([
     ("schema_version", pa.int16()),
 ])
 assert tuple(LAKE_SCHEMA.names) == LAKE_COLUMNS
+
+T = TypeVar("T")
 
 
 def partition_key(ts_ms: int) -> str:
@@ -295,7 +298,7 @@ def remove_uncommitted(lake_dir: Path, topic: str, partition: int, from_offset: 
 
 def read_partition(lake_dir: Path, key: str) -> pd.DataFrame:
     """All events of one hourly partition (empty frame with the lake columns when none)."""
-    return read_files(sorted(partition_dir(lake_dir, key).glob("*.parquet")))
+    return read_files(partition_files(lake_dir, key))
 
 
 def read_window(lake_dir: Path, start: datetime, end: datetime) -> pd.DataFrame:
@@ -303,7 +306,7 @@ def read_window(lake_dir: Path, start: datetime, end: datetime) -> pd.DataFrame:
     files: list[Path] = []
     t = start.replace(minute=0, second=0, microsecond=0)
     while t < end:
-        files += sorted(partition_dir(lake_dir, t.strftime("%Y-%m-%d-%H:00")).glob("*.parquet"))
+        files += partition_files(lake_dir, t.strftime("%Y-%m-%d-%H:00"))
         t += timedelta(hours=1)
     return read_files(files)
 
@@ -321,15 +324,25 @@ def read_files(files: list[Path]) -> pd.DataFrame:
     leaves both), and a file deleted by a compaction after it was listed is replaced by the
     compacted file that holds it.
     """
+    return read_relisting(files, lambda fs: pa.concat_tables([read_lake_table(f) for f in fs]).to_pandas()
+                          if fs else LAKE_SCHEMA.empty_table().to_pandas())
+
+
+def read_relisting(files: list[Path], read: Callable[[list[Path]], T]) -> T:
+    """``read(files)`` with :func:`live_files` applied, and again on the folders listed anew when a
+    compaction removed a listed file in the meantime (a compacted file then holds its rows)."""
     files = live_files(files)
     for _ in range(3):
-        if not files:
-            return LAKE_SCHEMA.empty_table().to_pandas()
         try:
-            return pa.concat_tables([read_lake_table(f) for f in files]).to_pandas()
+            return read(files)
         except FileNotFoundError:  # compacted under us: list the affected folders again
             files = _relist(files)
-    return pa.concat_tables([read_lake_table(f) for f in files]).to_pandas()
+    return read(files)
+
+
+def partition_files(lake_dir: Path, key: str) -> list[Path]:
+    """The Parquet files of one hourly partition, sorted, less consumer files a compacted file replaces."""
+    return live_files(sorted(partition_dir(lake_dir, key).glob("*.parquet")))
 
 
 def read_lake_table(path: Path, pf: pq.ParquetFile | None = None) -> pa.Table:

@@ -301,10 +301,11 @@ def _hours(start: datetime, end: datetime) -> list[str]:
 
 
 def _read_columns(lake_dir: Path, keys: list[str], columns: list[str]) -> pd.DataFrame:
-    files = [f for k in keys for f in sorted(lake.partition_dir(lake_dir, k).glob("*.parquet"))]
+    files = [f for k in keys for f in lake.partition_files(lake_dir, k)]
     if not files:
         return pd.DataFrame({c: pd.Series(dtype="object") for c in columns})
-    return pa.concat_tables([pq.read_table(f, columns=columns) for f in files]).to_pandas()
+    return lake.read_relisting(
+        files, lambda fs: pa.concat_tables([pq.read_table(f, columns=columns) for f in fs]).to_pandas())
 
 
 def retrain_trigger(lake_dir: Path, since: datetime, now: datetime, *, min_new_events: int,
@@ -354,7 +355,7 @@ def load_window(lake_dir: Path, quality_dir: Path, start: datetime, end: datetim
     """
     keys = [k for k in _hours(start, end) if any(lake.partition_dir(lake_dir, k).glob("*.parquet"))]
     passed, failed = validation.split_by_quality(lake_dir, keys, quality_dir, **validate_kw)
-    files = [f for k in passed for f in sorted(lake.partition_dir(lake_dir, k).glob("*.parquet"))]
+    files = [f for k in passed for f in lake.partition_files(lake_dir, k)]
     if failed:
         log.warning("training leaves out %d partition(s) that failed validation: %s", len(failed), failed)
     return Window(lake.read_files(files), passed, failed)

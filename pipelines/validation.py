@@ -49,6 +49,7 @@ import json
 import math
 import os
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta, timezone
@@ -59,7 +60,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.schemas import CATALOG_COLUMNS, EVENT_TYPES, LAKE_COLUMNS
+from pipelines.schemas import (CATALOG_COLUMNS, CATALOG_CREATED_AT_MIN_MS, CATALOG_MAX_FUTURE_S, EVENT_TYPES,
+                              LAKE_COLUMNS)
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_suite import ExpectationSuite
@@ -377,15 +379,18 @@ def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
     return report
 
 
-def validate_catalog(df: pd.DataFrame) -> ValidationReport:
-    """Validate the product catalog against the ``shoprec_catalog`` suite.
+def validate_catalog(df: pd.DataFrame, *, now_ms: int | None = None) -> ValidationReport:
+    """Validate the product catalog against the ``shoprec_catalog`` suite (``created_at`` judged
+    against ``now_ms``, default the clock).
 
     Raises:
         TypeError: ``df`` is not a DataFrame.
     """
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"validate_catalog needs a pandas DataFrame, not {type(df).__name__}")
-    return _run((CATALOG_SUITE_PATH,), df, suite_parameters())
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    return _run((CATALOG_SUITE_PATH,), df, suite_parameters() | {
+        "created_at_min_ms": CATALOG_CREATED_AT_MIN_MS, "created_at_max_ms": now_ms + CATALOG_MAX_FUTURE_S * 1000})
 
 
 def _run(paths: tuple[Path, ...], df: pd.DataFrame, params: dict[str, Any]) -> ValidationReport:
@@ -439,9 +444,9 @@ def partition_rows(lake_dir: Path, key: str, *, stream_only: bool = False) -> in
     the rows the stream wrote (not a backfill's files, :data:`pipelines.lake.BACKFILL_PREFIX`)."""
     from pipelines import lake
 
-    files = lake.partition_dir(lake_dir, key).glob("*.parquet")
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in files
-               if not (stream_only and f.name.startswith(lake.BACKFILL_PREFIX + "-")))
+    return lake.read_relisting(lake.partition_files(lake_dir, key), lambda files: sum(
+        pq.ParquetFile(f).metadata.num_rows for f in files
+        if not (stream_only and f.name.startswith(lake.BACKFILL_PREFIX + "-"))))
 
 
 def read_partition_lenient(lake_dir: Path, key: str) -> pd.DataFrame:
@@ -455,8 +460,8 @@ def read_partition_lenient(lake_dir: Path, key: str) -> pd.DataFrame:
     try:
         return lake.read_partition(lake_dir, key)
     except (pa.ArrowException, ValueError, TypeError):
-        files = sorted(lake.partition_dir(lake_dir, key).glob("*.parquet"))
-        return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+        return lake.read_relisting(lake.partition_files(lake_dir, key), lambda files: pd.concat(
+            [pq.read_table(f).to_pandas() for f in files], ignore_index=True))
 
 
 def report_path(quality_dir: Path, partition: str) -> Path:

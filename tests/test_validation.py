@@ -216,6 +216,35 @@ def test_not_a_dataframe():
         validation.validate_events([{"event_id": "x"}])  # type: ignore[arg-type]
 
 
+# --- the catalog suite --------------------------------------------------------------
+def test_the_catalog_suite_passes_a_clean_catalog_and_names_each_fault(tmp_path):
+    from pipelines import simulator
+
+    now = int(time.time() * 1000)
+    lake.write_catalog(simulator.make_catalog(300, seed=3), tmp_path / "catalog.parquet")
+    clean = lake.read_catalog(tmp_path / "catalog.parquet")  # as the catalog asset reads it
+    report = validation.validate_catalog(clean, now_ms=now)
+    assert report.success, report.summary()
+
+    bad = clean.copy()
+    bad.loc[0, "created_at"] = bad.loc[0, "created_at"] // 1000  # epoch seconds
+    bad.loc[1, "created_at"] = now + 86_400_000 * 365  # a year ahead
+    bad.loc[2, "item_id"] = bad.loc[3, "item_id"]
+    bad.loc[4, "price"] = -1.0
+    report = validation.validate_catalog(bad, now_ms=now)
+    assert not report.success
+    failed = failing(report)
+    created = failed[("expect_column_values_to_be_between", "created_at")]
+    assert created["unexpected_count"] == 2 and "2000-01-01" in created["description"]
+    assert failed[("expect_column_values_to_be_unique", "item_id")]["unexpected_count"] == 2
+    assert failed[("expect_column_values_to_be_between", "price")]["unexpected_count"] == 1
+    assert len(report.failed) == 3
+    # five minutes of clock skew are allowed, as on the ingestion path
+    skewed = clean.copy()
+    skewed.loc[0, "created_at"] = now + 60_000
+    assert validation.validate_catalog(skewed, now_ms=now).success
+
+
 def _hours_in_lake(lake_dir, rows_per_hour: dict[int, int], prefix: str = "batch") -> None:
     """Write ``n`` clean view events into each hour ``h`` after HOUR (``prefix``: the files' name prefix)."""
     for h, n in rows_per_hour.items():

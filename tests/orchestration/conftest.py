@@ -44,7 +44,7 @@ def catalog_frame() -> pd.DataFrame:
     return pd.DataFrame({
         "item_id": [f"i{i}" for i in range(N_ITEMS)], "title": [f"item {i}" for i in range(N_ITEMS)],
         "category": [("even", "odd")[i % 2] for i in range(N_ITEMS)], "brand": ["b"] * N_ITEMS,
-        "price": [19.9] * N_ITEMS, "created_at": [0] * N_ITEMS, "in_stock": [True] * N_ITEMS,
+        "price": [19.9] * N_ITEMS, "created_at": [1_700_000_000_000] * N_ITEMS, "in_stock": [True] * N_ITEMS,
     })
 
 

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import compaction, kafka_io, lake, validation
+from pipelines import compaction, dashboard_data, kafka_io, lake, training, validation
 from pipelines.compaction import Positions
 
 TOPIC = "shop.events"
@@ -128,6 +128,12 @@ def test_a_crash_between_writing_and_deleting_leaves_no_duplicates(tmp_path):
         shutil.copy2(f, folder / f.name)
     assert len(_names(folder)) == 21
     assert _ids(tmp_path, key) == expected  # readers skip the sources a compacted file holds
+    # so does every other reader of the lake: the volume band's count, training's trigger, the dashboard
+    assert validation.partition_rows(tmp_path, key) == len(expected)
+    assert sorted(training._read_columns(tmp_path, [key], ["event_id"])["event_id"]) == expected
+    t0 = hour.timestamp()
+    dash = dashboard_data.read_lake_columns(tmp_path, t0, t0 + 3600, ["event_id"], ["view"])
+    assert sorted(dash["event_id"]) == expected
 
     result = compaction.compact_folder(folder, Positions())  # even without Kafka the next run cleans up
     assert result.recovered == 20 and len(_names(folder)) == 1
@@ -143,6 +149,7 @@ def test_a_reader_that_listed_files_before_a_compaction_reads_the_compacted_file
     expected = sorted(lake.read_files(listed)["event_id"])
     compaction.compact_folder(folder, Positions({TOPIC: X}, {(TOPIC, 0): 20}))
     assert sorted(lake.read_files(listed)["event_id"]) == expected
+    assert sorted(dashboard_data.read_lake_files(listed, ["event_id"], ["view"])["event_id"]) == expected
 
 
 def test_late_events_are_merged_with_the_compacted_file(tmp_path):
