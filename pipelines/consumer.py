@@ -512,6 +512,8 @@ class StreamConsumer:
             self.producer.close(timeout=5)
             self._settle_membership()
             self.consumer.close()
+            log.info("consumer stopped: %d consumed, %d stored, %d rejected in %d batches; it left the group",
+                     self.stats.consumed, self.stats.stored, sum(self.stats.rejected.values()), self.stats.batches)
 
     def _settle_membership(self, timeout_s: float = 30.0) -> None:
         """Before leaving the group, let a rebalance this member takes part in finish.

@@ -14,7 +14,7 @@ from pipelines.state import OnlineState
 from tests.pipelines.conftest import wait_until
 
 
-def test_valid_events_reach_lake_and_redis_invalid_go_to_dlq(settings, redis_client):
+def test_valid_events_reach_lake_and_redis_invalid_go_to_dlq(settings, redis_client, caplog):
     kafka_io.ensure_topics(settings)
     kafka_io.ensure_topics(settings)  # a second call is harmless
     tag = uuid.uuid4().hex[:8]
@@ -41,7 +41,11 @@ def test_valid_events_reach_lake_and_redis_invalid_go_to_dlq(settings, redis_cli
 
         stored = wait_until(mine, what="the 5 valid events in the lake")
     finally:
-        consumer.close()
+        with caplog.at_level("INFO", logger="pipelines.consumer"):
+            consumer.close()
+    # an operator sees the consumer leave, with what it did
+    stopped = [r.getMessage() for r in caplog.records if r.getMessage().startswith("consumer stopped")]
+    assert len(stopped) == 1 and f"{consumer.stats.stored} stored" in stopped[0] and consumer.stats.stored >= 5
 
     assert sorted(stored.event_id) == sorted(e["event_id"] for e in good)
     # newest first, capped list of the user's items
