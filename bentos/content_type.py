@@ -1,18 +1,26 @@
-"""ASGI guard: API calls must send JSON; anything else is a 415 with a message (BentoML would answer 500).
+"""ASGI guard of every POST route: JSON only (415), and a small body outside the ingestion routes (413).
 
-A POST whose ``Content-Type`` is set to something other than JSON is refused on every API route. The
-ingestion routes (``/events``, ``/catalog``) also refuse a POST without a ``Content-Type``: BentoML
-would read its body as JSON anyway (an empty one as an empty batch, answered 202), so a client that
-forgot the header would only find out when it sent something else.
+A POST whose ``Content-Type`` is set to something other than JSON is refused on every API route (BentoML
+would answer 500). The ingestion routes (``/events``, ``/catalog``) also refuse a POST without a
+``Content-Type``: BentoML would read its body as JSON anyway (an empty one as an empty batch, answered
+202), so a client that forgot the header would only find out when it sent something else.
+
+The other API routes (``/recommend``, ``/similar``, ...) take a few fields, and no key: a body over
+``max_query_bytes`` is refused with 413 before it is read (a 16 MB ``/recommend`` body used to be parsed
+whole, and four clients sending such bodies stalled every other user's answer for seconds). A body sent
+without a declared length (chunked) is read here up to the limit. The ingestion routes have their own
+limit (:mod:`bentos.guard`).
 """
 
 from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
+from pipelines.settings import get_settings
+
 #: BentoML's own routes that take no JSON body
 _OPEN = ("/healthz", "/readyz", "/livez", "/metrics", "/docs", "/docs.json", "/schema.json")
-#: routes where a POST must say ``Content-Type: application/json``
+#: routes where a POST must say ``Content-Type: application/json``; their size limit is the ingestion guard's
 _DECLARED = ("/events", "/catalog")
 
 
@@ -23,18 +31,60 @@ def unsupported(media: str) -> str:
 
 
 class JsonOnly:
-    """Reject a POST whose ``Content-Type`` is set and is not ``application/json`` (or ``+json``), and on the
-    ``required`` paths (the ingestion routes by default) one without a ``Content-Type``."""
+    """Reject a POST whose ``Content-Type`` is set and is not ``application/json`` (or ``+json``), on the
+    ``required`` paths (the ingestion routes by default) one without a ``Content-Type``, and on the others
+    one whose body is over ``max_query_bytes`` (default: the setting)."""
 
-    def __init__(self, app, required: tuple[str, ...] = _DECLARED):
+    def __init__(self, app, required: tuple[str, ...] = _DECLARED, max_query_bytes: int | None = None):
         self.app = app
         self.required = frozenset(required)
+        self.limit = max_query_bytes or get_settings().max_query_bytes
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] not in _OPEN:
-            ctype = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"content-type"), "")
-            media = ctype.split(";", 1)[0].strip().lower()
-            if media and media != "application/json" and not media.endswith("+json") \
-                    or not media and scope["path"] in self.required:
-                return await JSONResponse({"error": unsupported(media)}, status_code=415)(scope, receive, send)
-        return await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] in _OPEN:
+            return await self.app(scope, receive, send)
+        ctype, length, chunked = "", None, False
+        for k, v in scope["headers"]:
+            k = k.lower()
+            if k == b"content-type":
+                ctype = v.decode("latin-1")
+            elif k == b"content-length":
+                length = v
+            elif k == b"transfer-encoding":
+                chunked = True
+        media = ctype.split(";", 1)[0].strip().lower()
+        if media and media != "application/json" and not media.endswith("+json") \
+                or not media and scope["path"] in self.required:
+            return await JSONResponse({"error": unsupported(media)}, status_code=415)(scope, receive, send)
+        if scope["path"] in self.required:
+            return await self.app(scope, receive, send)
+        declared = int(length) if length is not None and length.isdigit() and not chunked else None
+        if declared is not None:  # the server reads exactly the declared length, so the declaration is the size
+            if declared <= self.limit:
+                return await self.app(scope, receive, send)
+            return await self._too_large(scope, receive, send, f"request body is {declared} bytes")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.limit:
+                return await self._too_large(scope, receive, send, "request body is larger")
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, scope, receive, send, what: str):
+        return await JSONResponse({"error": f"{what}; the limit of {scope['path']} is {self.limit} bytes: send only "
+                                            "the documented fields"}, status_code=413)(scope, receive, send)

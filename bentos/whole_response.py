@@ -100,7 +100,8 @@ async def _in_one_write(send, start: dict, body: dict) -> None:
 
 
 def install_outermost() -> bool:
-    """Wrap every BentoML service's ASGI app in this process in :class:`WholeResponse`.
+    """Wrap every BentoML service's ASGI app in this process in :class:`WholeResponse`, and inside it
+    :class:`bentos.routes.KnownRoutesOnly` (an unknown path never reaches BentoML's metrics).
 
     BentoML adds a service's own middlewares (``add_asgi_middleware``) inside its metrics, tracing
     and timeout middlewares, and Starlette puts its error middleware outside them all; this wraps
@@ -117,8 +118,10 @@ def install_outermost() -> bool:
     if getattr(base, "whole_response", False):
         return True
 
+    from bentos.routes import KnownRoutesOnly
+
     def build(self, *args, **kwargs):
-        return WholeResponse(base(self, *args, **kwargs))
+        return WholeResponse(KnownRoutesOnly(base(self, *args, **kwargs)))
 
     build.whole_response = True  # type: ignore[attr-defined]
     ServiceAppFactory.__call__ = build

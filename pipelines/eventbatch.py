@@ -35,7 +35,7 @@ import pyarrow.dataset as ds
 import pyarrow.json as pj
 
 from pipelines.lake import LAKE_SCHEMA, rows_table
-from pipelines.schemas import EVENT_TYPES, EventError, parse_events
+from pipelines.schemas import EVENT_TYPES, PRICE_MAX, PRICE_MIN, EventError, parse_events
 
 #: the lake schema as JSON is read: ts as epoch milliseconds, cast to the lake's timestamp afterwards
 _JSON_SCHEMA = LAKE_SCHEMA.set(LAKE_SCHEMA.get_field_index("ts"), pa.field("ts", pa.int64()))
@@ -203,7 +203,7 @@ def _valid_expression(oldest_ms: int, newest_ms: int) -> pc.Expression:
             # Arrow reads an explicit null as an absent field, but the model takes only absence for 1:
             # rows without schema_version go record by record (producers that use new_event send it)
             & (f("schema_version") == 1)
-            & null_or(f("price"), (f("price") > 0.0) & (f("price") < 1_000_000.0))
+            & null_or(f("price"), (f("price") >= PRICE_MIN) & (f("price") <= PRICE_MAX))
             & null_or(f("quantity"), (f("quantity") >= 1) & (f("quantity") <= 1000))
             & null_or(f("model_version"), pc.string_is_ascii(f("model_version"))
                       & (pc.utf8_length(f("model_version")) <= 64))

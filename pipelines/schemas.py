@@ -64,7 +64,6 @@ class RedisKeys:
 
     trending = REDIS_PREFIX + "trending"
     popular_fallback = REDIS_PREFIX + "popular:fallback"
-    known_users = REDIS_PREFIX + "users:known"
 
     @staticmethod
     def recent(user_id: str) -> str:
@@ -127,6 +126,9 @@ class RedisKeys:
 
 # --- schemas -----------------------------------------------------------------
 Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
+#: the price range of a purchase and of a product, inclusive (the Great Expectations suites take the same bounds,
+#: so a price ingestion accepts never fails an hour's or the catalog's validation afterwards)
+PRICE_MIN, PRICE_MAX = 0.01, 100_000.0
 
 
 class Event(BaseModel):
@@ -141,7 +143,7 @@ class Event(BaseModel):
     item_id: Id | None = None
     session_id: Id
     ts: int = Field(ge=0)
-    price: float | None = Field(None, gt=0, lt=1_000_000)
+    price: float | None = Field(None, ge=PRICE_MIN, le=PRICE_MAX, allow_inf_nan=False)
     quantity: int | None = Field(None, ge=1, le=1000)
     request_id: Id | None = None
     variant: Id | None = None
@@ -168,9 +170,9 @@ class CatalogItem(BaseModel):
 
     item_id: Id
     title: str = Field(max_length=500)
-    category: str = Field(max_length=100)
+    category: str = Field(min_length=1, max_length=100)
     brand: str = Field(max_length=100)
-    price: float = Field(gt=0)
+    price: float = Field(ge=PRICE_MIN, le=PRICE_MAX, allow_inf_nan=False)
     created_at: int = Field(ge=0, description="UTC epoch ms")
     in_stock: bool = True
 
@@ -372,7 +374,7 @@ def _common_shape(d: object) -> bool:
         if type(v) is not int or v != 1:
             return False
         v = get("price")
-        if v is not None and (type(v) is not float or not 0 < v < 1_000_000):
+        if v is not None and (type(v) is not float or not PRICE_MIN <= v <= PRICE_MAX):
             return False
         v = get("quantity")
         if v is not None and (type(v) is not int or not 1 <= v <= 1000):

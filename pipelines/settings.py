@@ -131,6 +131,8 @@ class Settings(BaseSettings):
     dedup_window_s: int = Field(86_400, ge=60, description="how long an event_id is remembered to reject duplicates")
     consumer_status_every_s: float = Field(2.0, gt=0, description="how often the consumer writes lag/rate to Redis")
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest /events body (413 above)")
+    max_query_bytes: int = Field(16 * 1024, ge=256, description="largest body of another POST (/recommend, /similar, "
+                                                                "/status ...): 413 above")
     events_rate_limit: str = Field("100/second", description="per-API-key request limit of /events, in the "
                                    "`limits` notation (e.g. '100/second;3000/minute'); shared through Redis")
     consumer_lake_threads: int = Field(4, ge=1, description="lake files (one per Kafka partition and hour of a "

@@ -26,6 +26,11 @@ STATS_TTL_S = 7 * 86_400
 TRENDING_HALF_LIFE_H = 6.0
 TRENDING_WINDOW_H = 48
 REQUEST_TTL_S = 86_400
+#: a user's recent items are forgotten this long after their last event (every visitor and bot id used to
+#: stay in Redis for good); the lists of an active user live on
+RECENT_TTL_S = 30 * 86_400
+#: an A/B comparison's running totals are forgotten this long after its last event
+AB_TTL_S = 90 * 86_400
 
 # SET NX GET per id. ARGV: ttl, key prefix, the event_ids and their positions each joined by "\n" (ids
 # are hex and dashes, positions "partition:offset": neither can hold a newline). Two big arguments instead
@@ -48,15 +53,15 @@ end
 return out
 """
 
-# ARGV: cap, key prefixes (recent, cache, request, trending hour), the known-users key, the request ttl,
+# ARGV: cap, key prefixes (recent, cache, request, trending hour), the recent lists' ttl, the request ttl,
 # then three newline-separated blobs built column-wise in Arrow (ids never hold whitespace):
 # users "user<TAB>item item ..." (items in push order), trending "hour<TAB>weight<TAB>item" and requests
 # "request_id<TAB>variant". LPUSH answers the list's length, so LTRIM runs only for lists past the cap;
-# cache invalidation and known users go as variadic commands. Keys are built in the script, so on
+# cache invalidation goes as variadic commands. Keys are built in the script, so on
 # Redis Cluster a batch would need splitting by slot.
 _FOLD_LUA = """
 local cap, recent, cache, request, trend = tonumber(ARGV[1]), ARGV[2], ARGV[3], ARGV[4], ARGV[5]
-local known, request_ttl = ARGV[6], ARGV[7]
+local recent_ttl, request_ttl = ARGV[6], ARGV[7]
 local users = {}
 for user, list in string.gmatch(ARGV[8], '([^\\t\\n]+)\\t([^\\n]+)') do
   local items = {}
@@ -66,13 +71,13 @@ for user, list in string.gmatch(ARGV[8], '([^\\t\\n]+)\\t([^\\n]+)') do
     n = redis.call('LPUSH', key, unpack(items, j, math.min(j + 999, #items)))
   end
   if n > cap then redis.call('LTRIM', key, 0, cap - 1) end
+  redis.call('EXPIRE', key, recent_ttl)
   users[#users + 1] = user
 end
 for j = 1, #users, 1000 do
   local chunk, keys = {unpack(users, j, math.min(j + 999, #users))}, {}
   for i, u in ipairs(chunk) do keys[i] = cache .. u end
   redis.call('UNLINK', unpack(keys))
-  redis.call('SADD', known, unpack(chunk))
 end
 for hour, w, item in string.gmatch(ARGV[9], '([^\\t\\n]+)\\t([^\\t\\n]+)\\t([^\\n]+)') do
   redis.call('ZINCRBY', trend .. hour, w, item)
@@ -144,7 +149,7 @@ class OnlineState:
             self._fold = self.r.register_script(_FOLD_LUA)
         p = self.r.pipeline(transaction=False)
         self._fold(args=[self.recent_cap, RedisKeys.recent(""), RedisKeys.cache(""), RedisKeys.request(""),
-                         RedisKeys.trending_hour(""), RedisKeys.known_users, REQUEST_TTL_S,  # type: ignore[arg-type]
+                         RedisKeys.trending_hour(""), RECENT_TTL_S, REQUEST_TTL_S,  # type: ignore[arg-type]
                          lines(recent["user"], pc.binary_join(recent["item_list"], " ")),
                          lines(trending["hour"], pc.cast(trending["w_sum"], pa.string()), trending["item"]),
                          lines(shown["rid"], shown["memo"])], client=p)
@@ -153,7 +158,9 @@ class OnlineState:
             p.expire(RedisKeys.trending_hour(hour_key), TRENDING_WINDOW_H * 3600)
         for (tag, variant, metric), n in ab.items():
             p.hincrby(RedisKeys.ab(tag, variant), metric, n)
+            p.expire(RedisKeys.ab(tag, variant), AB_TTL_S)
             p.hincrby(RedisKeys.counter(ab_stats_name(tag, variant), bucket), metric, n)
+            p.expire(RedisKeys.counter(ab_stats_name(tag, variant), bucket), STATS_TTL_S)
         for tag, (first, last) in seen.items():  # when each comparison was first and last seen
             p.zadd(RedisKeys.ab_seen(self.experiment, "first"), {tag: first}, lt=True)
             p.zadd(RedisKeys.ab_seen(self.experiment, "last"), {tag: last}, gt=True)
@@ -287,8 +294,6 @@ class OnlineState:
         """The user's most recent items, newest first."""
         return self.r.lrange(RedisKeys.recent(user_id), 0, (n or self.recent_cap) - 1)
 
-    def is_known(self, user_id: str) -> bool:
-        return bool(self.r.sismember(RedisKeys.known_users, user_id))
 
     def trending(self, k: int) -> list[tuple[str, float]]:
         return [(i, float(s)) for i, s in self.r.zrevrange(RedisKeys.trending, 0, k - 1, withscores=True)]

@@ -61,7 +61,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.schemas import (CATALOG_COLUMNS, CATALOG_CREATED_AT_MIN_MS, CATALOG_MAX_FUTURE_S, EVENT_TYPES,
-                              LAKE_COLUMNS)
+                              LAKE_COLUMNS, PRICE_MAX, PRICE_MIN)
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_suite import ExpectationSuite
@@ -130,7 +130,7 @@ def load_suite(path: Path | str = SUITE_PATH) -> ExpectationSuite:
 def suite_parameters() -> dict[str, Any]:
     """The ``$PARAMETER`` values that come from :mod:`pipelines.schemas`."""
     return {"lake_columns": list(LAKE_COLUMNS), "event_types": list(EVENT_TYPES),
-            "catalog_columns": list(CATALOG_COLUMNS)}
+            "catalog_columns": list(CATALOG_COLUMNS), "price_min": PRICE_MIN, "price_max": PRICE_MAX}
 
 
 # --- the cached GX runtime -------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -95,7 +96,7 @@ def test_clean_partition_passes():
     assert report.failed == []
     assert report.evaluated == 16
     assert report.statistics["rows"] == len(df)
-    assert report.statistics["suites"] == {"shoprec_events": 2, "shoprec_events_window": 1}
+    assert report.statistics["suites"] == {"shoprec_events": 3, "shoprec_events_window": 1}
     assert report.summary().startswith("PASSED")
 
 
@@ -243,6 +244,30 @@ def test_the_catalog_suite_passes_a_clean_catalog_and_names_each_fault(tmp_path)
     skewed = clean.copy()
     skewed.loc[0, "created_at"] = now + 60_000
     assert validation.validate_catalog(skewed, now_ms=now).success
+
+
+def test_a_price_ingestion_accepts_never_fails_the_suites():
+    """The suites take their price bounds from the schema: one purchase the shop was told was accepted (202)
+    would otherwise fail its whole hour, which training then leaves out."""
+    now = int(time.time() * 1000)
+    for price, accepted in ((schemas.PRICE_MIN, True), (schemas.PRICE_MAX, True), (schemas.PRICE_MAX + 1, False),
+                            (schemas.PRICE_MIN / 2, False)):
+        raw = json.dumps(schemas.new_event("purchase", "u1", "i1", "s1", ts=now, price=price, quantity=1)).encode()
+        fast = schemas.parse_events([raw], now_ms=now)[0]
+        assert isinstance(fast, dict) is accepted, (price, fast)
+        with (pytest.raises(schemas.EventError) if not accepted else _nothing()):
+            schemas.parse_event(raw, now_ms=now)
+        df = partition(200)
+        df.loc[df.index[df[COL_EVENT_TYPE] == "purchase"][:1], "price"] = price
+        assert validation.validate_events(df, hour_start=HOUR).success is accepted, price
+        catalog = pd.DataFrame([{"item_id": "i1", "title": "t", "category": "c", "brand": "b", "price": price,
+                                 "created_at": now, "in_stock": True}])
+        assert validation.validate_catalog(catalog, now_ms=now).success is accepted, price
+
+
+@contextlib.contextmanager
+def _nothing():
+    yield
 
 
 def _hours_in_lake(lake_dir, rows_per_hour: dict[int, int], prefix: str = "batch") -> None:

@@ -68,6 +68,12 @@ def test_a_whole_product_is_added_and_a_partial_record_changes_only_what_it_name
      f"looks like epoch microseconds: send {NOW_MS}"),
     (orjson.dumps({"item_id": "p-shirt", "created_at": 1_796_607_026}), b"p-shirt", "created_at_too_old",
      "as UTC epoch milliseconds"),  # a partial record is checked too
+    # what the catalog's Great Expectations suite would refuse (and so stop every train_job) is refused here
+    (orjson.dumps({**SHIRT, "price": 250_000.0}), b"p-shirt", "schema", "price"),
+    (orjson.dumps({**SHIRT, "price": 0.001}), b"p-shirt", "schema", "price"),
+    (orjson.dumps({**SHIRT, "price": "inf"}), b"p-shirt", "schema", "price"),  # read as infinity, then written as null
+    (orjson.dumps({"item_id": "p-shirt", "price": "NaN"}), b"p-shirt", "schema", "price"),
+    (orjson.dumps({**SHIRT, "category": ""}), b"p-shirt", "schema", "category"),
 ])
 def test_a_bad_catalog_record_is_refused_with_a_reason_that_says_what_to_fix(raw, key, reason, says):
     with pytest.raises(EventError) as err:

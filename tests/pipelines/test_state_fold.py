@@ -40,8 +40,11 @@ def test_the_fold_gives_the_same_state_from_dicts_as_from_models(redis_client):
         assert recent == ["b", "b", "b"]  # capped at 3, newest first
         assert bought == {"b"}
         assert state.get_cached(user, "champion") is None  # the user's cached lists were invalidated
-        assert state.is_known(user)
         assert state.ab_counts() == {"challenger": {"impressions": 1, "clicks": 1, "carts": 1}}
+        # nothing per user or per comparison stays in Redis for good (bots and one-off visitors included)
+        assert 29 * 86_400 < redis_client.ttl(RedisKeys.recent(user)) <= 30 * 86_400
+        ab_keys = redis_client.keys(RedisKeys.ab("*", "*")) + redis_client.keys(RedisKeys.counter("ab:*", 0)[:-2] + "*")
+        assert ab_keys and all(redis_client.ttl(k) > 0 for k in ab_keys), [(k, redis_client.ttl(k)) for k in ab_keys]
         assert redis_client.get(RedisKeys.request(f"r-{user}")) == f"challenger {state.experiment}"
     state = by_dict
     state.refresh_trending()
