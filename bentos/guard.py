@@ -1,9 +1,20 @@
-"""ASGI guard of the ingestion path: everything that can be refused before the service parses a body.
+"""ASGI guard of the API: keys on every route that reads or writes shop data, and everything about an
+ingestion request that can be refused before the service parses its body.
+
+The read routes (``/recommend``, ``/similar``, ``/status``) need a key of ``SHOPREC_API_KEYS`` or of
+``SHOPREC_READ_API_KEYS`` (401 otherwise), unless ``SHOPREC_SERVE_PUBLIC_READS`` is set. Open, anyone
+could read any user's recommendations (which follow their clicks and leave out what they bought) and,
+since every answer is logged as an impression, fill one A/B variant with impressions nobody saw.
+Nothing else is checked on them: their cost stays a header scan and a constant-time comparison.
+
+A server with no keys at all answers 503 on these routes, saying what to set: the settings have no
+default key, so a deployed service can never accept the published local one.
 
 In order, for ``POST /events`` and ``POST /catalog`` (the batch's key is ``events`` or ``products``):
 
 1. API key (``Authorization: Bearer <key>``, one of ``SHOPREC_API_KEYS``; several may be valid at
    once, so a key is rotated by adding the new one, moving clients, then removing the old) → 401;
+   a read-only key → 403;
 2. declared body size over ``max_request_bytes`` → 413;
 3. per-key rate limit (``events_rate_limit``, sliding window kept in Redis by the ``limits``
    library, so every replica behind the load balancer counts against the same budget) → 429
@@ -84,30 +95,62 @@ def _json_type(value: object) -> str:
             type(None): "null"}.get(type(value), type(value).__name__)
 
 
+#: the routes that read shop data: a key of either list, and nothing else checked here
+READ_PATHS = frozenset({"/recommend", "/similar", "/status"})
+_NO_KEYS = ("no API keys are configured on this server: set SHOPREC_API_KEYS (a JSON list; the local stack's "
+            "commands use 'shoprec-dev-key')")
+_BAD_KEY = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+
+
+def _bearer(raw: bytes) -> bytes:
+    return raw[7:].strip() if raw[:7].lower() == b"bearer " else b""
+
+
+def _matches(token: bytes, keys) -> bool:
+    """Whether ``token`` is one of ``keys``, compared against every key (no early exit), so timing does not
+    tell which prefix matched."""
+    return bool(token) and any([hmac.compare_digest(token, k.get_secret_value().encode()) for k in keys])
+
+
 class ApiKeyAndSizeGuard:
-    """ASGI middleware for the ingestion paths: 401, 413 and 429 before the body is parsed by the service."""
+    """ASGI middleware: the key of every read and ingestion route; 413 and 429 of an ingestion request before
+    the service parses its body."""
 
     def __init__(self, app, paths: dict[str, str] | None = None):
         self.app = app
         self.paths = paths or {"/events": "events", "/catalog": "products"}  # path -> the batch's field
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["path"] not in self.paths:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        field = self.paths[scope["path"]]
+        path = scope["path"]
 
         async def refuse(status: int, error: str, headers: dict | None = None):
             await JSONResponse({"error": error}, status_code=status, headers=headers)(scope, receive, send)
 
         settings = get_settings()
+        if path in READ_PATHS:
+            if settings.serve_public_reads:
+                return await self.app(scope, receive, send)
+            if not settings.api_keys and not settings.read_api_keys:
+                return await refuse(503, _NO_KEYS)
+            token = _bearer(next((v for k, v in scope["headers"] if k.lower() == b"authorization"), b""))
+            if not _matches(token, settings.api_keys + settings.read_api_keys):
+                return await refuse(401, _BAD_KEY, {"WWW-Authenticate": "Bearer"})
+            return await self.app(scope, receive, send)
+        if path not in self.paths:
+            return await self.app(scope, receive, send)
+        field = self.paths[path]
+
+        if not settings.api_keys:
+            return await refuse(503, _NO_KEYS)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        auth = headers.get("authorization", "")
-        token = auth[7:].strip() if auth.lower().startswith("bearer ") else ""
-        # compare against every key (no early exit), so timing does not tell which prefix matched
-        matches = [hmac.compare_digest(token.encode(), k.get_secret_value().encode()) for k in settings.api_keys]
-        if not token or not any(matches):
-            return await refuse(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                {"WWW-Authenticate": "Bearer"})
+        token = _bearer(headers.get("authorization", "").encode("latin-1"))
+        if not _matches(token, settings.api_keys):
+            if _matches(token, settings.read_api_keys):
+                return await refuse(403, f"this API key may only read (/recommend, /similar, /status); {path} "
+                                         "needs a key of SHOPREC_API_KEYS")
+            return await refuse(401, _BAD_KEY, {"WWW-Authenticate": "Bearer"})
 
         limit = settings.max_request_bytes
         try:
@@ -117,7 +160,7 @@ class ApiKeyAndSizeGuard:
         if declared > limit:
             return await refuse(413, f"request body is {declared} bytes; the limit is {limit}: send smaller batches")
 
-        key_id = hashlib.sha256(token.encode()).hexdigest()[:16]  # the key itself never reaches Redis
+        key_id = hashlib.sha256(token).hexdigest()[:16]  # the key itself never reaches Redis
         try:
             wait_s = await anyio.to_thread.run_sync(_over_limit, settings.redis_url, settings.events_rate_limit, key_id)
         except Exception as err:  # noqa: BLE001 - any storage failure: fail open, say so

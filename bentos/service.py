@@ -151,7 +151,13 @@ class Scorer:
         if model is None:
             return {"item_id": item_id, "items": [], "model_version": None,
                     "reason": "no model is served yet: run train_job in Dagster"}
-        out = {"item_id": item_id, "items": model.recommender.similar_items(item_id, k), "model_version": model.version}
+        catalog = self.holder.catalog
+        catalog.maybe_reload()
+        # sold-out products are left out, as on /recommend: asked for more, so that k remain where they can
+        sold_out = catalog.out_of_stock
+        items = model.recommender.similar_items(item_id, k + min(len(sold_out), 4 * k) if sold_out else k)
+        items = [i for i in items if i not in sold_out][:k]
+        out = {"item_id": item_id, "items": items, "model_version": model.version}
         index = getattr(model.recommender, "item_index", None)  # (popularity has no item index and no neighbours)
         if not out["items"] and index is not None and item_id not in index:
             out["reason"] = self._unknown_item_reason(item_id, model.version)

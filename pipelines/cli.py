@@ -20,6 +20,8 @@ bench_app = typer.Typer(help="Benchmarks (JSON to --out; results are recorded in
 app.add_typer(bench_app, name="bench")
 catalog_app = typer.Typer(help="The product catalog: its Kafka feed and the file it keeps.", no_args_is_help=True)
 app.add_typer(catalog_app, name="catalog")
+model_app = typer.Typer(help="The registered model's aliases in MLflow (what serving follows).", no_args_is_help=True)
+app.add_typer(model_app, name="model")
 
 
 def _logging(verbose: bool = False) -> None:
@@ -92,7 +94,7 @@ def simulate(
         return
     kafka_io.ensure_topics(s)
     producer = kafka_io.make_producer(s)
-    recommend_fn = simulator.http_recommend_fn(s.bento_url) if closed_loop else None
+    recommend_fn = simulator.http_recommend_fn(s.bento_url, headers=s.client_headers()) if closed_loop else None
     counts = sim.run_live(lambda evs: kafka_io.send_events(producer, evs, s.kafka_topic_events), rate_eps=rate, duration_s=duration,
                           recommend_fn=recommend_fn, stop_event=_stop_on_signals(),
                           catalog_fn=lambda items: catalog_feed.publish_items(producer, items, s.kafka_topic_catalog))
@@ -144,6 +146,48 @@ def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False
     finally:
         producer.close()
     typer.echo(f"sent {len(products)} products to {s.kafka_topic_catalog}; `shoprec catalog sync` applies them")
+
+
+def _registry():
+    from pipelines.registry import ModelRegistry
+
+    s = get_settings()
+    return ModelRegistry(s.mlflow_tracking_uri, s.mlflow_model_name)
+
+
+def _aliases_changed(change: dict) -> None:
+    def show(a: dict) -> str:
+        return ", ".join(f"{k} v{v}" if v else f"no {k}" for k, v in a.items())
+
+    typer.echo(f"before: {show(change['before'])}\nnow:    {show(change['after'])}\n"
+               f"serving follows within SHOPREC_MODEL_POLL_S plus the model's load time")
+
+
+@model_app.command("promote")
+def model_promote(version: str = typer.Argument(None, help="the version to make champion (default: the challenger)")) -> None:
+    """Make a version (default: the challenger) the champion."""
+    try:
+        _aliases_changed(_registry().promote(version))
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@model_app.command("rollback")
+def model_rollback() -> None:
+    """Give champion back to the version it replaced, and take challenger off the version rolled back."""
+    try:
+        _aliases_changed(_registry().rollback())
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@model_app.command("show")
+def model_show() -> None:
+    """The versions behind the aliases."""
+    for alias, version in _registry().aliases().items():
+        typer.echo(f"{alias}: {'v' + version if version else '-'}")
 
 
 @stack_app.command("up")

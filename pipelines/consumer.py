@@ -78,6 +78,7 @@ import uuid
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
 
 import redis
 from kafka import TopicPartition
@@ -204,6 +205,12 @@ class StreamConsumer:
         self._persist_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-persist")
         self._inflight: deque[_Batch] = deque()  # handled, being written, not yet committed; oldest first
         self._trending: Future | None = None
+        # the open hour's compaction (pipelines.compaction), in the background: at a trickle the consumer writes
+        # about one event per file, and 30,000 files an hour made every reader of that hour slow (the retrain
+        # sensor timed out, a dashboard page took 20 s, a refresh 390 s) until the hour closed
+        self._compact_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-compact")
+        self._compaction: Future | None = None
+        self._next_compaction = now + settings.lake_compact_open_every_s
 
     # --- one batch ---------------------------------------------------------------------------
     def process_batch(self, timeout_ms: int | None = None) -> int:
@@ -487,6 +494,7 @@ class StreamConsumer:
         idle_since = time.monotonic()
         try:
             while not stop.is_set():
+                self._maybe_compact()
                 if self.process_batch():
                     idle_since = time.monotonic()
                 elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
@@ -495,7 +503,28 @@ class StreamConsumer:
             self.close()
         return self.stats
 
+    def _maybe_compact(self) -> None:
+        """Start a compaction of the current and the previous hour when one is due and none is running."""
+        every = self.settings.lake_compact_open_every_s
+        now = time.monotonic()
+        if not every or now < self._next_compaction or (self._compaction and not self._compaction.done()):
+            return
+        self._next_compaction = now + every
+        self._compaction = self._compact_pool.submit(self._compact_open_hours)
+
+    def _compact_open_hours(self) -> None:
+        from pipelines import compaction
+
+        t = datetime.now(timezone.utc)
+        for key in (lake.partition_key(int((t - timedelta(hours=1)).timestamp() * 1000)),
+                    lake.partition_key(int(t.timestamp() * 1000))):
+            try:
+                compaction.compact_partition(self.settings.lake_dir, key, self.settings)
+            except Exception as err:  # noqa: BLE001 - the hourly asset compacts it later anyway
+                log.warning("compaction of the open hour %s failed: %s; the hourly events asset retries", key, err)
+
     def close(self) -> None:
+        self._compact_pool.shutdown(wait=True, cancel_futures=True)
         try:
             self._finish()
         except Exception:  # noqa: BLE001 - closing anyway; the uncommitted batch is replayed by the next owner

@@ -19,10 +19,14 @@ import numpy as np
 import pandas as pd
 from scipy.special import rel_entr
 
-from pipelines.schemas import COL_CATEGORY, COL_EVENT_TYPE, COL_ITEM, EVENT_TYPES
+from pipelines.schemas import COL_CATEGORY, COL_EVENT_TYPE, COL_ITEM
 
 #: added to every share before the logarithm (a category missing on one side)
 EPS = 1e-4
+#: the events whose mix says something about the shop: impressions and the clicks on them follow serving
+#: (request load, a load test, the cache warm-up after training), so counted in they made the first check
+#: after any training report drift (PSI 1.7 on the local stack)
+SHOP_EVENT_TYPES = ("view", "add_to_cart", "purchase")
 
 
 def psi(expected: Mapping[str, float], actual: Mapping[str, float], eps: float = EPS) -> float:
@@ -83,8 +87,8 @@ def event_mix_drift(reference: pd.DataFrame, current: pd.DataFrame, *, threshold
                     catalog: pd.DataFrame | None = None, min_rows: int = 100) -> DriftReport:
     """Compare the event mix of ``current`` events with ``reference`` events.
 
-    Dimensions: ``event_type`` (all events) and, when a catalog is given, the product
-    ``category`` of events that name an item.
+    Dimensions: ``event_type`` and, when a catalog is given, the product ``category``, both over the
+    shop's own events (:data:`SHOP_EVENT_TYPES`: not impressions and clicks, which follow serving).
 
     Args:
         reference: lake events the current model was trained on.
@@ -96,6 +100,8 @@ def event_mix_drift(reference: pd.DataFrame, current: pd.DataFrame, *, threshold
     """
     out: dict[str, float] = {}
     shares: dict[str, dict[str, dict[str, float]]] = {}
+    reference = reference[reference[COL_EVENT_TYPE].isin(SHOP_EVENT_TYPES)]
+    current = current[current[COL_EVENT_TYPE].isin(SHOP_EVENT_TYPES)]
     if len(reference) >= min_rows and len(current) >= min_rows:
         dims = [(COL_EVENT_TYPE, reference, current)]
         if catalog is not None:
@@ -103,7 +109,7 @@ def event_mix_drift(reference: pd.DataFrame, current: pd.DataFrame, *, threshold
         for name, ref, cur in dims:
             e, a = _counts(ref, name), _counts(cur, name)
             if name == COL_EVENT_TYPE:
-                e = {k: e.get(k, 0) for k in EVENT_TYPES} | e
+                e = {k: e.get(k, 0) for k in SHOP_EVENT_TYPES} | e
             if sum(e.values()) and sum(a.values()):
                 out[name] = psi(e, a)
                 shares[name] = {"reference": _shares(e), "current": _shares(a)}

@@ -47,12 +47,14 @@ def broker_command(port: int) -> list[str]:
             "--advertised-listener-url", f"tcp://127.0.0.1:{port}", "--storage-engine", "memory://tansu/"]
 
 
-def redis_command(port: int, data_dir: Path) -> list[str]:
+def redis_command(port: int, data_dir: Path, *, persist: bool = False) -> list[str]:
+    """``redis-server`` on ``port``; with ``persist``, an append-only file in ``data_dir`` (fsync every second)
+    keeps the online state (A/B counters, purchases, event-id claims) across a restart."""
     exe = shutil.which("redis-server")
     if exe is None:
         raise RuntimeError("redis-server is not installed: run `make up` (it installs it) or apt-get install redis-server")
     return [exe, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(data_dir), "--save", "",
-            "--appendonly", "no", "--protected-mode", "no"]
+            "--appendonly", "yes" if persist else "no", "--appendfsync", "everysec", "--protected-mode", "no"]
 
 
 @contextmanager

@@ -18,7 +18,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from pipelines.models import Recommender, load_recommender
-from pipelines.schemas import ALIAS_CHAMPION, MLFLOW_EXPERIMENT, REGISTERED_MODEL, TAG_TRAINED_VERSION
+from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, MLFLOW_EXPERIMENT, REGISTERED_MODEL, TAG_TRAINED_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +117,53 @@ class ModelRegistry:
 
     def set_alias(self, alias: str, version: str) -> None:
         self.client.set_registered_model_alias(self.name, alias, version)
+
+    def promote(self, version: str | None = None) -> dict[str, str | None]:
+        """Make ``version`` (default: the ``challenger``'s) the ``champion``; returns the aliases before and after.
+
+        A ``challenger`` on the promoted version stays there: it names the champion's version, so it is not
+        served (all traffic goes to the champion until the gate names a new challenger).
+
+        Raises:
+            ValueError: no version given and no challenger, or the version does not exist.
+        """
+        version = version or self.version_for(ALIAS_CHALLENGER)
+        if version is None:
+            raise ValueError("no challenger to promote: name a version (`shoprec model promote VERSION`)")
+        self._must_exist(version)
+        before = self.aliases()
+        self.set_alias(ALIAS_CHAMPION, version)
+        return {"before": before, "after": self.aliases()}
+
+    def rollback(self) -> dict:
+        """Give ``champion`` back to the version it replaced (the champion's ``champion_before`` tag), and take
+        the ``challenger`` alias off the version rolled back, which would otherwise stay in half the traffic.
+
+        Raises:
+            ValueError: no champion, or it has no earlier champion to go back to.
+        """
+        current = self.version_for(ALIAS_CHAMPION)
+        if current is None:
+            raise ValueError("no champion to roll back from")
+        previous = self.tags(current).get("champion_before") or ""
+        if not previous or previous == "none":
+            raise ValueError(f"champion version {current} names no earlier champion (tag champion_before): "
+                             "promote a version by hand (`shoprec model promote VERSION`)")
+        self._must_exist(previous)
+        before = self.aliases()
+        self.set_alias(ALIAS_CHAMPION, previous)
+        if self.version_for(ALIAS_CHALLENGER) == current:
+            self.client.delete_registered_model_alias(self.name, ALIAS_CHALLENGER)
+        return {"before": before, "after": self.aliases()}
+
+    def aliases(self) -> dict[str, str | None]:
+        return {a: self.version_for(a) for a in (ALIAS_CHAMPION, ALIAS_CHALLENGER)}
+
+    def _must_exist(self, version: str) -> None:
+        try:
+            self.client.get_model_version(self.name, version)
+        except MlflowException as err:
+            raise ValueError(f"{self.name} has no version {version!r}") from err
 
     def load(self, alias: str = ALIAS_CHAMPION) -> LoadedModel | None:
         """Load the model behind ``alias``; None when there is none yet."""

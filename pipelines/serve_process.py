@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 
 from pipelines import localstack
+from pipelines.settings import local_env
 
 SERVICE = "bentos.service:Shoprec"
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +165,7 @@ def up_lb(var_dir: Path, lb_port: int = LB_PORT, ports: tuple[int, ...] = REPLIC
     pids = {}
     for port in ports:
         log = open(run_dir / f"replica-{port}.log", "ab")
-        proc = subprocess.Popen(serve_command(port), cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+        proc = subprocess.Popen(serve_command(port), cwd=ROOT, env=local_env(), stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         pids[f"replica-{port}"] = proc.pid
     for port in ports:

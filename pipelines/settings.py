@@ -1,11 +1,14 @@
 """Typed settings for every shoprec process.
 
 One object, environment prefix ``SHOPREC_`` (``MLFLOW_TRACKING_URI`` keeps its
-standard name). Every default works on the local stack started by ``make up``.
+standard name). Every default works on the local stack started by ``make up``, which adds the
+local API key (:func:`local_env`).
 """
 
 from __future__ import annotations
 
+import json
+import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -72,7 +75,13 @@ class Settings(BaseSettings):
     )
 
     # serving
-    api_keys: list[SecretStr] = Field(default_factory=lambda: [SecretStr("shoprec-dev-key")])
+    # API keys: none by default, so a deployed service never accepts a published one; `make up` and the
+    # other local commands pass LOCAL_API_KEY (local_env). Keys of api_keys may call every route; keys of
+    # read_api_keys only /recommend, /similar and /status (e.g. a storefront that must not send events).
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    read_api_keys: list[SecretStr] = Field(default_factory=list)
+    serve_public_reads: bool = Field(False, description="serve /recommend, /similar and /status without a key (only "
+                                                        "behind a gateway that authenticates its callers)")
     max_events_per_request: int = Field(1000, ge=1)
     max_event_bytes: int = Field(16_384, ge=256)
     model_poll_s: float = Field(10.0, gt=0)
@@ -141,6 +150,9 @@ class Settings(BaseSettings):
                                           "compacted yet (a member whose commit a rebalance refused deletes "
                                           "its own files within about max_poll_interval, 60 s)")
     lake_compact_threads: int = Field(8, ge=1, description="files a compaction reads at once")
+    lake_compact_open_every_s: float = Field(60.0, ge=0, description="the stream consumer compacts the current "
+                                             "and the previous hour this often (0: only the hourly events asset "
+                                             "does, once an hour has closed)")
 
     # serving (bentos/): adaptive batching, deadlines, cache, business rules, A/B experiment file
     mlflow_model_name: str = Field(REGISTERED_MODEL, description="registered model the service serves "
@@ -206,6 +218,12 @@ class Settings(BaseSettings):
     def catalog_path(self) -> Path:
         return self.var_dir / "lake" / "catalog.parquet"
 
+    def client_headers(self) -> dict[str, str]:
+        """The ``Authorization`` header of this process as a client of the API: its first key, else the local
+        stack's (a client may default to it: only a server must never accept it unasked)."""
+        keys = self.api_keys or self.read_api_keys
+        return {"Authorization": f"Bearer {keys[0].get_secret_value() if keys else LOCAL_API_KEY}"}
+
     def kafka_client_kwargs(self) -> dict:
         """Connection settings shared by every Kafka client (producer, consumer, admin)."""
         kw: dict = {"bootstrap_servers": self.kafka_bootstrap.split(","), "security_protocol": self.kafka_security_protocol}
@@ -216,6 +234,18 @@ class Settings(BaseSettings):
         if self.kafka_ssl_cafile:
             kw["ssl_cafile"] = self.kafka_ssl_cafile
         return kw
+
+
+#: the API key of the local stack (`make up`, `make up-lb`, the benchmarks, the tests): never a default of Settings
+LOCAL_API_KEY = "shoprec-dev-key"
+
+
+def local_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``env`` (default: this process's environment) with the local stack's API key when it sets none."""
+    env = dict(os.environ if env is None else env)
+    if not env.get("SHOPREC_API_KEYS"):
+        env["SHOPREC_API_KEYS"] = json.dumps([LOCAL_API_KEY])
+    return env
 
 
 @lru_cache

@@ -859,19 +859,27 @@ class ShopSimulator:
 
 
 # --- closed loop over HTTP -------------------------------------------------------
-def http_recommend_fn(base_url: str, timeout: float = 2.0, k: int = 10) -> RecommendFn:
-    """A ``recommend_fn`` that POSTs ``{"user_id", "k"}`` to ``{base_url}/recommend`` (the BentoML service).
+def http_recommend_fn(base_url: str, timeout: float = 2.0, k: int = 10,
+                      headers: dict[str, str] | None = None) -> RecommendFn:
+    """A ``recommend_fn`` that POSTs ``{"user_id", "k"}`` to ``{base_url}/recommend`` (the BentoML service),
+    with ``headers`` (its API key: :meth:`pipelines.settings.Settings.client_headers`).
 
     Any error (connection, status, malformed answer) gives None: the simulated user then browses on
-    their own.
+    their own. A refused key (401, 403, 503) is logged once as a warning: the loop is then open.
     """
     import httpx
 
-    client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+    client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, headers=headers)
+    warned = False
 
     def recommend(user_id: str) -> Recommendation | None:
+        nonlocal warned
         try:
             resp = client.post("/recommend", json={"user_id": user_id, "k": k})
+            if resp.status_code in (401, 403, 503) and not warned:
+                warned = True
+                log.warning("the service refused /recommend (%d: %s): simulated users browse without its lists; "
+                            "set SHOPREC_API_KEYS to a key the service accepts", resp.status_code, resp.text[:200])
             resp.raise_for_status()
             body = resp.json()
             items = [str(it["item_id"]) for it in body["items"]]

@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 import httpx
 
 from pipelines.localstack import broker_command, redis_command
-from pipelines.settings import Settings
+from pipelines.settings import Settings, local_env
 
 DEFAULT_KAFKA = "localhost:9092"
 DEFAULT_REDIS = "redis://localhost:6379/0"
@@ -44,7 +44,7 @@ def programs(settings: Settings, root: Path) -> list[Program]:
         progs.append(Program("broker", broker_command(9092), "kafka://localhost:9092", "tcp:127.0.0.1:9092", 10))
     if settings.redis_url == DEFAULT_REDIS:
         (var / "redis").mkdir(parents=True, exist_ok=True)
-        progs.append(Program("redis", redis_command(6379, var / "redis"), "redis://localhost:6379",
+        progs.append(Program("redis", redis_command(6379, var / "redis", persist=True), "redis://localhost:6379",
                              "tcp:127.0.0.1:6379", 10))
     mlflow_port = urlparse(settings.mlflow_tracking_uri).port or 5000
     if urlparse(settings.mlflow_tracking_uri).hostname in ("127.0.0.1", "localhost"):
@@ -136,7 +136,8 @@ def up(settings: Settings, root: Path, timeout_s: float = 240, echo=print) -> bo
         _ctl(conf, "start", "all")
     else:
         exe = Path(sys.executable).parent / "supervisord"
-        subprocess.run([str(exe), "-c", str(conf)], check=True, env={**os.environ})
+        # the programs inherit this environment: the local API key unless SHOPREC_API_KEYS is set
+        subprocess.run([str(exe), "-c", str(conf)], check=True, env=local_env())
     progs = programs(settings, root)
     deadline = time.monotonic() + timeout_s
     pending = {p.name for p in progs}

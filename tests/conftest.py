@@ -6,6 +6,7 @@ keys and MLflow model names are per test where it matters).
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import localstack
-from pipelines.settings import Settings, get_settings
+from pipelines.settings import LOCAL_API_KEY, Settings, get_settings
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +48,7 @@ def settings(tmp_path, broker, redis_url, mlflow_uri, monkeypatch) -> Settings:
         "SHOPREC_REDIS_URL": redis_url,
         "MLFLOW_TRACKING_URI": mlflow_uri,
         "SHOPREC_CONSUMER_GROUP": f"test-{uuid.uuid4().hex[:8]}",
+        "SHOPREC_API_KEYS": json.dumps([LOCAL_API_KEY]),
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)

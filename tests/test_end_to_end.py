@@ -6,6 +6,7 @@ This is the walking skeleton's promise, checked the way a user would: over HTTP,
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -22,7 +23,7 @@ from pipelines import kafka_io, lake, localstack, simulator
 from pipelines.consumer import StreamConsumer
 from pipelines.registry import ModelRegistry
 from pipelines.schemas import ALIAS_CHAMPION
-from pipelines.settings import get_settings
+from pipelines.settings import LOCAL_API_KEY, get_settings
 from pipelines.state import OnlineState, connect
 
 pytestmark = pytest.mark.slow
@@ -58,6 +59,7 @@ def e2e_settings(tmp_path, own_broker, redis_url, monkeypatch):
         "SHOPREC_CONSUMER_GROUP": f"e2e-{os.getpid()}-{time.monotonic_ns()}",
         "SHOPREC_MODEL_POLL_S": "1",
         "SHOPREC_AB_EXPERIMENT": f"e2e-{time.monotonic_ns()}",
+        "SHOPREC_API_KEYS": json.dumps([LOCAL_API_KEY]),
     }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
@@ -108,7 +110,7 @@ def test_simulated_shop_to_trained_model_served_over_http(e2e_settings, tmp_path
                "--host", "127.0.0.1", "--port", str(port)]
         with localstack.running(cmd, port, tmp_path / "bentoml.log", timeout=90):
             base = f"http://127.0.0.1:{port}"
-            client = httpx.Client(base_url=base, timeout=10)
+            client = httpx.Client(base_url=base, timeout=10, headers=settings.client_headers())
             wait_for(lambda: _ok(client, "/readyz"), 90, "bentoml serve to be ready")
             known_user = lake.read_all(settings.lake_dir).user_id.iloc[0]
 
@@ -121,7 +123,7 @@ def test_simulated_shop_to_trained_model_served_over_http(e2e_settings, tmp_path
             assert len(body["items"]) == 5
 
             # 4. closed loop: simulated users see the lists and click; the clicks are attributed
-            http_fn, lists = simulator.http_recommend_fn(base), []
+            http_fn, lists = simulator.http_recommend_fn(base, headers=settings.client_headers()), []
 
             def rec_fn(user_id):
                 got = http_fn(user_id)

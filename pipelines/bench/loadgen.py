@@ -1,6 +1,6 @@
 """A closed-loop HTTP load generator (used by `shoprec bench serve` when wrk is not installed).
 
-``python -m pipelines.bench.loadgen URL CONCURRENCY SECONDS`` with a JSON list of request bodies on
+``python -m pipelines.bench.loadgen URL CONCURRENCY SECONDS [API_KEY]`` with a JSON list of request bodies on
 stdin; prints ``{"rps", "p50_ms", "p99_ms", "errors", "requests", "fallback"}`` (``fallback``: 200 answers
 whose ``source`` is the fallback, ``cached``: those from the cache).
 """
@@ -17,11 +17,12 @@ import httpx
 import numpy as np
 
 
-async def _main(url: str, concurrency: int, seconds: float, bodies: list[dict]) -> dict:
+async def _main(url: str, concurrency: int, seconds: float, bodies: list[dict], key: str | None = None) -> dict:
     lat: list[float] = []
     errors = fallback = cached = 0
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=5) as client:
+    headers = {"Authorization": f"Bearer {key}"} if key else None
+    async with httpx.AsyncClient(limits=limits, timeout=5, headers=headers) as client:
         end = time.perf_counter() + seconds
 
         async def worker():
@@ -51,4 +52,5 @@ async def _main(url: str, concurrency: int, seconds: float, bodies: list[dict]) 
 
 if __name__ == "__main__":
     url, conc, secs = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-    print(json.dumps(asyncio.run(_main(url, conc, secs, json.load(sys.stdin)))))
+    key = sys.argv[4] if len(sys.argv) > 4 else None  # the API key (Authorization: Bearer)
+    print(json.dumps(asyncio.run(_main(url, conc, secs, json.load(sys.stdin), key))))

@@ -39,6 +39,8 @@ from pathlib import Path
 
 import typer
 
+from pipelines.settings import LOCAL_API_KEY
+
 log = logging.getLogger(__name__)
 
 N_ITEMS = 50_000
@@ -77,12 +79,16 @@ def _prepare(work: Path, redis_url: str, n_items: int, model_name: str = "shopre
     registry = ModelRegistry(uri)
     _, version = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.0}, tags={})
     registry.set_alias(ALIAS_CHAMPION, version)
-    return {"SHOPREC_VAR_DIR": str(var), "SHOPREC_REDIS_URL": redis_url, "MLFLOW_TRACKING_URI": uri, "SHOPREC_EXPLORE_SHARE": "0.1"}
+    return {"SHOPREC_VAR_DIR": str(var), "SHOPREC_REDIS_URL": redis_url, "MLFLOW_TRACKING_URI": uri, "SHOPREC_EXPLORE_SHARE": "0.1",
+            "SHOPREC_API_KEYS": json.dumps([_KEY])}
 
 
+#: the key the benchmark's server accepts and its clients send (/recommend needs one, as in production)
+_KEY = LOCAL_API_KEY
 _WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer %(key)s"
 local bodies = {%(bodies)s}
 local threads = {}
 fallback = 0  -- answers served by the fallback (popular items), counted per thread
@@ -123,7 +129,7 @@ def drive(url: str, bodies: list[dict], concurrency: int, seconds: float, work: 
     """
     if shutil.which("wrk"):
         script = work / "load.lua"
-        script.write_text(_WRK_SCRIPT % {"bodies": ",".join(json.dumps(json.dumps(b)) for b in bodies)})
+        script.write_text(_WRK_SCRIPT % {"bodies": ",".join(json.dumps(json.dumps(b)) for b in bodies), "key": _KEY})
         out = subprocess.run(["wrk", "-t1", f"-c{concurrency}", f"-d{int(seconds)}s", "--timeout", "5s",
                               "-s", str(script), url], capture_output=True, text=True, check=True).stdout
         m = re.search(r"RESULT" + r" (\d+)" * 11, out)
@@ -133,7 +139,7 @@ def drive(url: str, bodies: list[dict], concurrency: int, seconds: float, work: 
         if sum(errs):  # which kind, for whoever reads the JSON
             out["error_kinds"] = {k: n for k, n in zip(("connect", "read", "write", "status", "timeout"), errs) if n}
         return out
-    cmd = [sys.executable, "-m", "pipelines.bench.loadgen", url, str(concurrency), str(seconds)]
+    cmd = [sys.executable, "-m", "pipelines.bench.loadgen", url, str(concurrency), str(seconds), _KEY]
     out = subprocess.run(cmd, input=json.dumps(bodies), capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -198,7 +204,8 @@ def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = 
                     port = localstack.free_port()
                     base = f"http://127.0.0.1:{port}"
                     with bento_serving(port, {**env, **extra}, work / "bentoml.log"):
-                        with httpx.Client(base_url=base, timeout=30) as c:  # warm up: fill the cache, load paths
+                        # warm up: fill the cache, load paths
+                        with httpx.Client(base_url=base, timeout=30, headers={"Authorization": f"Bearer {_KEY}"}) as c:
                             for b in users[:200] + cold[:50]:
                                 c.post("/recommend", json=b)
                             if not extra:

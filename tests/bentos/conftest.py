@@ -10,6 +10,8 @@ from contextlib import contextmanager
 import httpx
 import pytest
 
+from pipelines.settings import get_settings
+
 
 def wait_for(cond, timeout: float, what: str, interval: float = 0.1):
     """Poll ``cond()`` until it returns something truthy; fail with ``what`` after ``timeout`` seconds."""
@@ -45,7 +47,7 @@ def steady_load(base_url: str, clients: int = 4, users: int = 60):
     stop = threading.Event()
 
     def client(n):
-        with httpx.Client(base_url=base_url, timeout=15) as c:
+        with httpx.Client(base_url=base_url, timeout=15, headers=get_settings().client_headers()) as c:
             i = 0
             while not stop.is_set():
                 i += 1

@@ -12,6 +12,7 @@ import pytest
 
 from pipelines import localstack
 from pipelines.serve_process import ROOT, bentoml_exe, stop_group, wait_ready
+from pipelines.settings import get_settings
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +45,8 @@ def test_built_bento_serves_the_packaged_champion(settings, serve_env, registere
                             start_new_session=True)
     try:
         wait_ready(f"http://127.0.0.1:{port}", 120, proc)
-        body = httpx.post(f"http://127.0.0.1:{port}/recommend", json={"user_id": "u0", "k": 5}, timeout=15).json()
+        body = httpx.post(f"http://127.0.0.1:{port}/recommend", json={"user_id": "u0", "k": 5}, timeout=15,
+                          headers=get_settings().client_headers()).json()
     finally:
         stop_group(proc)
     assert body["source"] == "model" and body["model_version"] == reg.version, body

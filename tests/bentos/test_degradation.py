@@ -24,7 +24,7 @@ def test_redis_scorer_and_broker_outages_never_fail_a_request(settings, serve_en
     broker = localstack.running(localstack.broker_command(kport), kport, tmp_path / "broker.log")
     with redis as redis_proc, broker as broker_proc, \
             bento_serving(port, env, tmp_path / "bentoml.log") as serve, \
-            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15) as c:
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=15, headers=settings.client_headers()) as c:
 
         def rec(user):
             r = c.post("/recommend", json={"user_id": user, "k": 5})

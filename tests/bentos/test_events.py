@@ -103,7 +103,7 @@ def test_a_body_that_is_not_a_json_batch_is_a_400_that_says_what_to_send_and_log
             [rec.getMessage() for rec in caplog.records]
         # a request BentoML's own validation refuses is one INFO line with the reason, not an ERROR traceback
         caplog.clear()
-        assert c.post("/recommend", json={"user_id": "u0", "k": 0}).status_code == 400
+        assert c.post("/recommend", json={"user_id": "u0", "k": 0}, headers=key_a).status_code == 400
         assert not [rec for rec in caplog.records if rec.levelname == "ERROR" or rec.exc_info]
         refused = [rec.getMessage() for rec in caplog.records if "answered 400" in rec.getMessage()]
         assert len(refused) == 1 and refused[0].startswith("/recommend [POST] answered 400") and "validation error" in refused[0], refused
@@ -120,7 +120,8 @@ def test_an_unknown_path_is_a_404_here_and_known_routes_still_work(events_client
 
 
 def test_a_query_body_over_the_limit_is_a_413_before_it_is_read(events_client, monkeypatch):
-    c, _ = events_client
+    c, (key, _) = events_client
+    c.headers.update(key)
     limit = get_settings().max_query_bytes
     big = {"user_id": "u0", "k": 3, "padding": "x" * limit}
     for path in ("/recommend", "/similar", "/ping"):
@@ -133,11 +134,46 @@ def test_a_query_body_over_the_limit_is_a_413_before_it_is_read(events_client, m
             yield b"x" * 1000
         yield b'"}'
 
-    r = c.post("/recommend", content=chunked(), headers={"Content-Type": "application/json"})
+    r = c.post("/recommend", content=chunked(), headers={**key, "Content-Type": "application/json"})
     assert r.status_code == 413
     # a small chunked query is replayed to the service whole
-    r = c.post("/recommend", content=iter([b'{"user_id": ', b'"u0", "k": 2}']), headers={"Content-Type": "application/json"})
+    r = c.post("/recommend", content=iter([b'{"user_id": ', b'"u0", "k": 2}']),
+               headers={**key, "Content-Type": "application/json"})
     assert r.status_code == 200 and len(r.json()["items"]) <= 2 and r.json()["source"] in ("model", "fallback", "cache")
+
+
+def test_reading_needs_a_key_and_a_read_only_key_cannot_send(events_client, monkeypatch):
+    c, (key_a, _) = events_client
+    read_key = f"read-{uuid.uuid4().hex[:6]}"
+    monkeypatch.setenv("SHOPREC_READ_API_KEYS", json.dumps([read_key]))
+    get_settings.cache_clear()
+    reads = [("/recommend", {"user_id": "u0", "k": 3}), ("/similar", {"item_id": "i1", "k": 3}), ("/status", {})]
+    for path, body in reads:
+        # anyone could read any user's lists (their clicks, minus what they bought) and log impressions
+        for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {read_key}"}):
+            r = c.post(path, json=body, headers=headers)
+            assert r.status_code == 401 and "Authorization: Bearer" in r.json()["error"], (path, headers, r.text)
+        for key in (key_a, {"Authorization": f"Bearer {read_key}"}):
+            assert c.post(path, json=body, headers=key).status_code == 200, path
+    r = c.post("/events", json={"events": [_event("ro")]}, headers={"Authorization": f"Bearer {read_key}"})
+    assert r.status_code == 403 and "may only read" in r.json()["error"]
+    # what a probe or a load balancer calls stays open (/metrics too: read without a key in test_fuzz)
+    for path in ("/healthz", "/readyz"):
+        assert c.get(path).status_code == 200, path
+    assert c.post("/ping", json={}).status_code == 200
+
+
+def test_without_keys_nothing_is_served_unless_reads_are_declared_public(events_client, monkeypatch):
+    c, (key_a, _) = events_client
+    monkeypatch.setenv("SHOPREC_API_KEYS", "[]")  # no key: never the published local one by default
+    get_settings.cache_clear()
+    for path, body in (("/recommend", {"user_id": "u0"}), ("/events", {"events": [_event("nk")]})):
+        r = c.post(path, json=body, headers=key_a)
+        assert r.status_code == 503 and "set SHOPREC_API_KEYS" in r.json()["error"], (path, r.text)
+    monkeypatch.setenv("SHOPREC_SERVE_PUBLIC_READS", "true")  # behind a gateway that authenticates its callers
+    get_settings.cache_clear()
+    assert c.post("/recommend", json={"user_id": "u0"}).status_code == 200
+    assert c.post("/events", json={"events": [_event("nk")]}, headers=key_a).status_code == 503
 
 
 def test_429_over_the_rate_limit_of_one_key_only(events_client):

@@ -48,7 +48,7 @@ def test_fuzzed_requests_never_get_a_server_error(settings, serve_env, registere
 def _hostile_requests(base: str) -> tuple[str, str]:
     """Requests no client of the API sends: unknown paths, an oversized /recommend body. Returns /metrics
     before and after."""
-    with httpx.Client(base_url=base, timeout=30) as c:
+    with httpx.Client(base_url=base, timeout=30, headers=get_settings().client_headers()) as c:
         assert c.post("/ping", json={}).status_code == 200
         before = c.get("/metrics").text
         for _ in range(100):

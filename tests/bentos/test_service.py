@@ -33,7 +33,7 @@ def client_for(monkeypatch):
         from bentos import service
 
         _forget_bentoml_metrics()
-        c = TestClient(service.Shoprec.to_asgi())
+        c = TestClient(service.Shoprec.to_asgi(), headers=get_settings().client_headers())  # the API key
         c.__enter__()
         opened.append(c)
         return c
@@ -94,6 +94,7 @@ def test_bad_recommend_input_is_400_with_message(settings, redis_client, client_
 
 def test_events_need_a_key_and_valid_json(settings, redis_client, client_for):
     c = client_for("no-such-model")
+    c.headers.pop("Authorization")  # the fixture's client sends the key
     ev = schemas.new_event("view", "u1", "i1", "s1")
     assert c.post("/events", json={"events": [ev]}).status_code == 401
     assert c.post("/events", json={"events": [ev]}, headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -227,3 +228,10 @@ def test_similar_items_for_a_known_and_an_unknown_product(settings, redis_client
     assert typo["items"] == [] and "no product 'launched-2day' in the catalog" in typo["reason"]
     none = client_for("no-such-model").post("/similar", json={"item_id": "i2", "k": 3}).json()
     assert none["items"] == [] and "train_job" in none["reason"]
+    # sold-out products are not offered as similar ones either (they were: 20 of 600 on the local stack)
+    sold_out = body["items"][:2]
+    pd.DataFrame([{"item_id": i, "title": i, "category": "c", "brand": "b", "price": 1.0, "created_at": 0,
+                   "in_stock": i not in sold_out} for i in ("i2", *body["items"])]).to_parquet(settings.catalog_path)
+    again = client_for(registry.name).post("/similar", json={"item_id": "i2", "k": 3}).json()
+    assert len(again["items"]) == 3 and not set(sold_out) & set(again["items"])
+    assert again["items"][0] == body["items"][2]  # the rest keep their order

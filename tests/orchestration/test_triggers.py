@@ -44,7 +44,8 @@ def _mix(p, n, seed):
 
 
 BASE = [0.5, 0.1, 0.05, 0.3, 0.05]  # view, add_to_cart, purchase, impression, click
-SHIFTED = [0.25, 0.1, 0.05, 0.3, 0.3]  # clicks up, views down
+SHIFTED = [0.25, 0.2, 0.15, 0.3, 0.1]  # views down, carts and purchases up
+SERVED_MORE = [0.25, 0.05, 0.025, 0.6, 0.075]  # twice the impressions (a load test); the shop's own mix unchanged
 
 
 def test_psi_is_zero_for_equal_mixes_and_grows_with_the_shift():
@@ -59,6 +60,9 @@ def test_drift_fires_on_a_shifted_mix_and_not_on_a_same_distribution_sample():
     assert not same.drifted and same.psi["event_type"] < 0.02 and same.psi["category"] < 0.02
     shifted = drift.event_mix_drift(ref, _mix(SHIFTED, 2000, 2), threshold=0.2, catalog=catalog_frame())
     assert shifted.drifted and shifted.psi["event_type"] > 0.2, shifted.summary()
+    # impressions and clicks follow serving (load, cache warm-up): they are not the shop's mix drifting
+    served = drift.event_mix_drift(ref, _mix(SERVED_MORE, 4000, 4), threshold=0.2, catalog=catalog_frame())
+    assert not served.drifted and served.psi["event_type"] < 0.02, served.summary()
     odd_only = _mix(BASE, 2000, 3)
     odd_only["item_id"] = "i1"  # every event on one category
     assert drift.event_mix_drift(ref, odd_only, threshold=0.2, catalog=catalog_frame()).psi["category"] > 0.2

@@ -249,3 +249,41 @@ def test_without_kafka_nothing_is_compacted(settings, tmp_path, caplog):
     result = compaction.compact_partition(tmp_path, key, unreachable)
     assert result.written is None and len(_names(folder)) == 5
     assert "nothing is compacted" in caplog.text and "Configuration" not in caplog.text
+
+
+def test_the_consumer_compacts_the_open_hour_as_it_goes(settings, redis_client, monkeypatch):
+    """At a trickle the consumer writes about one event per file; it merges the current hour's committed files
+    itself, so readers of the open hour do not wait for the hour to close (30,000 files made them take minutes)."""
+    import threading
+
+    from pipelines.consumer import StreamConsumer
+    from pipelines.settings import get_settings
+    from pipelines.state import OnlineState
+    from tests.pipelines.conftest import lake_counts, produce, tagged_events, wait_until
+
+    monkeypatch.setenv("SHOPREC_LAKE_COMPACT_OPEN_EVERY_S", "0.5")
+    monkeypatch.setenv("SHOPREC_LAKE_COMPACT_MIN_AGE_S", "0")
+    get_settings.cache_clear()
+    s = get_settings()
+    kafka_io.ensure_topics(s)
+    waves = [tagged_events(30) for _ in range(4)]
+    stop = threading.Event()
+    consumer = StreamConsumer(s, OnlineState(redis_client))
+    worker = threading.Thread(target=consumer.run, args=(stop,), daemon=True)
+    worker.start()
+    try:
+        for wave in waves:  # separate polls: separate files
+            produce(s, wave)
+            ids = [e["event_id"] for e in wave]
+            wait_until(lambda: len(lake_counts(s, ids)) == len(ids), timeout=60, what="a wave in the lake")
+        hour = lake.partition_dir(s.lake_dir, lake.partition_key(waves[-1][-1]["ts"]))
+        wait_until(lambda: any(lake.is_compacted(f) for f in hour.glob("*.parquet")), timeout=60,
+                   what="a compacted file in the open hour")
+    finally:
+        stop.set()
+        worker.join(timeout=60)
+    all_ids = [e["event_id"] for wave in waves for e in wave]
+    counts = lake_counts(s, all_ids)
+    assert len(counts) == len(all_ids) and set(counts.values()) == {1}  # every event, exactly once
+    merged = [f for f in hour.glob("*.parquet") if lake.is_compacted(f)]
+    assert len(merged) == 1 and len(lake.compacted_sources(merged[0])) >= 2

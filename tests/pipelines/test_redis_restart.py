@@ -21,7 +21,7 @@ def test_redis_restart_mid_stream_loses_nothing(settings, tmp_path, monkeypatch)
     first, second = tagged_events(800), tagged_events(800)
     data = tmp_path / "redis"
     data.mkdir()
-    with localstack.running(localstack.redis_command(port, data), port):
+    with localstack.running(localstack.redis_command(port, data, persist=True), port):  # as `make up` runs it
         proc = start_consumer(log)
         produce(settings, first)
         wait_until(lambda: len(lake_counts(settings, [e["event_id"] for e in first])) == len(first), timeout=90,
@@ -32,11 +32,13 @@ def test_redis_restart_mid_stream_loses_nothing(settings, tmp_path, monkeypatch)
         wait_until(lambda: "Retrying" in log.read_text(), timeout=30, what="the consumer to retry Redis")
         assert proc.poll() is None, f"the consumer died while Redis was down: see {log}"
         assert not lake_counts(settings, [e["event_id"] for e in second])
-        with localstack.running(localstack.redis_command(port, data), port):
+        with localstack.running(localstack.redis_command(port, data, persist=True), port):
+            state = OnlineState(connect(f"redis://127.0.0.1:{port}/0"))
+            # what the first wave wrote is still there (a restart used to wipe every A/B counter and purchase)
+            assert all(state.recent_items(u) for u in {e["user_id"] for e in first})
             ids = [e["event_id"] for e in second]
             wait_until(lambda: len(lake_counts(settings, ids)) == len(ids), timeout=60,
                        what="the second wave in the lake after Redis came back")
-            state = OnlineState(connect(f"redis://127.0.0.1:{port}/0"))
             users = {e["user_id"] for e in second}
             wait_until(lambda: all(state.recent_items(u) for u in users), timeout=10,
                        what="the second wave in the online state")
