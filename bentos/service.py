@@ -150,7 +150,8 @@ class Scorer:
         model = self.holder.models.get("champion")
         if model is None:
             return {"item_id": item_id, "items": [], "model_version": None,
-                    "reason": "no model is served yet: run train_job in Dagster"}
+                    "reason": "no champion is served: run train_job in Dagster, or, when versions are registered "
+                              "but none has the champion alias, give one it (`shoprec model promote VERSION`)"}
         catalog = self.holder.catalog
         catalog.maybe_reload()
         # sold-out products are left out, as on /recommend: asked for more, so that k remain where they can

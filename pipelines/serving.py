@@ -189,6 +189,8 @@ class ModelHolder:
         self._backfills: dict[tuple[str, str], Scored] = {}
         self._stop = threading.Event()
         self._refresh_lock = threading.Lock()
+        #: per alias, a version that failed to load (broken artifacts): not downloaded again every poll
+        self._unloadable: dict[str, str] = {}
         for loaded in (models or {}).values():
             self._prepare(loaded)
         self.models = dict(models or {})
@@ -204,6 +206,8 @@ class ModelHolder:
             for alias in ALIASES:
                 try:
                     version = self.registry.version_for(alias)
+                    if self._unloadable.get(alias, version) != version:  # the alias moved: try anew next time
+                        self._unloadable.pop(alias)
                     if alias == ALIAS_CHALLENGER and version is not None and ALIAS_CHAMPION in models \
                             and models[ALIAS_CHAMPION].version == version:
                         # a person promoted the challenger and left its alias: no experiment to run
@@ -214,8 +218,20 @@ class ModelHolder:
                         if alias in models and models[alias] is not self._packaged:
                             log.info("alias %s removed or the champion's; no longer serving it", alias)
                             models.pop(alias)
-                    elif alias not in models or models[alias].version != version:
-                        loaded = self.registry.load(alias)
+                    elif (alias not in models or models[alias].version != version) \
+                            and self._unloadable.get(alias) != version:
+                        try:
+                            loaded = self.registry.load(alias)
+                        except Exception as err:  # noqa: BLE001 - a broken version: say which, and stop downloading it
+                            if self.registry.version_for(alias) != version:
+                                raise  # the alias moved meanwhile: an ordinary refresh failure
+                            self._unloadable[alias] = version
+                            kept = models[alias].version if alias in models else None
+                            log.error("cannot load %s version %s (%s); %s; not tried again until the alias "
+                                      "moves", alias, version, err,
+                                      f"still serving version {kept}" if kept else "not serving this alias")
+                            continue
+                        self._unloadable.pop(alias, None)
                         if loaded is not None:
                             self._prepare(loaded)
                             models[alias] = loaded

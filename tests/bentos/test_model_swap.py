@@ -38,3 +38,28 @@ def test_promotion_under_load_switches_within_the_polling_interval(settings, ser
     after = [b["model_version"] for t, _, b in answers if t > first_new + 1.0 and b["source"] in ("model", "cache")]
     assert after and set(after) == {new_version}  # no flapping back to the old version
     assert {b.get("model_version") for _, _, b in answers} >= {reg.version, new_version}
+
+
+def test_a_champion_that_cannot_be_loaded_is_named_once_and_the_last_one_keeps_serving(settings, registered_champion,
+                                                                                        caplog):
+    from pathlib import Path
+
+    from pipelines.serving import ModelHolder
+
+    registry, reg = registered_champion
+    holder = ModelHolder(settings, registry=registry)
+    assert holder.refresh() == {"champion": reg.version}
+    model = registry.load().recommender
+    _, broken = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.1}, tags={})
+    uri = registry.client.get_model_version_download_uri(registry.name, broken)
+    for f in Path(uri.removeprefix("file://")).rglob("*.pt"):  # truncated artifacts, as a failed upload leaves
+        f.write_bytes(f.read_bytes()[:100])
+    registry.set_alias("champion", broken)
+    with caplog.at_level("INFO", logger="pipelines.serving"):
+        for _ in range(3):  # three polls
+            assert holder.refresh() == {"champion": reg.version}  # the shop keeps the working model
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and f"cannot load champion version {broken}" in errors[0], errors
+    assert f"still serving version {reg.version}" in errors[0]
+    registry.set_alias("champion", reg.version)  # the alias moves: everything as before
+    assert holder.refresh() == {"champion": reg.version} and not holder._unloadable

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 
 import pytest
+import redis
 
 from pipelines import kafka_io, localstack
 from pipelines.state import OnlineState, connect
@@ -35,7 +36,13 @@ def test_redis_restart_mid_stream_loses_nothing(settings, tmp_path, monkeypatch)
         with localstack.running(localstack.redis_command(port, data, persist=True), port):
             state = OnlineState(connect(f"redis://127.0.0.1:{port}/0"))
             # what the first wave wrote is still there (a restart used to wipe every A/B counter and purchase)
-            assert all(state.recent_items(u) for u in {e["user_id"] for e in first})
+            def first_wave_kept():
+                try:
+                    return all(state.recent_items(u) for u in {e["user_id"] for e in first})
+                except redis.BusyLoadingError:  # still reading its append-only file
+                    return False
+
+            wait_until(first_wave_kept, timeout=30, what="the first wave's state after the restart")
             ids = [e["event_id"] for e in second]
             wait_until(lambda: len(lake_counts(settings, ids)) == len(ids), timeout=60,
                        what="the second wave in the lake after Redis came back")
