@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from starlette.responses import JSONResponse
 
+from bentos.body import BodyTooLarge, read_capped, replaying
+
 from pipelines.settings import get_settings
 
 #: BentoML's own routes that take no JSON body
@@ -63,27 +65,12 @@ class JsonOnly:
             if declared <= self.limit:
                 return await self.app(scope, receive, send)
             return await self._too_large(scope, receive, send, f"request body is {declared} bytes")
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                return await self._too_large(scope, receive, send, "request body is larger")
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+        try:
+            body = await read_capped(receive, self.limit)
+        except BodyTooLarge:
+            return await self._too_large(scope, receive, send, "request body is larger")
+        if body is not None:
+            return await self.app(scope, replaying(body, receive), send)
 
     async def _too_large(self, scope, receive, send, what: str):
         return await JSONResponse({"error": f"{what}; the limit of {scope['path']} is {self.limit} bytes: send only "

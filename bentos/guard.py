@@ -47,6 +47,8 @@ from limits.storage import RedisStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.responses import JSONResponse
 
+from bentos.body import BodyTooLarge, read_capped, replaying
+
 from pipelines.schemas import RedisKeys
 from pipelines.settings import get_settings
 
@@ -170,19 +172,12 @@ class ApiKeyAndSizeGuard:
             return await refuse(429, f"rate limit {settings.events_rate_limit} of this API key exceeded; "
                                      f"retry in {math.ceil(wait_s)} s", {"Retry-After": str(math.ceil(wait_s))})
 
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                return await refuse(413, f"request body exceeds {limit} bytes: send smaller batches")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body = b"".join(chunks)
+        try:
+            body = await read_capped(receive, limit)
+        except BodyTooLarge:
+            return await refuse(413, f"request body exceeds {limit} bytes: send smaller batches")
+        if body is None:  # the client went away
+            return
         problem, batch = _batch_of(body, field)
         if problem is not None:
             return await refuse(400, f"{problem}; send a JSON object {{\"{field}\": [...]}} with "
@@ -191,13 +186,4 @@ class ApiKeyAndSizeGuard:
             return await refuse(413, f"{len(batch)} {field} in one request; the limit is "
                                      f"{settings.max_events_per_request}: split the batch")
 
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
+        return await self.app(scope, replaying(body, receive), send)

@@ -12,7 +12,6 @@ import pytest
 
 from pipelines import localstack
 from pipelines.serve_process import ROOT, bentoml_exe, stop_group, wait_ready
-from pipelines.settings import get_settings
 
 pytestmark = pytest.mark.slow
 
