@@ -161,9 +161,12 @@ class OnlineState:
             p.expire(RedisKeys.ab(tag, variant), AB_TTL_S)
             p.hincrby(RedisKeys.counter(ab_stats_name(tag, variant), bucket), metric, n)
             p.expire(RedisKeys.counter(ab_stats_name(tag, variant), bucket), STATS_TTL_S)
+        now_ms = int(time.time() * 1000)
         for tag, (first, last) in seen.items():  # when each comparison was first and last seen
-            p.zadd(RedisKeys.ab_seen(self.experiment, "first"), {tag: first}, lt=True)
-            p.zadd(RedisKeys.ab_seen(self.experiment, "last"), {tag: last}, gt=True)
+            # never later than now: an event may be stamped up to max_event_future_s ahead, and a tag so stamped
+            # stayed "the latest comparison" (the one the dashboard opens on) for that long
+            p.zadd(RedisKeys.ab_seen(self.experiment, "first"), {tag: min(first, now_ms)}, lt=True)
+            p.zadd(RedisKeys.ab_seen(self.experiment, "last"), {tag: min(last, now_ms)}, gt=True)
         for user, bought in purchases.items():  # serving never recommends what the user just bought
             key = RedisKeys.purchased(user)
             p.zadd(key, bought)

@@ -106,3 +106,13 @@ def test_ab_counts_are_kept_per_comparison_and_clicks_follow_their_impression(re
     state.apply_events([new_event("impression", "u", None, "s", items=["i"], request_id="c1", variant="champion"),
                         new_event("click", "u", "i", "s", request_id="c1")])
     assert state.ab_counts(name) == {"champion": {"impressions": 1, "clicks": 1}}
+    # a tag stamped minutes ahead (the schema allows clock skew) is not "the latest comparison" until then
+    import time
+
+    now = int(time.time() * 1000)
+    state.apply_events([shown("f1", "champion", f"{name}@champion.9", now + 290_000)])
+    folded = int(time.time() * 1000)
+    while int(time.time() * 1000) <= folded:  # the next fold is a later millisecond
+        pass
+    state.apply_events([shown("d1", "champion", pair, now + 1000)])
+    assert state.ab_comparisons()[0][0] == pair
