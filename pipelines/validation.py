@@ -28,6 +28,8 @@ Quality reports on disk (the contract with the dashboard's *Data quality* page):
     statistics     dict  as ValidationReport.statistics (rows, suites and versions, ...)
     dagster_run_id str | null  the Dagster run that validated it
     validated_at   str   ISO 8601 UTC time of the validation
+    files          str | null  fingerprint of the partition's files then (names and sizes): training
+                   trusts a report only while its partition still has those files
 
 A later validation of the same partition overwrites its file. Training reads these
 files to use only partitions that passed (:func:`validate_partition`).
@@ -45,6 +47,7 @@ seconds) and reused; GX is imported on first use, not when ``pipelines`` is.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -468,9 +471,19 @@ def report_path(quality_dir: Path, partition: str) -> Path:
     return Path(quality_dir) / f"{partition}.json"
 
 
+def files_fingerprint(lake_dir: Path, key: str) -> str:
+    """What a partition's files are (names and sizes): a report holds it, and a report whose partition has
+    changed since (late events, a manual import, a compaction) is not trusted."""
+    from pipelines import lake
+
+    listed = sorted((f.name, f.stat().st_size) for f in lake.partition_files(lake_dir, key) if f.exists())
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:32]
+
+
 def write_report(report: ValidationReport, partition: str, quality_dir: Path,
-                 dagster_run_id: str | None = None) -> Path:
-    """Write ``report`` as the quality file of ``partition`` (format in the module docstring); atomic."""
+                 dagster_run_id: str | None = None, files: str | None = None) -> Path:
+    """Write ``report`` as the quality file of ``partition`` (format in the module docstring); atomic.
+    ``files``: the :func:`files_fingerprint` of what was validated."""
     path = report_path(quality_dir, partition)
     path.parent.mkdir(parents=True, exist_ok=True)
     body = _jsonable({
@@ -481,6 +494,7 @@ def write_report(report: ValidationReport, partition: str, quality_dir: Path,
         "statistics": report.statistics,
         "dagster_run_id": dagster_run_id,
         "validated_at": datetime.now(timezone.utc).isoformat(),
+        "files": files,
     })
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(body, indent=1))
@@ -510,6 +524,7 @@ def validate_partition(lake_dir: Path, key: str, *, quality_dir: Path | None = N
     Returns:
         ``(report, events)``; the report is also written to ``quality_dir`` when given.
     """
+    files = files_fingerprint(lake_dir, key)  # before reading: a file added meanwhile makes it stale
     df = read_partition_lenient(lake_dir, key)
     start, end = hour_window(key)
     volume = None
@@ -521,7 +536,7 @@ def validate_partition(lake_dir: Path, key: str, *, quality_dir: Path | None = N
         volume = volume_band(history, band_factor)
     report = validate_events(df, hour_start=start, hour_end=end, known_items=known_items, volume=volume)
     if quality_dir is not None:
-        write_report(report, key, quality_dir, dagster_run_id)
+        write_report(report, key, quality_dir, dagster_run_id, files)
     return report, df
 
 
@@ -529,9 +544,10 @@ def split_by_quality(lake_dir: Path, keys: Sequence[str], quality_dir: Path, **v
                      ) -> tuple[list[str], list[str]]:
     """Which of ``keys`` (partitions with files) training may use.
 
-    A partition is usable when its latest quality report passed; one never validated, or the hour
-    still being written, is validated now (and its report written), so training never reads
-    unchecked data.
+    A partition is usable when its latest quality report passed on the files it has now; one never
+    validated, one whose files changed since its report (late events, a manual import: a report used to
+    vouch for files added after it), or the hour still being written, is validated now (and its report
+    written), so training never reads unchecked data.
 
     Returns:
         ``(passed, failed)`` partition keys.
@@ -540,6 +556,8 @@ def split_by_quality(lake_dir: Path, keys: Sequence[str], quality_dir: Path, **v
     for key in keys:
         # the hour still being written is validated again each time: its stored report saw part of it
         rep = None if hour_is_open(key) else read_report(quality_dir, key)
+        if rep is not None and rep.get("files") != files_fingerprint(lake_dir, key):
+            rep = None
         ok = rep["success"] if rep is not None else validate_partition(
             lake_dir, key, quality_dir=quality_dir, **validate_kw)[0].success
         (passed if ok else failed).append(key)

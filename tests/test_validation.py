@@ -316,3 +316,22 @@ def test_training_revalidates_the_hour_still_being_written(tmp_path, monkeypatch
     assert validation.read_report(qdir, key)["success"] is True
     assert validation.hour_is_open(lake.partition_key(int(time.time() * 1000)))
     assert not validation.hour_is_open(key)
+
+
+def test_a_closed_hour_whose_files_changed_since_its_report_is_validated_again(tmp_path):
+    """Late events or a manual import into an hour that passed: its old report no longer vouches for it."""
+    _hours_in_lake(tmp_path, {0: 50})
+    key = lake.partition_key(HOUR_MS)
+    qdir = tmp_path / "quality"
+    assert validation.split_by_quality(tmp_path, [key], qdir) == ([key], [])
+    first = validation.read_report(qdir, key)
+    assert first["success"] and first["files"]
+    assert validation.split_by_quality(tmp_path, [key], qdir) == ([key], [])  # unchanged: the report is trusted
+    assert validation.read_report(qdir, key)["validated_at"] == first["validated_at"]
+    bad = schemas.new_event("purchase", "user1", "sku:1", "sess1", ts=HOUR_MS + 5000, price=10.0, quantity=1)
+    lake.write_events(tmp_path, [{**bad, "price": 250_000.0}], prefix="manual-import")  # written around ingestion
+    passed, failed = validation.split_by_quality(tmp_path, [key], qdir)
+    assert (passed, failed) == ([], [key])  # the stored "passed" used to let training read the import
+    again = validation.read_report(qdir, key)
+    assert not again["success"] and any(f["column"] == "price" for f in again["failed"])
+    assert again["files"] != first["files"]

@@ -19,7 +19,8 @@ from tests.orchestration.conftest import key_of
 
 TRAIN = [assets.catalog, assets.training_interactions, assets.trained_model, assets.popular_fallback,
          assets.served_model]
-REPORT_FIELDS = {"partition", "success", "evaluated", "failed", "statistics", "dagster_run_id", "validated_at"}
+REPORT_FIELDS = {"partition", "success", "evaluated", "failed", "statistics", "dagster_run_id", "validated_at",
+                 "files"}
 
 
 def _train(resources, **config) -> dg.ExecuteInProcessResult:
