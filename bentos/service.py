@@ -156,12 +156,20 @@ class Scorer:
         catalog.maybe_reload()
         # sold-out products are left out, as on /recommend: asked for more, so that k remain where they can
         sold_out = catalog.out_of_stock
-        items = model.recommender.similar_items(item_id, k + min(len(sold_out), 4 * k) if sold_out else k)
+        want = k + min(len(sold_out), 4 * k) if sold_out else k
+        items = model.recommender.similar_items(item_id, want)
+        index = getattr(model.recommender, "item_index", None)  # (popularity has no item index and no neighbours)
+        unknown = index is not None and item_id not in index
+        if unknown:  # a product added after training: its neighbours by content, if the catalog has it
+            if item_id not in catalog.category:
+                catalog.maybe_reload(force=True)  # added since the last reload?
+            items = self.holder.by_content(model, [item_id], want).get(item_id, [])
         items = [i for i in items if i not in sold_out][:k]
         out = {"item_id": item_id, "items": items, "model_version": model.version}
-        index = getattr(model.recommender, "item_index", None)  # (popularity has no item index and no neighbours)
-        if not out["items"] and index is not None and item_id not in index:
-            out["reason"] = self._unknown_item_reason(item_id, model.version)
+        if unknown:
+            out["by_content"] = bool(items)
+            if not items:
+                out["reason"] = self._unknown_item_reason(item_id, model.version)
         return out
 
     def _unknown_item_reason(self, item_id: str, version: str) -> str:

@@ -14,7 +14,7 @@ import logging
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -52,9 +52,10 @@ class Catalog:
         self._created: dict[str, int] = {}
         self._frame: pd.DataFrame | None = None
 
-    def maybe_reload(self, now: float | None = None) -> None:
+    def maybe_reload(self, now: float | None = None, *, force: bool = False) -> None:
+        """Re-read the file if it changed, at most every ``reload_s`` seconds (``force``: check now)."""
         now = time.monotonic() if now is None else now
-        if now - self._checked < self.reload_s and self._checked:
+        if now - self._checked < self.reload_s and self._checked and not force:
             return
         with self._lock:
             self._checked = now
@@ -82,6 +83,14 @@ class Catalog:
             self._recompute_new()
             log.info("catalog reloaded: %d items, %d out of stock, %d new", len(ids), len(self.out_of_stock),
                      len(self.new_items))
+
+    def rows(self, ids: Iterable[str]) -> pd.DataFrame | None:
+        """The catalog rows of those of ``ids`` it has (``None``: none of them, or no catalog)."""
+        frame = self._frame
+        if frame is None:
+            return None
+        found = [i for i in dict.fromkeys(ids) if i in frame.index]
+        return frame.loc[found] if found else None
 
     def _recompute_new(self) -> None:
         cutoff = int(time.time() * 1000 - self.new_item_age_h * 3_600_000)

@@ -53,6 +53,8 @@ RULES_HEADROOM = 20
 #: popular items the business rules may fill in with when a model's list runs out of products that fit
 #: (:func:`pipelines.rules.apply_rules`'s ``backfill``; read once per model version)
 RULES_BACKFILL = 200
+#: known items that stand in for a click on a product the model has never seen (its nearest by content)
+STAND_INS = 3
 #: seconds Redis is skipped after an error (a dead Redis must not cost every request a timeout)
 REDIS_RETRY_S = 2.0
 #: most users whose Redis context (recent and bought items) one pipeline reads
@@ -187,6 +189,8 @@ class ModelHolder:
         self.catalog = Catalog(settings.catalog_path, reload_s=settings.catalog_reload_s,
                                new_item_age_h=settings.new_item_age_h)
         self._backfills: dict[tuple[str, str], Scored] = {}
+        #: per (alias, version): product the model never saw -> its stand-ins (see :meth:`sessions`)
+        self._stand_ins: dict[tuple[str, str], dict[str, list[str]]] = {}
         self._stop = threading.Event()
         self._refresh_lock = threading.Lock()
         #: per alias, a version that failed to load (broken artifacts): not downloaded again every poll
@@ -337,7 +341,8 @@ class ModelHolder:
                 continue
             rec = model.recommender
             kk = max(int(requests[n].get("k", 10)) for n in positions)
-            batch = [(str(requests[n]["user_id"]), list(requests[n].get("recent") or ())) for n in positions]
+            sessions = self.sessions(model, [list(requests[n].get("recent") or ()) for n in positions])
+            batch = [(str(requests[n]["user_id"]), s) for n, s in zip(positions, sessions)]
             try:
                 lists, cold = score_batch(rec, batch, kk + RULES_HEADROOM)
             except Exception as err:
@@ -346,6 +351,7 @@ class ModelHolder:
                     out[n] = {"error": f"model raised: {err}"}
                 continue
             backfill = self._backfill(model)
+            index = getattr(rec, "item_index", None) or {}
             for j, (n, scored, is_cold) in enumerate(zip(positions, lists, cold)):
                 req = requests[n]
                 items = apply_rules(
@@ -356,7 +362,58 @@ class ModelHolder:
                     backfill=backfill)
                 out[n] = {"items": [[i, round(float(s), 6)] for i, s in items], "model_version": model.version,
                           "variant": variant, "cold": bool(is_cold), "versions": versions, "lineage": lineage}
+                if is_cold:  # what a new user's list came from: a click the model can use, or nothing (trending)
+                    out[n]["cold_from"] = "session" if any(i in index for i in batch[j][1]) else "trending"
         return out
+
+    def sessions(self, model: LoadedModel, sessions: Sequence[Sequence[str]]) -> list[list[str]]:
+        """Each session (newest first) with a click on a product the model has never seen replaced by its stand-ins.
+
+        A product added to the catalog after the model was trained is unknown to every part but the
+        content half of the item tower; its :data:`STAND_INS` nearest trained products by content
+        (``content_neighbours``) take its place in the session, so that the click still moves the next
+        list (a new visitor whose first click is such a product gets related products, not trending).
+        The stand-ins count as session items, so they are not recommended back.
+        """
+        stand_ins = self.stand_ins(model, [i for s in sessions for i in s])
+        if not stand_ins:
+            return [list(s) for s in sessions]
+        return [list(dict.fromkeys(j for i in s for j in stand_ins.get(i, (i,)))) for s in sessions]
+
+    def stand_ins(self, model: LoadedModel, items: Iterable[str]) -> dict[str, list[str]]:
+        """Of ``items``, those the model does not know but the catalog has: their nearest known by content.
+
+        Cached per version; a product not in the catalog yet is looked up again next time.
+        """
+        rec = model.recommender
+        if getattr(rec, "content_neighbours", None) is None or getattr(rec, "item_index", None) is None:
+            return {}
+        unknown = [i for i in dict.fromkeys(items) if i not in rec.item_index]
+        if not unknown:
+            return {}
+        key = (model.alias, model.version)
+        cache = self._stand_ins.get(key)
+        if cache is None:
+            if len(self._stand_ins) >= 8:  # versions swapped out long ago
+                self._stand_ins.clear()
+            cache = self._stand_ins[key] = {}
+        missing = [i for i in unknown if i not in cache]
+        if missing:
+            cache.update(self.by_content(model, missing, STAND_INS))
+        return {i: cache[i] for i in unknown if cache.get(i)}
+
+    def by_content(self, model: LoadedModel, items: Sequence[str], k: int) -> dict[str, list[str]]:
+        """For those of ``items`` in the catalog: the ``k`` products with interactions nearest each by content
+        (``content_neighbours``; ``{}`` when the model has no content path)."""
+        neighbours = getattr(model.recommender, "content_neighbours", None)
+        rows = self.catalog.rows(items) if neighbours is not None else None
+        if rows is None:
+            return {}
+        try:
+            return dict(zip(rows.index, neighbours(rows, k)))
+        except Exception as err:  # a nicety: without it such a click is ignored, as before
+            log.warning("version %s could not place %d new products by content (%s)", model.version, len(rows), err)
+            return {}
 
 
     def _content_ranker(self, rec: Recommender, user_id: str, recent: Sequence[str]):
@@ -746,7 +803,7 @@ class RecommendationEngine:
                                {**self.lineage, served_variant: (res.get("lineage") or {}).get(served_variant, version)})
         if res.get("cold"):
             counters.setdefault(STATS_REQUESTS, {}).update(
-                {"cold_user": 1, "cold_user_session" if recent else "cold_user_trending": 1})
+                {"cold_user": 1, f"cold_user_{res.get('cold_from', 'trending')}": 1})
         if self.settings.serve_cache:
             await self._aredis(self.astate.set_cached, user_id, served_variant, entry)
         return Recommendation(request_id, items[:k], served_variant, version, SOURCE_MODEL)

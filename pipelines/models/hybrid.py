@@ -260,6 +260,10 @@ class ShopRec(ScoringRecommender):
         return zscore_rows(ii[None])[0] + self.w_embed * zscore_rows(self.embed._item_similarity(code)[None])[0]
 
     # --- new products ---------------------------------------------------------------------
+    def content_neighbours(self, items: pd.DataFrame, k: int) -> list[list[str]]:
+        """See :meth:`TwoTower.content_neighbours` (the item tower's content half)."""
+        return self.embed.content_neighbours(items, k)
+
     @torch.inference_mode()
     def rank_new_items(self, user_id: str | None, recent_item_ids: Sequence[str], k: int,
                        catalog: pd.DataFrame | None = None) -> Scored:

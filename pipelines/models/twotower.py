@@ -236,6 +236,24 @@ class TwoTower(ScoringRecommender):
         normed = F.normalize(self.item_emb, dim=1)
         return normed @ normed[code]
 
+    @torch.inference_mode()
+    def content_neighbours(self, items: pd.DataFrame, k: int) -> list[list[str]]:
+        """For catalog rows the model has never seen, the ``k`` items with interactions nearest to each by content.
+
+        The cosine between the row's content-only vector (:meth:`content_embedding`) and the trained
+        items' vectors, the same space a new item is scored in. What a product added after training
+        stands for: its similar items, and the stand-ins for a click on it. A row none of whose content
+        tokens the model knows (or a model fitted without a catalog) gets ``[]``.
+        """
+        n_warm = self._n_warm
+        if not len(items) or k <= 0 or not n_warm:
+            return [[] for _ in range(len(items))]
+        vectors = self.content_embedding(items)
+        described = (vectors.norm(dim=1) > 1e-12).cpu().tolist()  # no content token the model knows: nothing to say
+        sims = F.normalize(vectors, dim=1) @ F.normalize(self.item_emb[:n_warm], dim=1).T
+        top = torch.topk(sims, min(k, n_warm), dim=1).indices.cpu().tolist()
+        return [[self._item_ids[i] for i in row] if ok else [] for row, ok in zip(top, described)]
+
     def params(self) -> dict:
         return {"dim": self.dim, "epochs": self.epochs, "lr": self.lr, "weight_decay": self.weight_decay,
                 "batch_size": self.batch_size, "temperature": self.temperature,

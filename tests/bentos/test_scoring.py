@@ -85,3 +85,40 @@ def test_a_challenger_left_on_the_promoted_version_is_not_served_as_an_experimen
     assert holder.refresh() == {ALIAS_CHAMPION: v2}  # and stays so on the next polls
     answer = holder.score([{"user_id": "u0", "variant": ALIAS_CHALLENGER, "k": 5}])[0]
     assert answer["model_version"] == v2 and len(answer["items"]) == 5
+
+
+def test_a_click_on_a_product_added_after_training_moves_a_new_visitors_list(settings):
+    """The model never saw the product; its nearest trained products by content stand in for the click, so a new
+    visitor whose first click is a new lamp gets lamps (it got trending), and the dashboard counts it as served
+    from the session. A click the catalog cannot place is still trending."""
+    import pandas as pd
+
+    from pipelines.models import get_recommender
+    from pipelines.registry import LoadedModel
+    from pipelines.schemas import ALIAS_CHAMPION
+    from pipelines.serving import ModelHolder
+    from tests.models.test_hybrid import FAST_EMBED, catalog
+    from tests.models.test_models import two_groups
+
+    model = get_recommender("shoprec", **FAST_EMBED).fit(two_groups(), catalog(extra_new=False))
+    settings.catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    later = catalog(extra_new=False).iloc[[8]].assign(item_id="LATER_B")  # a blue Zeta desk lamp
+    pd.concat([catalog(extra_new=False), later]).to_parquet(settings.catalog_path)
+    holder = ModelHolder(settings, models={ALIAS_CHAMPION: LoadedModel(model, "1", ALIAS_CHAMPION)})
+
+    lamp, stranger, nothing = holder.score([{"user_id": "walk-in", "recent": ["LATER_B"], "k": 4},
+                                            {"user_id": "walk-in-2", "recent": ["not-in-catalog"], "k": 4},
+                                            {"user_id": "walk-in-3", "k": 4}])
+    assert lamp["cold"] and lamp["cold_from"] == "session"
+    # (six lamps in all: the three nearest stand in for the click and are not offered back)
+    assert [i[0] for i in lamp["items"][:3]] and all(i.startswith("B") for i, _ in lamp["items"][:3]), lamp["items"]
+    assert stranger["cold_from"] == nothing["cold_from"] == "trending"
+    # what /similar answers for it: its nearest lamps by content
+    similar = holder.by_content(holder.models[ALIAS_CHAMPION], ["LATER_B", "not-in-catalog"], 3)
+    assert list(similar) == ["LATER_B"] and all(i.startswith("B") for i in similar["LATER_B"])
+    assert stranger["items"] == nothing["items"]  # the unplaceable click changes nothing
+    # a known user's click on the new product moves their list towards lamps too
+    before, after = holder.score([{"user_id": "a0", "k": 6}, {"user_id": "a0", "recent": ["LATER_B"], "k": 6}])
+    assert "cold_from" not in before
+    top3 = lambda answer: {i[0] for i, _ in answer["items"][:3]}  # noqa: E731
+    assert top3(before) == {"A"} and top3(after) == {"B"}

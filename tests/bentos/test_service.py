@@ -226,6 +226,11 @@ def test_similar_items_for_a_known_and_an_unknown_product(settings, redis_client
     assert "becomes champion" in c.post("/similar", json={"item_id": "launched-today", "k": 3}).json()["reason"]
     typo = c.post("/similar", json={"item_id": "launched-2day", "k": 3}).json()
     assert typo["items"] == [] and "no product 'launched-2day' in the catalog" in typo["reason"]
+    # a product added a moment ago is in the catalog at once (it was "no product" until the next minute's reload)
+    pd.DataFrame([{"item_id": i, "title": i, "category": "c", "brand": "b", "price": 1.0, "created_at": 0,
+                   "in_stock": True} for i in ("i2", "launched-today", "launched-now")]).to_parquet(settings.catalog_path)
+    now = c.post("/similar", json={"item_id": "launched-now", "k": 3}).json()
+    assert now["items"] == [] and "becomes champion" in now["reason"] and now["by_content"] is False
     none = client_for("no-such-model").post("/similar", json={"item_id": "i2", "k": 3}).json()
     assert none["items"] == [] and "train_job" in none["reason"]
     # sold-out products are not offered as similar ones either (they were: 20 of 600 on the local stack)

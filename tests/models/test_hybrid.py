@@ -308,6 +308,15 @@ class TestShopRec(RecommenderContract):
         later = catalog(extra_new=False).iloc[[1, 8]].assign(item_id=["LATER_A", "LATER_B"])
         assert model.rank_new_items("b2", [], 1, catalog=later)[0][0] == "LATER_B"
 
+    def test_a_product_added_after_training_has_neighbours_by_content(self):
+        model = self.make().fit(self.data(), catalog(extra_new=False))
+        later = catalog(extra_new=False).iloc[[1, 8]].assign(item_id=["LATER_A", "LATER_B"])
+        shoe, lamp = model.content_neighbours(later, 3)
+        assert len(shoe) == len(lamp) == 3
+        assert all(i.startswith("A") for i in shoe) and all(i.startswith("B") for i in lamp)
+        # without content the model knows, it has nothing to say (not three arbitrary products)
+        assert self.make().fit(self.data()).content_neighbours(later, 3) == [[], []]
+
     def test_save_load_keeps_content_and_trending(self, tmp_path):
         model = self.make().fit(self.data(), catalog())
         model.save(tmp_path / "m")
