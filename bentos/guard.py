@@ -131,6 +131,8 @@ class ApiKeyAndSizeGuard:
             await JSONResponse({"error": error}, status_code=status, headers=headers)(scope, receive, send)
 
         settings = get_settings()
+        if path == "/docs.json":
+            return await self.app(scope, receive, _KeyInSchema(send, READ_PATHS | set(self.paths)))
         if path in READ_PATHS:
             if settings.serve_public_reads:
                 return await self.app(scope, receive, send)
@@ -187,3 +189,49 @@ class ApiKeyAndSizeGuard:
                                      f"{settings.max_events_per_request}: split the batch")
 
         return await self.app(scope, replaying(body, receive), send)
+
+
+class _KeyInSchema:
+    """The ``send`` of a ``/docs.json`` answer: the OpenAPI schema BentoML writes, plus the API key.
+
+    BentoML's schema has no security scheme, so its Swagger UI (at ``/``) offered no way to send a key
+    and every "Try it out" on a keyed route answered 401. With a bearer scheme on those routes the UI
+    shows "Authorize" and sends ``Authorization: Bearer <key>``.
+    """
+
+    def __init__(self, send, keyed: set[str]):
+        self.send, self.keyed = send, keyed
+        self.start: dict | None = None
+        self.body = bytearray()
+
+    async def __call__(self, message: dict) -> None:
+        if message["type"] == "http.response.start":
+            self.start = message
+            return
+        if message["type"] != "http.response.body" or self.start is None:
+            return await self.send(message)
+        self.body += message.get("body", b"")
+        if message.get("more_body"):
+            return
+        body = bytes(self.body)
+        if self.start["status"] == 200:
+            try:
+                body = orjson.dumps(_with_key(orjson.loads(body), self.keyed))
+            except (orjson.JSONDecodeError, TypeError, AttributeError) as err:  # BentoML's schema, unchanged
+                log.warning("API key not added to the OpenAPI schema (%s)", err)
+        headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
+        await self.send({**self.start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})
+        await self.send({"type": "http.response.body", "body": body})
+
+
+def _with_key(spec: dict, keyed: set[str]) -> dict:
+    """``spec`` with a bearer security scheme, required on the operations of the ``keyed`` paths."""
+    spec.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http", "scheme": "bearer",
+        "description": "a key of SHOPREC_API_KEYS (reads: or of SHOPREC_READ_API_KEYS); locally 'shoprec-dev-key'"}
+    for path, item in spec.get("paths", {}).items():
+        if path in keyed:
+            for operation in item.values():
+                if isinstance(operation, dict):
+                    operation["security"] = [{"apiKey": []}]
+    return spec

@@ -119,6 +119,19 @@ def test_an_unknown_path_is_a_404_here_and_known_routes_still_work(events_client
     assert c.post("/events", json={"events": []}, headers=key).status_code == 202
 
 
+def test_the_swagger_ui_can_send_the_api_key(events_client):
+    """The schema behind the Swagger UI declares the key on the keyed routes, so "Authorize" sends it."""
+    c, _ = events_client
+    r = c.get("/docs.json")
+    assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
+    spec = r.json()
+    assert spec["components"]["securitySchemes"]["apiKey"] == {**spec["components"]["securitySchemes"]["apiKey"],
+                                                              "type": "http", "scheme": "bearer"}
+    keyed = {path for path, item in spec["paths"].items() for op in item.values() if op.get("security")}
+    assert keyed == {"/recommend", "/similar", "/status", "/events", "/catalog"}
+    assert spec["components"]["schemas"] and "/ping" in spec["paths"]  # BentoML's schema is otherwise whole
+
+
 def test_a_query_body_over_the_limit_is_a_413_before_it_is_read(events_client, monkeypatch):
     c, (key, _) = events_client
     c.headers.update(key)
