@@ -148,6 +148,7 @@ def training_interactions(context: dg.AssetExecutionContext, config: WindowConfi
         "window_days": days,
         "date_range": f"{df.ts.min()} .. {df.ts.max()}" if len(df) else "empty",
         "partitions_used": len(window.passed),
+        "duplicates_dropped": window.duplicates_dropped,  # redelivered events, counted once
         "partitions_left_out": dg.MetadataValue.json(window.failed),
         TAG_GX_SUCCESS: not window.failed, "failed_partitions": ",".join(window.failed),
     })

@@ -339,11 +339,13 @@ def retrain_trigger(lake_dir: Path, since: datetime, now: datetime, *, min_new_e
 # --- training window and cache warm-up --------------------------------------------
 @dataclass
 class Window:
-    """Lake events of a training window, from the partitions that passed validation."""
+    """Lake events of a training window, from the partitions that passed validation, each event once."""
 
     events: pd.DataFrame
     passed: list[str]
     failed: list[str]
+    #: rows dropped because an earlier row had their event_id (redeliveries the suite tolerates)
+    duplicates_dropped: int = 0
 
 
 def load_window(lake_dir: Path, quality_dir: Path, start: datetime, end: datetime, **validate_kw) -> Window:
@@ -351,6 +353,8 @@ def load_window(lake_dir: Path, quality_dir: Path, start: datetime, end: datetim
 
     A partition never validated is validated first (see :func:`validation.split_by_quality`);
     a failed one is left out, so training never consumes data that broke a suite.
+    A row whose ``event_id`` an earlier row has (a redelivery: the suite tolerates up to 1% of them)
+    is dropped, so each event counts once (:func:`validation.repeated_events`, the first row stays).
     ``validate_kw`` goes to :func:`validation.validate_partition` (``known_items``, ...).
     """
     keys = [k for k in _hours(start, end) if any(lake.partition_dir(lake_dir, k).glob("*.parquet"))]
@@ -358,7 +362,14 @@ def load_window(lake_dir: Path, quality_dir: Path, start: datetime, end: datetim
     files = [f for k in passed for f in lake.partition_files(lake_dir, k)]
     if failed:
         log.warning("training leaves out %d partition(s) that failed validation: %s", len(failed), failed)
-    return Window(lake.read_files(files), passed, failed)
+    events = lake.read_files(files)
+    repeated = validation.repeated_events(events)
+    dropped = int(repeated.sum())
+    if dropped:
+        events = events[~repeated.to_numpy()].reset_index(drop=True)
+        log.info("training counts each event once: dropped %d repeated event_id row(s), %d events left",
+                 dropped, len(events))
+    return Window(events, passed, failed, dropped)
 
 
 def active_users(interactions: pd.DataFrame, n: int) -> list[str]:

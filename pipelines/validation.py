@@ -4,8 +4,9 @@ The rules live as versioned JSON suites in ``expectations/`` (the source of
 truth; this module never builds expectations in code):
 
 * ``events.json`` (suite ``shoprec_events``): columns, keys not null, known
-  event types, unique ``event_id``, id format, price range, ``item_id`` for every
-  event but impressions, at least one row.
+  event types, ``event_id`` unique but for a few redeliveries (at most 1% of rows;
+  training keeps one row per ``event_id``, :func:`repeated_events`), id format,
+  price range, ``item_id`` for every event but impressions, at least one row.
 * ``events_window.json`` (suite ``shoprec_events_window``): every ``ts`` lies in
   the partition's own hour; run only when the hour is given.
 * ``events_catalog.json`` (suite ``shoprec_events_catalog``): at most 5% of item
@@ -16,6 +17,12 @@ truth; this module never builds expectations in code):
 * ``catalog.json`` (suite ``shoprec_catalog``): the product catalog
   (``Settings.catalog_path``), checked by :func:`validate_catalog`.
 
+Before any suite runs on a partition of the lake, :func:`check_file_schemas` compares each
+file's Parquet footer with the lake schema (:data:`pipelines.lake.LAKE_SCHEMA`): a file of
+the wrong column types (``price`` as text, ``ts`` as integers) or without a required column
+fails the partition with its own entry naming the file, the columns and the types, and is
+left out of the suites, whose messages about values would not say which file is at fault.
+
 Quality reports on disk (the contract with the dashboard's *Data quality* page):
 :func:`write_report` writes one JSON file per validated partition to
 ``Settings.quality_dir / f"{partition_key}.json"`` (the catalog's key is
@@ -24,8 +31,11 @@ Quality reports on disk (the contract with the dashboard's *Data quality* page):
     partition      str   the hourly partition key "YYYY-MM-DD-HH:00" (or "catalog")
     success        bool  every expectation met
     evaluated      int   number of expectations evaluated
-    failed         list  one dict per failed expectation, as ValidationReport.failed
-    statistics     dict  as ValidationReport.statistics (rows, suites and versions, ...)
+    failed         list  one dict per failed expectation, as ValidationReport.failed (a file that does not fit
+                   the lake schema is one entry too, with ``file`` and ``mismatches``)
+    statistics     dict  as ValidationReport.statistics (rows, suites and versions, ``duplicate_event_ids``:
+                   rows repeating an earlier event_id, which training drops; ``files``: the files
+                   checked against the lake schema, those that did not fit and their rows)
     dagster_run_id str | null  the Dagster run that validated it
     validated_at   str   ISO 8601 UTC time of the validation
     files          str | null  fingerprint of the partition's files then (names and sizes): training
@@ -63,8 +73,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.schemas import (CATALOG_COLUMNS, CATALOG_CREATED_AT_MIN_MS, CATALOG_MAX_FUTURE_S, EVENT_TYPES,
-                              LAKE_COLUMNS, PRICE_MAX, PRICE_MIN)
+from pipelines.schemas import (CATALOG_COLUMNS, CATALOG_CREATED_AT_MIN_MS, CATALOG_MAX_FUTURE_S, COL_EVENT_ID,
+                              COL_ITEM, EVENT_TYPES, LAKE_COLUMNS, PRICE_MAX, PRICE_MIN, Event)
 
 if TYPE_CHECKING:
     from great_expectations.core.expectation_suite import ExpectationSuite
@@ -205,7 +215,9 @@ class ValidationReport:
     ``failed`` holds one dict per failed expectation: ``suite``, ``expectation_type``,
     ``column``, ``description``, ``unexpected_count``, ``unexpected_percent``,
     ``observed_value``, ``sample`` (a few offending values, JSON-able) and
-    ``exception`` (when GX could not evaluate it, e.g. a missing column).
+    ``exception`` (when GX could not evaluate it, e.g. a missing column). A file that
+    does not fit the lake schema (:func:`check_file_schemas`) is one such dict too, of
+    suite :data:`SCHEMA_CHECK`, with ``file`` (its path in the lake) and ``mismatches``.
     """
 
     success: bool
@@ -227,24 +239,38 @@ class ValidationReport:
 
     def summary(self) -> str:
         stats = self.statistics
-        suites = ", ".join(f"{n} v{v}" for n, v in stats.get("suites", {}).items()) or "no suite"
+        files = stats.get("files") or {}
+        suites = [f"{n} v{v}" for n, v in stats.get("suites", {}).items()]
+        if files:
+            suites.insert(0, f"lake schema of {files.get('checked')} file(s)")
         rows = stats.get("rows")
         head = (f"{'PASSED' if self.success else 'FAILED'}: "
                 f"{self.evaluated - len(self.failed)}/{self.evaluated} expectations met "
-                f"on {rows} rows ({suites})")
+                f"on {rows} rows ({', '.join(suites) or 'no suite'})")
         lines = [head]
-        if rows == 0:
+        if files.get("misfit"):
+            lines.append(f"  {len(files['misfit'])} of {files.get('checked')} file(s) do not fit the lake schema: "
+                         f"their {files.get('rows_left_out')} rows were left out of the suites"
+                         + ("" if stats.get("suites") else ", and no file was left to run them on"))
+        elif rows == 0:
             lines.append("  the partition is empty (0 rows)")
+        if stats.get("duplicate_event_ids"):
+            lines.append(f"  {stats['duplicate_event_ids']} row(s) repeat an earlier event_id (redelivered): "
+                         "training counts each event once")
         for f in self.failed:
             lines.append("  - " + _describe_failure(f))
         return "\n".join(lines)
 
 
 def _label(f: dict) -> str:
+    if f.get("file"):
+        return f"{f['expectation_type']}({f['file']})"
     return f"{f['expectation_type']}({f['column']})" if f.get("column") else f["expectation_type"]
 
 
 def _describe_failure(f: dict) -> str:
+    if f.get("file"):
+        return f"{f['file']} does not fit the lake schema: {f['observed_value']}. {SCHEMA_FIX}"
     text = _label(f)
     if f.get("exception"):
         return f"{text}: could not be evaluated: {f['exception']}"
@@ -377,6 +403,8 @@ def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
         params.update(volume_min=int(volume[0]), volume_max=int(volume[1]))
     report = _run(tuple(paths), df, params)
     report.statistics["window"] = window
+    if COL_EVENT_ID in df:
+        report.statistics["duplicate_event_ids"] = int(repeated_events(df).sum())
     if volume is not None:
         report.statistics["volume_band"] = [int(volume[0]), int(volume[1])]
     return report
@@ -413,17 +441,124 @@ def _run(paths: tuple[Path, ...], df: pd.DataFrame, params: dict[str, Any]) -> V
         evaluated += len(run.results)
         failed += [_failure(suite, r) for r in run.results if not r.success]
     failed.sort(key=lambda f: f["column"] is not None)  # table-level failures (empty, columns) first
-    successful = evaluated - len(failed)
-    statistics = {
-        "rows": len(df),
-        "suites": suites,
-        "evaluated_expectations": evaluated,
-        "successful_expectations": successful,
-        "unsuccessful_expectations": len(failed),
-        "success_percent": round(100.0 * successful / evaluated, 2) if evaluated else None,
-    }
     return ValidationReport(success=bool(result.success) and not failed, evaluated=evaluated,
-                            failed=failed, statistics=statistics)
+                            failed=failed, statistics={"rows": len(df), "suites": suites, **_counts(evaluated, failed)})
+
+
+def _counts(evaluated: int, failed: list[dict]) -> dict[str, Any]:
+    successful = evaluated - len(failed)
+    return {"evaluated_expectations": evaluated, "successful_expectations": successful,
+            "unsuccessful_expectations": len(failed),
+            "success_percent": round(100.0 * successful / evaluated, 2) if evaluated else None}
+
+
+def repeated_events(df: pd.DataFrame) -> pd.Series:
+    """Boolean mask of the rows whose ``event_id`` an earlier row already has (a redelivery; the first stays).
+
+    At-least-once delivery repeats a few events, which the suite tolerates; training drops these rows so
+    that each event counts once. Rows without an ``event_id`` are never marked (the suite fails them).
+    """
+    ids = df[COL_EVENT_ID]
+    return ids.duplicated(keep="first") & ids.notna()  # one hash pass: about 1 s for 3 million ids
+
+
+# --- the lake schema, file by file, before any suite ------------------------------
+#: the suite name and expectation type under which a file that does not fit the lake schema is reported
+SCHEMA_CHECK = "lake_schema"
+FILE_FITS = "file_matches_lake_schema"
+#: columns a lake file must have: those the event schema requires, and item_id (every event but an impression
+#: names one). A file may lack any other column, which every reader then sees as null (older files lack newer ones).
+REQUIRED_COLUMNS = (*(n for n, f in Event.model_fields.items() if f.is_required()), COL_ITEM)
+SCHEMA_FIX = ("Move the file out of the partition folder, or export it again with the lake's column types "
+              "(pipelines.lake.LAKE_SCHEMA), then validate the hour again; until then the hour fails and "
+              "training leaves it out.")
+
+
+def _kind(t: pa.DataType) -> str:
+    """The kind of value a column type holds (text, integer, timestamp, ...).
+
+    Types of one kind are read as the lake type: the reader casts them (another timestamp unit, a
+    narrower integer). Across kinds Arrow casts too, silently (integers into timestamps, numeric text
+    into prices), which is why the kinds are compared from the footer before anything is read.
+    """
+    if pa.types.is_dictionary(t):
+        return _kind(t.value_type)
+    if pa.types.is_null(t):
+        return "null"
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t):
+        return "text"
+    if pa.types.is_timestamp(t):
+        return "timestamp"
+    if pa.types.is_integer(t):
+        return "integer"
+    if pa.types.is_floating(t):
+        return "float"
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_list_view(t):
+        return f"list<{_kind(t.value_type)}>"
+    return str(t)
+
+
+def _fits(found: pa.DataType, expected: pa.DataType) -> bool:
+    fk, ek = _kind(found), _kind(expected)
+    # all-null columns fit anything; whole-number prices are prices
+    return fk in (ek, "null") or (ek, fk) == ("float", "integer") or (ek.startswith("list<") and fk == "list<null>")
+
+
+def check_file_schemas(lake_dir: Path, files: Sequence[Path]) -> tuple[list[Path], list[dict]]:
+    """Which of ``files`` fit the lake schema (:data:`pipelines.lake.LAKE_SCHEMA`), from their footers only.
+
+    A file fits when it has every :data:`REQUIRED_COLUMNS` and each lake column it has holds the lake
+    column's kind of value (:func:`_kind`: a timestamp of another unit or a narrower integer fits; text
+    where the lake has a price, or integers where it has a timestamp, do not). Extra columns are allowed.
+
+    Returns:
+        ``(fitting files, failures)``: one report entry (as :attr:`ValidationReport.failed`) per file that
+        does not fit, naming the file (relative to ``lake_dir``), each wrong column with the type expected
+        and the type found, and what to do.
+
+    Raises:
+        FileNotFoundError: a file vanished (a compaction replaced it): list the partition again.
+    """
+    from pipelines import lake
+
+    fitting: list[Path] = []
+    failures: list[dict] = []
+    for path in files:
+        rel = _rel(lake_dir, path)
+        try:
+            with pq.ParquetFile(path) as pf:  # the footer only
+                schema, rows = pf.schema_arrow, pf.metadata.num_rows
+        except FileNotFoundError:
+            raise
+        except (OSError, pa.ArrowException) as err:
+            failures.append(_misfit(rel, None, [], f"not a readable Parquet file ({err})"))
+            continue
+        mismatches = []
+        for want in lake.LAKE_SCHEMA:
+            i = schema.get_field_index(want.name)
+            found = schema.field(i).type if i >= 0 else None
+            if (found is None and want.name in REQUIRED_COLUMNS) or (found is not None and not _fits(found, want.type)):
+                mismatches.append({"column": want.name, "expected": str(want.type),
+                                   "found": "missing" if found is None else str(found)})
+        if mismatches:
+            failures.append(_misfit(rel, rows, mismatches))
+        else:
+            fitting.append(path)
+    return fitting, failures
+
+
+def _rel(lake_dir: Path, path: Path) -> str:
+    """``path`` as a person finds it in the lake (``date=.../hour=.../name.parquet``)."""
+    return Path(path).relative_to(lake_dir).as_posix() if Path(path).is_relative_to(lake_dir) else str(path)
+
+
+def _misfit(rel: str, rows: int | None, mismatches: list[dict], error: str | None = None) -> dict:
+    what = error or "; ".join(f"{m['column']} is {m['found']} ({m['expected']} expected)" for m in mismatches)
+    return {"suite": SCHEMA_CHECK, "expectation_type": FILE_FITS,
+            "column": ", ".join(m["column"] for m in mismatches) or None,
+            "description": "Every file of the partition has the lake's columns and types. " + SCHEMA_FIX,
+            "unexpected_count": rows, "unexpected_percent": None, "observed_value": what, "sample": [rel],
+            "exception": error, "file": rel, "mismatches": mismatches}
 
 
 # --- partitions of the lake, quality reports on disk ----------------------------
@@ -455,8 +590,8 @@ def partition_rows(lake_dir: Path, key: str, *, stream_only: bool = False) -> in
 def read_partition_lenient(lake_dir: Path, key: str) -> pd.DataFrame:
     """The partition as the lake schema; files that do not fit the schema are read as they are.
 
-    A file written with the wrong column types must reach the suite (and fail it with a
-    named expectation) instead of crashing the read.
+    For looking at an hour whatever its files hold; validation reads through :func:`read_partition_checked`,
+    which names a file that does not fit and leaves it out.
     """
     from pipelines import lake
 
@@ -465,6 +600,38 @@ def read_partition_lenient(lake_dir: Path, key: str) -> pd.DataFrame:
     except (pa.ArrowException, ValueError, TypeError):
         return lake.read_relisting(lake.partition_files(lake_dir, key), lambda files: pd.concat(
             [pq.read_table(f).to_pandas() for f in files], ignore_index=True))
+
+
+def read_partition_checked(lake_dir: Path, key: str) -> tuple[pd.DataFrame, list[dict], dict]:
+    """The partition's files that fit the lake schema, read as it (:func:`check_file_schemas`, footers first).
+
+    A file whose footer fits but whose values the lake reader cannot cast (timestamps with microseconds,
+    an integer too large for the column) does not fit either: what passes validation, training can read.
+
+    Returns:
+        ``(events, failures, files)``: a report entry per file that does not fit, and ``files``, the
+        ``statistics["files"]`` of the report (``checked``, ``misfit`` paths, ``rows_left_out``).
+    """
+    from pipelines import lake
+
+    def read(files: list[Path]) -> tuple[pd.DataFrame, list[dict], dict]:
+        fitting, failures = check_file_schemas(lake_dir, files)
+        try:
+            events = lake.read_files(fitting)
+        except (pa.ArrowException, ValueError, TypeError):  # rare: find the file(s) at fault
+            for path in list(fitting):
+                try:
+                    lake.read_lake_table(path)
+                except (pa.ArrowException, ValueError, TypeError) as err:
+                    failures.append(_misfit(_rel(lake_dir, path), pq.read_metadata(path).num_rows, [],
+                                            f"not readable as the lake schema ({err})"))
+                    fitting.remove(path)
+            events = lake.read_files(fitting)
+        stats = {"checked": len(files), "misfit": [f["file"] for f in failures],
+                 "rows_left_out": sum(f["unexpected_count"] or 0 for f in failures)}
+        return events, failures, stats
+
+    return lake.read_relisting(lake.partition_files(lake_dir, key), read)
 
 
 def report_path(quality_dir: Path, partition: str) -> Path:
@@ -521,20 +688,31 @@ def validate_partition(lake_dir: Path, key: str, *, quality_dir: Path | None = N
     has not closed yet (:func:`hour_is_open`) is checked by every suite but volume: its row count
     so far says nothing about the stream (the hourly schedule checks it once it closed).
 
+    Each file is first checked against the lake schema (:func:`check_file_schemas`); a file that does not fit
+    fails the partition with an entry naming it, and the suites run on the other files (none when no file fits;
+    nor the volume suite, whose row count would lack the files left out).
+
     Returns:
         ``(report, events)``; the report is also written to ``quality_dir`` when given.
     """
     files = files_fingerprint(lake_dir, key)  # before reading: a file added meanwhile makes it stale
-    df = read_partition_lenient(lake_dir, key)
+    df, misfits, checked = read_partition_checked(lake_dir, key)
     start, end = hour_window(key)
     volume = None
-    if not hour_is_open(key, now):
+    if not hour_is_open(key, now) and not misfits:
         # learned from what the stream wrote: imported history (a backfill) has a density of its own, and the
         # local stack's live shop sends ~30x its history's rate, so every live hour failed against it
         history = [partition_rows(lake_dir, (start - timedelta(hours=h)).strftime("%Y-%m-%d-%H:00"),
                                   stream_only=True) for h in range(1, history_hours + 1)]
         volume = volume_band(history, band_factor)
-    report = validate_events(df, hour_start=start, hour_end=end, known_items=known_items, volume=volume)
+    if misfits and not checked["checked"] - len(misfits):  # nothing to run the suites on
+        report = ValidationReport(success=False, evaluated=0, statistics={"rows": 0, "suites": {}})
+    else:
+        report = validate_events(df, hour_start=start, hour_end=end, known_items=known_items, volume=volume)
+    report.failed = _jsonable(misfits) + report.failed
+    report.evaluated += checked["checked"]  # each file's schema is one expectation
+    report.success = report.success and not misfits
+    report.statistics.update(files=checked, **_counts(report.evaluated, report.failed))
     if quality_dir is not None:
         write_report(report, key, quality_dir, dagster_run_id, files)
     return report, df
@@ -573,7 +751,7 @@ def sample_rows(df: pd.DataFrame, failed: Sequence[dict], n: int = 3) -> list[di
     out: list[dict] = []
     for f in failed:
         column, sample = f.get("column"), f.get("sample") or []
-        if column is None or column not in df or not sample:
+        if column is None or column not in df or not sample or f.get("file"):
             continue
         values = df[column].map(lambda v: _jsonable(v))
         rows = df[values.isin([v for v in sample if v is not None])] if any(v is not None for v in sample) \
@@ -591,6 +769,7 @@ def describe_report(data: dict) -> str:
 
 
 __all__ = ["CATALOG_KEY", "SUITE_PATH", "WINDOW_SUITE_PATH", "ValidationReport", "hour_window", "load_suite",
+           "check_file_schemas", "read_partition_checked", "repeated_events", "REQUIRED_COLUMNS", "SCHEMA_CHECK",
            "describe_report", "read_report", "sample_rows", "split_by_quality", "suite_parameters",
            "validate_catalog", "validate_events", "validate_partition", "volume_band", "write_report",
            "hour_is_open"]

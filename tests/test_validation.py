@@ -10,6 +10,8 @@ from datetime import datetime, timezone
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines import lake, schemas, validation
@@ -155,7 +157,12 @@ def test_few_duplicates_and_impressions_without_item_are_tolerated():
     df = partition()
     df.loc[0, COL_EVENT_ID] = df.loc[1, COL_EVENT_ID]  # one redelivery: 2 of 400 rows
     assert df[COL_ITEM].isna().any()  # impressions carry no item_id
-    assert validation.validate_events(df).success
+    report = validation.validate_events(df)
+    assert report.success
+    # tolerated, but said: training drops the repeat (pipelines.training.load_window)
+    assert report.statistics["duplicate_event_ids"] == 1
+    assert "1 row(s) repeat an earlier event_id (redelivered): training counts each event once" in report.summary()
+    assert "repeat" not in validation.validate_events(partition()).summary()
 
 
 def test_item_id_price_and_user_format_faults():
@@ -335,3 +342,111 @@ def test_a_closed_hour_whose_files_changed_since_its_report_is_validated_again(t
     again = validation.read_report(qdir, key)
     assert not again["success"] and any(f["column"] == "price" for f in again["failed"])
     assert again["files"] != first["files"]
+
+
+# --- the lake schema of each file, checked from the footers before the suites ------------------------------------
+def _clean_hour(lake_dir, n: int = 40) -> str:
+    _hours_in_lake(lake_dir, {0: n})
+    return lake.partition_key(HOUR_MS)
+
+
+def _lake_table(n: int = 30) -> pa.Table:
+    return pa.Table.from_pandas(partition(n, seed=7), schema=lake.LAKE_SCHEMA, preserve_index=False)
+
+
+@pytest.mark.parametrize("fault, column, expected, found", [
+    ("price as text", "price", "double", "string"),
+    ("ts as epoch ms", "ts", "timestamp[ms, tz=UTC]", "int64"),
+    ("no user_id", "user_id", "string", "missing"),
+])
+def test_a_wrong_typed_file_fails_its_hour_naming_the_file_column_and_types(tmp_path, fault, column, expected, found):
+    """A file imported by hand with other column types: the report names it and says what to do, instead of
+    value failures of the suites that do not say which file is at fault (or, for integer timestamps, a pass:
+    Arrow casts them silently)."""
+    key = _clean_hour(tmp_path)
+    table = _lake_table()
+    i = table.schema.get_field_index(column)
+    if found == "missing":
+        table = table.remove_column(i)
+    elif column == "price":
+        table = table.set_column(i, column, pa.array([None if p is None else f"{p:.2f}" for p in
+                                                      table[column].to_pylist()], pa.string()))
+    else:
+        table = table.set_column(i, column, table[column].cast(pa.int64()))
+    folder = lake.partition_dir(tmp_path, key)
+    pq.write_table(table, folder / "export.parquet")
+    rel = "date=2024-05-01/hour=10/export.parquet"
+    qdir = tmp_path / "quality"
+
+    assert validation.split_by_quality(tmp_path, [key], qdir) == ([], [key]), fault  # training leaves the hour out
+    stored = validation.read_report(qdir, key)
+    [misfit] = [f for f in stored["failed"] if f.get("file")]
+    assert misfit["file"] == rel and misfit["suite"] == validation.SCHEMA_CHECK
+    assert misfit["mismatches"] == [{"column": column, "expected": expected, "found": found}]
+    assert misfit["unexpected_count"] == 30  # the rows left out of the suites
+    text = validation.describe_report(stored)
+    assert f"{rel} does not fit the lake schema: {column} is {found} ({expected} expected)" in text
+    assert "Move the file out of the partition folder" in text and "1 of 2 file(s) do not fit" in text
+    # the suites ran on the other file, which is clean: the file is the only failure
+    assert [f["expectation_type"] for f in stored["failed"]] == [validation.FILE_FITS]
+    assert stored["statistics"]["rows"] == 40 and stored["statistics"]["files"]["misfit"] == [rel]
+    # one per file, the events suite's 15 and the window's 1 (no volume band: no history here)
+    assert stored["evaluated"] == stored["statistics"]["evaluated_expectations"] == 2 + 15 + 1
+
+    (folder / "export.parquet").rename(tmp_path / "export.parquet")  # what the message says to do
+    assert validation.split_by_quality(tmp_path, [key], qdir) == ([key], [])
+    assert "do not fit" not in validation.describe_report(validation.read_report(qdir, key))
+
+
+def test_a_partition_of_only_unfit_files_says_so_not_that_it_is_empty(tmp_path):
+    key = lake.partition_key(HOUR_MS)
+    folder = lake.partition_dir(tmp_path, key)
+    folder.mkdir(parents=True)
+    table = _lake_table()
+    pq.write_table(table.set_column(5, "ts", table["ts"].cast(pa.int64())), folder / "a.parquet")
+    (folder / "b.parquet").write_bytes(b"not parquet at all")  # e.g. a CSV renamed
+    report, df = validation.validate_partition(tmp_path, key)
+    assert not report.success and df.empty
+    text = report.summary()
+    assert text.startswith("FAILED: 0/2 expectations met on 0 rows (lake schema of 2 file(s))"), text
+    assert "2 of 2 file(s) do not fit the lake schema" in text and "no file was left to run them on" in text
+    assert "empty" not in text
+    assert "date=2024-05-01/hour=10/b.parquet does not fit the lake schema: not a readable Parquet file" in text
+    meta = report.to_metadata()
+    assert json.loads(json.dumps(meta)) == meta
+    assert meta["failed_expectations"] == [f"{validation.FILE_FITS}(date=2024-05-01/hour=10/a.parquet)",
+                                           f"{validation.FILE_FITS}(date=2024-05-01/hour=10/b.parquet)"]
+
+
+def test_files_the_lake_reader_reads_as_the_lake_schema_fit(tmp_path):
+    """What pandas writes (ns timestamps, int64, all-null columns, large strings) and an older file without the
+    newer optional columns are read as the lake schema: no false alarm."""
+    key = lake.partition_key(HOUR_MS)
+    folder = lake.partition_dir(tmp_path, key)
+    folder.mkdir(parents=True)
+    df = partition(200)
+    df["ts"] = df["ts"].astype("datetime64[ns, UTC]")
+    df["schema_version"] = df["schema_version"].astype("int64")
+    df["model_version"] = None
+    df.to_parquet(folder / "pandas.parquet", index=False)
+    pq.write_table(_lake_table().drop_columns(["experiment", "items", "schema_version"]), folder / "old.parquet")
+    fitting, failures = validation.check_file_schemas(tmp_path, lake.partition_files(tmp_path, key))
+    assert failures == [] and len(fitting) == 2
+    report, events = validation.validate_partition(tmp_path, key)
+    assert report.success, report.summary()
+    assert len(events) == 230 and report.statistics["files"] == {"checked": 2, "misfit": [], "rows_left_out": 0}
+
+
+def test_a_file_whose_values_the_lake_reader_cannot_cast_is_named_too(tmp_path):
+    """Timestamps with microseconds fit by type, but the lake's millisecond column cannot hold them: the hour
+    passed validation (read as it was) and then training crashed reading it."""
+    key = _clean_hour(tmp_path)
+    df = partition(20)
+    df["ts"] = df["ts"].astype("datetime64[ns, UTC]") + pd.Timedelta(microseconds=7)
+    df.to_parquet(lake.partition_dir(tmp_path, key) / "micro.parquet", index=False)
+    qdir = tmp_path / "quality"
+    assert validation.split_by_quality(tmp_path, [key], qdir) == ([], [key])
+    text = validation.describe_report(validation.read_report(qdir, key))
+    assert ("date=2024-05-01/hour=10/micro.parquet does not fit the lake schema: not readable as the lake schema "
+            "(Casting from timestamp[ns, tz=UTC] to timestamp[ms, tz=UTC] would lose data") in text, text
+    assert "their 20 rows were left out of the suites" in text
