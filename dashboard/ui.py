@@ -8,7 +8,10 @@ and renders. Clients are ``st.cache_resource`` keyed by URL, queries are
 from __future__ import annotations
 
 from collections.abc import Callable
+from datetime import datetime, timezone
 
+import altair as alt
+import pandas as pd
 import pyarrow
 import redis
 import streamlit as st
@@ -107,8 +110,10 @@ def no_traffic(what: str) -> None:
 
 # --- slower reads: longer TTL ---------------------------------------------------------------
 SLOW_TTL_S = 30
-#: the lake grows by hourly partitions and its aggregates move slowly: re-read it at most every 5 minutes
-LAKE_TTL_S = 300
+#: lake reads are cached under the window's files (:func:`pipelines.dashboard_agg.lake_version`), so a new file
+#: shows at the next refresh; this bounds only how long an unchanged lake's numbers follow a clock that moved on
+#: (the new-product window), and an entry for a window that no longer exists
+LAKE_TTL_S = 60
 
 
 def _redis_down(err: Exception, what: str) -> None:
@@ -169,36 +174,67 @@ def lake_cache_dir() -> str:
     return str(dashboard_agg.cache_dir(settings()))
 
 
-@st.cache_data(ttl=LAKE_TTL_S, show_spinner=False)
-def _lake_ab(lake_dir: str, cache_dir: str, hours: int) -> dd.LakeAB:
+def skipped_files(skipped: list[dd.SkippedFile], what: str) -> None:
+    """Name the lake files left out of the numbers below because they do not fit the lake schema."""
+    if not skipped:
+        return
+    files = "\n".join(f"- `{f.path}`: {f.problem}" for f in skipped[:10])
+    more = f"\n- and {len(skipped) - 10} more" if len(skipped) > 10 else ""
+    st.warning(f"**{len(skipped)} lake file(s) skipped**: they do not fit the lake schema "
+               f"(`pipelines.lake.LAKE_SCHEMA`), so {what} leave them out. Export them again with the lake's column "
+               f"types or move them out of `{settings().lake_dir}`; the Data quality page fails their hours too.\n"
+               f"{files}{more}", icon=":material/rule:")
+
+
+def lake_read_at(read: dd.LakeAB | dd.NewItemReport) -> None:
+    """How fresh the lake numbers are: when the lake was read (it is read again as soon as a file is added)."""
+    if read.read_at_s is not None:
+        at = datetime.fromtimestamp(read.read_at_s, tz=timezone.utc)
+        st.caption(f"Lake read at {at:%H:%M:%S} UTC; read again at the next refresh after a file arrives.")
+
+
+def _lake_read(fetch: Callable[[str], object], hours: int, what: str):
+    """``fetch(version)`` with the :func:`~pipelines.dashboard_agg.lake_version` of the last ``hours`` (the key its
+    cache entry lives under), or False after a warning when the lake cannot be read."""
+    s = settings()
+    try:
+        return fetch(dashboard_agg.lake_version(s.lake_dir, hours=hours))
+    except LAKE_ERRORS as err:  # an unreadable folder must not take the page down
+        _lake_error(err, what)
+        return False
+
+
+@st.cache_data(ttl=LAKE_TTL_S, show_spinner=False, max_entries=16)
+def _lake_ab(lake_dir: str, cache_dir: str, hours: int, version: str) -> dd.LakeAB:
     return dashboard_agg.fetch_lake_ab(lake_dir, cache_dir, hours=hours)
 
 
 def lake_ab() -> dd.LakeAB | None:
     """Revenue of every impression and users per variant from the lake; None (after a warning) when unreadable."""
     s = settings()
-    try:
-        return _lake_ab(str(s.lake_dir), lake_cache_dir(), s.dashboard_lake_hours)
-    except LAKE_ERRORS as err:  # a corrupt or unreadable Parquet file must not take the page down
-        _lake_error(err, "Revenue per impression comes from the purchases there.")
-        return None
+    got = _lake_read(lambda version: _lake_ab(str(s.lake_dir), lake_cache_dir(), s.dashboard_lake_hours, version),
+                     s.dashboard_lake_hours, "Revenue per impression comes from the purchases there.")
+    return None if got is False else got
 
 
-@st.cache_data(ttl=LAKE_TTL_S, show_spinner=False)
-def _new_items(catalog_path: str, lake_dir: str, cache_dir: str, age_h: float,
-               explore_share: float) -> dd.NewItemReport | None:
+@st.cache_data(ttl=LAKE_TTL_S, show_spinner=False, max_entries=16)
+def _new_items(catalog_path: str, lake_dir: str, cache_dir: str, age_h: float, explore_share: float,
+               version: str) -> dd.NewItemReport | None:
     return dashboard_agg.fetch_new_item_report(catalog_path, lake_dir, cache_dir, age_h=age_h,
-                                               explore_share=explore_share, hours=int(2 * age_h) + 1)
+                                               explore_share=explore_share, hours=new_item_hours(age_h))
+
+
+def new_item_hours(age_h: float) -> int:
+    """Hours of the lake the new-product report reads: twice the age that makes a product new, and the hour now."""
+    return int(2 * age_h) + 1
 
 
 def new_items() -> dd.NewItemReport | None | bool:
     """The new-product report; None without a catalog; False after a warning when the lake cannot be read."""
     s = settings()
-    try:
-        return _new_items(str(s.catalog_path), str(s.lake_dir), lake_cache_dir(), s.new_item_age_h, s.explore_share)
-    except LAKE_ERRORS as err:
-        _lake_error(err, "New products' impressions and clicks come from there.")
-        return False
+    return _lake_read(lambda version: _new_items(str(s.catalog_path), str(s.lake_dir), lake_cache_dir(),
+                                                 s.new_item_age_h, s.explore_share, version),
+                      new_item_hours(s.new_item_age_h), "New products' impressions and clicks come from there.")
 
 
 @st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
@@ -208,6 +244,36 @@ def _quality_reports(quality_dir: str) -> list[dict]:
 
 def quality_reports() -> list[dict]:
     return _quality_reports(str(settings().quality_dir))
+
+
+def time_x(field: str, times, *, min_step_ms: int = 60_000, title: str | None = None) -> alt.X:
+    """A time x axis over ``times`` whose labels never repeat (:func:`pipelines.dashboard_data.time_ticks`)."""
+    ms = pd.to_datetime(pd.Series(times), utc=True).dropna().dt.as_unit("ms").astype("int64")
+    lo, hi = (int(ms.min()), int(ms.max())) if len(ms) else (0, 0)
+    ticks, fmt, domain = dd.time_ticks(lo, hi, min_step_ms=min_step_ms)
+
+    def iso(ms: list[int]) -> list[str]:  # the browser's Vega-Lite reads epoch numbers here as no time at all
+        return [t.isoformat() for t in pd.to_datetime(ms, unit="ms", utc=True)]
+
+    return alt.X(f"{field}:T", title=title, axis=alt.Axis(values=iso(ticks), format=fmt),
+                 scale=alt.Scale(domain=iso(domain)))
+
+
+def _value_y(field: str, values, min_step: float, fmt, title: str | None, **kw) -> alt.Y:
+    v = pd.to_numeric(pd.Series(values, dtype="float64"), errors="coerce")
+    ticks = dd.value_ticks(v.min(), v.max(), min_step=min_step)
+    return alt.Y(f"{field}:Q", title=title, axis=alt.Axis(values=ticks, format=fmt(ticks[1] - ticks[0])),
+                 scale=alt.Scale(domain=[ticks[0], ticks[-1]]), **kw)
+
+
+def count_y(field: str, values, title: str | None = None, **kw) -> alt.Y:
+    """A y axis of counts over ``values`` (stacked totals where bars stack): whole numbers only."""
+    return _value_y(field, values, 1, lambda step: ",d", title, **kw)
+
+
+def share_y(field: str, values, title: str | None = None, **kw) -> alt.Y:
+    """A y axis of rates over ``values``, as percentages with the decimals their tick step needs (0.1 pp at least)."""
+    return _value_y(field, values, 0.001, dd.percent_format, title, **kw)
 
 
 def altair(chart, time_format: str = "%H:%M") -> None:

@@ -22,7 +22,9 @@ of the files' names, sizes and modification times (plus the summary's parameters
 receives a new file (the current hour) is summarized again, closed hours never are. Only the cache folder
 is written, never the lake. A ``new_items`` summary that meets a product the catalog does not know yet is
 not stored (the catalog may still be catching up). Several dashboard processes may fill the cache at the
-same time: files are written to a temporary name and renamed.
+same time: files are written to a temporary name and renamed. A lake file that does not fit the lake schema is
+left out of its partition's summary and reported with the merged numbers (``skipped``,
+:func:`pipelines.dashboard_data.lake_file_problem`), so one wrong-typed import cannot blank a page.
 
 ``build_summaries`` fills the cache ahead of time (what an hourly Dagster asset would call after each
 partition closes); the dashboard otherwise fills it itself on its first load.
@@ -30,6 +32,7 @@ partition closes); the dashboard otherwise fills it itself on its first load.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -43,11 +46,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.feather as feather
 
-from pipelines.dashboard_data import (LakeAB, NewItemReport, lake_ab_key, launch_times, read_lake_files,
-                                      window_partitions)
+from pipelines.dashboard_data import (LakeAB, NewItemReport, SkippedFile, lake_ab_key, launch_times, read_lake_files,
+                                      skipped_lake_files, window_keys, window_partitions)
+from pipelines.lake import partition_dir
 
-__all__ = ["SUMMARY_VERSION", "cache_dir", "window_partitions", "id_hash", "summarize_ab", "summarize_new_items",
-           "fetch_lake_ab", "fetch_new_item_report", "build_summaries", "summarize_partition"]
+__all__ = ["SUMMARY_VERSION", "cache_dir", "window_partitions", "lake_version", "id_hash", "summarize_ab",
+           "summarize_new_items", "fetch_lake_ab", "fetch_new_item_report", "build_summaries", "summarize_partition"]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,31 @@ def _signature(files: Sequence[Path], kind: str, params: str) -> str:
     for f in files:
         st = f.stat()
         h.update(f"|{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
+def lake_version(lake_dir, *, hours: int, now_s: float | None = None) -> str:
+    """A key that changes whenever a file of the last ``hours`` of the lake (and the hour ahead, like the pages'
+    windows) is added, replaced or removed: what a reader caches its results under, so new events show at its
+    next read while an unchanged lake is not merged again.
+
+    A listing and a ``stat`` per file, no file opened (a week's folders in ~15 ms; :func:`window_partitions`
+    reads every compacted file's footer, ~8x that), cheap enough for every refresh of a page.
+    """
+    now_s = time.time() if now_s is None else now_s
+    h = hashlib.sha1()
+    for key in window_keys(now_s - hours * 3600, now_s + 3600):
+        try:
+            entries = sorted(os.scandir(partition_dir(lake_dir, key)), key=lambda e: e.name)
+        except FileNotFoundError:
+            continue
+        for e in entries:
+            try:
+                if e.name.endswith(".parquet"):
+                    st = e.stat()
+                    h.update(f"{key}/{e.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+            except FileNotFoundError:  # compacted away since the listing: the next listing differs anyway
+                continue
     return h.hexdigest()[:20]
 
 
@@ -96,9 +125,16 @@ def _prune(cache_dir: Path, kind: str, oldest_key: str) -> None:
 
 def _load(paths: dict[str, Path]) -> dict[str, pa.Table] | None:
     try:
-        return {n: feather.read_table(p, memory_map=False) for n, p in paths.items()}
+        return {n: _read_summary(str(p), p.stat().st_mtime_ns) for n, p in paths.items()}
     except (OSError, pa.ArrowException):  # missing (not summarized yet) or unreadable: summarize again
         return None
+
+
+@functools.lru_cache(maxsize=4096)
+def _read_summary(path: str, mtime_ns: int) -> pa.Table:
+    """One summary file, kept in memory once read: a page that refreshes every few seconds while the current hour
+    grows merges the closed hours' summaries again, but reads none of them from disk twice (a week is ~20 MB)."""
+    return feather.read_table(path, memory_map=False)
 
 
 def _store(paths: dict[str, Path], tables: dict[str, pa.Table]) -> None:
@@ -124,9 +160,10 @@ def _store(paths: dict[str, Path], tables: dict[str, pa.Table]) -> None:
 
 def _summaries(lake_dir, cache_dir, kind: str, names: Sequence[str], params: str, start_s: float, end_s: float,
                summarize: Callable[[list[Path]], tuple[dict[str, pa.Table], bool]],
-               prune: bool = True) -> list[dict[str, pa.Table]]:
-    """The cached summary of every partition in the window, summarizing (and storing) the missing ones;
-    with ``prune``, summaries of older partitions are deleted.
+               prune: bool = True) -> tuple[list[dict[str, pa.Table]], list[SkippedFile]]:
+    """The cached summary of every partition in the window, summarizing (and storing) the missing ones, and the
+    files left out of them because they do not fit the lake schema; with ``prune``, summaries of older
+    partitions are deleted.
 
     Missing partitions are summarized by a few threads (Parquet decoding releases the GIL), which matters
     only the first time a dashboard meets a lake that already holds days of data.
@@ -154,7 +191,7 @@ def _summaries(lake_dir, cache_dir, kind: str, names: Sequence[str], params: str
             out[i] = one(i)
     if prune and cache_dir is not None and parts:
         _prune(Path(cache_dir), kind, parts[0][0])
-    return out
+    return out, [bad for _, files in parts for bad in skipped_lake_files(files)]
 
 
 def _table(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -237,8 +274,11 @@ def fetch_lake_ab(lake_dir, cache_dir, *, hours: int, now_s: float | None = None
     """Same result as :func:`pipelines.dashboard_data.fetch_lake_ab` (last ``hours`` of the lake), from the
     per-partition summaries cached in ``cache_dir`` (None: no cache, summarize every partition)."""
     now_s = time.time() if now_s is None else now_s
-    return merge_ab(_summaries(lake_dir, cache_dir, "ab", AB_TABLES, "", now_s - hours * 3600, now_s + 3600,
-                               summarize_ab))
+    summaries, skipped = _summaries(lake_dir, cache_dir, "ab", AB_TABLES, "", now_s - hours * 3600, now_s + 3600,
+                                    summarize_ab)
+    out = merge_ab(summaries)
+    out.skipped, out.read_at_s = skipped, now_s
+    return out
 
 
 # --- cold start: new products ------------------------------------------------------------------------------
@@ -322,10 +362,12 @@ def fetch_new_item_report(catalog_path, lake_dir, cache_dir, *, age_h: float, ex
     now_s = time.time() if now_s is None else now_s
     created = launch_times(pd.read_parquet(catalog_path, columns=["item_id", "created_at"]))
     age_ms = int(age_h * 3_600_000)
-    summaries = _summaries(lake_dir, cache_dir, "new_items", NEW_ITEM_TABLES, f"age_ms={age_ms}",
-                           now_s - hours * 3600, now_s + 3600,
-                           lambda files: summarize_new_items(files, created, age_ms))
-    return merge_new_items(summaries, created, now_ms=int(now_s * 1000), age_h=age_h, explore_share=explore_share)
+    summaries, skipped = _summaries(lake_dir, cache_dir, "new_items", NEW_ITEM_TABLES, f"age_ms={age_ms}",
+                                    now_s - hours * 3600, now_s + 3600,
+                                    lambda files: summarize_new_items(files, created, age_ms))
+    out = merge_new_items(summaries, created, now_ms=int(now_s * 1000), age_h=age_h, explore_share=explore_share)
+    out.skipped, out.read_at_s = skipped, now_s
+    return out
 
 
 def build_summaries(lake_dir, cache_dir, catalog_path, *, hours: int, age_h: float,
@@ -345,12 +387,13 @@ def summarize_partition(lake_dir, cache_dir, catalog_path, key: str, *, age_h: f
     from datetime import datetime, timezone
 
     start_s = datetime.strptime(key, "%Y-%m-%d-%H:%M").replace(tzinfo=timezone.utc).timestamp()
-    ab = _summaries(lake_dir, cache_dir, "ab", AB_TABLES, "", start_s, start_s + 3600, summarize_ab, prune=False)
-    out = {f"ab_{n}": sum(len(s[n]) for s in ab) for n in AB_TABLES}
+    ab, skipped = _summaries(lake_dir, cache_dir, "ab", AB_TABLES, "", start_s, start_s + 3600, summarize_ab,
+                             prune=False)
+    out = {f"ab_{n}": sum(len(s[n]) for s in ab) for n in AB_TABLES} | {"skipped_files": len(skipped)}
     if Path(catalog_path).exists():
         created = launch_times(pd.read_parquet(catalog_path, columns=["item_id", "created_at"]))
         age_ms = int(age_h * 3_600_000)
-        new = _summaries(lake_dir, cache_dir, "new_items", NEW_ITEM_TABLES, f"age_ms={age_ms}", start_s,
-                         start_s + 3600, lambda files: summarize_new_items(files, created, age_ms), prune=False)
+        new, _ = _summaries(lake_dir, cache_dir, "new_items", NEW_ITEM_TABLES, f"age_ms={age_ms}", start_s,
+                            start_s + 3600, lambda files: summarize_new_items(files, created, age_ms), prune=False)
         out |= {f"new_items_{n}": sum(len(s[n]) for s in new) for n in NEW_ITEM_TABLES}
     return out

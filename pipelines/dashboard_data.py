@@ -30,6 +30,7 @@ The A/B statistics themselves live in :mod:`pipelines.abstats`.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -41,7 +42,8 @@ import pandas as pd
 
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, EVENT_TYPES, LATENCY_EDGES_MS, REGISTERED_MODEL,
                                REDIS_PREFIX, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL, STATS_CACHE, STATS_EVENTS, STATS_LATENCY,
-                               STATS_REQUESTS, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START)
+                               STATS_REQUESTS, TAG_CHAMPION_HOLDOUT_NDCG, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
+                               TAG_HOLDOUT)
 from pipelines.state import BUCKET_S, OnlineState, ab_keys, ab_stats_name, ab_variant
 
 __all__ = [
@@ -306,15 +308,17 @@ class ColdStartSummary:
     cold: int
     from_session: int
     from_trending: int
+    scored: int = 0  # requests the model answered: the only ones whose user is known to be new or not
 
     @property
     def cold_share(self) -> float | None:
-        """Share of all requests that came from users with no history."""
-        return rate(self.cold, self.requests)
+        """Of the requests the model answered, the share from users with no history (a cache hit or the fallback
+        is not looked at)."""
+        return rate(self.cold, self.scored)
 
     @property
     def session_share(self) -> float | None:
-        """Of the cold requests, the share served from the user's session."""
+        """Of the cold requests, the share served from the user's session (a click the model could use)."""
         return rate(self.from_session, self.cold)
 
     @property
@@ -326,17 +330,18 @@ class ColdStartSummary:
 def cold_start_summary(request_buckets: Buckets) -> ColdStartSummary:
     t = totals(request_buckets, (*REQUEST_SOURCES, *COLD_FIELDS))
     return ColdStartSummary(sum(t[s] for s in REQUEST_SOURCES), t[COLD_USER], t[COLD_USER_SESSION],
-                            t[COLD_USER_TRENDING])
+                            t[COLD_USER_TRENDING], t[SOURCE_MODEL])
 
 
 def cold_start_timeseries(request_buckets: Buckets, *, minutes: int = WINDOW_MINUTES,
                           now_s: float | None = None) -> pd.DataFrame:
-    """Per minute: requests, cold_user, cold_user_session, cold_user_trending and cold_share (NaN without requests)."""
+    """Per minute: requests, cold_user, cold_user_session, cold_user_trending and cold_share (of the requests the
+    model answered; NaN without any)."""
     df = buckets_to_frame(request_buckets, (*REQUEST_SOURCES, *COLD_FIELDS), minutes=minutes, now_s=now_s)
     out = pd.DataFrame({"requests": df[list(REQUEST_SOURCES)].sum(axis=1)}, index=df.index)
     for f in COLD_FIELDS:
         out[f] = df[f]
-    out["cold_share"] = _ratio_series(out[COLD_USER], out["requests"])
+    out["cold_share"] = _ratio_series(out[COLD_USER], df[SOURCE_MODEL])
     return out
 
 
@@ -497,6 +502,8 @@ def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES, tag: str |
     )
 
 
+
+
 class MlflowUnavailable(RuntimeError):
     """The MLflow tracking server cannot be reached."""
 
@@ -510,6 +517,10 @@ class ModelVersionInfo:
     metrics: dict[str, float]
     window_start: str | None = None
     window_end: str | None = None
+    #: what the metrics were measured on: each version on the holdout of its own training window
+    holdout: str | None = None
+    #: the champion's NDCG on this version's holdout (when it was registered), the one number comparable with its own
+    champion_on_holdout: float | None = None
 
 
 def mlflow_reachable(tracking_uri: str, timeout_s: float = 1.5) -> bool:
@@ -569,8 +580,13 @@ def fetch_model_aliases(tracking_uri: str, name: str = REGISTERED_MODEL, *,
                 except ValueError:
                     pass
         tags = mv.tags or {}
+        try:
+            champion_ndcg = float(tags[TAG_CHAMPION_HOLDOUT_NDCG])
+        except (KeyError, ValueError):  # absent, or "" when there was no champion to score
+            champion_ndcg = None
         out[alias] = ModelVersionInfo(alias, str(mv.version), mv.run_id, mv.creation_timestamp, metrics,
-                                      tags.get(TAG_DATA_WINDOW_START), tags.get(TAG_DATA_WINDOW_END))
+                                      tags.get(TAG_DATA_WINDOW_START), tags.get(TAG_DATA_WINDOW_END),
+                                      tags.get(TAG_HOLDOUT) or None, champion_ndcg)
     return out
 
 
@@ -656,6 +672,64 @@ def fmt_age(seconds: float | None) -> str:
     if seconds < 172_800:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 86_400:.1f} d"
+
+
+def fmt_bytes(n: float | None) -> str:
+    """A size for people, in binary units: ``"512 B"``, ``"3.40 KiB"``, ``"12.3 MiB"``, ``"1.02 GiB"``."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while abs(n) >= 1024 and i < len(units) - 1:
+        n, i = n / 1024, i + 1
+    return f"{n:,.0f} B" if i == 0 else f"{n:,.{2 if abs(n) < 10 else 1}f} {units[i]}"
+
+
+# --- chart axes: ticks that never print alike --------------------------------------------------------
+def value_ticks(lo: float, hi: float, *, min_step: float, max_ticks: int = 6) -> list[float]:
+    """Round tick values (steps of 1, 2 or 5 × 10^n, at least ``min_step`` apart, at most ``max_ticks`` steps)
+    from ``min(lo, 0)`` to at least ``max(hi, 0)``.
+
+    Vega's own ticks follow the data's range: on a tiny or constant range they are fractions apart (a count axis
+    reads 0.0, 0.1, ... or a rate axis prints noise digits), and with a coarse format two of them print alike.
+    With ``min_step`` the precision of the format, every tick prints differently.
+    """
+    lo = 0.0 if pd.isna(lo) else min(float(lo), 0.0)
+    hi = 0.0 if pd.isna(hi) else max(float(hi), 0.0)
+    span = hi - lo
+    mag = 10.0 ** math.floor(math.log10(max(span / max_ticks, min_step)))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= min_step and span / (m * mag) <= max_ticks)
+    start, stop = math.floor(lo / step), max(math.ceil(hi / step), math.floor(lo / step) + 1)
+    return [round(i * step, 12) for i in range(start, stop + 1)]
+
+
+def percent_format(step: float) -> str:
+    """The d3 format that prints rates ``step`` apart as distinct percentages (``".0%"``, ``".1%"``, ...)."""
+    return f".{max(0, -math.floor(math.log10(step * 100) + 1e-9))}%"
+
+
+#: tick intervals of a time axis (ms): minutes to weeks, each printable without repeats by the format chosen
+_TIME_STEPS_MS = tuple(m * 60_000 for m in (1, 2, 5, 10, 15, 30, 60, 120, 180, 360, 720, 1440, 2880, 10_080))
+
+
+def time_ticks(start_ms: float, end_ms: float, *, min_step_ms: int = 60_000,
+               max_ticks: int = 8) -> tuple[list[int], str, list[int]]:
+    """Tick instants (epoch ms, whole minutes or more apart), their d3 time format, and the axis domain, for data
+    from ``start_ms`` to ``end_ms``.
+
+    Vega picks seconds-apart ticks for a short span (one hour's point, a lift line a minute long), which a
+    ``%H:%M`` format prints as the same label again and again. Here ticks are a whole interval apart (at least
+    ``min_step_ms``) and the format shows that interval's unit (``%d %b`` from a day, the date as well when the
+    span crosses midnight), so no two labels print alike. A single instant gets half an interval either side.
+    """
+    step = next((s for s in _TIME_STEPS_MS if s >= min_step_ms and (end_ms - start_ms) / s <= max_ticks),
+                _TIME_STEPS_MS[-1])
+    first = math.ceil(start_ms / step) * step
+    ticks = list(range(int(first), int(end_ms) + 1, step)) or [int(start_ms // step * step)]
+    domain = [int(start_ms), int(end_ms)] if end_ms > start_ms else [int(start_ms - step / 2), int(end_ms + step / 2)]
+    day = 86_400_000
+    fmt = "%d %b" if step >= day else ("%d %b %H:%M" if start_ms // day != end_ms // day else "%H:%M")
+    return ticks, fmt, domain
 
 
 # --- cache by variant --------------------------------------------------------------------------------
@@ -889,39 +963,99 @@ def cumulative_lift_frame(per_variant: Mapping[str, Buckets | pd.DataFrame], a: 
 
 
 # --- lake reads (revenue, new products) --------------------------------------------------------------
-def window_partitions(lake_dir, start_s: float, end_s: float) -> list[tuple[str, list]]:
-    """``(partition key, its Parquet files)`` for every hourly partition of ``[start_s, end_s)`` that has
-    files, oldest first."""
+def window_keys(start_s: float, end_s: float) -> list[str]:
+    """Keys of the hourly partitions of ``[start_s, end_s)``, oldest first."""
     from datetime import datetime, timedelta, timezone
-    from pathlib import Path
-
-    from pipelines.lake import partition_files
 
     out = []
     t = datetime.fromtimestamp(start_s, tz=timezone.utc).replace(minute=0, second=0, microsecond=0)
     end = datetime.fromtimestamp(end_s, tz=timezone.utc)
     while t < end:
-        key = t.strftime("%Y-%m-%d-%H:00")
-        files = partition_files(Path(lake_dir), key)
-        if files:
-            out.append((key, files))
+        out.append(t.strftime("%Y-%m-%d-%H:00"))
         t += timedelta(hours=1)
     return out
 
 
+def window_partitions(lake_dir, start_s: float, end_s: float) -> list[tuple[str, list]]:
+    """``(partition key, its Parquet files)`` for every hourly partition of ``[start_s, end_s)`` that has
+    files, oldest first."""
+    from pathlib import Path
+
+    from pipelines.lake import partition_files
+
+    parts = [(key, partition_files(Path(lake_dir), key)) for key in window_keys(start_s, end_s)]
+    return [(key, files) for key, files in parts if files]
+
+
+@dataclass(frozen=True)
+class SkippedFile:
+    """A lake file the dashboard leaves out of its numbers because it does not fit the lake schema."""
+
+    path: str  # relative to the lake: date=YYYY-MM-DD/hour=HH/<name>.parquet
+    column: str | None  # the column(s) at fault, comma-separated; None when the file is not readable Parquet
+    problem: str  # e.g. "price is string (double expected)"
+
+
+def lake_file_problem(path) -> SkippedFile | None:
+    """Why the lake file ``path`` does not fit the lake schema, None when it fits
+    (:func:`pipelines.validation.check_file_schemas`, the data checks' own test, from the footer only).
+
+    The answer is remembered per path, modification time and size, so a page that reruns every few seconds
+    opens a known file (good or bad) once, and a replaced file is checked again.
+
+    Raises:
+        FileNotFoundError: the file vanished (a compaction replaced it): list the partition again.
+    """
+    import os
+
+    st = os.stat(path)
+    return _file_problem(str(path), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=65_536)
+def _file_problem(path: str, mtime_ns: int, size: int) -> SkippedFile | None:
+    from pathlib import Path
+
+    from pipelines.validation import check_file_schemas
+
+    lake_dir = Path(path).parents[2]  # <lake>/date=.../hour=.../<file>
+    _, failures = check_file_schemas(lake_dir, [Path(path)])
+    if not failures:
+        return None
+    f = failures[0]
+    return SkippedFile(f["file"], f["column"], str(f["observed_value"]))
+
+
+def skipped_lake_files(files: Sequence) -> list[SkippedFile]:
+    """The problems of those ``files`` that do not fit the lake schema (:func:`lake_file_problem`)."""
+    from pipelines.lake import read_relisting
+
+    return read_relisting(list(files), lambda fs: [p for p in map(lake_file_problem, fs) if p is not None])
+
+
 def read_lake_files(files: Sequence, columns: Sequence[str], event_types: Sequence[str]) -> pd.DataFrame:
     """Only ``columns`` of the events of ``event_types`` in the lake's Parquet ``files`` (a column projection
-    and a filter). ``ts`` comes back as UTC epoch milliseconds (int64)."""
+    and a filter). ``ts`` comes back as UTC epoch milliseconds (int64).
+
+    Files that do not fit the lake schema (:func:`lake_file_problem`) are left out, so one wrong-typed file
+    cannot blank a page; :func:`skipped_lake_files` names them.
+    """
     import pyarrow.dataset as ds
 
     from pipelines.lake import LAKE_SCHEMA, read_relisting
 
     cols = list(dict.fromkeys(["event_type", *columns]))
-    if not files:
-        return pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
-    df = read_relisting(files, lambda fs: ds.dataset([str(f) for f in fs], schema=LAKE_SCHEMA, format="parquet")
-                        .to_table(columns=cols, filter=ds.field("event_type").isin(list(event_types))).to_pandas())
-    if "ts" in df:
+    empty = pd.DataFrame({c: pd.Series(dtype="object") for c in cols})
+
+    def read(fs: list) -> pd.DataFrame:
+        fitting = [str(f) for f in fs if lake_file_problem(f) is None]
+        if not fitting:
+            return empty
+        return (ds.dataset(fitting, schema=LAKE_SCHEMA, format="parquet")
+                .to_table(columns=cols, filter=ds.field("event_type").isin(list(event_types))).to_pandas())
+
+    df = read_relisting(list(files), read) if files else empty
+    if "ts" in df and df is not empty:
         df["ts"] = df["ts"].astype("datetime64[ms, UTC]").astype("int64")
     return df
 
@@ -968,6 +1102,8 @@ class LakeAB:
 
     revenue: dict[str, Any] = field(default_factory=dict)
     users: dict[str, int] = field(default_factory=dict)
+    skipped: list[SkippedFile] = field(default_factory=list)  # lake files left out: they do not fit the schema
+    read_at_s: float | None = field(default=None, compare=False)  # when the lake was read (epoch s)
 
     def of(self, tag: str, experiment: str) -> LakeAB:
         """The comparison ``tag`` alone, keyed by variant. Impressions without a tag (logged before impressions
@@ -984,7 +1120,7 @@ class LakeAB:
                                         else self.revenue[key])
                 # a user in both (an untagged and a name-tagged impression) counts twice: a rare overlap
                 users[variant] = users.get(variant, 0) + self.users.get(key, 0)
-        return LakeAB(revenue, {v: n for v, n in users.items() if n})
+        return LakeAB(revenue, {v: n for v, n in users.items() if n}, self.skipped, self.read_at_s)
 
 
 def lake_ab_key(events: pd.DataFrame) -> pd.Series:
@@ -1022,6 +1158,8 @@ class NewItemReport:
     all_slots: int
     explore_share: float
     hourly: pd.DataFrame  # index hour (UTC); columns slots, new_slots, new_share
+    skipped: list[SkippedFile] = field(default_factory=list)  # lake files left out: they do not fit the schema
+    read_at_s: float | None = field(default=None, compare=False)  # when the lake was read (epoch s)
 
     @property
     def impressed_share(self) -> float | None:
@@ -1128,15 +1266,50 @@ def dagster_run_url(base_url: str, run_id: str | None) -> str | None:
     return f"{base_url.rstrip('/')}/runs/{run_id}" if run_id else None
 
 
-def quality_table(reports: Sequence[Mapping[str, Any]], dagster_url: str) -> pd.DataFrame:
-    """One row per partition, newest partition first: status, evaluated, failed, validated_at, run link."""
+#: statuses of an hour's report that is not the closed hour's validation (not counted as validated or failing)
+QUALITY_OPEN = "open — validated when the hour closes"
+QUALITY_PENDING = "closed — awaiting its validation"
+NOT_VALIDATED = (QUALITY_OPEN, QUALITY_PENDING)
+
+
+def split_quality_reports(reports: Sequence[Mapping[str, Any]]) -> tuple[list[Mapping[str, Any]],
+                                                                          Mapping[str, Any] | None]:
+    """``(the lake partitions' reports, the catalog's report or None)``: the catalog is no hour of events."""
+    from pipelines.validation import CATALOG_KEY
+
+    catalog = [r for r in reports if str(r.get("partition")) == CATALOG_KEY]
+    return [r for r in reports if str(r.get("partition")) != CATALOG_KEY], (catalog[0] if catalog else None)
+
+
+def quality_status(report: Mapping[str, Any], now=None) -> str:
+    """``passed`` | ``failed`` | ``error`` (unreadable report), or for an hourly partition whose report is not the
+    closed hour's validation: :data:`QUALITY_OPEN` (the hour has not ended, :func:`pipelines.validation.hour_is_open`:
+    training re-checks it on every run, the schedule validates it once closed) or :data:`QUALITY_PENDING` (closed,
+    but its report was written while it was open)."""
+    from pipelines.validation import hour_is_open, hour_window
+
+    if report.get("error"):
+        return "error"
+    key = str(report.get("partition"))
+    try:
+        end = hour_window(key)[1]
+    except ValueError:  # not an hourly key
+        end = None
+    if end is not None and hour_is_open(key, now):
+        return QUALITY_OPEN
+    at = pd.to_datetime(report.get("validated_at"), utc=True, errors="coerce")
+    if end is not None and pd.notna(at) and at < end:
+        return QUALITY_PENDING
+    return "passed" if report.get("success") else "failed"
+
+
+def quality_table(reports: Sequence[Mapping[str, Any]], dagster_url: str, now=None) -> pd.DataFrame:
+    """One row per report, newest partition first: status (:func:`quality_status`), evaluated, failed,
+    validated_at, run link."""
     rows = []
     for r in reports:
-        failed = r.get("failed") or []
-        success = r.get("success")
-        rows.append({"partition": str(r.get("partition")),
-                     "status": "error" if r.get("error") else ("passed" if success else "failed"),
-                     "evaluated": r.get("evaluated"), "failed": len(failed),
+        rows.append({"partition": str(r.get("partition")), "status": quality_status(r, now),
+                     "evaluated": r.get("evaluated"), "failed": len(r.get("failed") or []),
                      "validated_at": r.get("validated_at"),
                      "dagster_run": dagster_run_url(dagster_url, r.get("dagster_run_id"))})
     df = pd.DataFrame(rows, columns=["partition", "status", "evaluated", "failed", "validated_at", "dagster_run"])
@@ -1167,8 +1340,10 @@ __all__ += [
     "latency_stats_name", "events_timeseries", "requests_per_second",
     "LATENCY_FIELDS", "latency_histogram", "latency_quantile", "LatencySummary", "latency_summary", "fmt_ms",
     "fmt_age", "cache_by_variant", "RedisInfo", "key_family", "fetch_redis_info", "ABConfig", "ABReport",
-    "ab_report", "fetch_minute_counts", "cumulative_lift_frame", "window_partitions", "read_lake_files",
+    "ab_report", "fetch_minute_counts", "cumulative_lift_frame", "window_keys", "window_partitions", "read_lake_files",
     "read_lake_columns", "revenue_per_impression", "LakeAB", "fetch_lake_ab", "NewItemReport", "launch_times",
     "new_item_report", "fetch_new_item_report", "fetch_quality_reports", "dagster_run_url", "quality_table",
-    "failing_expectations",
+    "failing_expectations", "SkippedFile", "lake_file_problem", "skipped_lake_files", "QUALITY_OPEN",
+    "QUALITY_PENDING", "NOT_VALIDATED", "split_quality_reports", "quality_status", "fmt_bytes", "value_ticks",
+    "time_ticks",
 ]

@@ -30,7 +30,7 @@ from pipelines import metrics, training
 from pipelines.models import Recommender
 from pipelines.registry import ModelRegistry
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_ITEM, COL_TS, COL_USER, TAG_DATA_WINDOW_END,
-                               TAG_DATA_WINDOW_START, TAG_GATE_DECISION, TAG_TRAINED_VERSION)
+                               TAG_DATA_WINDOW_START, TAG_GATE_DECISION, TAG_HOLDOUT, TAG_TRAINED_VERSION)
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ def refresh_alias(registry: ModelRegistry, alias: str, interactions: pd.DataFram
         TAG_DATA_WINDOW_START: start, TAG_DATA_WINDOW_END: window[1],
         "refresh_rows": str(int(stats["rows"])), "refresh_dropped_rows": str(int(stats["dropped_rows"])),
         "refresh_seconds": f"{stats['seconds']:.3f}",
-        "n_train": str(len(train_df)), "n_test": str(len(test_df)), "holdout": holdout,
+        "n_train": str(len(train_df)), "n_test": str(len(test_df)), TAG_HOLDOUT: holdout,
         "model_family": src_tags.get("model_family", model.name),
         TAG_GATE_DECISION: decision, "gate_reason": reason,
         "champion_before": registry.version_for(ALIAS_CHAMPION) or "",

@@ -470,6 +470,8 @@ COL_CATEGORY = "category"
 #: MLflow run/version tags written by the training gate (read by the dashboard and by people)
 TAG_DATA_WINDOW_START, TAG_DATA_WINDOW_END = "data_window_start", "data_window_end"
 TAG_GATE_DECISION = "gate_decision"
+#: the holdout a version's metrics were measured on, and the champion's NDCG@10 on that same holdout
+TAG_HOLDOUT, TAG_CHAMPION_HOLDOUT_NDCG = "holdout", "champion_holdout_ndcg"
 #: on a refreshed version: the version ``train_job`` trained that it comes from (through one or more refreshes)
 TAG_TRAINED_VERSION = "trained_version"
 TAG_GX_SUCCESS = "gx_success"

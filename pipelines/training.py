@@ -22,7 +22,7 @@ from pipelines.models import Recommender, get_recommender
 from pipelines.registry import PRIMARY_METRIC, ModelRegistry
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_EVENT_TYPE, COL_ITEM, COL_REQUEST_ID,
                                COL_SESSION, COL_TS, COL_USER, COL_WEIGHT, EVENT_WEIGHTS, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
-                               TAG_GATE_DECISION, TAG_GX_SUCCESS)
+                               TAG_CHAMPION_HOLDOUT_NDCG, TAG_GATE_DECISION, TAG_GX_SUCCESS, TAG_HOLDOUT)
 from pipelines.settings import Settings, TrainConfig, get_settings
 
 log = logging.getLogger(__name__)
@@ -234,9 +234,9 @@ def register_and_gate(registry: ModelRegistry, result: TrainResult, *, tolerance
     alias, reason = decide(candidate, champion_score, tolerance=tolerance, margin=margin, auto_promote=auto_promote)
     tags = {TAG_DATA_WINDOW_START: result.window[0], TAG_DATA_WINDOW_END: result.window[1],
             "n_train": str(result.n_train), "n_test": str(result.n_test), "model_family": result.params["model"],
-            "holdout": result.holdout, TAG_GATE_DECISION: alias or "rejected", "gate_reason": reason,
+            TAG_HOLDOUT: result.holdout, TAG_GATE_DECISION: alias or "rejected", "gate_reason": reason,
             "champion_before": champion_version or "",
-            "champion_holdout_ndcg": "" if champion_score is None else f"{champion_score:.6f}",
+            TAG_CHAMPION_HOLDOUT_NDCG: "" if champion_score is None else f"{champion_score:.6f}",
             **result.extra_tags, **(extra_tags or {})}
     run_id, version = registry.log_and_register(result.model, params=result.params, metrics=result.metrics,
                                                 tags=tags, metric_history=result.history or None)

@@ -48,6 +48,7 @@ def render() -> None:
         return
     lake = ui.lake_ab()
     if lake is not None:
+        ui.skipped_files(lake.skipped, "revenue per impression and the split check")
         lake = lake.of(snap.ab_tag, cfg.experiment)
     revenue = None if lake is None else lake.revenue
     report = dd.ab_report(snap.ab_counts, revenue or {}, cfg, users=None if lake is None else lake.users)
@@ -76,6 +77,8 @@ def render() -> None:
                f"purchases / impressions ({conf} Wilson intervals); revenue per impression = price × quantity of the "
                f"purchases attributed to each impression, from the last {s.dashboard_lake_hours} h of the lake "
                f"({conf} t interval).")
+    if lake is not None:
+        ui.lake_read_at(lake)
     t = report.variants
     for variant, row in t.iterrows():
         c = st.columns(6)
@@ -130,8 +133,8 @@ def render() -> None:
         st.info("No per-minute counters yet (they are kept for 7 days).", icon=":material/hourglass_empty:")
         return
     df = cum.reset_index().rename(columns={"minute": "time"})
-    base = alt.Chart(df).encode(x=alt.X("time:T", title=None))
-    band = base.mark_area(opacity=0.25).encode(y=alt.Y("low:Q", axis=alt.Axis(format="%"), title="CTR lift"),
+    base = alt.Chart(df).encode(x=ui.time_x("time", df["time"]))
+    band = base.mark_area(opacity=0.25).encode(y=ui.share_y("low", [*df["low"], *df["high"]], "CTR lift"),
                                               y2="high:Q")
     line = base.mark_line().encode(y="lift:Q", tooltip=[alt.Tooltip("time:T"), alt.Tooltip("lift:Q", format=".1%"),
                                                          alt.Tooltip("low:Q", format=".1%"),

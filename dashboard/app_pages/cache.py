@@ -28,7 +28,7 @@ def render() -> None:
         c[2].metric("Misses", f"{cache.misses:,}")
         ts = dd.cache_timeseries(snap.cache, minutes=snap.minutes, now_s=snap.now_s).reset_index()
         ui.altair(alt.Chart(ts).mark_line(point=True).encode(
-            x=alt.X("minute:T", title=None), y=alt.Y("hit_rate:Q", axis=alt.Axis(format="%"), title="hit rate"),
+            x=ui.time_x("minute", ts["minute"]), y=ui.share_y("hit_rate", ts["hit_rate"], "hit rate"),
             tooltip=["minute:T", "hit:Q", "miss:Q", alt.Tooltip("hit_rate:Q", format=".1%")]).properties(height=200))
         by_variant = dd.cache_by_variant(snap.cache)
         if not by_variant.empty:
@@ -58,7 +58,8 @@ def render() -> None:
                            "miss (model)": dd.latency_histogram(snap.latency.get(SOURCE_MODEL, {}))},
                           names=["kind"]).rename("requests").reset_index()
         ui.altair(alt.Chart(hists).mark_bar(opacity=0.7).encode(
-            x=alt.X("le_ms:N", sort=list(dd.LATENCY_FIELDS), title="latency ≤ ms"), y="requests:Q",
+            x=alt.X("le_ms:N", sort=list(dd.LATENCY_FIELDS), title="latency ≤ ms"),
+            y=ui.count_y("requests", hists["requests"], "requests"),
             color="kind:N", xOffset="kind:N").properties(height=200))
 
     st.subheader("Requests by source")
@@ -77,8 +78,8 @@ def memory() -> None:
     if info is None:
         return
     c = st.columns(3)
-    c[0].metric("Memory used", info.used_memory_human or f"{info.used_memory:,} B",
-                help="no limit" if not info.maxmemory else f"maxmemory {info.maxmemory:,} B")
+    c[0].metric("Memory used", dd.fmt_bytes(info.used_memory),
+                help="no limit (maxmemory 0)" if not info.maxmemory else f"maxmemory {dd.fmt_bytes(info.maxmemory)}")
     c[1].metric("Keys", f"{info.keys:,}")
     c[2].metric("Key families", f"{len(info.keys_by_family):,}")
     if info.keys_by_family:

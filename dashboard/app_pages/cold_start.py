@@ -16,35 +16,34 @@ def users() -> None:
     if snap is None:
         return
     summary = dd.cold_start_summary(snap.requests)
-    st.caption(f"Last {snap.minutes} minutes. A request is *cold* when its user has no history at all; "
-               "it is served from the user's current session, trending items when the session has no "
-               "clicks yet, or otherwise by the model. Counted when the model answers (a repeat within the "
-               "cache TTL is a cache hit).")
+    st.caption(f"Last {snap.minutes} minutes. A request is *cold* when the model has never seen its user; it is "
+               "served from the user's current session when it has a click the model can use (a product added "
+               "since training counts through its nearest products by content), else trending items. Only "
+               "requests the model answered are looked at: a cache hit or the fallback is not.")
     if summary.requests == 0:
         ui.no_traffic(f"no recommendation requests in the last {snap.minutes} minutes")
         return
-    by_model = max(summary.cold - summary.from_session - summary.from_trending, 0)
-    c = st.columns(5)
-    c[0].metric("Requests", f"{summary.requests:,}")
-    c[1].metric("From new users", dd.pct(summary.cold_share), help=f"{summary.cold:,} requests")
+    c = st.columns(4)
+    c[0].metric("Requests", f"{summary.requests:,}", help=f"{summary.scored:,} answered by the model")
+    c[1].metric("From new users", dd.pct(summary.cold_share),
+                help=f"{summary.cold:,} of the {summary.scored:,} requests the model answered")
     c[2].metric("New users served from session", dd.pct(summary.session_share),
                 help=f"{summary.from_session:,} requests")
     c[3].metric("New users served trending", dd.pct(summary.trending_share),
                 help=f"{summary.from_trending:,} requests")
-    c[4].metric("New users served by model", dd.pct(dd.rate(by_model, summary.cold)), help=f"{by_model:,} requests")
 
     ts = dd.cold_start_timeseries(snap.requests, minutes=snap.minutes, now_s=snap.now_s)
     served = ts[[dd.COLD_USER_SESSION, dd.COLD_USER_TRENDING]].rename(
         columns={dd.COLD_USER_SESSION: "session", dd.COLD_USER_TRENDING: "trending"})
-    served["model"] = (ts[dd.COLD_USER] - ts[dd.COLD_USER_SESSION] - ts[dd.COLD_USER_TRENDING]).clip(lower=0)
     long = served.reset_index().melt("minute", var_name="served by", value_name="requests")
     st.markdown("**New-user requests per minute**, by how they were served")
-    ui.altair(alt.Chart(long).mark_bar().encode(x=alt.X("minute:T", title=None), y="requests:Q",
+    ui.altair(alt.Chart(long).mark_bar().encode(x=ui.time_x("minute", long["minute"]),
+                                                y=ui.count_y("requests", served.sum(axis=1)),
                                                 color="served by:N").properties(height=200))
-    st.markdown("**Share of requests from new users** per minute")
+    st.markdown("**Share of the model's requests from new users** per minute")
     share = ts[["cold_share"]].reset_index()
     ui.altair(alt.Chart(share).mark_line(point=True).encode(
-        x=alt.X("minute:T", title=None), y=alt.Y("cold_share:Q", axis=alt.Axis(format="%"), title="new-user share"))
+        x=ui.time_x("minute", share["minute"]), y=ui.share_y("cold_share", share["cold_share"], "new-user share"))
         .properties(height=180))
 
 
@@ -58,6 +57,8 @@ def products() -> None:
         st.info(f"No catalog at `{s.catalog_path}` yet: the simulator or the catalog topic writes it "
                 "(`make up`).", icon=":material/hourglass_empty:")
         return
+    ui.skipped_files(rep.skipped, "the new-product numbers")
+    ui.lake_read_at(rep)
     if rep.new_items == 0:
         st.info(f"No product was launched in the last {s.new_item_age_h:g} h.", icon=":material/hourglass_empty:")
     c = st.columns(5)
@@ -78,7 +79,8 @@ def products() -> None:
     st.markdown("**Share of impression slots given to new products**, per hour, against the budget")
     df = rep.hourly.reset_index()
     line = alt.Chart(df).mark_line(point=True).encode(
-        x=alt.X("hour:T", title=None), y=alt.Y("new_share:Q", axis=alt.Axis(format="%"), title="new-product share"),
+        x=ui.time_x("hour", df["hour"], min_step_ms=3_600_000),
+        y=ui.share_y("new_share", [*df["new_share"], rep.explore_share], "new-product share"),
         tooltip=["hour:T", "slots:Q", "new_slots:Q", alt.Tooltip("new_share:Q", format=".2%")])
     budget = alt.Chart(df.assign(budget=rep.explore_share)).mark_rule(color="red", strokeDash=[4, 4]).encode(
         y="budget:Q")

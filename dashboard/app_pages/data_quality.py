@@ -8,6 +8,8 @@ from pipelines import dashboard_data as dd
 ui.sidebar()
 st.title("Data quality")
 
+RUN_LINK = {"dagster_run": st.column_config.LinkColumn("Dagster run", display_text="open run")}
+
 
 def render() -> None:
     s = ui.settings()
@@ -16,28 +18,53 @@ def render() -> None:
         st.info(f"No validation results in `{s.quality_dir}` yet. Dagster validates each hourly lake partition "
                 "(`make up` starts it) and writes one report per partition there.", icon=":material/hourglass_empty:")
         return
-    table = dd.quality_table(reports, s.dagster_url)
-    failed = int((table["status"] != "passed").sum())
+    hours, catalog = dd.split_quality_reports(reports)
+    table = dd.quality_table(hours, s.dagster_url)
+    done = table[~table["status"].isin(dd.NOT_VALIDATED)]  # the open hour is checked once it closes
+    failed = int((done["status"] != "passed").sum())
     c = st.columns(3)
-    c[0].metric("Partitions validated", f"{len(table):,}")
+    c[0].metric("Partitions validated", f"{len(done):,}", help="closed hours; the catalog is shown below")
     c[1].metric("Partitions failing", f"{failed:,}")
-    hours = [p for p in table.index if p[:1].isdigit()]  # hourly keys; the catalog and unreadable files are not
-    c[2].metric("Latest partition", hours[0] if hours else "none yet")
+    latest = [p for p in done.index if p[:1].isdigit()]  # hourly keys; unreadable report files are not
+    c[2].metric("Latest partition", latest[0] if latest else "none yet")
     if failed:
         st.error(f"{failed} partition(s) fail validation: their data may be kept out of training. "
                  "The failing expectations and examples are below; the Dagster run has the details.",
                  icon=":material/error:")
-    else:
+    elif len(done):
         st.success("Every validated partition passes its expectations.", icon=":material/check_circle:")
-    st.dataframe(table, column_config={"dagster_run": st.column_config.LinkColumn("Dagster run",
-                                                                                  display_text="open run")})
-    fails = dd.failing_expectations(reports)
+    if len(done) < len(table):
+        st.caption(f"An hour still being written is *{dd.QUALITY_OPEN}*; one that closed but has only a report "
+                   f"from while it was open is *{dd.QUALITY_PENDING}* (the hourly schedule runs five minutes after "
+                   "the hour). Neither counts above.")
+    st.dataframe(table, column_config=RUN_LINK)
+    fails = dd.failing_expectations([r for r in hours if str(r.get("partition")) in done.index])
     if not fails.empty:
         st.subheader("Failing expectations")
         st.dataframe(fails, hide_index=True)
-    errors = [r for r in reports if r.get("error")]
-    for r in errors:
-        st.warning(r["error"], icon=":material/broken_image:")
+    for r in hours:
+        if r.get("error"):
+            st.warning(r["error"], icon=":material/broken_image:")
+    catalog_section(catalog)
 
+
+def catalog_section(report) -> None:
+    st.subheader("Catalog")
+    if report is None:
+        st.caption("The product catalog has not been validated yet.")
+        return
+    row = dd.quality_table([report], ui.settings().dagster_url)
+    status = row["status"].iloc[0]
+    if status != "error":  # an unreadable report says so below
+        (st.success if status == "passed" else st.error)(
+            f"The product catalog {'passes' if status == 'passed' else 'fails'} its expectations "
+            f"(validated {report.get('validated_at') or 'at an unknown time'}).",
+            icon=":material/check_circle:" if status == "passed" else ":material/error:")
+    st.dataframe(row, column_config=RUN_LINK)
+    if report.get("error"):
+        st.warning(report["error"], icon=":material/broken_image:")
+    fails = dd.failing_expectations([report])
+    if not fails.empty:
+        st.dataframe(fails, hide_index=True)
 
 ui.live(render)

@@ -37,8 +37,16 @@ def models() -> None:
                 lines.append(f"registered {created:%Y-%m-%d %H:%M} UTC ({dd.fmt_age(age)} ago)")
             if info.window_start or info.window_end:
                 lines.append(f"trained on {(info.window_start or '?')[:16]} → {(info.window_end or '?')[:16]}")
-            lines += [f"{k} {v:.4f}" for k, v in sorted(info.metrics.items())]
+            if info.metrics:
+                lines.append(f"on its own holdout ({info.holdout or 'not recorded'}): "
+                             + ", ".join(f"{k} {v:.4f}" for k, v in sorted(info.metrics.items())))
+            if info.champion_on_holdout is not None and alias != ALIAS_CHAMPION:
+                lines.append(f"the champion on this holdout: ndcg {info.champion_on_holdout:.4f}")
             st.caption(" · ".join(lines) if lines else "no metrics recorded on this version")
+    if sum(bool(a and a.metrics) for a in aliases.values()) > 1:
+        st.caption("Each version's metrics come from the holdout of its own training window, so they do not compare "
+                   "across versions; the challenger's line gives the champion's score on the challenger's holdout, "
+                   "and the A/B test page compares them on live traffic.")
 
 
 def traffic() -> None:
@@ -68,7 +76,8 @@ def traffic() -> None:
         st.metric("Events (window)", f"{int(ev.to_numpy().sum()):,}", help=f"last {snap.minutes} minutes")
         long = ev.reset_index().melt("minute", var_name="event type", value_name="events")
         ui.altair(alt.Chart(long).mark_area().encode(
-            x=alt.X("minute:T", title=None), y=alt.Y("events:Q", stack=True), color="event type:N",
+            x=ui.time_x("minute", long["minute"]), y=ui.count_y("events", ev.sum(axis=1), stack=True),
+            color="event type:N",
             tooltip=["minute:T", "event type:N", "events:Q"]).properties(height=220))
 
     st.subheader("Ingestion")

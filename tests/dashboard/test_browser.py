@@ -38,7 +38,7 @@ pytestmark = pytest.mark.skipif(
 PAGES = [
     ("", "Overview", ["Champion", "v1", "Events (window)", "60", "≤ 15 ms", "Dead-letter records"], 1),
     ("ab_test", "A/B test", ["champion CTR", "5.00 %", "8.00 %", "4.000", "5.000", "60.0 %", "not enough data"], 1),
-    ("cold_start", "Cold start", ["From new users", "20.0 %", "New products", "60 min", "2.50 %"], 3),
+    ("cold_start", "Cold start", ["From new users", "33.3 %", "New products", "60 min", "2.50 %"], 3),
     ("cache", "Cache", ["Hit rate", "30.0 %", "champion hit rate", "40.0 %", "Memory used"], 2),
     ("data_quality", "Data quality", ["Partitions failing", "2026-11-24-12:00", "1 partition(s) fail validation",
                                       "Failing expectations"], 0),

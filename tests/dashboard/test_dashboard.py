@@ -8,7 +8,9 @@ Great Expectations reports in a private ``var/`` dir; every page is rendered by 
 from __future__ import annotations
 
 import json
+import re
 import time
+from datetime import datetime, timedelta, timezone
 
 import pytest
 from statsmodels.stats import proportion as sm_proportion
@@ -82,7 +84,7 @@ def seed_redis(state: OnlineState, ab=AB) -> None:
             state.r.hincrby(RedisKeys.ab(state.experiment, variant), f, n)
         state.incr_stats(dd.ab_stats_name(state.experiment, variant), counts)
     state.incr_stats(dd.STATS_REQUESTS, {"cache": 30, "model": 60, "fallback": 10, "cold_user": 20,
-                                         "cold_user_session": 10, "cold_user_trending": 5})
+                                         "cold_user_session": 15, "cold_user_trending": 5})
     state.incr_stats(dd.STATS_CACHE, {"hit": 30, "miss": 70, "hit:champion": 20, "miss:champion": 30,
                                       "hit:challenger": 10, "miss:challenger": 40})
     state.incr_stats("events", {"view": 50, "click": 10})
@@ -256,10 +258,10 @@ def test_cold_start_page_shows_new_users_and_new_products(seeded):
     at = run_page(PAGES[2])
     m = metrics(at)
     assert m["Requests"] == "100"
-    assert m["From new users"] == "20.0 %"
-    assert m["New users served from session"] == "50.0 %"
+    assert m["From new users"] == "33.3 %"  # of the 60 the model answered (a cache hit says nothing of the user)
+    assert m["New users served from session"] == "75.0 %"
     assert m["New users served trending"] == "25.0 %"
-    assert m["New users served by model"] == "25.0 %"
+    assert "New users served by model" not in m  # every new user is served from a session or trending
     assert m["New products"] == "2"
     assert m["Shown at least once"] == "50.0 %"
     assert m["Median time to first impression"] == "60 min"
@@ -276,7 +278,7 @@ def test_cache_page_shows_hit_rates_latency_and_memory(seeded):
     assert (m["Hit p50"], m["Miss p50"]) == ("≤ 1 ms", "≤ 15 ms")
     assert (m["From cache"], m["From model"], m["From fallback"]) == ("30", "60", "10")
     assert int(m["Keys"].replace(",", "")) >= 10
-    assert m["Memory used"]
+    assert re.fullmatch(r"[\d.,]+ (B|KiB|MiB|GiB)", m["Memory used"]), m["Memory used"]  # not "1.02M"
     fams = [d.value for d in at.dataframe if "keys" in d.value.columns][0]["keys"].to_dict()
     assert fams["stats:cache"] == 1 and fams["ab:default"] == 2
     assert charts(at) == 2 and not at.warning
@@ -317,3 +319,119 @@ def test_overview_adds_up_consumers_and_flags_one_without_partitions(dashboard_e
     at = run_page(PAGES[0])
     assert metrics(at)["Consumer lag (records)"] == "7"
     assert "1 of 2 stream consumers own no partition" in texts(at.warning)
+
+
+# --- a bad file, fresh data, the open hour, labels -------------------------------------------------------
+def test_a_wrong_typed_lake_file_is_named_and_the_rest_still_shows(seeded):
+    """An imported file with text prices and one with integer timestamps sit in the current hour."""
+    from pipelines.lake import partition_dir, partition_key
+    from tests.dashboard.test_dashboard_data import write_misfit
+
+    s, _ = seeded
+    folder = partition_dir(s.lake_dir, partition_key(int(time.time() * 1000) - 10 * 60_000))
+    good = min(folder.glob("batch-*.parquet"))
+    write_misfit(good, "import-price.parquet", "price", "n/a")
+    write_misfit(good, "import-ts.parquet", "ts", int(time.time()))
+    for page in (PAGES[2], PAGES[1]):
+        at = run_page(page)
+        warning = texts(at.warning)
+        assert "2 lake file(s) skipped" in warning, warning
+        assert "import-price.parquet`: price is string" in warning and "import-ts.parquet`: ts is int64" in warning
+        assert "Cannot read the event lake" not in warning
+    m = metrics(run_page(PAGES[2]))
+    assert (m["New products"], m["Share of impression slots"]) == ("2", "2.50 %")  # as without the bad files
+    m = metrics(run_page(PAGES[1]))
+    assert m["champion revenue/impression"] == "4.000" and m["challenger revenue/impression"] == "5.000"
+
+
+def test_impressions_show_at_the_next_refresh_and_the_page_says_when_the_lake_was_read(dashboard_env, redis_client,
+                                                                                         redis_url):
+    s = dashboard_env(redis_url, DEAD_MLFLOW)
+    seed_redis(OnlineState(redis_client))
+    at = run_page(PAGES[1])
+    assert "No impressions in the lake yet" in texts(at.caption)
+    assert re.search(r"Lake read at \d\d:\d\d:\d\d UTC", texts(at.caption))
+    seed_lake(s)  # the consumer writes the hour's first files
+    at.run()
+    assert not at.exception
+    assert metrics(at)["champion revenue/impression"] == "4.000"
+    assert "No impressions in the lake yet" not in texts(at.caption)
+
+
+def test_data_quality_page_keeps_the_catalog_and_the_open_hour_apart(seeded):
+    s, _ = seeded
+    now = datetime.now(timezone.utc)
+    open_hour = now.strftime("%Y-%m-%d-%H:00")
+    for rep in ({"partition": "catalog", "success": True, "evaluated": 6, "failed": [],
+                 "validated_at": now.isoformat(), "dagster_run_id": "run-cat"},
+                {"partition": open_hour, "success": True, "evaluated": 12, "failed": [],
+                 "validated_at": (now - timedelta(seconds=1)).isoformat()}):
+        (s.quality_dir / f"{rep['partition']}.json").write_text(json.dumps(rep))
+    at = run_page(PAGES[4])
+    m = metrics(at)
+    assert (m["Partitions validated"], m["Partitions failing"]) == ("2", "1")  # the two closed hours of seed_quality
+    assert m["Latest partition"] == "2026-11-24-12:00"
+    hours = at.dataframe[0].value
+    assert "catalog" not in hours.index
+    assert hours.loc[open_hour, "status"] == "open — validated when the hour closes"
+    assert "The product catalog passes its expectations" in texts(at.success)
+    assert at.dataframe[2].value.index.tolist() == ["catalog"]
+
+
+def test_overview_labels_each_models_metrics_with_its_holdout(dashboard_env, redis_client, redis_url, tmp_path):
+    from mlflow import MlflowClient
+
+    from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, REGISTERED_MODEL
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model(REGISTERED_MODEL)
+    for alias, tags in ((ALIAS_CHAMPION, {"metric.ndcg_at_10": "0.312500", "holdout": "last 24 h of the window"}),
+                        (ALIAS_CHALLENGER, {"metric.ndcg_at_10": "0.410000", "holdout": "last 12 h of the window",
+                                            "champion_holdout_ndcg": "0.290000"})):
+        mv = client.create_model_version(REGISTERED_MODEL, source=str(tmp_path / alias), tags=tags)
+        client.set_registered_model_alias(REGISTERED_MODEL, alias, mv.version)
+    dashboard_env(redis_url, uri)
+    captions = texts(run_page(PAGES[0]).caption)
+    assert "on its own holdout (last 24 h of the window): ndcg_at_10 0.3125" in captions
+    assert "on its own holdout (last 12 h of the window): ndcg_at_10 0.4100" in captions
+    assert "the champion on this holdout: ndcg 0.2900" in captions
+    assert "do not compare across versions" in captions
+
+
+def _encodings(spec):
+    """Every ``encoding`` of a Vega-Lite spec (one per layer)."""
+    if isinstance(spec, dict):
+        if isinstance(spec.get("encoding"), dict):
+            yield spec["encoding"]
+        for v in spec.values():
+            yield from _encodings(v)
+    elif isinstance(spec, list):
+        for v in spec:
+            yield from _encodings(v)
+
+
+def test_chart_axes_print_each_label_once(seeded):
+    """Time axes with one hour's point, count axes of a few requests: labels a person reads are distinct and have
+    no noise digits (Vega's own ticks repeated "06:00" and printed "0.000000")."""
+    for page in PAGES[:4]:
+        at = run_page(page)
+        for chart in at.get("vega_lite_chart") + at.get("arrow_vega_lite_chart"):
+            encodings = [{ch: e[ch] for ch in ("x", "y") if isinstance(e.get(ch), dict)}
+                         for e in _encodings(json.loads(chart.proto.spec))]
+            scaled = {ch for e in encodings for ch, enc in e.items() if enc["type"] in ("temporal", "quantitative")}
+            axes = {ch: (enc["type"], enc["axis"]) for e in encodings for ch, enc in e.items()
+                    if "values" in enc.get("axis", {})}
+            assert scaled <= set(axes), f"{page}: a chart leaves its ticks to Vega: {encodings}"
+            for kind, axis in axes.values():
+                fmt, values = axis["format"], axis["values"]
+                if kind == "temporal":  # instants of the data's days (ISO: the browser reads no epoch numbers)
+                    instants = [datetime.fromisoformat(v) for v in values]
+                    assert all(abs(t.timestamp() - time.time()) < 3 * 86_400 for t in instants), values
+                    labels = [t.strftime(fmt) for t in instants]
+                elif fmt.endswith("%"):
+                    labels = [f"{100 * v:.{int(fmt[1:-1])}f}%" for v in values]
+                else:
+                    assert fmt == ",d" and all(float(v).is_integer() for v in values)
+                    labels = [f"{v:,.0f}" for v in values]
+                assert len(set(labels)) == len(labels), (page, labels)

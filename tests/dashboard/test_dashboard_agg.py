@@ -168,7 +168,7 @@ def test_summarize_partition_fills_one_hour(tmp_path):
     new_items_lake(lake, tmp_path / "catalog.parquet", with_late=True)
     key = partition_key(NOW - 3 * H)
     rows = ag.summarize_partition(lake, cache, tmp_path / "catalog.parquet", key, age_h=24)
-    assert rows == {"ab_impressions": 6, "ab_purchases": 1, "ab_users": 6, "new_items_slots": 6,  # one row per time
+    assert rows == {"ab_impressions": 6, "ab_purchases": 1, "ab_users": 6, "skipped_files": 0, "new_items_slots": 6,  # one row per time
                     "new_items_first_impression": 2, "new_items_first_click": 0}
     assert len(list((cache / "ab").iterdir())) == 1
     ag.summarize_partition(lake, cache, tmp_path / "catalog.parquet", partition_key(NOW), age_h=24)
@@ -196,3 +196,33 @@ def test_minute_counts_and_ab_counts_in_one_round_trip(redis_client):
         state.r.hset(RedisKeys.ab(state.experiment, v), mapping={"impressions": n, "clicks": 1})
     assert dd.fetch_ab_counts(state, tag) == state.ab_counts() == {
         ALIAS_CHAMPION: {"impressions": 3, "clicks": 1}, ALIAS_CHALLENGER: {"impressions": 4, "clicks": 1}}
+
+
+def test_a_file_that_does_not_fit_is_left_out_and_reported_from_the_cache_too(tmp_path):
+    from pipelines.lake import partition_dir, partition_key
+    from tests.dashboard.test_dashboard_data import write_misfit
+
+    lake, cache = tmp_path / "lake", tmp_path / "cache"
+    ab_lake(lake)
+    want = ag.fetch_lake_ab(lake, None, hours=4, now_s=NOW_S)
+    good = max(lake.rglob("*.parquet"))
+    write_misfit(good, "import-price.parquet", "price", "n/a")
+    # an hour, a month later, that holds nothing but a misfit
+    later = NOW + 30 * 24 * H
+    write_misfit(good, "only.parquet", "ts", 1, folder=partition_dir(lake, partition_key(later)))
+    for _ in range(2):  # summarized, then from the cache
+        got = ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S)
+        assert_same_ab(got, want)
+        assert [(s.path.rsplit("/", 1)[-1], s.column) for s in got.skipped] == [("import-price.parquet", "price")]
+    far = ag.fetch_lake_ab(lake, cache, hours=1, now_s=later / 1000)
+    assert far.revenue == {} and [s.column for s in far.skipped] == ["ts"]
+
+
+def test_lake_version_changes_when_a_file_arrives_and_only_then(tmp_path):
+    lake = tmp_path / "lake"
+    empty = ag.lake_version(lake, hours=4, now_s=NOW_S)
+    ab_lake(lake)
+    first = ag.lake_version(lake, hours=4, now_s=NOW_S)
+    assert first != empty and ag.lake_version(lake, hours=4, now_s=NOW_S + 60) == first
+    write_events(lake, [imp("r-new", "u77", ALIAS_CHALLENGER, NOW - 60_000)])
+    assert ag.lake_version(lake, hours=4, now_s=NOW_S + 60) != first

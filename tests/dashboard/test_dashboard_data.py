@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -144,14 +145,15 @@ def test_cold_start_summary_and_timeseries():
                    "cold_user_trending": 2},
                B - 60: {"model": 10, "cold_user": 2, "cold_user_trending": 2}}
     s = dd.cold_start_summary(buckets)
-    assert (s.requests, s.cold, s.from_session, s.from_trending) == (50, 10, 6, 4)
-    assert (s.cold_share, s.session_share, s.trending_share) == (0.2, 0.6, 0.4)
+    assert (s.requests, s.scored, s.cold, s.from_session, s.from_trending) == (50, 40, 10, 6, 4)
+    # of the requests the model answered (a cache hit or the fallback says nothing about the user)
+    assert (s.cold_share, s.session_share, s.trending_share) == (0.25, 0.6, 0.4)
     empty = dd.cold_start_summary({})
     assert empty.requests == 0 and empty.cold_share is None and empty.session_share is None
     ts = dd.cold_start_timeseries(buckets, minutes=3, now_s=NOW)
     assert ts["requests"].tolist() == [0, 10, 40]
     assert ts["cold_user_trending"].tolist() == [0, 2, 2]
-    assert math.isnan(ts["cold_share"].iloc[0]) and ts["cold_share"].tolist()[1:] == [0.2, 0.2]
+    assert math.isnan(ts["cold_share"].iloc[0]) and ts["cold_share"].tolist()[1:] == [0.2, 8 / 30]
 
 
 def test_dlq_table_and_consumer_summary():
@@ -404,3 +406,100 @@ def test_ab_report_and_cumulative_lift_frame():
     coarse = dd.cumulative_lift_frame(per, ALIAS_CHAMPION, ALIAS_CHALLENGER, minutes=10, now_s=NOW, max_points=2)
     assert len(coarse) == 2 and coarse["lift"].iloc[-1] == pytest.approx(0.6)
     assert dd.cumulative_lift_frame({}, "a", "b", minutes=5, now_s=NOW).empty
+
+
+# --- lake files that do not fit the schema -----------------------------------------------------------
+def write_misfit(good: Path, name: str, column: str, values, folder: Path | None = None) -> Path:
+    """A copy of the lake file ``good`` (in ``folder``, default its own) with ``column`` replaced by ``values``
+    (another type)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(good)
+    path = (folder or good.parent) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(t.set_column(t.schema.get_field_index(column), column, pa.array([values] * len(t))), path)
+    return path
+
+
+def test_read_lake_files_skips_and_names_files_that_do_not_fit_the_schema(tmp_path):
+    from pipelines.lake import write_events
+    from pipelines.schemas import new_event
+
+    now = int(NOW * 1000)
+    [good] = write_events(tmp_path, [
+        new_event("purchase", "u1", "i1", "s", ts=now - 60_000, request_id="r1", price=4.0, quantity=1)])
+    text_price = write_misfit(good, "import-price.parquet", "price", "n/a")
+    int_ts = write_misfit(good, "import-ts.parquet", "ts", now // 1000)  # seconds, not a timestamp
+    files = [good, text_price, int_ts]
+
+    df = dd.read_lake_files(files, ["ts", "price"], ["purchase"])
+    assert df["price"].tolist() == [4.0] and df["ts"].tolist() == [now - 60_000]  # the good rows still count
+    skipped = {s.path.rsplit("/", 1)[-1]: s for s in dd.skipped_lake_files(files)}
+    assert set(skipped) == {"import-price.parquet", "import-ts.parquet"}
+    assert skipped["import-price.parquet"].column == "price" and "string" in skipped["import-price.parquet"].problem
+    assert skipped["import-ts.parquet"].column == "ts" and skipped["import-ts.parquet"].path.startswith("date=")
+
+    # a known-bad file is not opened again while it is unchanged ...
+    assert dd.lake_file_problem(text_price) is dd.lake_file_problem(text_price)
+    # ... and is checked again once it is replaced by a good one
+    import shutil
+
+    shutil.copy(good, text_price)
+    assert dd.lake_file_problem(text_price) is None
+    assert dd.read_lake_files(files, ["price"], ["purchase"])["price"].tolist() == [4.0, 4.0]
+
+
+# --- data quality: the catalog and the open hour ---------------------------------------------------------
+def test_quality_table_keeps_the_catalog_apart_and_marks_hours_not_validated_closed():
+    from datetime import datetime, timezone
+
+    now = datetime(2026, 12, 7, 6, 40, tzinfo=timezone.utc)
+    reports = [
+        {"partition": "catalog", "success": True, "evaluated": 6},
+        {"partition": "2026-12-07-05:00", "success": True, "validated_at": "2026-12-07T06:05:00+00:00"},
+        {"partition": "2026-12-07-06:00", "success": True, "validated_at": "2026-12-07T06:30:00+00:00"},  # open
+        # closed since its report, written while it was open: the schedule has not validated it yet
+        {"partition": "2026-12-07-04:00", "success": True, "validated_at": "2026-12-07T04:50:00Z"},
+    ]
+    hours, catalog = dd.split_quality_reports(reports)
+    assert catalog["partition"] == "catalog" and "catalog" not in [r["partition"] for r in hours]
+    t = dd.quality_table(hours, "http://dagster:3000", now=now)
+    assert t["status"].to_dict() == {"2026-12-07-06:00": "open — validated when the hour closes",
+                                     "2026-12-07-05:00": "passed",
+                                     "2026-12-07-04:00": "closed — awaiting its validation"}
+    assert dd.quality_status(catalog, now) == "passed"
+
+
+# --- cosmetics: sizes and chart axes ---------------------------------------------------------------------
+def test_fmt_bytes_uses_binary_units():
+    assert [dd.fmt_bytes(n) for n in (512, 3482, 12.3 * 2**20, 1.02 * 2**30)] == \
+        ["512 B", "3.40 KiB", "12.3 MiB", "1.02 GiB"]
+    assert dd.fmt_bytes(None) == "–"
+
+
+@pytest.mark.parametrize("lo,hi,min_step", [(0, 0, 1), (0, 1, 1), (0, 5, 1), (0, 61_234, 1), (0, 1e-12, 0.001),
+                                            (0, 0.025, 0.001), (-0.31, 0.62, 0.001), (float("nan"), float("nan"), 1)])
+def test_value_ticks_print_each_label_once(lo, hi, min_step):
+    ticks = dd.value_ticks(lo, hi, min_step=min_step)
+    step = ticks[1] - ticks[0]
+    if min_step == 1:
+        labels = [f"{t:,.0f}" for t in ticks]
+    else:
+        digits = int(dd.percent_format(step)[1:-1])
+        labels = [f"{100 * t:.{digits}f}%" for t in ticks]
+    assert len(set(labels)) == len(labels) <= 7 and all("0.0000" not in x for x in labels)
+    assert ticks[0] <= min(0, 0 if math.isnan(lo) else lo) and ticks[-1] >= (0 if math.isnan(hi) else hi)
+
+
+@pytest.mark.parametrize("span_ms,min_step_ms", [(0, 60_000), (0, 3_600_000), (70_000, 60_000),
+                                                 (3_540_000, 60_000), (49 * 3_600_000, 3_600_000),
+                                                 (7 * 86_400_000, 60_000)])
+def test_time_ticks_print_each_label_once(span_ms, min_step_ms):
+    from datetime import datetime, timezone
+
+    start = int(NOW * 1000) + 7_000  # not on a minute
+    ticks, fmt, domain = dd.time_ticks(start, start + span_ms, min_step_ms=min_step_ms)
+    labels = [datetime.fromtimestamp(t / 1000, tz=timezone.utc).strftime(fmt) for t in ticks]
+    assert ticks and len(set(labels)) == len(labels) <= 9
+    assert domain[0] <= ticks[0] and ticks[-1] <= domain[1] and domain[0] < domain[1]
