@@ -433,6 +433,8 @@ class Snapshot:
     dlq_reasons: dict[str, int] = field(default_factory=dict)
     consumer_status: dict[str, str] = field(default_factory=dict)
     catalog_status: dict[str, str] = field(default_factory=dict)
+    #: the versions the API serves per alias, and ``updated_ts`` (:meth:`OnlineState.set_serving_status`)
+    serving_status: dict[str, str] = field(default_factory=dict)
     events: dict[int, dict[str, int]] = field(default_factory=dict)
     latency: dict[str, dict[int, dict[str, int]]] = field(default_factory=dict)
     #: the experiment's comparisons, ``(tag, first_ts_ms, last_ts_ms)``, most recent first (OnlineState.ab_comparisons)
@@ -497,6 +499,7 @@ def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES, tag: str |
         dlq_reasons=state.dlq_reasons(),
         consumer_status=state.consumer_status(),
         catalog_status=state.catalog_status(),
+        serving_status=state.serving_status(),
         events=state.read_stats(STATS_EVENTS, minutes),
         latency={src: state.read_stats(latency_stats_name(src), minutes) for src in REQUEST_SOURCES},
     )
@@ -659,6 +662,34 @@ def fmt_ms(x: float | None) -> str:
     if math.isinf(x):
         return f"> {LATENCY_EDGES_MS[-1]} ms"
     return f"≤ {x:g} ms"
+
+
+def served_note(alias: str, registered: str | None, serving: Mapping[str, str], *,
+                now_s: float | None = None) -> tuple[str, bool]:
+    """What the API serves under ``alias`` against the registry's ``registered`` version: ``(text, alarming)``.
+
+    ``serving`` is :meth:`OnlineState.serving_status` (written by each API process while it answers requests,
+    at most every 10 s). A mismatch for a few seconds is a swap in progress (the poll interval plus load time);
+    one that lasts means the version does not load (the scorer's log names it).
+    """
+    if not serving:
+        return "serving has not reported yet (the API writes what it serves while it answers requests)", False
+    try:
+        ago = fmt_age(max(0.0, (time.time() if now_s is None else now_s) - float(serving.get("updated_ts", ""))))
+    except ValueError:
+        ago = "?"
+    served = serving.get(alias) or None
+    if served is None and registered is not None and registered == serving.get(ALIAS_CHAMPION):
+        return "the champion's version: served as the champion, with no A/B split", False
+    if served == registered:
+        return (f"served by the API (reported {ago} ago)" if served else f"not served (reported {ago} ago)"), False
+    if served is None:
+        return (f"registered but not served by the API (reported {ago} ago): it loads a new version within the "
+                "poll interval; if this lasts, the scorer's log says why it cannot load it"), True
+    if registered is None:
+        return f"the API still serves v{served} (reported {ago} ago): the alias was removed from the registry", True
+    return (f"the API serves v{served}, not v{registered} (reported {ago} ago): a swap takes the poll interval "
+            "plus the load time; if this lasts, the scorer's log says why the new version does not load"), True
 
 
 def fmt_age(seconds: float | None) -> str:

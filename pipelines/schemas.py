@@ -107,6 +107,8 @@ class RedisKeys:
         """One stream consumer's progress (``member``: host and pid); see :meth:`OnlineState.consumer_status`."""
         return f"{REDIS_PREFIX}consumer:status:{member}"
     catalog_status = REDIS_PREFIX + "catalog:status"
+    #: the versions the API serves, per alias, and when it last heard them from its scorer (``updated_ts``)
+    serving_status = REDIS_PREFIX + "serving:status"
 
     @staticmethod
     def event_id(event_id: str) -> str:

@@ -691,6 +691,7 @@ class RecommendationEngine:
         try:
             info = await asyncio.wait_for(self.info_fn(), timeout=2.0)
             self._set_versions(info.get("versions") or {}, info.get("lineage") or {})
+            self._report_served()
             popular = [(str(i), float(s)) for i, s in info.get("popular") or []]
         except Exception as err:
             log.warning("scoring service did not answer /info (%s); keeping versions %s", err, self.versions)
@@ -699,6 +700,14 @@ class RecommendationEngine:
         self._update_fallback(redis_popular or popular)
         await self._rule_fallback()
         return self.versions
+
+    def _report_served(self) -> None:
+        """Write the versions served to Redis (the dashboard's "served" line): on a change, else every 10 s."""
+        now = time.monotonic()
+        last = getattr(self, "_served_reported", None)
+        if last is None or last[0] != self.versions or now - last[1] >= 10.0:
+            self._served_reported = (dict(self.versions), now)
+            self._redis(self.state.set_serving_status, self.versions)
 
     async def _rule_fallback(self) -> None:
         """Apply the rules a list for nobody in particular can have (stock, category cap) to the fallback list,

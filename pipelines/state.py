@@ -292,6 +292,18 @@ class OnlineState:
     def set_catalog_status(self, **fields) -> None:
         self.r.hset(RedisKeys.catalog_status, mapping={k: str(v) for k, v in fields.items()})
 
+    def set_serving_status(self, versions: dict[str, str]) -> None:
+        """The versions being served, per alias (an alias not served is removed), with the time now."""
+        p = self.r.pipeline(transaction=True)
+        p.delete(RedisKeys.serving_status)
+        p.hset(RedisKeys.serving_status, mapping={**{a: str(v) for a, v in versions.items()},
+                                                  "updated_ts": f"{time.time():.3f}"})
+        p.expire(RedisKeys.serving_status, 86_400)
+        p.execute()
+
+    def serving_status(self) -> dict[str, str]:
+        return self.r.hgetall(RedisKeys.serving_status)
+
     # --- reads for serving ---------------------------------------------------
     def recent_items(self, user_id: str, n: int | None = None) -> list[str]:
         """The user's most recent items, newest first."""

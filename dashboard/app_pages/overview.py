@@ -19,10 +19,16 @@ def models() -> None:
     aliases = ui.model_aliases()
     if aliases is None:
         return
+    snap = ui.snapshot()
     cols = st.columns(2)
     for col, alias in zip(cols, (ALIAS_CHAMPION, ALIAS_CHALLENGER)):
         info = aliases.get(alias)
         with col:
+            if snap is not None:  # what the API serves: the registry's alias moves first, serving follows
+                text, alarming = dd.served_note(alias, info.version if info else None, snap.serving_status,
+                                                now_s=snap.now_s)
+                if alarming:
+                    st.warning(text, icon=":material/sync_problem:")
             if info is None:
                 st.metric(alias.capitalize(), "none")
                 st.caption(f"No `{REGISTERED_MODEL}@{alias}` in the registry yet."
@@ -42,6 +48,8 @@ def models() -> None:
                              + ", ".join(f"{k} {v:.4f}" for k, v in sorted(info.metrics.items())))
             if info.champion_on_holdout is not None and alias != ALIAS_CHAMPION:
                 lines.append(f"the champion on this holdout: ndcg {info.champion_on_holdout:.4f}")
+            if snap is not None and not alarming:
+                lines.insert(0, text)
             st.caption(" · ".join(lines) if lines else "no metrics recorded on this version")
     if sum(bool(a and a.metrics) for a in aliases.values()) > 1:
         st.caption("Each version's metrics come from the holdout of its own training window, so they do not compare "

@@ -76,6 +76,10 @@ def test_known_and_new_users_get_model_answers(settings, redis_client, registere
     new = c.post("/recommend", json={"user_id": "brand-new-user"}).json()
     assert new["source"] == "model" and len(new["items"]) == 10
     wait_for(lambda: _total(redis_client, schemas.STATS_REQUESTS, "cold_user") == 1, 10, "the cold-start counter")
+    wait_for(lambda: _total(redis_client, schemas.STATS_REQUESTS, "cold_user_trending") == 1, 10, "no click: trending")
+    # what it serves is in Redis for the dashboard's Overview (the registry's alias alone can differ)
+    served = OnlineState(redis_client).serving_status()
+    assert served[schemas.ALIAS_CHAMPION] == reg.version and float(served["updated_ts"]) > 0
 
 
 def test_no_model_serves_fallback(settings, redis_client, client_for):

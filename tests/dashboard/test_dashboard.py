@@ -93,6 +93,7 @@ def seed_redis(state: OnlineState, ab=AB) -> None:
     state.count_dlq({"invalid_json": 3, "schema": 1})
     now = time.time()
     state.set_consumer_status(lag=5, rate_eps=12.5, consumed=100, last_commit_ts=now - 3, updated_ts=now)
+    state.set_serving_status({"champion": "1"})
 
 
 def seed_lake(settings) -> dict:
@@ -166,6 +167,7 @@ def test_overview_shows_models_traffic_ingestion(seeded):
     dlq = [d.value for d in at.dataframe if "records" in d.value.columns][0]
     assert dlq["records"].to_dict() == {"invalid_json": 3, "schema": 1}
     assert charts(at) == 1 and not at.warning
+    assert "served by the API (reported" in captions  # serving reported v1, as the registry has it
     chart = (at.get("vega_lite_chart") + at.get("arrow_vega_lite_chart"))[0]
     assert json.loads(chart.proto.spec)["config"]["axisTemporal"]["format"] == "%H:%M"  # 24-hour labels, no "08 PM"
 
@@ -397,6 +399,13 @@ def test_overview_labels_each_models_metrics_with_its_holdout(dashboard_env, red
     assert "on its own holdout (last 12 h of the window): ndcg_at_10 0.4100" in captions
     assert "the champion on this holdout: ndcg 0.2900" in captions
     assert "do not compare across versions" in captions
+
+
+def test_overview_warns_when_serving_does_not_serve_the_registered_version(seeded, redis_client):
+    """The registry says champion v1; the API (a version that failed to load, a swap in progress) serves v7."""
+    OnlineState(redis_client).set_serving_status({"champion": "7"})
+    warning = texts(run_page(PAGES[0]).warning)
+    assert "the API serves v7, not v1" in warning and "scorer's log" in warning
 
 
 def _encodings(spec):

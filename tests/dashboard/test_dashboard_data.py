@@ -503,3 +503,19 @@ def test_time_ticks_print_each_label_once(span_ms, min_step_ms):
     labels = [datetime.fromtimestamp(t / 1000, tz=timezone.utc).strftime(fmt) for t in ticks]
     assert ticks and len(set(labels)) == len(labels) <= 9
     assert domain[0] <= ticks[0] and ticks[-1] <= domain[1] and domain[0] < domain[1]
+
+
+def test_served_note_compares_serving_with_the_registry():
+    now = 1_000.0
+    status = {"champion": "3", "challenger": "4", "updated_ts": "990"}
+    assert dd.served_note("champion", "3", status, now_s=now) == ("served by the API (reported 10 s ago)", False)
+    text, alarming = dd.served_note("champion", "5", status, now_s=now)
+    assert alarming and "serves v3, not v5" in text
+    text, alarming = dd.served_note("challenger", "6", {"champion": "3", "updated_ts": "990"}, now_s=now)
+    assert alarming and "registered but not served" in text
+    # a challenger alias left on the champion's version is served as the champion, by design
+    assert dd.served_note("challenger", "3", {"champion": "3", "updated_ts": "990"}, now_s=now)[1] is False
+    text, alarming = dd.served_note("challenger", None, status, now_s=now)
+    assert alarming and "still serves v4" in text
+    assert dd.served_note("champion", "3", {}, now_s=now) == (
+        "serving has not reported yet (the API writes what it serves while it answers requests)", False)
