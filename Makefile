@@ -41,6 +41,10 @@ status:
 test: install
 	$(BIN)/python -m pytest -q
 
+# the suite without the tests marked slow (fuzzing, end to end, benchmarks on a sample)
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
 bench: install
 	$(BIN)/shoprec bench all
 

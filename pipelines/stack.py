@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
 import subprocess
 import sys
 import time
@@ -109,10 +110,14 @@ def running(conf: Path) -> bool:
 
 
 def healthy(p: Program, conf: Path) -> bool:
+    """Supervisor runs the program and, for a server, its address answers (an HTTP health check with a success)."""
+    return "RUNNING" in _ctl(conf, "status", p.name).stdout and probe(p)
+
+
+def probe(p: Program) -> bool:
+    """Whether ``p.health`` answers: a TCP connection, or an HTTP status below 400 (``proc``: always)."""
     kind, _, target = p.health.partition(":")
     if kind == "tcp":
-        import socket
-
         host, port = target.rsplit(":", 1)
         try:
             with socket.create_connection((host, int(port)), timeout=1):
@@ -121,15 +126,54 @@ def healthy(p: Program, conf: Path) -> bool:
             return False
     if kind == "http":
         try:
-            return httpx.get(target, timeout=2).status_code < 500
+            return httpx.get(target, timeout=2).status_code < 400  # another server on the port answers 404
         except httpx.HTTPError:
             return False
-    return "RUNNING" in _ctl(conf, "status", p.name).stdout
+    return True
+
+
+def port_of(p: Program) -> int | None:
+    """The TCP port ``p`` listens on (from its health check), or None for a process without one."""
+    kind, _, target = p.health.partition(":")
+    if kind == "tcp":
+        return int(target.rsplit(":", 1)[1])
+    return urlparse(target).port if kind == "http" else None
+
+
+def port_conflicts(progs: list[Program]) -> list[str]:
+    """For each program whose port something else already listens on: what holds it and what to do."""
+    import psutil
+
+    busy = []
+    for p in progs:
+        port = port_of(p)
+        if port is None:
+            continue
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                pass
+        except OSError:
+            continue
+        owner = "another program"
+        try:
+            pid = next((c.pid for c in psutil.net_connections(kind="tcp")
+                        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid), None)
+            if pid is not None:
+                owner = f"pid {pid} ({' '.join(psutil.Process(pid).cmdline())[:120]})"
+        except (psutil.Error, OSError):  # no permission to see other users' sockets: the port alone
+            pass
+        busy.append(f"port {port} ({p.name}) is in use by {owner}: stop it (or the shoprec stack of another "
+                    "checkout, `make down` there) and run `make up` again")
+    return busy
 
 
 def up(settings: Settings, root: Path, timeout_s: float = 240, echo=print) -> bool:
     """Start (or update) the stack and wait until every program is healthy; True when all are."""
     conf = render_config(settings, root)
+    if not running(conf) and (busy := port_conflicts(programs(settings, root))):
+        for line in busy:  # a server that cannot bind its port would retry forever behind a "RUNNING" line
+            echo(line)
+        return False
     if running(conf):
         echo("stack already running: applying config changes and starting anything stopped")
         _ctl(conf, "update")

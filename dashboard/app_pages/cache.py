@@ -25,7 +25,8 @@ def render() -> None:
         c = st.columns(3)
         c[0].metric("Hit rate", dd.pct(cache.hit_rate))
         c[1].metric("Hits", f"{cache.hits:,}")
-        c[2].metric("Misses", f"{cache.misses:,}")
+        c[2].metric("Misses", f"{cache.misses:,}",
+                    help="answered by the model, or by the fallback when no model could answer in time")
         ts = dd.cache_timeseries(snap.cache, minutes=snap.minutes, now_s=snap.now_s).reset_index()
         ui.altair(alt.Chart(ts).mark_line(point=True).encode(
             x=ui.time_x("minute", ts["minute"]), y=ui.share_y("hit_rate", ts["hit_rate"], "hit rate"),

@@ -20,11 +20,18 @@ def users() -> None:
                "served from the user's current session when it has a click the model can use (a product added "
                "since training counts through its nearest products by content), else trending items. Only "
                "requests the model answered are looked at: a cache hit or the fallback is not.")
-    if summary.requests == 0:
+    if summary.scored == 0 and summary.requests == 0:
         ui.no_traffic(f"no recommendation requests in the last {snap.minutes} minutes")
         return
+    if summary.scored == 0:
+        st.info(f"No recommendation request was answered by the model in the last {snap.minutes} minutes "
+                f"({summary.requests:,} came from the cache or the fallback): a user is looked at when the model "
+                "scores their request. With no champion yet every answer is the fallback: run `train_job` in "
+                "Dagster.", icon=":material/hourglass_empty:")
+        return
     c = st.columns(4)
-    c[0].metric("Requests", f"{summary.requests:,}", help=f"{summary.scored:,} answered by the model")
+    c[0].metric("Requests answered by the model", f"{summary.scored:,}",
+                help=f"of {summary.requests:,} in all; the rest came from the cache or the fallback")
     c[1].metric("From new users", dd.pct(summary.cold_share),
                 help=f"{summary.cold:,} of the {summary.scored:,} requests the model answered")
     c[2].metric("New users served from session", dd.pct(summary.session_share),

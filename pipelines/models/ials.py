@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import time
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -197,12 +198,18 @@ class _Rows:
         """``[nnz]``: ``x[row] . y[col]`` of every pair, without forming the ``[nnz, dim]`` operands."""
         if not len(self.cols):
             return torch.zeros(0, device=x.device)
-        pattern = torch.sparse_csr_tensor(self.crow, self.cols, self.conf, (self.n_rows, y.shape[0]))
+        pattern = self._csr(self.conf, y.shape[0])
         return torch.sparse.sampled_addmm(pattern, x, y.T, beta=0.0).values()
 
     def matmul(self, values: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """``[n_rows, dim]``: for each row, the ``values``-weighted sum of ``y[col]``."""
         if not len(values):
             return torch.zeros(self.n_rows, y.shape[1], device=y.device)
-        m = torch.sparse_csr_tensor(self.crow, self.cols, values, (self.n_rows, y.shape[0]))
-        return m @ y
+        return self._csr(values, y.shape[0]) @ y
+
+    def _csr(self, values: torch.Tensor, n_cols: int) -> torch.Tensor:
+        """The pairs as a CSR matrix (built from sorted, in-range indices: torch's invariant check is not needed;
+        its "beta" notice is silenced, once per training it filled the Dagster log)."""
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            return torch.sparse_csr_tensor(self.crow, self.cols, values, (self.n_rows, n_cols), check_invariants=False)

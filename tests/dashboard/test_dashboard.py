@@ -259,7 +259,7 @@ def test_one_variant_only_explains_there_is_no_test(dashboard_env, redis_client,
 def test_cold_start_page_shows_new_users_and_new_products(seeded):
     at = run_page(PAGES[2])
     m = metrics(at)
-    assert m["Requests"] == "100"
+    assert m["Requests answered by the model"] == "60"
     assert m["From new users"] == "33.3 %"  # of the 60 the model answered (a cache hit says nothing of the user)
     assert m["New users served from session"] == "75.0 %"
     assert m["New users served trending"] == "25.0 %"
@@ -321,6 +321,17 @@ def test_overview_adds_up_consumers_and_flags_one_without_partitions(dashboard_e
     at = run_page(PAGES[0])
     assert metrics(at)["Consumer lag (records)"] == "7"
     assert "1 of 2 stream consumers own no partition" in texts(at.warning)
+
+
+def test_cold_start_page_before_any_model_answered(dashboard_env, redis_client, redis_url):
+    """240 fallback answers (no champion yet) are not 240 requests whose users were looked at."""
+    OnlineState(redis_client).incr_stats(dd.STATS_REQUESTS, {"fallback": 240})
+    dashboard_env(redis_url, DEAD_MLFLOW)
+    at = run_page(PAGES[2])
+    assert "Requests answered by the model" not in metrics(at)
+    shown = texts(at.info) + texts(at.caption) + texts(at.markdown)
+    assert "No recommendation request was answered by the model" in shown and "240 came from the cache or the fallback" \
+        in shown, shown
 
 
 # --- a bad file, fresh data, the open hour, labels -------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import dagster as dg
 
 from orchestration import assets
@@ -81,3 +83,27 @@ def test_make_up_runs_the_cadence_and_elsewhere_schedules_wait_to_be_turned_on(s
         assert {got[n] for n in ("validate_events_job_schedule", "train_job_schedule", "refresh_job_schedule")} == {status}
         assert got["retrain_sensor"] == "STOPPED"  # 50,000 events is under an hour of the local simulator
         assert got["failure_sensor"] == "RUNNING"
+
+
+def test_make_up_names_what_holds_a_port_it_needs_and_starts_nothing(tmp_path):
+    """Another server on the dashboard's port answered the port check, so `make up` called the dashboard running
+    while Streamlit retried forever behind it."""
+    import http.server
+    import threading
+
+    from pipelines import localstack
+    from pipelines.stack import Program, port_conflicts, probe
+
+    port = localstack.free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dashboard = Program("dashboard", ["streamlit"], f"http://localhost:{port}",
+                            f"http:http://127.0.0.1:{port}/_stcore/health")
+        assert not probe(dashboard)  # a 404 from someone else's server is not the dashboard's health
+        [line] = port_conflicts([dashboard, Program("consumer", ["shoprec"], "(consumer)", "proc")])
+        assert f"port {port} (dashboard) is in use by pid {os.getpid()}" in line and "make up" in line
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert port_conflicts([dashboard]) == []
