@@ -215,7 +215,11 @@ def refresh_alias(registry: ModelRegistry, alias: str, interactions: pd.DataFram
     after_metrics = metrics.evaluate(model, train_df, test_df, k=k)
 
     passed = after >= before * (1 - tolerance)
-    text = f"holdout {key} {after:.4f} after vs {before:.4f} before (version {source})"
+    # the gate's protocol leaves the window's items out of the lists (see _WithoutWindowItems); the metrics
+    # logged below use the usual one, like every trained version's, so both pairs are named here
+    text = (f"holdout {key} {after:.4f} after vs {before:.4f} before (version {source}), with each user's window "
+            f"items left out of their lists; as logged in the metrics, {after_metrics[key]:.4f} vs "
+            f"{source_metrics[key]:.4f}")
     if not passed:
         decision, reason = REJECTED, f"{text}: worse by more than {tolerance:.0%}, `{alias}` stays on {source}"
     elif alias == ALIAS_CHAMPION and not move_champion:

@@ -67,6 +67,9 @@ def test_a_refresh_is_registered_with_its_lineage_and_takes_the_alias_only_when_
     assert pd.Timestamp(tags["data_window_start"]) == full.ts.min()
     assert float(tags["refresh_holdout_ndcg_after"]) == pytest.approx(fresh.after, abs=1e-6)
     assert 0 < float(tags["metric.ndcg_at_10"]) <= 1  # the metrics every version carries, for the dashboard
+    # the gate's reason names both pairs of figures, so the dashboard's metrics can be found in it
+    assert f"{float(tags['refresh_holdout_ndcg_after']):.4f} after" in tags["gate_reason"]
+    assert f"as logged in the metrics, {float(tags['metric.ndcg_at_10']):.4f} vs" in tags["gate_reason"]
     assert tags["champion_before"] == champion  # the README's rollback moves `champion` back to it
     run = registry.client.get_run(fresh.run_id)
     assert run.info.run_name == f"refresh-shoprec-v{champion}" and run.data.params["refresh_of"] == champion
