@@ -390,7 +390,8 @@ def test_a_wrong_typed_file_fails_its_hour_naming_the_file_column_and_types(tmp_
     # the suites ran on the other file, which is clean: the file is the only failure
     assert [f["expectation_type"] for f in stored["failed"]] == [validation.FILE_FITS]
     assert stored["statistics"]["rows"] == 40 and stored["statistics"]["files"]["misfit"] == [rel]
-    # one per file, the events suite's 15 and the window's 1 (no volume band: no history here)
+    # the schema of the files that fit and of the one that does not, the events suite's 15 and the window's 1
+    # (no volume band: no history here)
     assert stored["evaluated"] == stored["statistics"]["evaluated_expectations"] == 2 + 15 + 1
 
     (folder / "export.parquet").rename(tmp_path / "export.parquet")  # what the message says to do
@@ -435,6 +436,9 @@ def test_files_the_lake_reader_reads_as_the_lake_schema_fit(tmp_path):
     report, events = validation.validate_partition(tmp_path, key)
     assert report.success, report.summary()
     assert len(events) == 230 and report.statistics["files"] == {"checked": 2, "misfit": [], "rows_left_out": 0}
+    # the files' schema is one expectation however many files the hour has (an open hour has thousands)
+    # (the events suite's 15, the window's 1 and the schema's 1; 15 + 1 + 2 before, one per file)
+    assert report.evaluated == validation.validate_events(events).evaluated + 1 + 1
 
 
 def test_a_file_whose_values_the_lake_reader_cannot_cast_is_named_too(tmp_path):
