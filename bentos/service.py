@@ -31,7 +31,9 @@ from bentos.routes import quiet_client_errors
 from bentos.whole_response import install_outermost
 
 with bentoml.importing():
+    from pipelines.catalog_feed import REQUIRED_FIELDS
     from pipelines.ingest import EventIngestor, IngestRejected
+    from pipelines.rules import Catalog
     from pipelines.schemas import Id
     from pipelines.serving import ModelHolder, RecommendationEngine, set_torch_threads
     from pipelines.settings import get_settings
@@ -201,6 +203,7 @@ class Shoprec:
         self.engine = RecommendationEngine.from_settings(
             self.settings, score_fn=self._score, info_fn=lambda: self.scorer.to_async.info())
         self.ingestor = EventIngestor(self.settings)
+        self.catalog_file = Catalog(self.settings.catalog_path, reload_s=self.settings.catalog_reload_s)
         _freeze_startup_objects()
 
     async def _score(self, requests: list[dict]) -> list[dict]:
@@ -238,8 +241,27 @@ class Shoprec:
     @bentoml.api(route="/catalog")
     def catalog(self, products: Annotated[list[Any], Field(max_length=1000)], ctx: bentoml.Context) -> dict:
         """Send product changes to the catalog (API key required): a whole product adds or replaces it, a record
-        with ``item_id`` and some fields changes only those (e.g. ``in_stock``); 202 once Kafka acknowledged them."""
-        return self._ingest(self.ingestor.ingest_products, products, ctx)
+        with ``item_id`` and some fields changes only those (e.g. ``in_stock``); 202 once Kafka acknowledged them.
+        A change to a product the catalog does not have yet is named in the answer: the feed drops it unless the
+        whole product reaches it first."""
+        out = self._ingest(self.ingestor.ingest_products, products, ctx)
+        if "accepted" in out and (unknown := self._unknown_changed(products)):
+            out["unknown_products"] = unknown[:20]
+            out["warning"] = (f"{len(unknown)} record(s) change a product the catalog does not have yet; the catalog "
+                              "feed drops such a change (DLQ reason catalog_missing_field) unless the whole product "
+                              f"({', '.join(REQUIRED_FIELDS)}) reaches it first: send the whole product")
+        return out
+
+    def _unknown_changed(self, products: list) -> list[str]:
+        """Item ids of the batch's partial records for products neither in the catalog file nor whole in the batch."""
+        whole = {p["item_id"] for p in products if all(f in p for f in REQUIRED_FIELDS)}
+        partial = [p["item_id"] for p in products if p["item_id"] not in whole]
+        if not partial:
+            return []
+        self.catalog_file.maybe_reload()
+        if any(i not in self.catalog_file.category for i in partial):
+            self.catalog_file.maybe_reload(force=True)  # added since the last look?
+        return [i for i in dict.fromkeys(partial) if i not in self.catalog_file.category]
 
     def _ingest(self, ingest, batch: list, ctx: bentoml.Context) -> dict:
         try:

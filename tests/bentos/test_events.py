@@ -277,6 +277,13 @@ def test_catalog_takes_whole_and_partial_products_with_a_key_and_the_feed_applie
 
     ok = c.post("/catalog", headers=key, json={"products": [lamp, {"item_id": f"{tag}-0", "in_stock": False}]})
     assert ok.status_code == 202 and ok.json() == {"accepted": 2}
+    # a change to a product the catalog does not have is accepted (its whole record may be on the way) but named:
+    # the feed drops it unless the whole product arrives first
+    ghost = c.post("/catalog", headers=key, json={"products": [{"item_id": f"{tag}-ghost", "in_stock": False},
+                                                               {**lamp, "item_id": f"{tag}-new"},
+                                                               {"item_id": f"{tag}-1", "price": 9.5}]})
+    assert ghost.status_code == 202 and ghost.json()["unknown_products"] == [f"{tag}-ghost"]
+    assert "send the whole product" in ghost.json()["warning"]
 
     def applied():
         cat = pd.read_parquet(s.catalog_path).set_index("item_id")
