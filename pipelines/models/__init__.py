@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
+
 from pipelines.models.base import Recommender, Scored, load_recommender
+
+# torch notes once per process that sparse CSR tensors are "in beta"; item-to-item and iALS use them on purpose
+# (tested), and the note filled every training run's log
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
 REGISTRY: dict[str, type[Recommender]] = {}
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 
 import numpy as np
 import pandas as pd
@@ -208,8 +207,5 @@ class _Rows:
         return self._csr(values, y.shape[0]) @ y
 
     def _csr(self, values: torch.Tensor, n_cols: int) -> torch.Tensor:
-        """The pairs as a CSR matrix (built from sorted, in-range indices: torch's invariant check is not needed;
-        its "beta" notice is silenced, once per training it filled the Dagster log)."""
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-            return torch.sparse_csr_tensor(self.crow, self.cols, values, (self.n_rows, n_cols), check_invariants=False)
+        """The pairs as a CSR matrix (built from sorted, in-range indices: torch's invariant check is not needed)."""
+        return torch.sparse_csr_tensor(self.crow, self.cols, values, (self.n_rows, n_cols), check_invariants=False)
