@@ -15,6 +15,8 @@ from __future__ import annotations
 import gc
 import logging
 import math
+import time
+import uuid
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,6 +41,11 @@ with bentoml.importing():
     from pipelines.settings import get_settings
 
 log = logging.getLogger("shoprec.service")
+#: what the Swagger UI's "Try it out" fills in (each batch item is validated by the ingestor, so the schema says
+#: only "a list"; without an example the UI sent ["string"]); its id and time are the server's start's
+_EVENTS = [{"event_id": str(uuid.uuid4()), "event_type": "view", "user_id": "u000001", "session_id": "s000001",
+            "item_id": "i00042", "ts": int(time.time() * 1000)}]
+_PRODUCTS = [{"item_id": "i00042", "in_stock": False}]
 # headers and body leave in one write, so that a replica killed mid-answer lets the load balancer retry
 install_outermost()
 # a request BentoML's validation refuses (400) is one INFO line, not an ERROR with a traceback
@@ -234,12 +241,14 @@ class Shoprec:
                     "reason": "the scoring service did not answer: retry shortly"}
 
     @bentoml.api(route="/events")
-    def events(self, events: Annotated[list[Any], Field(max_length=1000)], ctx: bentoml.Context) -> dict:
+    def events(self, events: Annotated[list[Any], Field(max_length=1000, json_schema_extra={"example": _EVENTS})],
+               ctx: bentoml.Context) -> dict:
         """Ingest shop events (API key required); 202 once Kafka acknowledged the whole batch."""
         return self._ingest(self.ingestor.ingest, events, ctx)
 
     @bentoml.api(route="/catalog")
-    def catalog(self, products: Annotated[list[Any], Field(max_length=1000)], ctx: bentoml.Context) -> dict:
+    def catalog(self, products: Annotated[list[Any], Field(max_length=1000, json_schema_extra={"example": _PRODUCTS})],
+                ctx: bentoml.Context) -> dict:
         """Send product changes to the catalog (API key required): a whole product adds or replaces it, a record
         with ``item_id`` and some fields changes only those (e.g. ``in_stock``); 202 once Kafka acknowledged them.
         A change to a product the catalog does not have yet is named in the answer: the feed drops it unless the

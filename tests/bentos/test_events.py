@@ -121,7 +121,7 @@ def test_an_unknown_path_is_a_404_here_and_known_routes_still_work(events_client
 
 def test_the_swagger_ui_can_send_the_api_key(events_client):
     """The schema behind the Swagger UI declares the key on the keyed routes, so "Authorize" sends it."""
-    c, _ = events_client
+    c, (key, _) = events_client
     r = c.get("/docs.json")
     assert r.status_code == 200 and int(r.headers["content-length"]) == len(r.content)
     spec = r.json()
@@ -130,6 +130,11 @@ def test_the_swagger_ui_can_send_the_api_key(events_client):
     keyed = {path for path, item in spec["paths"].items() for op in item.values() if op.get("security")}
     assert keyed == {"/recommend", "/similar", "/status", "/events", "/catalog"}
     assert spec["components"]["schemas"] and "/ping" in spec["paths"]  # BentoML's schema is otherwise whole
+    # "Try it out" fills in a batch the API accepts (it sent ["string"], a 400)
+    examples = {field: prop["example"] for schema in spec["components"]["schemas"].values()
+                for field, prop in (schema.get("properties") or {}).items() if "example" in prop}
+    assert c.post("/events", json={"events": examples["events"]}, headers=key).status_code == 202
+    assert c.post("/catalog", json={"products": examples["products"]}, headers=key).status_code == 202
 
 
 def test_a_query_body_over_the_limit_is_a_413_before_it_is_read(events_client, monkeypatch):
