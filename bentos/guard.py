@@ -132,7 +132,7 @@ class ApiKeyAndSizeGuard:
 
         settings = get_settings()
         if path == "/docs.json":
-            return await self.app(scope, receive, _KeyInSchema(send, READ_PATHS | set(self.paths)))
+            return await self.app(scope, receive, _KeyInSchema(send, READ_PATHS, set(self.paths)))
         if path in READ_PATHS:
             if settings.serve_public_reads:
                 return await self.app(scope, receive, send)
@@ -199,8 +199,8 @@ class _KeyInSchema:
     shows "Authorize" and sends ``Authorization: Bearer <key>``.
     """
 
-    def __init__(self, send, keyed: set[str]):
-        self.send, self.keyed = send, keyed
+    def __init__(self, send, reads: set[str] | frozenset[str], writes: set[str]):
+        self.send, self.reads, self.writes = send, reads, writes
         self.start: dict | None = None
         self.body = bytearray()
 
@@ -216,7 +216,7 @@ class _KeyInSchema:
         body = bytes(self.body)
         if self.start["status"] == 200:
             try:
-                body = orjson.dumps(_with_key(orjson.loads(body), self.keyed))
+                body = orjson.dumps(_with_key(orjson.loads(body), self.reads, self.writes))
             except (orjson.JSONDecodeError, TypeError, AttributeError) as err:  # BentoML's schema, unchanged
                 log.warning("API key not added to the OpenAPI schema (%s)", err)
         headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
@@ -224,14 +224,33 @@ class _KeyInSchema:
         await self.send({"type": "http.response.body", "body": body})
 
 
-def _with_key(spec: dict, keyed: set[str]) -> dict:
-    """``spec`` with a bearer security scheme, required on the operations of the ``keyed`` paths."""
+#: the answers the guard gives before BentoML sees a request (BentoML's schema lists only its own)
+_GUARD_ANSWERS = {
+    "401": "missing or invalid API key: send 'Authorization: Bearer <key>'",
+    "413": "body over the size limit (SHOPREC_MAX_QUERY_BYTES; ingestion: SHOPREC_MAX_REQUEST_BYTES or "
+           "SHOPREC_MAX_EVENTS_PER_REQUEST)",
+    "415": "a content-type other than application/json",
+    "503": "no API keys are configured on this server",
+}
+_WRITE_ANSWERS = {"403": "a read-only key (SHOPREC_READ_API_KEYS) cannot send",
+                  "429": "over the key's rate limit (SHOPREC_EVENTS_RATE_LIMIT); see Retry-After"}
+
+
+def _with_key(spec: dict, reads: set[str] | frozenset[str], writes: set[str]) -> dict:
+    """``spec`` with a bearer security scheme, required on the operations of the keyed paths (``reads`` and
+    ``writes``), and the answers the guard gives them."""
     spec.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
         "type": "http", "scheme": "bearer",
         "description": "a key of SHOPREC_API_KEYS (reads: or of SHOPREC_READ_API_KEYS); locally 'shoprec-dev-key'"}
+    error = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}}}}}
     for path, item in spec.get("paths", {}).items():
-        if path in keyed:
-            for operation in item.values():
-                if isinstance(operation, dict):
-                    operation["security"] = [{"apiKey": []}]
+        if path not in reads and path not in writes:
+            continue
+        answers = {**_GUARD_ANSWERS, **(_WRITE_ANSWERS if path in writes else {})}
+        for operation in item.values():
+            if isinstance(operation, dict):
+                operation["security"] = [{"apiKey": []}]
+                responses = operation.setdefault("responses", {})
+                for status, text in answers.items():
+                    responses.setdefault(status, {"description": text, "content": error})
     return spec

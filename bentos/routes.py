@@ -3,7 +3,8 @@
 * :class:`KnownRoutesOnly`: a request for a path no route of the app matches is answered 404 here.
   BentoML's metrics middleware labels every request with its raw path, so each unknown path became
   about 20 new Prometheus series: 600 requests for random 8 KB paths, sent without a key, grew
-  ``/metrics`` from 14 KB to 98 MB and the server by 344 MB. Known paths are remembered (a few).
+  ``/metrics`` from 14 KB to 98 MB and the server by 344 MB. Known paths are remembered (a few). A known path
+  asked with a method it does not take is a JSON 405 naming the methods (Starlette's is plain text).
 * :func:`quiet_client_errors`: BentoML logs a request its input validation refuses (a 400, e.g. ``k=0``)
   as ``ERROR Exception on /recommend`` with a traceback; anyone could fill the log that way. Such
   records become one INFO line with the status and the reason; server errors keep their traceback.
@@ -28,15 +29,23 @@ class KnownRoutesOnly:
     def __init__(self, app):
         self.app = app
         self.routes = list(getattr(getattr(app, "router", None), "routes", None) or [])
-        self.known: set[str] = set()
+        self.known: set[tuple[str, str]] = set()  # (method, path) that a route serves
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.routes and scope["path"] not in self.known:
-            if not any(route.matches(scope)[0] != Match.NONE for route in self.routes):
+        if scope["type"] == "http" and self.routes and (key := (scope["method"], scope["path"])) not in self.known:
+            matches = [(route, route.matches(scope)[0]) for route in self.routes]
+            if all(m == Match.NONE for _, m in matches):
                 return await JSONResponse({"error": "no such route: the API is described at /docs.json"},
                                           status_code=404)(scope, receive, send)
+            if not any(m == Match.FULL for _, m in matches):  # the path exists, not for this method
+                allowed = list(dict.fromkeys(x for r, m in matches if m == Match.PARTIAL
+                                             for x in sorted(getattr(r, "methods", None) or ())))
+                # Starlette's own answer is plain text; every other error of the API is JSON
+                return await JSONResponse({"error": f"{scope['method']} is not allowed on {scope['path']}: use "
+                                                    f"{' or '.join(allowed) or 'another method'}"}, status_code=405,
+                                          headers={"Allow": ", ".join(allowed)})(scope, receive, send)
             if len(self.known) < _KNOWN_MAX:
-                self.known.add(scope["path"])
+                self.known.add(key)
         return await self.app(scope, receive, send)
 
 

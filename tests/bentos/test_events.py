@@ -114,7 +114,10 @@ def test_an_unknown_path_is_a_404_here_and_known_routes_still_work(events_client
     for path in (f"/{uuid.uuid4().hex}{'a' * 2000}", "/no-such-route", "/events/x"):
         r = c.post(path, json={})
         assert r.status_code == 404 and "/docs.json" in r.json()["error"], (path, r.text)
-    assert c.post("/ping", json={}).status_code == 200 and c.get("/ping").status_code == 405
+    assert c.post("/ping", json={}).status_code == 200
+    for path in ("/ping", "/recommend", "/status"):  # a GET where the API takes a POST: JSON, like every error
+        r = c.get(path, headers=key)
+        assert r.status_code == 405 and "use POST" in r.json()["error"] and r.headers["allow"] == "POST", r.text
     assert c.get("/healthz").status_code == 200 and c.get("/docs.json").status_code == 200
     assert c.post("/events", json={"events": []}, headers=key).status_code == 202
 
@@ -129,6 +132,10 @@ def test_the_swagger_ui_can_send_the_api_key(events_client):
                                                               "type": "http", "scheme": "bearer"}
     keyed = {path for path, item in spec["paths"].items() for op in item.values() if op.get("security")}
     assert keyed == {"/recommend", "/similar", "/status", "/events", "/catalog"}
+    # and the answers the guard gives before BentoML sees the request
+    assert {"401", "413", "415"} <= set(spec["paths"]["/recommend"]["post"]["responses"])
+    assert {"401", "403", "413", "429"} <= set(spec["paths"]["/events"]["post"]["responses"])
+    assert "429" not in spec["paths"]["/recommend"]["post"]["responses"]
     assert spec["components"]["schemas"] and "/ping" in spec["paths"]  # BentoML's schema is otherwise whole
     # "Try it out" fills in a batch the API accepts (it sent ["string"], a 400)
     examples = {field: prop["example"] for schema in spec["components"]["schemas"].values()
