@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import xmlrpc.client
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -35,6 +36,9 @@ class Program:
     health: str  # "tcp:HOST:PORT", "http:URL" or "proc"
     priority: int = 100
     env: dict[str, str] | None = None
+    #: programs of the stack that must pass their health check before this one starts (those run elsewhere,
+    #: such as a Kafka or MLflow the settings point at, are not waited for)
+    needs: tuple[str, ...] = ()
 
 
 def programs(settings: Settings, root: Path) -> list[Program]:
@@ -58,25 +62,31 @@ def programs(settings: Settings, root: Path) -> list[Program]:
     (var / "dagster").mkdir(parents=True, exist_ok=True)
     progs += [
         Program("dagster", [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", "3000"],
-                "http://localhost:3000", "http:http://127.0.0.1:3000/server_info", 30,
+                "http://localhost:3000", "http:http://127.0.0.1:3000/server_info", 30, needs=("mlflow",),
                 env={"DAGSTER_HOME": str(var / "dagster"),  # `make up` runs the cadence unless told otherwise
                      "SHOPREC_CADENCE_ON": os.environ.get("SHOPREC_CADENCE_ON", "true")}),
         Program("bentoml", [str(bin_dir / "bentoml"), "serve", "bentos.service:Shoprec", "--host", "127.0.0.1",
                             "--port", "3001"],
-                "http://localhost:3001", "http:http://127.0.0.1:3001/readyz", 30),
+                "http://localhost:3001", "http:http://127.0.0.1:3001/readyz", 30, needs=("broker", "redis", "mlflow")),
         Program("dashboard", [str(bin_dir / "streamlit"), "run", "dashboard/streamlit_app.py", "--server.port",
                               "8501", "--server.headless", "true", "--server.address", "127.0.0.1",
                               "--browser.gatherUsageStats", "false"],
-                "http://localhost:8501", "http:http://127.0.0.1:8501/_stcore/health", 30),
-        Program("consumer", [str(bin_dir / "shoprec"), "consume"], "(stream consumer)", "proc", 40),
-        Program("catalog", [str(bin_dir / "shoprec"), "catalog", "sync"], "(catalog feed → catalog file)", "proc", 45),
+                "http://localhost:8501", "http:http://127.0.0.1:8501/_stcore/health", 30, needs=("redis", "mlflow")),
+        Program("consumer", [str(bin_dir / "shoprec"), "consume"], "(stream consumer)", "proc", 40, needs=("broker", "redis")),
+        Program("catalog", [str(bin_dir / "shoprec"), "catalog", "sync"], "(catalog feed → catalog file)", "proc", 45,
+                needs=("broker",)),
         Program("simulator", [str(bin_dir / "shoprec"), "simulate", "--rate", "20", "--closed-loop"],
-                "(shop simulator, 20 events/s)", "proc", 50),
+                "(shop simulator, 20 events/s)", "proc", 50, needs=("broker", "bentoml")),
     ]
+    here = {p.name for p in progs}
+    for p in progs:
+        p.needs = tuple(n for n in p.needs if n in here)
     return progs
 
 
-def render_config(settings: Settings, root: Path) -> Path:
+def render_config(settings: Settings, root: Path, progs: list[Program] | None = None) -> Path:
+    """Write ``var/supervisord.conf``. A program that needs others is not started by supervisord itself
+    (``autostart=false``): :func:`up` starts it once they are healthy."""
     var = (root / settings.var_dir).resolve()
     (var / "log").mkdir(parents=True, exist_ok=True)
     conf = var / "supervisord.conf"
@@ -88,11 +98,11 @@ def render_config(settings: Settings, root: Path) -> Path:
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
         "[supervisorctl]", f"serverurl=unix://{var}/supervisor.sock", "",
     ]
-    for p in programs(settings, root):
+    for p in programs(settings, root) if progs is None else progs:
         env = {"PYTHONUNBUFFERED": "1", **(p.env or {})}
         lines += [
             f"[program:{p.name}]", f"command={shlex.join(p.command)}", f"priority={p.priority}",
-            "autorestart=true", "startsecs=2", "startretries=20", "stopasgroup=true", "killasgroup=true",
+            f"autostart={'false' if p.needs else 'true'}", "autorestart=true", "startsecs=2", "startretries=20", "stopasgroup=true", "killasgroup=true",
             "stopwaitsecs=15", f"stdout_logfile={var}/log/{p.name}.log", "redirect_stderr=true",
             "environment=" + ",".join(f'{k}="{v}"' for k, v in env.items()), "",
         ]
@@ -109,9 +119,17 @@ def running(conf: Path) -> bool:
     return conf.exists() and _ctl(conf, "pid").returncode == 0 and _ctl(conf, "pid").stdout.strip().isdigit()
 
 
-def healthy(p: Program, conf: Path) -> bool:
-    """Supervisor runs the program and, for a server, its address answers (an HTTP health check with a success)."""
-    return "RUNNING" in _ctl(conf, "status", p.name).stdout and probe(p)
+def _rpc(conf: Path):
+    """supervisord's XML-RPC interface on the stack's socket (what supervisorctl talks to, without a process per call)."""
+    from supervisor.xmlrpc import SupervisorTransport
+
+    transport = SupervisorTransport(None, None, f"unix://{conf.parent / 'supervisor.sock'}")
+    return xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport).supervisor
+
+
+def states(conf: Path) -> dict[str, str]:
+    """Each program's supervisor state (``RUNNING``, ``STARTING``, ``STOPPED``, ``BACKOFF``, ``FATAL`` ...)."""
+    return {info["name"]: info["statename"] for info in _rpc(conf).getAllProcessInfo()}
 
 
 def probe(p: Program) -> bool:
@@ -168,33 +186,58 @@ def port_conflicts(progs: list[Program]) -> list[str]:
 
 
 def up(settings: Settings, root: Path, timeout_s: float = 240, echo=print) -> bool:
-    """Start (or update) the stack and wait until every program is healthy; True when all are."""
-    conf = render_config(settings, root)
-    if not running(conf) and (busy := port_conflicts(programs(settings, root))):
+    """Start (or update) the stack in order and wait until every program is healthy; True when all are."""
+    progs = programs(settings, root)
+    conf = render_config(settings, root, progs)
+    if not running(conf) and (busy := port_conflicts(progs)):
         for line in busy:  # a server that cannot bind its port would retry forever behind a "RUNNING" line
             echo(line)
         return False
     if running(conf):
         echo("stack already running: applying config changes and starting anything stopped")
         _ctl(conf, "update")
-        _ctl(conf, "start", "all")
     else:
         exe = Path(sys.executable).parent / "supervisord"
         # the programs inherit this environment: the local API key unless SHOPREC_API_KEYS is set
         subprocess.run([str(exe), "-c", str(conf)], check=True, env=local_env())
-    progs = programs(settings, root)
-    deadline = time.monotonic() + timeout_s
-    pending = {p.name for p in progs}
-    while pending and time.monotonic() < deadline:
-        for p in progs:
-            if p.name in pending and healthy(p, conf):
-                pending.discard(p.name)
-                echo(f"  ready: {p.name}")
-        time.sleep(1)
+    pending = start_in_order(progs, conf, timeout_s, echo)
     echo(table(progs, conf))
     if pending:
         echo(f"not healthy after {timeout_s:.0f}s: {', '.join(sorted(pending))}; see {settings.var_dir}/log/<name>.log")
     return not pending
+
+
+def start_in_order(progs: list[Program], conf: Path, timeout_s: float, echo=print) -> set[str]:
+    """Start each program once the programs it needs are healthy, and wait for all to be healthy.
+
+    BentoML started beside MLflow answered its first ~13 s of requests from the fallback (the registry did
+    not answer yet) and logged a warning per attempt; on two cores, starting the servers that use MLflow
+    after it is up is also no slower overall. Returns the programs still not healthy at the deadline.
+    """
+    deadline = time.monotonic() + timeout_s
+    ready: set[str] = set()
+    started: set[str] = set()
+    rpc = _rpc(conf)
+    while len(ready) < len(progs) and time.monotonic() < deadline:
+        state = states(conf)
+        for p in progs:  # supervisor runs it and, for a server, its health check answers with a success
+            if p.name not in ready and state.get(p.name) == "RUNNING" and probe(p):
+                ready.add(p.name)
+                echo(f"  ready: {p.name}")
+        for p in progs:
+            if p.name not in ready | started and set(p.needs) <= ready:
+                if state.get(p.name) not in ("RUNNING", "STARTING", "BACKOFF"):
+                    try:
+                        rpc.startProcess(p.name, False)  # not waiting for it: the loop checks its health
+                    except xmlrpc.client.Fault as err:  # started meanwhile (ALREADY_STARTED) or cannot spawn
+                        echo(f"  {p.name}: {err.faultString}")
+                started.add(p.name)
+        if len(ready) < len(progs):
+            time.sleep(0.5)
+    for p in progs:
+        if p.name not in ready and not set(p.needs) <= ready:
+            echo(f"  not started: {p.name} waits for {', '.join(n for n in p.needs if n not in ready)}")
+    return {p.name for p in progs} - ready
 
 
 def down(settings: Settings, root: Path) -> None:
