@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import aiohttp
 import bentoml
 import orjson
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.responses import Response
 
 from bentos.content_type import JsonOnly
@@ -197,6 +197,25 @@ class Scorer:
                 "or a person promotes it)")
 
 
+_K = Annotated[int, Field(ge=1, le=_S.max_k, description=f"how many items, 1 to {_S.max_k}")]
+
+
+class _Strict(bentoml.IODescriptor):
+    """An input that names a field it does not know (``{"user": ...}``, ``{"kk": 5}``) instead of ignoring it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class RecommendInput(_Strict):
+    user_id: Id
+    k: _K = _S.default_k
+
+
+class SimilarInput(_Strict):
+    item_id: Id
+    k: _K = _S.default_k
+
+
 @bentoml.service(name="shoprec", http={"port": 3001}, traffic={"timeout": _S.serve_request_timeout_s}, workers=_S.serve_api_workers,
                  logging=_LOGGING, tracing=_TRACING)
 class Shoprec:
@@ -223,15 +242,15 @@ class Shoprec:
     def _flush_impressions(self) -> None:
         self.engine.close()
 
-    @bentoml.api(route="/recommend")
-    async def recommend(self, user_id: Id, k: Annotated[int, Field(ge=1, le=_S.max_k)] = _S.default_k) -> RecommendResponse:
+    @bentoml.api(route="/recommend", input_spec=RecommendInput)
+    async def recommend(self, user_id: Id, k: _K = _S.default_k) -> RecommendResponse:
         """Top-k items for a user; ``source`` says whether the list came from the cache, a model or the fallback."""
         # the RecommendResponse of the schema, serialised once: BentoML's validate-then-serialise of the
         # model and its streamed response cost ~18 us per answer against ~2 us (a cached answer's CPU is ~0.3 ms)
         return Response(orjson.dumps((await self.engine.recommend(user_id, k)).to_dict()), media_type="application/json")
 
-    @bentoml.api(route="/similar")
-    async def similar(self, item_id: Id, k: Annotated[int, Field(ge=1, le=_S.max_k)] = _S.default_k) -> dict:
+    @bentoml.api(route="/similar", input_spec=SimilarInput)
+    async def similar(self, item_id: Id, k: _K = _S.default_k) -> dict:
         """Items similar to one item (from the champion); empty, with a ``reason``, when there are none to give."""
         try:
             return await self.scorer.to_async.similar(item_id=item_id, k=k)

@@ -16,7 +16,8 @@ from pipelines.serve_process import ROOT, bentoml_exe, stop_group, wait_ready
 pytestmark = pytest.mark.slow
 
 
-def test_built_bento_serves_the_packaged_champion(settings, serve_env, registered_champion, tmp_path, monkeypatch):
+def test_built_bento_serves_the_packaged_champion(settings, redis_client, serve_env, registered_champion, tmp_path,
+                                                   monkeypatch):
     from bentos.package import package
 
     registry, reg = registered_champion

@@ -96,6 +96,21 @@ def test_bad_recommend_input_is_400_with_message(settings, redis_client, client_
     assert r.status_code == 400 and "error" in r.json()
 
 
+def test_a_field_recommend_or_similar_does_not_know_is_named_not_ignored(settings, redis_client, client_for):
+    """A typo such as ``kk`` used to be dropped silently: the caller got 10 items and no hint."""
+    c = client_for("no-such-model")
+    for path, body in (("/recommend", {"user_id": "u0", "kk": 5}), ("/similar", {"item_id": "p1", "limit": 3})):
+        r = c.post(path, json=body)
+        assert r.status_code == 400, (path, r.text)
+        [problem] = r.json()["detail"]
+        assert problem["loc"] == [next(k for k in body if k not in ("user_id", "item_id"))]
+        assert "not permitted" in problem["msg"].lower()
+    assert c.post("/recommend", json={"user_id": "u0", "k": 5}).status_code == 200
+    schema = c.get("/docs.json").json()["components"]["schemas"]
+    assert {n for n in schema if "Input" in n} >= {"RecommendInput", "SimilarInput"}
+    assert schema["RecommendInput"]["additionalProperties"] is False
+
+
 def test_events_need_a_key_and_valid_json(settings, redis_client, client_for):
     c = client_for("no-such-model")
     c.headers.pop("Authorization")  # the fixture's client sends the key
