@@ -1,8 +1,9 @@
 """Lake compaction: the stream consumer's many small files of an hour merged into one.
 
-The consumer writes one file per Kafka partition per poll batch; at a trickle (the simulator's
-20 events/s) that is about one event per file, tens of thousands of files an hour, and every reader of
-the hour (validation, training, refresh, the dashboard) crawls. :func:`compact_partition` (run by the
+The consumer writes one file per Kafka partition per flush (every ``consumer_lake_flush_s``, 5 s, at a
+trickle, or per full poll under load): still ~700 files per partition an hour, and a reader of the hour
+(validation, training, refresh, the dashboard) opens each one. (Before the flush interval it was one file
+per poll, about one event each at the simulator's 20 events/s, and readers crawled.) :func:`compact_partition` (run by the
 ``events`` asset before it validates a closed hour) merges them into one ``compacted-<uuid>.parquet``.
 
 Which files may be merged (exactly-once, see :mod:`pipelines.consumer`): on (re)assignment the consumer

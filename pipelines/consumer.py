@@ -11,59 +11,80 @@ Per poll batch:
    ``reason`` header and count them per reason in Redis (crash point ``after_dlq``); claim each valid
    event's ``event_id`` in Redis with the record's Kafka position (``partition:offset``), one script
    call per batch;
-2. in a persist thread, once 1 is done and the batch before has been written, send the duplicates
-   the claims found to the DLQ the same way (crash point ``after_claims``), then write the valid
-   events to the Parquet lake, one file per Kafka partition and hour, named by the partition's
-   offset range in the batch, durable (tmp + fsync + rename);
-3. beside it (and beside the next batch's lake write), fold them into the online state in Redis
-   (one script call plus one pipeline), batch after batch in order;
-4. while 1-3 run, the poll thread fetches the next batch (records decoded column-wise by
-   :mod:`pipelines.kafka_columns`: kafka-python's own per-record decoding took a whole core); then it
-   waits until 2 and 3 are done and the DLQ copies acknowledged, and commits exactly this batch's
-   offsets (one past its last record per partition).
-   Up to ``consumer_inflight_batches`` (2) polled batches are in these stages before the poll
-   thread waits for the oldest; with no next batch at hand the commits follow at once.
+2. in a persist thread, once 1 is done and the batch before has been handled, send the duplicates
+   the claims found to the DLQ the same way (crash point ``after_claims``), hand the valid events to
+   the Redis fold (3) and add them to the lake buffer (crash point ``after_buffer``);
+3. beside it, fold them into the online state in Redis (one script call plus one pipeline), batch
+   after batch in order: a click reaches the state ``/recommend`` reads within a poll, whatever the
+   lake buffer does;
+4. the lake buffer (a *flush group*: the valid events of consecutive polls) is written, in the persist
+   thread, one file per Kafka partition and hour, named by the partition's offset range in the whole
+   group, durable (tmp + fsync + rename), when it holds ``consumer_lake_flush_rows`` records (default
+   ``consumer_max_records``: a full poll is written at once, so a backlog is consumed as before), when its
+   oldest poll is ``consumer_lake_flush_s`` (5 s) old, when a poll comes back empty and it holds at least
+   ``consumer_lake_idle_flush_rows`` records (caught up: the files are worth having), and on shutdown. At the
+   shop's trickle a poll holds one or two events, and a file per poll and partition was ~47,000 files
+   an hour; now it is one per partition and hour every few seconds;
+5. while 1-4 run, the poll thread fetches the next batch (records decoded column-wise by
+   :mod:`pipelines.kafka_columns`: kafka-python's own per-record decoding took a whole core), and
+   commits each flush group whose files are durable, whose batches are folded and whose DLQ copies are
+   acknowledged: one commit for the whole group, one past its last record per partition. So a commit
+   may cover several polls, and never part of a group: a group's files end exactly where its commit does.
+   Up to ``consumer_inflight_batches`` (2) polled batches are in stages 1-3 before the poll thread waits
+   for the oldest; batches that only wait for their flush do not count (the buffer is bounded by the
+   flush thresholds instead). With no next batch at hand the poll thread lets the batches in flight
+   through 1-3 and commits what is durable at once.
 
 So the handling of one batch overlaps the fetching of the next, and the stages of consecutive batches
-overlap each other (Arrow parsing, Parquet encoding, fsync and Redis release the GIL); a batch's offsets
-are still committed only once its files are durable, in order. If a commit is refused (the group
-rebalanced), the files of that batch and of the next one, fetched before the rebalance settled, are
-removed and both batches are sought back, so they are consumed again (their DLQ copies may then be sent
-twice; the DLQ is at-least-once).
+overlap each other (Arrow parsing, Parquet encoding, fsync and Redis release the GIL); offsets are still
+committed only once the files holding their events are durable, in order. If a commit is refused (the
+group rebalanced), or a poll shows that partitions of batches in flight were revoked, every batch in flight
+is dropped: the files written for them are removed, the buffer is discarded and their partitions still
+owned are sought back, so they are consumed again (their DLQ copies may then be sent twice; the DLQ is
+at-least-once). The buffer is not written on revocation: the rebalance has already happened when this
+consumer sees it (kafka-python gives this consumer no hook before it), so those offsets can no longer be
+committed by this member and its next owner replays them from the committed offset.
 
 Exactly once in the lake, and why it is built this way. A crash anywhere before the commit
-replays the batch from the last committed offset. Two mechanisms make the replay harmless:
+replays the uncommitted batches from the last committed offset. Two mechanisms make the replay harmless:
 
 * Files carry their offset range (:func:`pipelines.lake.batch_file_name`). Commits happen only
-  at batch ends, after the batch's files are durable, so on (re)gaining a partition every file
-  of that partition whose range reaches the resume offset is a batch that was never committed;
-  :func:`pipelines.lake.remove_uncommitted` deletes those before the first replayed batch is
-  written. Unlike deterministic file names alone, this stays correct when the replayed batch
-  has different boundaries (another ``max_poll_records``, another fetch split, another hour
-  split) than the one that crashed. A member that loses the partition during a rebalance finds
-  its commit refused and deletes its own files of that batch.
+  at flush group ends, after the group's files are durable, so on (re)gaining a partition every file
+  of that partition whose range reaches the resume offset is a group that was never committed;
+  :func:`pipelines.lake.remove_uncommitted` deletes those before the first replayed group is
+  written. Unlike deterministic file names alone, this stays correct when the replayed groups
+  have different boundaries (another ``max_poll_records``, another fetch split, another flush timing,
+  another hour split) than the ones that crashed. A member that loses the partition during a rebalance
+  finds its commit refused (or sees the revocation) and deletes its own files of those batches.
   Offsets mean something only within one log, so files also carry the broker's id of the topic's
   log (its topic id, :meth:`StreamConsumer._log_id`), and only files of the log being consumed are
   removed. A new log restarts at offset 0: a topic deleted and created again, or a broker that keeps
-  its log in memory (tansu under ``make up``) restarted. The files of an earlier log are committed
-  history: nothing can replay them. (A broker without topic ids, Kafka before 2.8, gets unnamed files,
-  handled as before; so are files written before logs were named, which a broker with topic ids
-  never removes: at worst, the uncommitted batch of a consumer killed just before the upgrade is
-  stored twice, where removing them would delete every earlier file of a restarted tansu broker.)
+  its log in memory (tansu under ``make up``) restarted; a flush group never spans two logs. The files
+  of an earlier log are committed history: nothing can replay them. (A broker without topic ids, Kafka
+  before 2.8, gets unnamed files, handled as before; so are files written before logs were named, which
+  a broker with topic ids never removes: at worst, the uncommitted batch of a consumer killed just before
+  the upgrade is stored twice, where removing them would delete every earlier file of a restarted tansu broker.)
 * The event_id index in Redis (``SET NX GET`` with the record's position, one script call per
   partition) tells a genuine duplicate (same event_id, another position: client retries, a
   producer that sent twice) from the same record seen again after a crash (same position), so
   a replay is never rejected as a duplicate and a duplicate never gets stored twice.
 
-The Redis online state is at-least-once: a crash between step 4 and the commit applies that batch's
-counters again on replay (a bounded, visible error of at most the two batches in flight; the lake, which
-training and the dashboard read, is exact). When Redis is down the consumer retries with
-exponential backoff and does not commit, so nothing is lost; when its event_id index was lost
-(a Redis without persistence restarted), duplicates sent across that gap are not recognised.
+The Redis online state is at-least-once: a crash between a batch's fold and the commit of its flush group
+applies that batch's counters again on replay: a bounded, visible error of at most one flush interval of
+events (``consumer_lake_flush_s`` or ``consumer_lake_flush_rows`` records, plus the batches in flight); the
+lake, which training and the dashboard read, is exact. The same holds for a rebalance that drops the
+batches in flight. When Redis is down the consumer retries with exponential backoff and does not commit,
+so nothing is lost; when its event_id index was lost (a Redis without persistence restarted), duplicates
+sent across that gap are not recognised.
+
+Progress as the dashboard sees it: ``lag`` counts the records not yet polled (the online state follows
+within a poll), ``rate_eps`` the records handled per second, ``consumed`` the records committed (in the
+lake) and ``last_commit_ts`` the last commit, so the lake is behind the online state by the time since then
+(at most about ``consumer_lake_flush_s`` while events flow).
 
 For tests, ``SHOPREC_CRASH_AT=<point>[:<n>]`` makes the process SIGKILL itself the ``n``-th time
-(default first) it reaches a point: ``after_dlq``, ``after_lake_write``, ``after_redis``,
-``before_commit``, ``after_commit``.
+(default first) it reaches a point: ``after_dlq``, ``after_claims``, ``after_buffer`` (per batch),
+``after_lake_write``, ``after_redis``, ``before_commit``, ``after_commit`` (per commit of a flush group).
 """
 
 from __future__ import annotations
@@ -76,7 +97,7 @@ import threading
 import time
 import uuid
 from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -99,40 +120,67 @@ from pipelines.state import OnlineState, lines
 log = logging.getLogger(__name__)
 
 JOIN_WAIT_MS = 15_000
-CRASH_POINTS = ("after_dlq", "after_claims", "after_lake_write", "after_redis", "before_commit", "after_commit")
+CRASH_POINTS = ("after_dlq", "after_claims", "after_buffer", "after_lake_write", "after_redis", "before_commit",
+                "after_commit")
 _REDIS_DOWN = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
 @dataclass
 class ConsumerStats:
-    consumed: int = 0
+    consumed: int = 0  # records committed (their valid events durable in the lake)
     stored: int = 0
     rejected: Counter = field(default_factory=Counter)
-    batches: int = 0
+    batches: int = 0  # polls committed
+    files: int = 0  # lake files written by the commits
+    commits: int = 0
+    handled: int = 0  # records polled and handed to the stages (the online state has them within a poll)
     last_commit_ts: float = 0.0
+
+
+def _spans(polled: dict) -> dict[TopicPartition, tuple[int, int]]:
+    """First and last offset of each partition's records in a poll."""
+    return {tp: (int(cols.offsets[0]), int(cols.offsets[-1])) for tp, cols in polled.items()}
 
 
 @dataclass
 class _Batch:
-    """One polled batch: what is written, and the offsets committed once it is durable."""
+    """One polled batch: its valid events (folded into Redis, buffered for the lake) and its offsets."""
 
-    polled: dict[TopicPartition, RecordColumns]  # the records of each partition, as polled
+    # the records of each partition, as polled (released once the batch is in the lake buffer)
+    polled: dict[TopicPartition, RecordColumns] | None
+    spans: dict = field(default_factory=dict)  # TopicPartition -> (first offset, last offset) in this batch
+    n: int = 0  # records
+    polled_at: float = field(default_factory=time.monotonic)
     valid: dict = field(default_factory=dict)  # TopicPartition -> valid events (a lake table), duplicates removed
     rejected: Counter = field(default_factory=Counter)
     # from the prepare thread: the validation of all partitions' records in order, the event_id claim
     parsed: ParsedBatch | None = None
     claim: Future | None = None
     prepared: Future | None = None  # validated, rejects in the DLQ, claims sent (the prepare thread)
-    done: Future | None = None  # duplicates dropped, the lake write done (result: the files written)
+    done: Future | None = None  # duplicates dropped, the Redis fold started, in the lake buffer (the persist thread)
     applied: Future | None = None  # the Redis fold (set by the persist thread before ``done`` completes)
+    group: _FlushGroup | None = None  # the flush group it was buffered in (set before ``done`` completes)
 
-    @property
-    def n(self) -> int:
-        return sum(len(cols) for cols in self.polled.values())
+    def __post_init__(self):
+        if self.polled is not None and not self.spans:
+            self.spans = _spans(self.polled)
+            self.n = sum(len(cols) for cols in self.polled.values())
 
-    def durable(self) -> bool:
-        """Written to the lake and folded into Redis (or failed at it): ready to be committed."""
-        return self.done.done() and (self.applied is None or self.applied.done())
+    def passed(self) -> bool:
+        """Through the prepare, persist and fold stages (or failed at one): only its flush may be outstanding."""
+        if not self.done.done():
+            return False
+        if self.done.cancelled() or self.done.exception() is not None:
+            return True
+        return self.applied is None or self.applied.done()
+
+    def settled(self) -> bool:
+        """Nothing left to wait for before its flush group is committed (or its failure raised)."""
+        if not self.passed():
+            return False
+        if self.group is None:  # failed (or cancelled) before it was buffered
+            return True
+        return self.group.written.done() and all(b.passed() for b in self.group.batches)
 
     def record(self, i: int) -> tuple[RecordColumns, int]:
         """The ``i``-th record of the batch (partition after partition): its partition's columns and its row."""
@@ -147,9 +195,44 @@ class _Batch:
         tables = list(self.valid.values())
         return pa.concat_tables(tables) if len(tables) > 1 else (tables[0] if tables else None)
 
+
+@dataclass
+class _FlushGroup:
+    """Consecutive batches whose valid events are written together: one lake file per partition and hour,
+    named by the partition's offset range in the whole group, and committed together."""
+
+    logs: dict[str, str | None]  # the log id of each topic (a group never spans two logs of a topic)
+    batches: list[_Batch] = field(default_factory=list)
+    fresh: list[tuple[TopicPartition, int]] = field(default_factory=list)  # partitions to clean before writing
+    records: int = 0
+    written: Future = field(default_factory=Future)  # the files, durable; set by the persist thread
+
+    def add(self, batch: _Batch, fresh: list, logs: dict) -> None:
+        self.batches.append(batch)
+        self.fresh += fresh
+        self.logs.update(logs)
+        self.records += batch.n
+        batch.group = self
+
+    def spans(self) -> dict[TopicPartition, tuple[int, int]]:
+        """First and last offset of each partition's records in the group's batches."""
+        out: dict[TopicPartition, tuple[int, int]] = {}
+        for b in self.batches:
+            for tp, (lo, hi) in b.spans.items():
+                out[tp] = (min(out[tp][0], lo), max(out[tp][1], hi)) if tp in out else (lo, hi)
+        return out
+
+    def valid(self) -> dict[TopicPartition, pa.Table]:
+        """The valid events of each partition in the group, in offset order."""
+        tables: dict[TopicPartition, list[pa.Table]] = {}
+        for b in self.batches:
+            for tp, t in b.valid.items():
+                tables.setdefault(tp, []).append(t)
+        return {tp: pa.concat_tables(ts) if len(ts) > 1 else ts[0] for tp, ts in tables.items()}
+
     def offsets(self) -> dict:
-        """Offsets to commit: one past each partition's last record in this batch."""
-        return {tp: OffsetAndMetadata(int(cols.offsets[-1]) + 1, "", -1) for tp, cols in self.polled.items()}
+        """Offsets to commit: one past each partition's last record in the group."""
+        return {tp: OffsetAndMetadata(hi + 1, "", -1) for tp, (_, hi) in self.spans().items()}
 
 
 class _CrashHook:
@@ -203,11 +286,14 @@ class StreamConsumer:
         self._claims_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-claims")
         self._state_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-state")
         self._persist_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-persist")
-        self._inflight: deque[_Batch] = deque()  # handled, being written, not yet committed; oldest first
+        self._inflight: deque[_Batch] = deque()  # handled, not yet committed (being handled or buffered); oldest first
+        # the lake buffer and the first failure of a persist stage or a flush: owned by the persist thread
+        self._open: _FlushGroup | None = None
+        self._broken: BaseException | None = None
+        self._flush_request: Future | None = None  # the last flush the poll thread asked the persist thread for
         self._trending: Future | None = None
-        # the open hour's compaction (pipelines.compaction), in the background: at a trickle the consumer writes
-        # about one event per file, and 30,000 files an hour made every reader of that hour slow (the retrain
-        # sensor timed out, a dashboard page took 20 s, a refresh 390 s) until the hour closed
+        # the open hour's compaction (pipelines.compaction), in the background: readers of the open hour would
+        # otherwise read every consumer file written since the hour began (one per partition and flush)
         self._compact_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shoprec-compact")
         self._compaction: Future | None = None
         self._next_compaction = now + settings.lake_compact_open_every_s
@@ -225,19 +311,25 @@ class StreamConsumer:
         assigned = self.consumer.assignment()
         self._owned = {tp: lid for tp, lid in self._owned.items() if tp in assigned}
         n = sum(len(cols) for cols in polled.values())
-        if n:
+        revoked = {tp for b in self._inflight for tp in b.spans} - assigned
+        if revoked:
+            # a rebalance took partitions of batches in flight (it completed inside that poll): their offsets
+            # cannot be committed by this member any more, and its next owner replays them from the committed
+            # offset. Drop every batch in flight, and this poll too (it continues the partitions sought back).
+            removed, dropped = self._drop_inflight([], [], _spans(polled))
+            log.warning("partitions %s were revoked with batches in flight; %d files of %d batches removed, "
+                        "their records are consumed again", sorted(tp.partition for tp in revoked), removed, dropped)
+            n = 0
+        elif n:
             self._handle(polled)
-            # batches already written are committed now; the others when the next poll brought nothing
-            # or more than consumer_inflight_batches are in flight
-            while self._inflight and self._inflight[0].durable() and self._commit_oldest():
-                pass
         else:
-            self._finish()
+            self._idle()
+        self._maybe_flush()
         self._periodic()
         return n
 
     def _handle(self, polled: dict) -> None:
-        # validation, the DLQ, the event_id claims, the lake write and the Redis fold run in worker
+        # validation, the DLQ, the event_id claims, the lake buffer and the Redis fold run in worker
         # threads, each stage one batch at a time and in order, so this thread polls the next batch meanwhile
         batch = _Batch(polled)
         logs = {topic: self._log_id(topic) for topic in {tp.topic for tp in polled}}
@@ -254,9 +346,56 @@ class StreamConsumer:
         batch.prepared = self._prepare_pool.submit(self._prepare, batch)
         batch.done = self._persist_pool.submit(self._persist, batch, fresh, logs)
         self._inflight.append(batch)
-        # the batches before this one have been written while it was polled: commit them, oldest first
-        while len(self._inflight) > self.settings.consumer_inflight_batches and self._commit_oldest():
-            pass
+        self.stats.handled += batch.n
+        # at most consumer_inflight_batches batches in the stages (batches that only wait for their flush do
+        # not count: the flush thresholds bound those); the groups written meanwhile are committed, oldest first
+        while True:
+            busy = [b for b in self._inflight if not b.passed()]
+            if len(busy) <= self.settings.consumer_inflight_batches:
+                break
+            self._wait_passed(busy[0])
+        self._commit_settled()
+
+    def _idle(self) -> None:
+        """A poll brought nothing: let the batches in flight through their stages, write the buffer if it is
+        worth a file (or due), and commit what is durable."""
+        for b in list(self._inflight):
+            self._wait_passed(b)
+        buffered = [b for b in self._inflight if b.group is not None and not b.group.written.done()]
+        if buffered and (sum(b.n for b in buffered) >= self.settings.consumer_lake_idle_flush_rows
+                         or time.monotonic() - buffered[0].polled_at >= self.settings.consumer_lake_flush_s):
+            wait([self._request_flush(new=True)])
+        self._commit_settled()
+
+    @staticmethod
+    def _wait_passed(batch: _Batch) -> None:
+        """Wait until ``batch`` is through its stages (a failure is raised when it is committed)."""
+        wait([batch.done])
+        if not batch.done.cancelled() and batch.done.exception() is None and batch.applied is not None:
+            wait([batch.applied])
+
+    def _commit_settled(self) -> bool:
+        """Commit the flush groups at the front that are durable, oldest first; False when a commit was refused."""
+        while self._inflight and self._inflight[0].settled():
+            if not self._commit_oldest():
+                return False
+        return True
+
+    def _maybe_flush(self) -> None:
+        """Ask the persist thread to write the lake buffer when its oldest poll is ``consumer_lake_flush_s`` old."""
+        open_group = self._open  # the persist thread's buffer (read only: the reference is all that is compared)
+        oldest = next((b for b in self._inflight if (b.group is None and not b.done.done())
+                       or (b.group is not None and b.group is open_group)), None)
+        if oldest is not None and time.monotonic() - oldest.polled_at >= self.settings.consumer_lake_flush_s:
+            self._request_flush()
+        self._commit_settled()
+
+    def _request_flush(self, new: bool = False) -> Future:
+        """A flush of the lake buffer, queued behind the batches handed to the persist thread so far
+        (``new``: even when an earlier request is still queued, which would not include later batches)."""
+        if new or self._flush_request is None or self._flush_request.done():
+            self._flush_request = self._persist_pool.submit(self._flush)
+        return self._flush_request
 
     def _prepare(self, batch: _Batch) -> None:
         """Validate a batch (all partitions at once), send rejects to the DLQ and claim the valid events' ids."""
@@ -309,87 +448,166 @@ class StreamConsumer:
         kafka_io.send_dlq(self.producer, cols.values[row].as_py(), reason, message, cols.keys[row].as_py(),
                           cols.record_headers(row), topic=self.settings.kafka_topic_dlq, source_topic=cols.topic)
 
-    def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]], logs: dict[str, str | None]) -> list:
-        """Write a batch to the lake and fold it into Redis (in the persist thread); returns the files written."""
-        batch.prepared.result()
-        self._drop_duplicates(batch)
+    def _persist(self, batch: _Batch, fresh: list[tuple[TopicPartition, int]], logs: dict[str, str | None]) -> None:
+        """Drop a batch's duplicates, start its Redis fold and add it to the lake buffer (in the persist thread);
+        the buffer is written once it holds ``consumer_lake_flush_rows`` records.
+
+        ``fresh``: the partitions (re)assigned (or whose log changed) since the last batch, with the offset
+        they resume at; ``logs``: each topic's log id (:meth:`_log_id`) when the batch was polled.
+        """
+        if self._broken is not None:  # nothing after a batch that failed is buffered: it could be committed past it
+            raise RuntimeError("not handled: an earlier batch failed") from self._broken
+        try:
+            batch.prepared.result()
+            self._drop_duplicates(batch)
+        except BaseException as err:
+            self._flush()  # the batches before this one are sound: once written they can be committed
+            self._broken = self._broken or err
+            raise
         self._crash("after_claims")
         events = batch.events()
-        # the Redis fold runs beside the lake write and beside the next batch's (they mostly wait: on
-        # Redis, on Parquet encoding and fsync, which release the GIL); the commit waits for both, so
+        # the Redis fold runs beside the lake buffer and the flushes (they mostly wait: on Redis, on Parquet
+        # encoding and fsync, which release the GIL); the commit waits for the folds of the whole group, so
         # crash safety is unchanged. Folds stay in order: the state thread takes one at a time.
         if events:
             batch.applied = self._state_pool.submit(self._redis, self.state.apply_events, events)
-        return self._write_lake(batch.polled, batch.valid, fresh, logs)
+        group = self._open
+        if group is not None and (fresh or any(group.logs.get(t, lid) != lid for t, lid in logs.items())):
+            # a partition starting over (reassigned, or a new log) starts a new group: the files of the one
+            # before keep their own log and end where its commit will
+            self._flush()
+            if self._broken is not None:
+                raise RuntimeError("not handled: the lake write before it failed") from self._broken
+            group = None
+        if group is None:
+            group = self._open = _FlushGroup(logs={})
+        group.add(batch, fresh, logs)
+        batch.polled = None  # the raw records are not needed any more: the buffer holds the valid events only
+        self._crash("after_buffer")
+        if group.records >= self._flush_rows or not self.settings.consumer_lake_flush_s:
+            self._flush()
+
+    @property
+    def _flush_rows(self) -> int:
+        return self.settings.consumer_lake_flush_rows or self.settings.consumer_max_records
+
+    def _flush(self) -> None:
+        """Write the lake buffer (in the persist thread): one durable file per Kafka partition and hour."""
+        group, self._open = self._open, None
+        if group is None:
+            return
+        try:
+            files = self._write_lake(group.spans(), group.valid(), group.fresh, group.logs)
+        except BaseException as err:  # noqa: BLE001 - raised by the group's commit; nothing after it is buffered
+            self._broken = self._broken or err
+            group.written.set_exception(err)
+        else:
+            group.written.set_result(files)
+
+    def _discard(self) -> None:
+        """Drop the lake buffer unwritten (in the persist thread, after the batches handed to it so far)."""
+        group, self._open = self._open, None
+        if group is not None:
+            group.written.cancel()
 
     def _finish(self) -> bool:
-        """Commit every batch in flight, oldest first; False when a commit was refused."""
+        """Write the lake buffer and commit every batch in flight, oldest first; False when a commit was refused."""
+        if self._inflight:
+            wait([self._request_flush(new=True)])
         while self._inflight:
             if not self._commit_oldest():
                 return False
         return True
 
     def _commit_oldest(self) -> bool:
-        """Wait for the oldest batch in flight to be durable, then commit its offsets; False when refused.
+        """Wait for the oldest flush group in flight to be durable, then commit its offsets; False when refused.
 
-        After a refused commit the files of every batch in flight are removed (a batch not yet written
-        is cancelled) and each of their partitions that is still ours is sought back to the first record
-        in them (kafka-python keeps the position of a partition that stays assigned across a rebalance),
-        so they are consumed again.
+        After a refused commit every batch in flight is dropped (:meth:`_drop_inflight`), so they are
+        consumed again.
         """
-        batch = self._inflight.popleft()
+        head = self._inflight[0]
         try:
-            written = batch.done.result()
-            if batch.applied is not None:
-                batch.applied.result()
+            head.done.result()
+            group = head.group
+            written = group.written.result()
+            for b in group.batches:
+                b.done.result()
+                if b.applied is not None:
+                    b.applied.result()
         except BaseException:
             # nothing past a batch that was not written may be committed: the later ones are dropped
             # too (their records are consumed again after a restart, their files removed then)
             for later in self._inflight:
                 later.done.cancel()
             self._inflight.clear()
+            self._persist_pool.submit(self._discard)
             raise
+        batches = [self._inflight.popleft() for _ in group.batches]
+        assert batches == group.batches, "a flush group is a run of consecutive batches in flight"
         self._crash("after_lake_write")
         self._crash("after_redis")
-        if batch.rejected:
+        if any(b.rejected for b in batches):
             self.producer.flush()  # the DLQ copies must be in Kafka before their offsets are committed
         self._crash("before_commit")
+        offsets = group.offsets()
         try:
-            if not set(batch.polled) <= self.consumer.assignment():
+            if not set(offsets) <= self.consumer.assignment():
                 # kafka-python commits under the new generation without checking ownership
                 raise CommitFailedError("partitions of this batch were revoked while it was written")
-            self.consumer.commit(batch.offsets())
+            self.consumer.commit(offsets)
         except (CommitFailedError, RebalanceInProgressError) as err:
             # the group rebalanced under us (or is rebalancing: kafka-python then refuses the commit
             # before sending it, e.g. when a member joins): the partitions' next owner, perhaps this
             # consumer again, replays these batches from the committed offset, so the files written
             # here must go (it deletes uncommitted files too, but may have looked already)
-            later, written = list(self._inflight), list(written)
-            self._inflight.clear()
-            for b in later:
-                if not b.done.cancel():
-                    written += b.done.result()
-            for path in written:
-                path.unlink(missing_ok=True)
-            self._owned.clear()
-            self._rewind(batch, *later)
-            log.warning("commit refused after a rebalance (%s); %d files of %d batches removed", err, len(written),
-                        1 + len(later))
+            removed, dropped = self._drop_inflight(batches, written)
+            log.warning("commit refused after a rebalance (%s); %d files of %d batches removed", err, removed, dropped)
             return False
         self._crash("after_commit")
-        self.stats.consumed += batch.n
-        self.stats.stored += sum(t.num_rows for t in batch.valid.values())
-        self.stats.rejected.update(batch.rejected)
-        self.stats.batches += 1
+        self.stats.consumed += sum(b.n for b in batches)
+        self.stats.stored += sum(t.num_rows for b in batches for t in b.valid.values())
+        for b in batches:
+            self.stats.rejected.update(b.rejected)
+        self.stats.batches += len(batches)
+        self.stats.files += len(written)
+        self.stats.commits += 1
         self.stats.last_commit_ts = time.time()
         return True
 
-    def _rewind(self, *batches: _Batch) -> None:
-        """Seek each partition of ``batches`` that is still assigned back to its first record in them."""
+    def _drop_inflight(self, dropped: list[_Batch], written: list, *spans: dict) -> tuple[int, int]:
+        """Forget ``dropped`` (files ``written``) and every batch in flight: remove the files written for
+        them, discard the lake buffer, and seek their partitions (and those of ``spans``) back.
+
+        A batch whose stages have not started is cancelled. Each partition that is still ours is sought
+        back to its first record in them (kafka-python keeps the position of a partition that stays
+        assigned across a rebalance), so they are consumed again; the partitions count as reassigned
+        (their uncommitted files are removed again before the next write). Returns the number of files
+        removed and of batches dropped.
+        """
+        later = list(self._inflight)
+        self._inflight.clear()
+        for b in later:
+            b.done.cancel()
+        wait([self._persist_pool.submit(self._discard)])  # after the persist stages and flushes already running
+        files = set(written)
+        for b in later:
+            if b.done.cancelled() or b.done.exception() is not None or b.group is None:
+                continue
+            w = b.group.written
+            if w.done() and not w.cancelled() and w.exception() is None:
+                files.update(w.result())
+        for path in files:
+            path.unlink(missing_ok=True)
+        self._owned.clear()
+        self._rewind(*(b.spans for b in dropped + later), *spans)
+        return len(files), len(dropped) + len(later)
+
+    def _rewind(self, *spans: dict) -> None:
+        """Seek each partition of ``spans`` (``{tp: (first, last)}``) that is still assigned back to its first offset."""
         first: dict[TopicPartition, int] = {}
-        for b in batches:
-            for tp, cols in b.polled.items():
-                first[tp] = min(first.get(tp, int(cols.offsets[0])), int(cols.offsets[0]))
+        for span in spans:
+            for tp, (lo, _) in span.items():
+                first[tp] = min(first.get(tp, lo), lo)
         assigned = self.consumer.assignment()
         for tp, offset in first.items():
             if tp in assigned:
@@ -398,16 +616,17 @@ class StreamConsumer:
                 except ValueError:  # revoked meanwhile: its new owner resumes at the committed offset
                     pass
 
-    def _write_lake(self, polled: dict, valid: dict[TopicPartition, pa.Table],
+    def _write_lake(self, spans: dict, valid: dict[TopicPartition, pa.Table],
                     fresh: list[tuple[TopicPartition, int]], logs: dict[str, str | None]) -> list:
-        """One durable file per Kafka partition and hour, named by the partition's log and offsets in this batch.
+        """One durable file per Kafka partition and hour, named by the partition's log and offsets in a flush group.
 
-        ``fresh``: the partitions (re)assigned (or whose log changed) since the last batch, with the offset
-        they resume at; ``logs``: each topic's log id (:meth:`_log_id`) when the batch was polled.
+        ``spans``: each partition's first and last offset in the group (the records polled, valid or not);
+        ``fresh``: the partitions (re)assigned (or whose log changed) since the last group, with the offset
+        they resume at; ``logs``: each topic's log id (:meth:`_log_id`) when the group's batches were polled.
         """
         s = self.settings
         for tp, resume in fresh:
-            # first batch since this partition was (re)assigned: drop files of uncommitted batches of this log
+            # first group since this partition was (re)assigned: drop files of uncommitted groups of this log
             now_ms = int(time.time() * 1000)
             removed = lake.remove_uncommitted(s.lake_dir, tp.topic, tp.partition, resume, log=logs[tp.topic],
                                               since_ms=now_ms - (s.max_event_age_days + 1) * 86_400_000,
@@ -415,8 +634,8 @@ class StreamConsumer:
             if removed:
                 log.info("partition %s resumes at %d (log %s): removed %d uncommitted lake files",
                          tp.partition, resume, logs[tp.topic], len(removed))
-        batches = [(lake.batch_file_name(tp.topic, tp.partition, int(polled[tp].offsets[0]),
-                                         int(polled[tp].offsets[-1]), self.writer, log=logs[tp.topic]), events)
+        batches = [(lake.batch_file_name(tp.topic, tp.partition, spans[tp][0], spans[tp][1], self.writer,
+                                         log=logs[tp.topic]), events)
                    for tp, events in valid.items()]
         return lake.write_batches(s.lake_dir, batches, threads=s.consumer_lake_threads) if batches else []
 
@@ -445,6 +664,9 @@ class StreamConsumer:
     def lag(self) -> int:
         """Records behind the ends of this member's partitions (from ``highwater``, which is exact on tansu).
 
+        Measured from the position, not the committed offset: records polled are in the online state within
+        a poll, while the lake (and the commit) follows within ``consumer_lake_flush_s`` (``last_commit_ts``).
+
         0 for a member that owns no partition (tansu's ListOffsets answers are not reliable enough to
         measure the whole group's backlog from here): the log line and the status say so.
         """
@@ -470,8 +692,10 @@ class StreamConsumer:
             self._last_trending = now
             self._trending = self._state_pool.submit(self._refresh_trending)
         if now - self._last_status >= self.settings.consumer_status_every_s:
-            self._rate = (self.stats.consumed - self._last_status_count) / (now - self._last_status)
-            self._last_status, self._last_status_count = now, self.stats.consumed
+            # records handled (in the online state within a poll), not committed: commits come once per
+            # lake flush, which would make the rate jump between 0 and several times the real one
+            self._rate = (self.stats.handled - self._last_status_count) / (now - self._last_status)
+            self._last_status, self._last_status_count = now, self.stats.handled
             try:
                 self.state.set_consumer_status(self.member, lag=self.lag(), rate_eps=round(self._rate, 1),
                                                consumed=self.stats.consumed, last_commit_ts=self.stats.last_commit_ts,
@@ -479,8 +703,8 @@ class StreamConsumer:
             except redis.RedisError as err:
                 log.warning("consumer status not written: %s", err)
         if now - self._last_log >= self.log_every_s:
-            rate = (self.stats.consumed - self._last_logged_count) / (now - self._last_log)
-            self._last_log, self._last_logged_count = now, self.stats.consumed
+            rate = (self.stats.handled - self._last_logged_count) / (now - self._last_log)
+            self._last_log, self._last_logged_count = now, self.stats.handled
             partitions = len(self.consumer.assignment())
             log.log(logging.INFO if partitions else logging.WARNING,
                     "consumed=%d stored=%d rejected=%d rate=%.0f ev/s lag=%d partitions=%d%s", self.stats.consumed,
@@ -526,7 +750,7 @@ class StreamConsumer:
     def close(self) -> None:
         self._compact_pool.shutdown(wait=True, cancel_futures=True)
         try:
-            self._finish()
+            self._finish()  # the lake buffer is written and committed
         except Exception:  # noqa: BLE001 - closing anyway; the uncommitted batch is replayed by the next owner
             log.exception("the last batch could not be committed; it will be consumed again")
         # claims still queued belong to batches that will not be committed (their records are replayed);
@@ -541,8 +765,9 @@ class StreamConsumer:
             self.producer.close(timeout=5)
             self._settle_membership()
             self.consumer.close()
-            log.info("consumer stopped: %d consumed, %d stored, %d rejected in %d batches; it left the group",
-                     self.stats.consumed, self.stats.stored, sum(self.stats.rejected.values()), self.stats.batches)
+            log.info("consumer stopped: %d consumed, %d stored, %d rejected in %d batches (%d lake files, %d commits); "
+                     "it left the group", self.stats.consumed, self.stats.stored, sum(self.stats.rejected.values()),
+                     self.stats.batches, self.stats.files, self.stats.commits)
 
     def _settle_membership(self, timeout_s: float = 30.0) -> None:
         """Before leaving the group, let a rebalance this member takes part in finish.

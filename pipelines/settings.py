@@ -55,13 +55,29 @@ class Settings(BaseSettings):
     kafka_topic_dlq: str = Field(TOPIC_DLQ, min_length=1, description="quarantined records, with a reason header")
     kafka_topic_catalog: str = Field(TOPIC_CATALOG, min_length=1, description="catalog changes")
     consumer_group: str = "shoprec-consumer"
-    consumer_max_records: int = Field(20_000, ge=1, description="records per poll, one lake batch: larger batches "
-                                      "mean fewer, larger Parquet files and fsyncs (5,000: 36k events/s; 20,000: 52k)")
+    consumer_max_records: int = Field(20_000, ge=1, description="records per poll, and by default the records "
+                                      "a lake write waits for (consumer_lake_flush_rows): larger batches mean fewer, "
+                                      "larger Parquet files and fsyncs (5,000: 36k events/s; 20,000: 52k)")
     consumer_poll_ms: int = Field(100, ge=1)
-    consumer_inflight_batches: int = Field(2, ge=1, description="polled batches being validated and written "
-                                           "before the poll thread waits to commit the oldest: 1 serialises each "
+    consumer_inflight_batches: int = Field(2, ge=1, description="polled batches being validated, deduplicated and "
+                                           "folded into Redis before the poll thread waits for the oldest (batches "
+                                           "only waiting for their lake write do not count): 1 serialises each "
                                            "batch's stages; 2 lets one batch's lake write overlap the next one's "
-                                           "validation (the Redis state may then replay up to this many batches)")
+                                           "validation")
+    consumer_lake_flush_s: float = Field(5.0, ge=0, description="the consumer buffers the valid events of "
+                                         "consecutive polls and writes them (one file per Kafka partition and hour) "
+                                         "once the oldest was polled this long ago, then commits their offsets: at "
+                                         "a trickle a poll holds one or two events, and a file per poll made ~47,000 "
+                                         "files an hour. The Redis online state is updated per poll regardless; the "
+                                         "lake, the commit and what a crash replays into Redis lag by up to this. "
+                                         "0: write every poll")
+    consumer_lake_flush_rows: int | None = Field(None, ge=1, description="the buffer is written at once when it "
+                                                 "holds this many records (default: consumer_max_records, so a "
+                                                 "full poll is written alone); bounds its memory")
+    consumer_lake_idle_flush_rows: int = Field(1000, ge=0, description="when a poll comes back empty (the consumer "
+                                               "caught up), a buffer of at least this many records is written at "
+                                               "once rather than after consumer_lake_flush_s (its files are worth "
+                                               "having; a trickle's few events wait)")
 
     # Redis
     redis_url: str = "redis://localhost:6379/0"
@@ -145,7 +161,7 @@ class Settings(BaseSettings):
     events_rate_limit: str = Field("100/second", description="per-API-key request limit of /events, in the "
                                    "`limits` notation (e.g. '100/second;3000/minute'); shared through Redis")
     consumer_lake_threads: int = Field(4, ge=1, description="lake files (one per Kafka partition and hour of a "
-                                       "batch) the consumer encodes and fsyncs at once")
+                                       "flush) the consumer encodes and fsyncs at once")
     lake_compact_min_age_s: float = Field(120.0, ge=0, description="consumer files younger than this are not "
                                           "compacted yet (a member whose commit a rebalance refused deletes "
                                           "its own files within about max_poll_interval, 60 s)")

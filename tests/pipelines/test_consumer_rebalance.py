@@ -13,8 +13,12 @@ from pipelines.state import OnlineState
 from tests.pipelines.conftest import lake_counts, produce, tagged_events, wait_until
 
 
-def test_a_refused_commit_drops_every_batch_in_flight_and_they_are_consumed_again(settings, redis_client, caplog):
-    settings = settings.model_copy(update={"consumer_max_records": 100, "consumer_inflight_batches": 2})
+@pytest.mark.parametrize("flush_rows", [None, 350], ids=["a-group-per-poll", "groups-of-several-polls"])
+def test_a_refused_commit_drops_every_batch_in_flight_and_they_are_consumed_again(settings, redis_client, caplog,
+                                                                                  flush_rows):
+    # with groups of several polls, the refused commit covers several polls and more are in the lake buffer
+    settings = settings.model_copy(update={"consumer_max_records": 100, "consumer_inflight_batches": 2,
+                                           "consumer_lake_flush_rows": flush_rows})
     kafka_io.ensure_topics(settings)
     events = tagged_events(1200)
     produce(settings, events)
