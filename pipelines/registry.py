@@ -23,6 +23,8 @@ from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, MLFLOW_EXPERIMEN
 log = logging.getLogger(__name__)
 
 PRIMARY_METRIC = "ndcg_at_10"
+TAG_CHAMPION_HISTORY = "champion_history"  # a registered-model tag: the champions, oldest first
+HISTORY_KEPT = 50  # hourly refreshes add one each: two days of them
 
 
 class RecommenderPyfunc(mlflow.pyfunc.PythonModel):
@@ -95,11 +97,18 @@ class ModelRegistry:
         return run_id, version
 
     def version_for(self, alias: str) -> str | None:
-        """The version behind an alias, or None when the alias (or the model) does not exist."""
+        """The version behind an alias, or None when the alias (or the model) does not exist.
+
+        Raises:
+            MlflowException: the registry did not answer (unreachable, an error): not the same as no alias, which
+                would make serving drop a model it is serving.
+        """
         try:
             return str(self.client.get_model_version_by_alias(self.name, alias).version)
-        except MlflowException:
-            return None
+        except MlflowException as err:
+            if _not_found(err):
+                return None
+            raise
 
     def tags(self, version: str) -> dict[str, str]:
         """The tags of a model version (data window, gate decision, ``metric.*``, ...)."""
@@ -116,7 +125,33 @@ class ModelRegistry:
         return run.data.metrics.get(key)
 
     def set_alias(self, alias: str, version: str) -> None:
+        """Point ``alias`` at ``version``; a new ``champion`` is also added to the champion history (what
+        :meth:`rollback` goes back through)."""
+        if alias != ALIAS_CHAMPION:
+            self.client.set_registered_model_alias(self.name, alias, version)
+            return
+        history = self.champion_history()
+        current = self.version_for(ALIAS_CHAMPION)
+        if current and (not history or history[-1] != current):  # a person moved it in the MLflow UI meanwhile
+            history.append(current)
+        if not history or history[-1] != version:
+            history.append(version)
         self.client.set_registered_model_alias(self.name, alias, version)
+        self._set_history(history)
+
+    def champion_history(self) -> list[str]:
+        """The versions that were ``champion``, oldest first, as set through shoprec (training's gate, the hourly
+        refresh, ``promote``, ``rollback``); the registered model's tag ``champion_history``."""
+        try:
+            tags = self.client.get_registered_model(self.name).tags or {}
+        except MlflowException as err:
+            if _not_found(err):
+                return []
+            raise
+        return [v for v in tags.get(TAG_CHAMPION_HISTORY, "").split(",") if v]
+
+    def _set_history(self, history: list[str]) -> None:
+        self.client.set_registered_model_tag(self.name, TAG_CHAMPION_HISTORY, ",".join(history[-HISTORY_KEPT:]))
 
     def promote(self, version: str | None = None) -> dict[str, str | None]:
         """Make ``version`` (default: the ``challenger``'s) the ``champion``; returns the aliases before and after.
@@ -136,28 +171,57 @@ class ModelRegistry:
         return {"before": before, "after": self.aliases()}
 
     def rollback(self) -> dict:
-        """Give ``champion`` back to the version it replaced (the champion's ``champion_before`` tag), and take
-        the ``challenger`` alias off the version rolled back, which would otherwise stay in half the traffic.
+        """Give ``champion`` back to the version the current champion replaced, and take the ``challenger`` alias off
+        the version rolled back, which would otherwise stay in half the traffic.
+
+        The version replaced is the one before it in the champion history (:meth:`champion_history`), which is
+        then shortened, so a second rollback goes back one further. When the champion was moved outside shoprec
+        (the MLflow UI), the version it replaced is the last one the history has. A registry without a history
+        (written before it was kept) uses the champion's ``champion_before`` tag (set when it was trained or
+        refreshed; a promotion by hand does not change it).
 
         Raises:
-            ValueError: no champion, or it has no earlier champion to go back to.
+            ValueError: no champion, or no earlier champion to go back to.
         """
         current = self.version_for(ALIAS_CHAMPION)
         if current is None:
             raise ValueError("no champion to roll back from")
-        previous = self.tags(current).get("champion_before") or ""
-        if not previous or previous == "none":
-            raise ValueError(f"champion version {current} names no earlier champion (tag champion_before): "
-                             "promote a version by hand (`shoprec model promote VERSION`)")
+        history = self.champion_history()
+        if history and history[-1] != current:
+            previous = history[-1]
+        elif len(history) >= 2:
+            history.pop()
+            previous = history[-1]
+        else:
+            previous = self.tags(current).get("champion_before") or ""
+            if not previous or previous == "none":
+                raise ValueError(f"champion version {current} names no earlier champion (neither the champion "
+                                 f"history nor its tag champion_before): promote a version by hand "
+                                 "(`shoprec model promote VERSION`)")
+            history = [previous]
         self._must_exist(previous)
         before = self.aliases()
-        self.set_alias(ALIAS_CHAMPION, previous)
+        self.client.set_registered_model_alias(self.name, ALIAS_CHAMPION, previous)
+        self._set_history(history)
         if self.version_for(ALIAS_CHALLENGER) == current:
             self.client.delete_registered_model_alias(self.name, ALIAS_CHALLENGER)
         return {"before": before, "after": self.aliases()}
 
     def aliases(self) -> dict[str, str | None]:
-        return {a: self.version_for(a) for a in (ALIAS_CHAMPION, ALIAS_CHALLENGER)}
+        """``champion`` and ``challenger`` -> version (None where unset), in one request: asking for an alias that
+        is not set is an error answer, which the MLflow server logs (every poll of a missing ``challenger`` did).
+
+        Raises:
+            MlflowException: the registry did not answer.
+        """
+        try:
+            found = self.client.get_registered_model(self.name).aliases or {}
+        except MlflowException as err:
+            if _not_found(err):
+                found = {}
+            else:
+                raise
+        return {a: (str(found[a]) if a in found else None) for a in (ALIAS_CHAMPION, ALIAS_CHALLENGER)}
 
     def _must_exist(self, version: str) -> None:
         try:
@@ -189,3 +253,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def _not_found(err: MlflowException) -> bool:
+    """The registry answered that the model or the alias does not exist (not that it could not answer)."""
+    return err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")

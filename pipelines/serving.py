@@ -207,9 +207,14 @@ class ModelHolder:
         """
         with self._refresh_lock:
             models = dict(self.models)
-            for alias in ALIASES:
+            try:
+                current = self.registry.aliases()  # one request for both
+            except Exception as err:  # noqa: BLE001 - registry unreachable: not "no aliases", keep what we serve
+                log.warning("could not read the aliases from MLflow (%s); keeping the current models", err)
+                current = {}
+            for alias in ALIASES if current else ():
                 try:
-                    version = self.registry.version_for(alias)
+                    version = current[alias]
                     if self._unloadable.get(alias, version) != version:  # the alias moved: try anew next time
                         self._unloadable.pop(alias)
                     if alias == ALIAS_CHALLENGER and version is not None and ALIAS_CHAMPION in models \

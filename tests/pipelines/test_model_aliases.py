@@ -42,3 +42,49 @@ def test_promote_then_rollback_takes_the_rolled_back_version_out_of_traffic(sett
     assert registry.aliases() == {ALIAS_CHAMPION: first, ALIAS_CHALLENGER: None}
     out = run(app, ["model", "promote", second])
     assert out.exit_code == 0 and registry.aliases()[ALIAS_CHAMPION] == second
+
+
+def test_rollback_goes_back_to_the_version_the_champion_replaced_after_promotions_by_hand(settings,
+                                                                                        registered_champion):
+    """`champion_before` is written when a version is trained: after `promote 3, promote 2` the rollback went to
+    version 2's training-time champion (v1) instead of v3, the version v2 had replaced."""
+    registry, reg = registered_champion
+    first = reg.version
+    model = registry.load().recommender
+    second, third = (registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.1},
+                                               tags={"champion_before": first})[1] for _ in range(2))
+    registry.promote(third)
+    registry.promote(second)
+    assert registry.rollback()["after"]["champion"] == third
+    assert registry.rollback()["after"]["champion"] == first  # and once more, one further back
+
+    # a person moves `champion` in the MLflow UI: rollback returns to the champion that move replaced
+    registry.promote(third)
+    registry.client.set_registered_model_alias(registry.name, ALIAS_CHAMPION, second)
+    assert registry.rollback()["after"]["champion"] == third
+    # the next change through shoprec records the hand-made one too
+    registry.client.set_registered_model_alias(registry.name, ALIAS_CHAMPION, second)
+    registry.promote(first)
+    assert registry.rollback()["after"]["champion"] == second
+
+
+def test_serving_keeps_its_models_while_mlflow_cannot_be_reached(settings, registered_champion, monkeypatch):
+    """An unreachable registry read as "no aliases": serving dropped the champion it was serving."""
+    import pytest
+    from mlflow.exceptions import MlflowException
+
+    from pipelines import localstack
+    from pipelines.registry import ModelRegistry
+    from pipelines.serving import ModelHolder
+
+    registry, reg = registered_champion
+    holder = ModelHolder(settings, registry=registry)
+    assert holder.refresh() == {ALIAS_CHAMPION: reg.version}
+    assert registry.aliases() == {ALIAS_CHAMPION: reg.version, ALIAS_CHALLENGER: None}  # an unset alias is None
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    holder.registry = ModelRegistry(f"http://127.0.0.1:{localstack.free_port()}", name=registry.name)
+    with pytest.raises(MlflowException):
+        holder.registry.version_for(ALIAS_CHAMPION)  # not None: that means "no champion"
+    assert holder.refresh() == {ALIAS_CHAMPION: reg.version}
+    assert holder.models[ALIAS_CHAMPION].version == reg.version
