@@ -26,6 +26,14 @@ from pipelines.settings import Settings, local_env
 
 DEFAULT_KAFKA = "localhost:9092"
 DEFAULT_REDIS = "redis://localhost:6379/0"
+DAGSTER_YAML = """\
+# The Dagster instance of `make up` (DAGSTER_HOME is this folder): runs, event logs and schedules in SQLite
+# here, the defaults. Written once; edit it freely (https://docs.dagster.io/deployment/dagster-instance).
+telemetry:
+  enabled: false
+"""
+#: every program of the stack: logs as they happen, and no progress bars of MLflow's artifact downloads in them
+PROGRAM_ENV = {"PYTHONUNBUFFERED": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
 
 
 @dataclass
@@ -60,6 +68,9 @@ def programs(settings: Settings, root: Path) -> list[Program]:
                                         "--artifacts-destination", f"{var}/mlflow/artifacts"],
                              f"http://localhost:{mlflow_port}", f"http:http://127.0.0.1:{mlflow_port}/health", 20))
     (var / "dagster").mkdir(parents=True, exist_ok=True)
+    instance = var / "dagster" / "dagster.yaml"
+    if not instance.exists():  # the instance's defaults (storage under DAGSTER_HOME), said, not warned about
+        instance.write_text(DAGSTER_YAML)
     progs += [
         Program("dagster", [str(bin_dir / "dagster"), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", "3000"],
                 "http://localhost:3000", "http:http://127.0.0.1:3000/server_info", 30, needs=("mlflow",),
@@ -99,7 +110,7 @@ def render_config(settings: Settings, root: Path, progs: list[Program] | None = 
         "[supervisorctl]", f"serverurl=unix://{var}/supervisor.sock", "",
     ]
     for p in programs(settings, root) if progs is None else progs:
-        env = {"PYTHONUNBUFFERED": "1", **(p.env or {})}
+        env = {**PROGRAM_ENV, **(p.env or {})}
         lines += [
             f"[program:{p.name}]", f"command={shlex.join(p.command)}", f"priority={p.priority}",
             f"autostart={'false' if p.needs else 'true'}", "autorestart=true", "startsecs=2", "startretries=20", "stopasgroup=true", "killasgroup=true",
