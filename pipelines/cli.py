@@ -11,16 +11,16 @@ import typer
 
 from pipelines.settings import get_settings
 
-app = typer.Typer(help="shoprec: real-time product recommendations.", no_args_is_help=True,
-                  pretty_exceptions_show_locals=False)
-stack_app = typer.Typer(help="The local stack (what `make up/down/status` run).", no_args_is_help=True)
+# docstrings are help texts: Markdown joins their wrapped lines and shows ``--option`` as code
+HELP = {"no_args_is_help": True, "rich_markup_mode": "markdown"}
+app = typer.Typer(help="shoprec: real-time product recommendations.", pretty_exceptions_show_locals=False, **HELP)
+stack_app = typer.Typer(help="The local stack (what `make up/down/status` run).", **HELP)
 app.add_typer(stack_app, name="stack")
-bench_app = typer.Typer(help="Benchmarks (JSON to --out; results are recorded in BENCHMARKS.md).",
-                        no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks (JSON to --out; results are recorded in BENCHMARKS.md).", **HELP)
 app.add_typer(bench_app, name="bench")
-catalog_app = typer.Typer(help="The product catalog: its Kafka feed and the file it keeps.", no_args_is_help=True)
+catalog_app = typer.Typer(help="The product catalog: its Kafka feed and the file it keeps.", **HELP)
 app.add_typer(catalog_app, name="catalog")
-model_app = typer.Typer(help="The registered model's aliases in MLflow (what serving follows).", no_args_is_help=True)
+model_app = typer.Typer(help="The registered model's aliases in MLflow (what serving follows).", **HELP)
 app.add_typer(model_app, name="model")
 
 
@@ -129,7 +129,7 @@ def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False
     try:
         records = catalog_feed.read_product_file(path)
     except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="PATH") from None
+        raise typer.BadParameter(str(err), param_hint="'FILE'") from None
     products, errors = validate_products(records)
     if errors:
         for e in errors[:20]:
@@ -228,7 +228,16 @@ def _register_benchmarks() -> None:
     bench_app.command("quality")(quality.command)
     bench_app.command("ingest")(ingest.command)
     bench_app.command("serve")(serve.command)
-    bench_app.command("gpu")(gpu.command)
+
+    h = gpu.OPTION_HELP  # gpu.py itself runs without typer (a bare GPU machine)
+
+    @bench_app.command("gpu", help=gpu.command.__doc__)
+    def bench_gpu(out: Path = typer.Option(Path("var/bench/gpu.json"), help=h["out"]),
+                  n_items: int = typer.Option(gpu.N_ITEMS, help=h["n_items"]),
+                  training: bool = typer.Option(True, help=h["training"]),
+                  scale_data: Path | None = typer.Option(None, help=h["scale_data"]),
+                  export_scale_data: Path | None = typer.Option(None, help=h["export_scale_data"])) -> None:
+        gpu.command(out, n_items, training, scale_data, export_scale_data)
 
     @bench_app.command("dashboard", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
     def bench_dashboard(ctx: typer.Context) -> None:

@@ -256,17 +256,28 @@ def command(out: Path = Path("var/bench/gpu.json"), n_items: int = N_ITEMS, trai
     print(f"written to {out}")
 
 
+#: the options' help, for both command lines (``shoprec bench gpu`` and ``python -m pipelines.bench.gpu``)
+OPTION_HELP = {
+    "out": "where to write the JSON result",
+    "n_items": "items in the scored table",
+    "training": "also time the hybrid's fit on each device (--no-training: scoring only, a few minutes less)",
+    "scale_data": "a folder written by --export-scale-data: adds the 1M-interaction fit from it",
+    "export_scale_data": "write the simulator's 1M-interaction shop to this folder as Parquet, and stop",
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m pipelines.bench.gpu``: the same options as ``shoprec bench gpu``, with only the standard library
     for the command line (a bare GPU machine has torch, numpy and pandas, not necessarily typer)."""
     import argparse
 
     p = argparse.ArgumentParser(prog="python -m pipelines.bench.gpu", description=command.__doc__)
-    p.add_argument("--out", type=Path, default=Path("var/bench/gpu.json"))
-    p.add_argument("--n-items", type=int, default=N_ITEMS)
-    p.add_argument("--training", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--scale-data", type=Path, default=None)
-    p.add_argument("--export-scale-data", type=Path, default=None)
+    h = OPTION_HELP
+    p.add_argument("--out", type=Path, default=Path("var/bench/gpu.json"), help=h["out"])
+    p.add_argument("--n-items", type=int, default=N_ITEMS, help=h["n_items"])
+    p.add_argument("--training", action=argparse.BooleanOptionalAction, default=True, help=h["training"])
+    p.add_argument("--scale-data", type=Path, default=None, help=h["scale_data"])
+    p.add_argument("--export-scale-data", type=Path, default=None, help=h["export_scale_data"])
     a = p.parse_args(argv)
     command(a.out, a.n_items, a.training, a.scale_data, a.export_scale_data)
 
