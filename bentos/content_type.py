@@ -10,6 +10,12 @@ The other API routes (``/recommend``, ``/similar``, ...) take a few fields, and 
 whole, and four clients sending such bodies stalled every other user's answer for seconds). A body sent
 without a declared length (chunked) is read here up to the limit. The ingestion routes have their own
 limit (:mod:`bentos.guard`).
+
+Order of the answers: :class:`bentos.guard.ApiKeyAndSizeGuard` runs first (outermost), so a keyed route
+answers 401/403 (or 503 without keys) before 415, and 415 before anything about the body (size,
+rate limit, JSON). On the ingestion routes the guard itself asks :func:`refused_media` right after the
+key, since it reads and judges the body before this middleware would see the request; elsewhere
+this middleware answers it. Either way the check is a scan of the headers.
 """
 
 from __future__ import annotations
@@ -30,6 +36,15 @@ def unsupported(media: str) -> str:
     """The 415 message for a request whose media type is ``media`` ("" when it sent no Content-Type)."""
     what = f"Content-Type {media!r}" if media else "a request without a Content-Type"
     return f"{what} is not supported: send a JSON body with 'Content-Type: application/json'"
+
+
+def refused_media(ctype: str, required: bool) -> str | None:
+    """The 415 message for a POST whose ``Content-Type`` header is ``ctype`` ("" when absent), or None when
+    it is JSON (``application/json``, ``+json``), or absent where the route does not ``require`` one."""
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json") or not media and not required:
+        return None
+    return unsupported(media)
 
 
 class JsonOnly:
@@ -54,10 +69,8 @@ class JsonOnly:
                 length = v
             elif k == b"transfer-encoding":
                 chunked = True
-        media = ctype.split(";", 1)[0].strip().lower()
-        if media and media != "application/json" and not media.endswith("+json") \
-                or not media and scope["path"] in self.required:
-            return await JSONResponse({"error": unsupported(media)}, status_code=415)(scope, receive, send)
+        if (problem := refused_media(ctype, scope["path"] in self.required)) is not None:
+            return await JSONResponse({"error": problem}, status_code=415)(scope, receive, send)
         if scope["path"] in self.required:
             return await self.app(scope, receive, send)
         declared = int(length) if length is not None and length.isdigit() and not chunked else None

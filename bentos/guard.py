@@ -15,20 +15,27 @@ In order, for ``POST /events`` and ``POST /catalog`` (the batch's key is ``event
 1. API key (``Authorization: Bearer <key>``, one of ``SHOPREC_API_KEYS``; several may be valid at
    once, so a key is rotated by adding the new one, moving clients, then removing the old) → 401;
    a read-only key → 403;
-2. declared body size over ``max_request_bytes`` → 413;
-3. per-key rate limit (``events_rate_limit``, sliding window kept in Redis by the ``limits``
+2. a ``Content-Type`` other than ``application/json``, or none → 415 (before anything reads the body,
+   so a CSV or text body gets the 415 it would get as JSON, not a 400 about its JSON; the read routes get
+   theirs from :class:`bentos.content_type.JsonOnly`, also after the key: the key always comes first);
+3. declared body size over ``max_request_bytes`` → 413;
+4. per-key rate limit (``events_rate_limit``, sliding window kept in Redis by the ``limits``
    library, so every replica behind the load balancer counts against the same budget) → 429
    with ``Retry-After``; when Redis cannot be reached the request is let through (logged):
    losing events to a rate-limiter outage would be worse than a burst;
-4. body read in chunks and cut off past ``max_request_bytes`` (chunked uploads declare no size) → 413;
-5. a body that is not JSON, or not an object whose batch field is a list → 400 with what to send
+5. body read in chunks and cut off past ``max_request_bytes`` (chunked uploads declare no size) → 413;
+6. a body that is not JSON, or not an object whose batch field is a list → 400 with what to send
    (BentoML would log it as an unhandled exception with a traceback and answer with pydantic's
    own text, "1 validation error for Input");
-6. more than ``max_events_per_request`` records in the batch → 413.
+7. more than ``max_events_per_request`` records in the batch → 413 (the only check of the batch's
+   length: the service's input schema declares none, so the limit is the setting's at every request).
 
 Both paths share one rate-limit budget per key.
 
 Per-event validation (400 with a list of errors) is the service's, through :mod:`pipelines.ingest`.
+
+``GET /docs.json`` (the schema behind the Swagger UI at ``/``) is rewritten on its way out: the key
+(:func:`_with_key`) and the rest of what BentoML cannot say (:func:`bentos.api_doc.document`).
 """
 
 from __future__ import annotations
@@ -47,7 +54,9 @@ from limits.storage import RedisStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
 from starlette.responses import JSONResponse
 
+from bentos.api_doc import document
 from bentos.body import BodyTooLarge, read_capped, replaying
+from bentos.content_type import refused_media
 
 from pipelines.schemas import RedisKeys
 from pipelines.settings import get_settings
@@ -155,6 +164,8 @@ class ApiKeyAndSizeGuard:
                 return await refuse(403, f"this API key may only read (/recommend, /similar, /status); {path} "
                                          "needs a key of SHOPREC_API_KEYS")
             return await refuse(401, _BAD_KEY, {"WWW-Authenticate": "Bearer"})
+        if (media := refused_media(headers.get("content-type", ""), required=True)) is not None:
+            return await refuse(415, media)
 
         limit = settings.max_request_bytes
         try:
@@ -216,8 +227,9 @@ class _KeyInSchema:
         body = bytes(self.body)
         if self.start["status"] == 200:
             try:
-                body = orjson.dumps(_with_key(orjson.loads(body), self.reads, self.writes))
-            except (orjson.JSONDecodeError, TypeError, AttributeError) as err:  # BentoML's schema, unchanged
+                body = orjson.dumps(document(_with_key(orjson.loads(body), self.reads, self.writes),
+                                             get_settings()))
+            except (orjson.JSONDecodeError, TypeError, AttributeError, KeyError) as err:  # BentoML's, unchanged
                 log.warning("API key not added to the OpenAPI schema (%s)", err)
         headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]
         await self.send({**self.start, "headers": [*headers, (b"content-length", str(len(body)).encode())]})

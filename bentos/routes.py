@@ -7,7 +7,9 @@
   asked with a method it does not take is a JSON 405 naming the methods (Starlette's is plain text).
 * :func:`quiet_client_errors`: BentoML logs a request its input validation refuses (a 400, e.g. ``k=0``)
   as ``ERROR Exception on /recommend`` with a traceback; anyone could fill the log that way. Such
-  records become one INFO line with the status and the reason; server errors keep their traceback.
+  records become one INFO line with the status and the reason (for ``/recommend`` and ``/similar`` the
+  fields and what to send: ``answered 400: 1 validation error for k: Input should be a valid integer ...``,
+  the title :func:`bentos.service.explained` gives the error); server errors keep their traceback.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model, model_validator
+from pydantic_core import PydanticCustomError
 
 SCHEMA_VERSION = 1
 
@@ -157,11 +158,16 @@ class Event(BaseModel):
 
     @model_validator(mode="after")
     def _item_matches_type(self) -> Event:
+        # a field required by the event type is missing like one the schema requires (reason missing_field,
+        # :func:`describe_validation_error`); an empty list of items is there, and wrong (schema)
         if self.event_type == "impression":
+            if self.items is None:
+                raise PydanticCustomError(MISSING_FOR_TYPE, "'items' is required for an impression (the ranked "
+                                                            "list of item_ids that was shown)")
             if not self.items:
-                raise ValueError("an impression needs 'items' (the ranked list that was shown)")
+                raise ValueError("'items' of an impression must name at least one item_id (the list that was shown)")
         elif self.item_id is None:
-            raise ValueError(f"a '{self.event_type}' event needs 'item_id'")
+            raise PydanticCustomError(MISSING_FOR_TYPE, f"'item_id' is required for a '{self.event_type}' event")
         return self
 
 
@@ -187,6 +193,10 @@ CatalogUpdate = create_model(
                           for name, f in CatalogItem.model_fields.items() if name != "item_id"})
 
 
+#: pydantic error type of a field an event's type requires and that it lacks (``item_id``, an impression's ``items``)
+MISSING_FOR_TYPE = "missing_for_event_type"
+
+
 class EventError(ValueError):
     """A record that is not a valid event; ``reason`` is a short machine-readable code."""
 
@@ -197,14 +207,23 @@ class EventError(ValueError):
 
 
 def describe_validation_error(err: ValidationError) -> tuple[str, str]:
-    first = err.errors()[0]
+    """``(reason, message)`` of a record pydantic refused: its first error, as the DLQ and the API name it.
+
+    A missing field is ``missing_field`` whether the schema or the event's type requires it; messages are
+    ours or pydantic's text after the field's name, never pydantic's "Value error, " prefix.
+    """
+    first = err.errors(include_url=False)[0]
     loc = ".".join(str(p) for p in first["loc"]) or "event"
     if loc == "event_type" and first["type"] == "literal_error":
         return "unknown_event_type", f"event_type must be one of {', '.join(EVENT_TYPES)}"
     if first["type"] == "missing":
         return "missing_field", f"'{loc}' is required"
+    if first["type"] == MISSING_FOR_TYPE:
+        return "missing_field", first["msg"]
     if first["type"] == "extra_forbidden":
         return "unknown_field", f"'{loc}' is not a field of schema_version {SCHEMA_VERSION}"
+    if first["type"] == "value_error":  # a rule of a validator: its own words
+        return "schema", str(first.get("ctx", {}).get("error", first["msg"].removeprefix("Value error, ")))
     return "schema", f"{loc}: {first['msg']}"
 
 
@@ -279,11 +298,23 @@ def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int
 
 def _check_ts(ev: Event, now_ms: int | None, max_age_days: int, max_future_s: int) -> Event:
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    if ev.ts > now_ms + max_future_s * 1000:
-        raise EventError("ts_in_future", f"ts {ev.ts} is more than {max_future_s}s in the future; send UTC epoch milliseconds")
-    if ev.ts < now_ms - max_age_days * 86_400_000:
-        raise EventError("ts_too_old", f"ts {ev.ts} is older than {max_age_days} days; send UTC epoch milliseconds")
-    return ev
+    oldest, newest = now_ms - max_age_days * 86_400_000, now_ms + max_future_s * 1000
+    if oldest <= ev.ts <= newest:
+        return ev
+    raise ts_error(ev.ts, oldest, newest, max_age_days, max_future_s)
+
+
+def ts_error(ts: int, oldest: int, newest: int, max_age_days: int, max_future_s: int) -> EventError:
+    """``ts_in_future`` or ``ts_too_old`` for an event ``ts`` outside ``[oldest, newest]`` (epoch ms), with the
+    hint the catalog gives for ``created_at`` (:func:`check_created_at`) when it looks like another unit."""
+    if ts > newest:
+        hint = next((f" (it looks like epoch {unit}: send {ts // div})" for unit, div in
+                     (("microseconds", 1000), ("nanoseconds", 1_000_000)) if oldest <= ts // div <= newest), "")
+        return EventError("ts_in_future", f"ts {ts} is {_iso_ms(ts)}, more than {max_future_s}s in the future{hint}; "
+                                          "send the time of the event as UTC epoch milliseconds")
+    hint = f" (it looks like epoch seconds: send {ts * 1000})" if oldest <= ts * 1000 <= newest else ""
+    return EventError("ts_too_old", f"ts {ts} is {_iso_ms(ts)} read as epoch milliseconds, more than {max_age_days} "
+                                    f"days ago{hint}; send the time of the event as UTC epoch milliseconds")
 
 
 #: reasons a record can be rejected for (the DLQ ``reason`` header and the ``dlq:reasons`` hash fields)

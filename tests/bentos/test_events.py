@@ -85,6 +85,29 @@ def test_415_without_a_content_type_or_with_another_one(events_client):
     assert ok.status_code == 202 and ok.json() == {"accepted": 0}
 
 
+def test_a_wrong_content_type_is_415_before_the_body_is_read_and_the_key_comes_first(events_client):
+    """A CSV or text body got the guard's 400 about its JSON (the guard read it before JsonOnly saw the header);
+    the same header with a JSON body got 415. The key is judged first everywhere, then the Content-Type."""
+    c, (key_a, key_b) = events_client
+    text_plain = "Content-Type 'text/plain' is not supported: send a JSON body with 'Content-Type: application/json'"
+    r = c.post("/catalog", content=b"a,b", headers={**key_a, "Content-Type": "text/csv"})
+    assert r.status_code == 415 and r.json()["error"].startswith("Content-Type 'text/csv' is not supported"), r.text
+    for body in (b'{"products": []}', b'{"events": []}', b"not json at all", b""):
+        r = c.post("/events", content=body, headers={**key_a, "Content-Type": "text/plain"})
+        assert r.status_code == 415 and r.json()["error"] == text_plain, (body, r.text)
+    # without a valid key: 401 whatever the Content-Type, on the ingestion and the read routes alike
+    for path in ("/events", "/catalog", "/recommend"):
+        for headers in ({}, {"Authorization": "Bearer nope"}):
+            r = c.post(path, content=b"a,b", headers={**headers, "Content-Type": "text/csv"})
+            assert r.status_code == 401 and "API key" in r.json()["error"], (path, r.text)
+    r = c.post("/recommend", content=b"a,b", headers={**key_a, "Content-Type": "text/csv"})
+    assert r.status_code == 415, r.text
+    # refused on its header, a request costs the key none of its rate limit (5/minute here)
+    for _ in range(6):
+        assert c.post("/events", content=b"a,b", headers={**key_b, "Content-Type": "text/csv"}).status_code == 415
+    assert c.post("/events", json={"events": [_event("ct")]}, headers=key_b).status_code == 202
+
+
 def test_a_body_that_is_not_a_json_batch_is_a_400_that_says_what_to_send_and_logs_no_traceback(events_client, caplog):
     c, (key_a, key_b) = events_client
     cases = [(key_a, "/events", b'{"events": [{"event_id": "x",', "the body is not valid JSON: unexpected end of data "
@@ -107,6 +130,7 @@ def test_a_body_that_is_not_a_json_batch_is_a_400_that_says_what_to_send_and_log
         assert not [rec for rec in caplog.records if rec.levelname == "ERROR" or rec.exc_info]
         refused = [rec.getMessage() for rec in caplog.records if "answered 400" in rec.getMessage()]
         assert len(refused) == 1 and refused[0].startswith("/recommend [POST] answered 400") and "validation error" in refused[0], refused
+        assert "for k: Input should be greater than or equal to 1" in refused[0], refused  # the field, not "Input"
 
 
 def test_an_unknown_path_is_a_404_here_and_known_routes_still_work(events_client):
@@ -138,10 +162,90 @@ def test_the_swagger_ui_can_send_the_api_key(events_client):
     assert "429" not in spec["paths"]["/recommend"]["post"]["responses"]
     assert spec["components"]["schemas"] and "/ping" in spec["paths"]  # BentoML's schema is otherwise whole
     # "Try it out" fills in a batch the API accepts (it sent ["string"], a 400)
-    examples = {field: prop["example"] for schema in spec["components"]["schemas"].values()
-                for field, prop in (schema.get("properties") or {}).items() if "example" in prop}
+    examples = _examples(spec)
     assert c.post("/events", json={"events": examples["events"]}, headers=key).status_code == 202
     assert c.post("/catalog", json={"products": examples["products"]}, headers=key).status_code == 202
+
+
+def _examples(spec: dict) -> dict[str, list]:
+    """The "Try it out" batch of each ingestion route, as the request body of its operation declares it."""
+    out = {}
+    for path, field in (("/events", "events"), ("/catalog", "products")):
+        prop = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"][field]
+        out[field] = prop["example"]
+    return out
+
+
+def test_the_schema_describes_this_api_and_its_answers(events_client):
+    """/docs.json showed BentoML's boilerplate README with broken badges, version "None", and "200: Successful
+    Response" on /events and /catalog, which answer 202."""
+    import importlib.metadata
+
+    c, (key, _) = events_client
+    spec = c.get("/docs.json").json()
+    info = spec["info"]
+    assert info["version"] == importlib.metadata.version("shoprec") != "None"
+    text = info["description"]
+    assert "Machine Learning Service created with BentoML" not in text and "img.shields.io" not in text
+    assert "customize this README" not in text and "BentoML Team" not in str(info)
+    for route in ("/recommend", "/similar", "/events", "/catalog", "/status", "/ping"):
+        assert f"`POST {route}`" in text, route
+    assert "Authorization: Bearer <key>" in text and "README.md" in text
+    for path in ("/events", "/catalog"):
+        answers = spec["paths"][path]["post"]["responses"]
+        assert "200" not in answers and "accepted" in answers["202"]["content"]["application/json"]["schema"]["properties"]
+        assert "errors" in answers["400"]["content"]["application/json"]["schema"]["properties"]
+    assert "unknown_products" in spec["paths"]["/catalog"]["post"]["responses"]["202"]["content"]["application/json"][
+        "schema"]["properties"]
+    assert "detail" in spec["paths"]["/recommend"]["post"]["responses"]["400"]["content"]["application/json"][
+        "schema"]["properties"]
+    # what the schema says is what a client gets
+    r = c.post("/events", json={"events": [_event("doc")]}, headers=key)
+    assert r.status_code == 202 and set(r.json()) <= set(
+        spec["paths"]["/events"]["post"]["responses"]["202"]["content"]["application/json"]["schema"]["properties"])
+
+
+def test_try_it_out_can_be_sent_again_and_touches_no_real_product(events_client):
+    """The /events example had one event_id for the server's life: from the second try on, the consumer dropped it
+    as a duplicate after its 202. The /catalog example marked the README's own product i00042 sold out."""
+    c, (key, _) = events_client
+    first, second = _examples(c.get("/docs.json").json()), _examples(c.get("/docs.json").json())
+    [ev1], [ev2] = first["events"], second["events"]
+    assert ev1["event_id"] != ev2["event_id"] and ev2["ts"] >= ev1["ts"]
+    for batch in (first["events"], second["events"]):
+        assert c.post("/events", json={"events": batch}, headers=key).status_code == 202
+    # both are in Kafka under their own ids: neither is the other's duplicate
+    assert _in_kafka({ev1["event_id"], ev2["event_id"]}) == {ev1["event_id"], ev2["event_id"]}
+
+    [product] = second["products"]
+    assert product["item_id"].startswith("example-") and product["in_stock"] is False  # never recommended
+    assert {"title", "category", "brand", "price", "created_at"} <= set(product)  # a whole product, not a change
+    spec = c.get("/docs.json").json()
+    said = spec["paths"]["/catalog"]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"][
+        "products"]["description"]
+    assert product["item_id"] in said and "never recommended" in said and "no real product" in said
+    for _ in range(2):
+        r = c.post("/catalog", json={"products": second["products"]}, headers=key)
+        assert r.status_code == 202 and r.json() == {"accepted": 1}  # a whole product: no "unknown_products" warning
+
+
+def test_the_batch_limit_is_the_setting_s_not_a_fixed_1000(events_client, monkeypatch):
+    """The schema said at most 1000 records whatever SHOPREC_MAX_EVENTS_PER_REQUEST said: raised above 1000, the
+    guard let a batch through and pydantic refused it with a 400."""
+    c, (key, _) = events_client
+    monkeypatch.setenv("SHOPREC_MAX_EVENTS_PER_REQUEST", "1100")
+    monkeypatch.setenv("SHOPREC_MAX_REQUEST_BYTES", str(1024 * 1024))
+    get_settings.cache_clear()
+    tag = uuid.uuid4().hex[:8]
+    batch = [_event(tag) for _ in range(1001)]
+    r = c.post("/events", json={"events": batch}, headers=key)
+    assert r.status_code == 202 and r.json() == {"accepted": 1001}, r.text[:300]
+    r = c.post("/events", json={"events": [_event(tag) for _ in range(1101)]}, headers=key)
+    assert r.status_code == 413 and "the limit is 1100" in r.json()["error"]
+    spec = c.get("/docs.json").json()
+    for path, field in (("/events", "events"), ("/catalog", "products")):
+        prop = spec["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["properties"][field]
+        assert prop["maxItems"] == 1100 and "at most 1100" in prop["description"]
 
 
 def test_a_query_body_over_the_limit_is_a_413_before_it_is_read(events_client, monkeypatch):
@@ -215,14 +319,20 @@ def test_400_lists_every_bad_event_and_sends_nothing(events_client):
     c, (key, _) = events_client
     tag = uuid.uuid4().hex[:8]
     good = _event(tag)
+    seconds = int(time.time())
     batch = [good, _event(tag, event_type="teleport"), {"user_id": f"u-{tag}"}, _event(tag, ts=1),
-             _event(tag, user_id="a\nb"), good, _event(tag, items=["i"] * 300)]
+             _event(tag, user_id="a\nb"), good, _event(tag, items=["i"] * 300), _event(tag, ts=seconds),
+             _event(tag, item_id=None)]
     r = c.post("/events", json={"events": batch}, headers=key)
     assert r.status_code == 400
     errors = {e["index"]: e["reason"] for e in r.json()["errors"]}
     assert errors == {1: "unknown_event_type", 2: "missing_field", 3: "ts_too_old", 4: "schema", 5: "duplicate",
-                      6: "schema"}
+                      6: "schema", 7: "ts_too_old", 8: "missing_field"}
     assert all(e["message"] for e in r.json()["errors"])
+    messages = {e["index"]: e["message"] for e in r.json()["errors"]}
+    # the hint the catalog gives for created_at, and a missing item named like any missing field
+    assert f"it looks like epoch seconds: send {seconds * 1000}" in messages[7]
+    assert messages[8] == "'item_id' is required for a 'view' event"
     # all or nothing: a later accepted event of the same user (same partition) arrives, the good one never did
     marker = _event(tag)
     assert c.post("/events", json={"events": [marker]}, headers=key).status_code == 202

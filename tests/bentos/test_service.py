@@ -195,6 +195,42 @@ def test_k_out_of_range_is_400_with_a_message(settings, redis_client, client_for
     assert body["detail"][0]["loc"] == ["k"] and body["detail"][0]["msg"]  # says which field and why
 
 
+def test_recommend_and_similar_take_json_types_strictly_and_say_what_to_send(settings, redis_client, client_for,
+                                                                            caplog):
+    """``"k": true`` gave 1 item and ``"k": "5"`` 5; a 400 read "1 validation error for Input" with pydantic's URL."""
+    c = client_for()
+    cases = [("/recommend", {"user_id": "u0", "k": True}, "k", "boolean"),
+             ("/recommend", {"user_id": "u0", "k": "5"}, "k", "string"),
+             ("/recommend", {"user_id": "u0", "k": 5.0}, "k", "number"),
+             ("/recommend", {"user_id": 42, "k": 5}, "user_id", "number"),
+             ("/similar", {"item_id": "i1", "k": "3"}, "k", "string"),
+             ("/similar", {"item_id": ["i1"]}, "item_id", "array")]
+    with caplog.at_level("INFO"):
+        for path, body, field, got in cases:
+            r = c.post(path, json=body)
+            assert r.status_code == 400, (path, body, r.text)
+            error = r.json()["error"]
+            assert error.startswith(f"1 validation error for {field}: Input should be a valid ") and \
+                f"(got a JSON {got})" in error, error
+            assert "; send a JSON object such as {" in error and f"{field}: a JSON " in error, error
+            assert "pydantic" not in r.text and "http" not in r.text, r.text  # no documentation URL anywhere
+            [problem] = r.json()["detail"]
+            assert problem["loc"] == [field] and problem["msg"].startswith("Input should be a valid"), problem
+    logged = [rec.getMessage() for rec in caplog.records if "answered 400" in rec.getMessage()]
+    assert len(logged) == len(cases) and all(" answered 400: 1 validation error for " in m for m in logged), logged
+    assert logged[0].startswith("/recommend [POST] answered 400: 1 validation error for k: Input should be a valid "
+                                "integer (got a JSON boolean)"), logged[0]
+    # several problems: each named
+    r = c.post("/recommend", json={"k": 0, "kk": 1})
+    assert r.status_code == 400 and [d["loc"] for d in r.json()["detail"]] == [["user_id"], ["k"], ["kk"]]
+    assert "user_id: Field required; k: Input should be greater than or equal to 1; kk: Extra inputs are not " \
+           "permitted; send " in r.json()["error"]
+    # the JSON types asked for still work, and k may be left out
+    assert len(c.post("/recommend", json={"user_id": "u0", "k": 3}).json()["items"]) <= 3
+    assert c.post("/recommend", json={"user_id": "u0"}).status_code == 200
+    assert c.post("/similar", json={"item_id": "i1", "k": 3}).status_code == 200
+
+
 def test_business_rules_stock_purchases_category_cap_and_new_products(settings, redis_client, registered_champion,
                                                                      client_for):
     import time

@@ -76,8 +76,10 @@ def corpus(tag: str) -> list[tuple[str, bytes | None, str]]:
         ("schema_version 2", dumps(ev(schema_version=2)), "schema"),
         ("negative price", dumps(ev(event_type="purchase", price=-10.0)), "schema"),
         ("quantity of a million", dumps(ev(event_type="purchase", quantity=1_000_000)), "schema"),
-        ("view without item", dumps(ev(item_id=None)), "schema"),
-        ("impression without items", dumps(ev(event_type="impression", item_id=None)), "schema"),
+        # a field the event's type requires is missing like one every event requires
+        ("view without item", dumps(ev(item_id=None)), "missing_field"),
+        ("impression without items", dumps(ev(event_type="impression", item_id=None)), "missing_field"),
+        ("impression with an empty list", dumps(ev(event_type="impression", item_id=None, items=[])), "schema"),
         ("impression of 500 items", dumps(ev(event_type="impression", item_id=None, items=["i"] * 500)), "schema"),
         ("first copy", dumps(resent), None),  # stored: its second copy below is the duplicate
         ("same event_id again", dumps(resent), "duplicate"),

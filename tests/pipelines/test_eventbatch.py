@@ -104,3 +104,17 @@ def test_the_arrow_path_decides_a_clean_batch_without_the_record_path(monkeypatc
 
     monkeypatch.setattr(eventbatch, "parse_events", boom)
     assert parse_batch(raws, now_ms=NOW).table.num_rows == len(raws)
+
+
+def test_a_missing_item_and_a_ts_in_seconds_get_the_record_path_s_reason_and_message():
+    view = new_event("view", "u1", "i1", "s1", ts=NOW)
+    no_item = {k: v for k, v in view.items() if k != "item_id"}
+    values = interleaved([orjson.dumps(no_item), orjson.dumps({**view, "item_id": None}),
+                          orjson.dumps(new_event("impression", "u1", None, "s1", ts=NOW)),
+                          orjson.dumps({**view, "ts": NOW // 1000})])
+    got = decisions(values)
+    assert got == [slow(v) for v in values]
+    rejected = [d for d in got if isinstance(d, tuple)]
+    assert [r for r, _ in rejected] == ["missing_field", "missing_field", "missing_field", "ts_too_old"]
+    assert rejected[0][1] == "'item_id' is required for a 'view' event"
+    assert f"it looks like epoch seconds: send {NOW // 1000 * 1000}" in rejected[3][1]

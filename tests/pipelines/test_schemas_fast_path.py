@@ -94,3 +94,34 @@ def test_parse_event_dict_raises_the_reason():
         schemas.parse_event_dict(b'{"event_type":"teleport"}', now_ms=NOW)
     assert err.value.reason == "missing_field"
     assert schemas.parse_event_dict(orjson.dumps(base_events()[0]), now_ms=NOW)["user_id"] == "u1"
+
+
+@pytest.mark.parametrize("path", [slow, fast])
+def test_an_event_ts_in_another_unit_gets_the_catalog_s_hint(path):
+    """An event's ts in seconds said only "older than 30 days"; the catalog's created_at already named the fix."""
+    seconds, micros = NOW // 1000, NOW * 1000
+    reason, message = path(orjson.dumps(new_event("view", "u1", "i1", "s1", ts=seconds)))
+    assert reason == "ts_too_old"
+    assert f"it looks like epoch seconds: send {seconds * 1000}" in message and "UTC epoch milliseconds" in message
+    reason, message = path(orjson.dumps(new_event("view", "u1", "i1", "s1", ts=micros)))
+    assert reason == "ts_in_future" and f"it looks like epoch microseconds: send {NOW}" in message
+    # a plain old ts gets no guess
+    reason, message = path(orjson.dumps(new_event("view", "u1", "i1", "s1", ts=NOW - 40 * 86_400_000)))
+    assert reason == "ts_too_old" and "looks like" not in message and "more than 30 days ago" in message
+
+
+@pytest.mark.parametrize("path", [slow, fast])
+def test_a_field_the_event_type_requires_is_a_missing_field_with_a_clean_message(path):
+    view = new_event("view", "u1", "i1", "s1", ts=NOW)
+    del view["item_id"]
+    assert path(orjson.dumps(view)) == ("missing_field", "'item_id' is required for a 'view' event")
+    assert path(orjson.dumps({**view, "item_id": None})) == ("missing_field", "'item_id' is required for a 'view' event")
+    impression = new_event("impression", "u1", None, "s1", ts=NOW)
+    reason, message = path(orjson.dumps(impression))
+    assert reason == "missing_field" and message.startswith("'items' is required for an impression")
+    # an empty list is there, and wrong; no message carries pydantic's "Value error, " prefix
+    reason, message = path(orjson.dumps({**impression, "items": []}))
+    assert reason == "schema" and message.startswith("'items' of an impression") and "Value error" not in message
+    # as a field every event needs
+    del view["event_id"]
+    assert path(orjson.dumps(view)) == ("missing_field", "'event_id' is required")
