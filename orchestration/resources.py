@@ -11,6 +11,7 @@ import dagster as dg
 import pandas as pd
 from pydantic import Field
 
+from pipelines import lake
 from pipelines.experiment import counter_name
 from pipelines.registry import ModelRegistry
 from pipelines.schemas import REGISTERED_MODEL
@@ -40,7 +41,7 @@ class LakeResource(dg.ConfigurableResource):
     def catalog(self) -> pd.DataFrame | None:
         """The catalog, or None when there is no catalog file yet."""
         path = Path(self.catalog_file)
-        return pd.read_parquet(path) if path.exists() else None
+        return lake.read_parquet(path) if path.exists() else None
 
 
 class RedisResource(dg.ConfigurableResource):

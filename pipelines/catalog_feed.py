@@ -130,7 +130,7 @@ def read_product_file(path: Path) -> list:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
         return [{k: v for k, v in row.items() if v != ""} for row in df.to_dict("records")]
     if path.suffix == ".parquet":
-        df = pd.read_parquet(path)
+        df = lake.read_parquet(path)
         if "created_at" in df:
             df["created_at"] = lake.epoch_ms(df["created_at"]).astype("Int64")
         return [{k: v for k, v in row.items() if v is not None and v is not pd.NA and v == v}

@@ -48,7 +48,7 @@ import pyarrow.feather as feather
 
 from pipelines.dashboard_data import (LakeAB, NewItemReport, SkippedFile, lake_ab_key, launch_times, read_lake_files,
                                       skipped_lake_files, window_keys, window_partitions)
-from pipelines.lake import partition_dir
+from pipelines.lake import partition_dir, read_parquet
 
 __all__ = ["SUMMARY_VERSION", "cache_dir", "window_partitions", "lake_version", "id_hash", "summarize_ab",
            "summarize_new_items", "fetch_lake_ab", "fetch_new_item_report", "build_summaries", "summarize_partition"]
@@ -360,7 +360,7 @@ def fetch_new_item_report(catalog_path, lake_dir, cache_dir, *, age_h: float, ex
     if not Path(catalog_path).exists():
         return None
     now_s = time.time() if now_s is None else now_s
-    created = launch_times(pd.read_parquet(catalog_path, columns=["item_id", "created_at"]))
+    created = launch_times(read_parquet(catalog_path, columns=["item_id", "created_at"]))
     age_ms = int(age_h * 3_600_000)
     summaries, skipped = _summaries(lake_dir, cache_dir, "new_items", NEW_ITEM_TABLES, f"age_ms={age_ms}",
                                     now_s - hours * 3600, now_s + 3600,
@@ -391,7 +391,7 @@ def summarize_partition(lake_dir, cache_dir, catalog_path, key: str, *, age_h: f
                              prune=False)
     out = {f"ab_{n}": sum(len(s[n]) for s in ab) for n in AB_TABLES} | {"skipped_files": len(skipped)}
     if Path(catalog_path).exists():
-        created = launch_times(pd.read_parquet(catalog_path, columns=["item_id", "created_at"]))
+        created = launch_times(read_parquet(catalog_path, columns=["item_id", "created_at"]))
         age_ms = int(age_h * 3_600_000)
         new, _ = _summaries(lake_dir, cache_dir, "new_items", NEW_ITEM_TABLES, f"age_ms={age_ms}", start_s,
                             start_s + 3600, lambda files: summarize_new_items(files, created, age_ms), prune=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from pipelines import lake
 from pipelines.schemas import COL_CATEGORY, COL_ITEM
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ class Catalog:
                 self._recompute_new()
                 return
             try:
-                df = pd.read_parquet(self.path)
+                df = lake.read_parquet(self.path)
             except Exception as err:  # a half-written or foreign file: keep the previous catalog
                 log.warning("could not read the catalog %s (%s); keeping the previous one", self.path, err)
                 return

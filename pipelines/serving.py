@@ -33,7 +33,7 @@ import confluent_kafka
 import orjson
 import redis
 
-from pipelines import kafka_io
+from pipelines import kafka_io, lake
 from pipelines.experiment import Experiment, counter_name
 from pipelines.models import Recommender, load_recommender
 from pipelines.models.base import Scored
@@ -95,12 +95,10 @@ def fallback_by_rules(items: Scored, settings: Settings) -> Scored:
     Reads only the catalog rows of these items (three columns, filtered in the Parquet reader), so an
     API process need not hold the catalog. An unreadable catalog leaves the list as it is.
     """
-    import pandas as pd
-
     if not items:
         return items
     try:
-        df = pd.read_parquet(settings.catalog_path, columns=[COL_ITEM, "in_stock", COL_CATEGORY],
+        df = lake.read_parquet(settings.catalog_path, columns=[COL_ITEM, "in_stock", COL_CATEGORY],
                              filters=[(COL_ITEM, "in", [i for i, _ in items])])
     except Exception as err:
         log.warning("could not read the catalog %s for the fallback list (%s); serving it unfiltered",

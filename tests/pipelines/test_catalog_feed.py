@@ -207,7 +207,7 @@ def test_products_that_appear_in_the_live_simulator_reach_the_catalog_through_th
     appeared = {it["item_id"] for it in sim.new_items}
     assert appeared, "the simulator made no new product in 3 s at 1 per second"
     with running(CatalogSync(settings)):
-        wait_until(lambda: appeared <= set(pd.read_parquet(settings.catalog_path).item_id), timeout=60,
+        wait_until(lambda: appeared <= set(lake.read_parquet(settings.catalog_path).item_id), timeout=60,
                    what="the new products in the catalog file")
     assert len(pd.read_parquet(settings.catalog_path)) == 200 + len(appeared)
 
