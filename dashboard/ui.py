@@ -159,6 +159,23 @@ def redis_info() -> dd.RedisInfo | None:
         return None
 
 
+@st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
+def _trained_versions(tracking_uri: str, versions: tuple[str, ...]) -> dict[str, str]:
+    return dd.fetch_trained_versions(tracking_uri, versions, client_factory=_mlflow_client)
+
+
+def trained_versions(versions) -> dict[str, str] | None:
+    """The trained version behind each of ``versions`` (a refresh's ``trained_version`` tag, else itself), or None
+    when MLflow cannot be asked (no warning: the caller says what it cannot tell)."""
+    versions = tuple(sorted(set(map(str, versions))))
+    if not versions:
+        return {}
+    try:
+        return _trained_versions(settings().mlflow_tracking_uri, versions)
+    except dd.MlflowUnavailable:
+        return None
+
+
 #: what reading Parquet files can raise when they are missing, unreadable or corrupt (bugs still surface)
 LAKE_ERRORS = (OSError, pyarrow.ArrowException)
 

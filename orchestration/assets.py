@@ -151,6 +151,9 @@ def training_interactions(context: dg.AssetExecutionContext, config: WindowConfi
         "duplicates_dropped": window.duplicates_dropped,  # redelivered events, counted once
         "partitions_left_out": dg.MetadataValue.json(window.failed),
         TAG_GX_SUCCESS: not window.failed, "failed_partitions": ",".join(window.failed),
+        # per suite, on how many of the partitions used it ran / was skipped (the version's gx_suites tags)
+        "suites_ran": dg.MetadataValue.json(window.suites_ran),
+        "suites_skipped": dg.MetadataValue.json(window.suites_skipped),
     })
     return df
 
@@ -176,8 +179,9 @@ def trained_model(context: dg.AssetExecutionContext, config: TrainAssetConfig, t
     upstream = context.instance.get_latest_materialization_event(dg.AssetKey("training_interactions"))
     up_meta = upstream.asset_materialization.metadata if upstream and upstream.asset_materialization else {}
     failed = up_meta.get("failed_partitions")
+    suites = {k: up_meta[k].value if k in up_meta else None for k in ("suites_ran", "suites_skipped")}
     gx_tags = training.gx_tags(up_meta["partitions_used"].value if "partitions_used" in up_meta else "",
-                               failed.value if failed else "")
+                               failed.value if failed else "", suites["suites_ran"], suites["suites_skipped"])
     reg = training.register_and_gate(mlflow_registry.registry(), result, tolerance=s.challenger_tolerance,
                                      margin=s.promote_margin, auto_promote=s.auto_promote,
                                      extra_tags={"dagster_run_id": context.run_id, **gx_tags})

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -43,7 +44,7 @@ import pandas as pd
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, EVENT_TYPES, LATENCY_EDGES_MS, REGISTERED_MODEL,
                                REDIS_PREFIX, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL, STATS_CACHE, STATS_EVENTS, STATS_LATENCY,
                                STATS_REQUESTS, TAG_CHAMPION_HOLDOUT_NDCG, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
-                               TAG_HOLDOUT)
+                               TAG_HOLDOUT, TAG_TRAINED_VERSION)
 from pipelines.state import BUCKET_S, OnlineState, ab_keys, ab_stats_name, ab_variant
 
 __all__ = [
@@ -54,7 +55,8 @@ __all__ = [
     "source_timeseries", "ColdStartSummary", "cold_start_summary", "cold_start_timeseries", "dlq_table",
     "ConsumerSummary", "consumer_summary", "redact_url", "Snapshot", "fetch_ab_counts", "fetch_snapshot",
     "ModelVersionInfo",
-    "MlflowUnavailable", "mlflow_reachable", "fetch_model_aliases",
+    "MlflowUnavailable", "mlflow_reachable", "fetch_model_aliases", "fetch_trained_versions", "is_quality_metric",
+    "metric_label", "model_lines", "other_figures", "comparison_arms", "served_arms_note", "catalog_line", "CATALOG_DLQ_PREFIX",
 ]
 
 # --- counter names (the contract with serving) ---------------------------------------
@@ -390,10 +392,22 @@ def consumer_summary(status: Mapping[str, str], *, now_s: float | None = None,
                            members=num("members", int), idle_members=num("idle_members", int))
 
 
-def catalog_line(status: Mapping[str, str], *, now_s: float | None = None) -> str | None:
-    """One line on what the catalog feed last reported; None when it never applied a record."""
+#: prefix of the catalog feed's reasons in the dead-letter counts (:meth:`pipelines.catalog_feed.CatalogSync._report`)
+CATALOG_DLQ_PREFIX = "catalog_"
+
+
+def catalog_line(status: Mapping[str, str], *, now_s: float | None = None,
+                 dlq_reasons: Mapping[str, int] | None = None) -> str | None:
+    """One line on what the catalog feed last reported; None when it never applied a record.
+
+    The rejects counted are the ``catalog_*`` reasons of the dead-letter counts (``dlq_reasons``): a total that
+    Redis keeps across restarts of the stack (its data lives in ``var/redis``). The status hash's own
+    ``rejected`` is the count of the feed process that last reported, and it stays in Redis after that process
+    stopped, so a restarted stack showed the last run's rejects as "since the feed started" until the new feed
+    received a record; it is used only when ``dlq_reasons`` is not given, and said to be the last run's.
+    """
     try:
-        products, out, rejected = (int(status[k]) for k in ("products", "out_of_stock", "rejected"))
+        products, out = (int(status[k]) for k in ("products", "out_of_stock"))
     except (KeyError, TypeError, ValueError):
         return None
     try:
@@ -401,8 +415,16 @@ def catalog_line(status: Mapping[str, str], *, now_s: float | None = None) -> st
         last = f"last change from `shop.catalog` {fmt_age(ago)} ago"
     except (KeyError, TypeError, ValueError):
         last = "no change applied yet"
-    return (f"Catalog: {products:,} products ({out:,} out of stock), {last}; {rejected:,} catalog record(s) "
-            "rejected since the feed started.")
+    head = f"Catalog: {products:,} products ({out:,} out of stock), {last}; "
+    if dlq_reasons is not None:
+        rejected = sum(int(n) for r, n in dlq_reasons.items() if str(r).startswith(CATALOG_DLQ_PREFIX))
+        return (head + f"{rejected:,} catalog record(s) rejected in total (a count kept in Redis across restarts; "
+                f"the reasons are the `{CATALOG_DLQ_PREFIX}*` rows of the dead-letter table).")
+    try:
+        rejected = int(status["rejected"])
+    except (KeyError, TypeError, ValueError):
+        return head.rstrip("; ") + "."
+    return head + f"{rejected:,} catalog record(s) rejected by the feed's last run that reported."
 
 
 # --- fetching -----------------------------------------------------------------------------------------
@@ -477,6 +499,54 @@ def comparison_label(tag: str, first_ms: int | None = None, last_ms: int | None 
     return f"{what} ({fmt(first_ms, '%m-%d %H:%M')}{end} UTC)"
 
 
+def comparison_arms(tag: str) -> list[tuple[str, str]]:
+    """The arms of a comparison tag as ``(variant, trained version)``, in the experiment's order
+    (``exp@champion.1:challenger.4`` -> ``[("champion", "1"), ("challenger", "4")]``); empty when untagged."""
+    _, at, arms = tag.partition("@")
+    if not at:
+        return []
+    return [(v, n) for v, _, n in (a.rpartition(".") for a in arms.split(":")) if v and n]
+
+
+def served_arms_note(tag: str, serving: Mapping[str, str], trained: Mapping[str, str] | None) -> str | None:
+    """What the API serves now for each arm of the comparison ``tag``, as people read it; None when untagged.
+
+    A comparison names each arm's *trained* version (:meth:`pipelines.experiment.Experiment.tag`): the hourly
+    refresh registers a new version (fresher neighbours and trending, the same embeddings) that carries a
+    ``trained_version`` tag and continues the comparison, so the A/B page's "champion v1" is served as v5 while
+    the Overview (the registry's aliases) says v5. ``serving`` is :meth:`OnlineState.serving_status` (alias ->
+    served version); ``trained`` maps a served version to the version it was trained as
+    (:func:`fetch_trained_versions`; None when MLflow cannot be asked).
+
+    e.g. ``champion v1 (served as v5, its hourly refresh) vs challenger v4 (served as v4)``.
+    """
+    arms = comparison_arms(tag)
+    if not arms:
+        return None
+    if not any(serving.get(v) for v, _ in arms) and not serving.get(ALIAS_CHAMPION):
+        return "not known: the API has not reported what it serves (it does while it answers requests)"
+    parts = []
+    for variant, version in arms:
+        served = serving.get(variant) or None
+        if served is None:
+            now = "not served now"
+        elif served == version:
+            now = f"served as v{served}"
+        else:
+            origin = (trained or {}).get(served)
+            if origin == version:
+                now = f"served as v{served}, its hourly refresh"
+            elif origin is None:
+                now = (f"the API serves v{served} now; MLflow did not say which trained version that is, "
+                       "so whether it continues this comparison is unknown")
+            elif origin == served:
+                now = f"no longer served: the API serves v{served} now"
+            else:
+                now = f"no longer served: the API serves v{served} now, a refresh of v{origin}"
+        parts.append(f"{variant} v{version} ({now})")
+    return " vs ".join(parts)
+
+
 def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES, tag: str | None = None) -> Snapshot:
     """Read all dashboard counters of the last ``minutes``; the A/B totals of the comparison ``tag`` (default: the
     most recently seen one).
@@ -524,6 +594,94 @@ class ModelVersionInfo:
     holdout: str | None = None
     #: the champion's NDCG on this version's holdout (when it was registered), the one number comparable with its own
     champion_on_holdout: float | None = None
+    #: figures logged with the metrics that are no quality on the holdout (a refresh's ``refresh_seconds``, the
+    #: refreshed version's score ``source_ndcg_at_10``): ``metrics`` holds the quality metrics only
+    other_metrics: dict[str, float] = field(default_factory=dict)
+    #: a refreshed version (:mod:`pipelines.refresh`): the version it refreshed, the version ``train_job`` trained
+    #: that its embeddings come from, the refresh's own window, and that trained version's window (None: unknown)
+    refresh_of: str | None = None
+    trained_version: str | None = None
+    refresh_window_start: str | None = None
+    refresh_window_end: str | None = None
+    trained_window_start: str | None = None
+    trained_window_end: str | None = None
+
+    @property
+    def refreshed(self) -> bool:
+        """Whether this version is an hourly refresh of a trained one (not trained by ``train_job`` itself)."""
+        return self.trained_version is not None and self.trained_version != self.version
+
+
+#: tags of a refreshed version (the values of :data:`pipelines.refresh.TAG_REFRESH_OF` ...; not imported from
+#: there, which would import the training code into the dashboard)
+TAG_REFRESH_OF, TAG_REFRESH_WINDOW_START, TAG_REFRESH_WINDOW_END = ("refresh_of", "refresh_window_start",
+                                                                    "refresh_window_end")
+#: the offline quality metrics :func:`pipelines.metrics.evaluate` logs, as MLflow names them (``ndcg_at_10``)
+_QUALITY_METRIC = re.compile(r"(ndcg|recall|mrr|hit|precision|map)_at_(\d+)").fullmatch
+
+
+def is_quality_metric(name: str) -> bool:
+    """Whether ``name`` (an MLflow metric name) is a quality metric at k (``ndcg_at_10``), not a timing, a size or
+    a score of another version."""
+    return _QUALITY_METRIC(name) is not None
+
+
+def metric_label(name: str) -> str:
+    """A metric name as people write it: ``ndcg_at_10`` -> ``ndcg@10``."""
+    return name.replace("_at_", "@")
+
+
+def _window(start: str | None, end: str | None) -> str:
+    return f"{(start or '?')[:16]} → {(end or '?')[:16]}"
+
+
+def model_lines(info: ModelVersionInfo) -> list[str]:
+    """What the Overview says of one registered version below its number: the data it saw and its quality
+    metrics on its own holdout (the other figures logged with them: :func:`other_figures`).
+
+    A refreshed version's embeddings come from the version ``train_job`` trained (``trained_version``) and its
+    neighbours and trending from the refresh window, so both windows are named when they differ; its own
+    ``data_window_*`` tags span both, which read as if the embeddings had seen the refresh's hours.
+    """
+    lines = []
+    if info.refreshed:
+        trained = (_window(info.trained_window_start, info.trained_window_end)
+                   if info.trained_window_start or info.trained_window_end else None)
+        refresh = (_window(info.refresh_window_start, info.refresh_window_end)
+                   if info.refresh_window_start or info.refresh_window_end
+                   else _window(info.window_start, info.window_end))
+        if trained == refresh:
+            lines.append(f"trained on {trained} (v{info.trained_version}), refreshed on the same window")
+        else:
+            lines.append(f"embeddings trained on {trained} (v{info.trained_version})" if trained else
+                         f"embeddings from v{info.trained_version} (its training window is not recorded)")
+            lines.append(f"neighbours and trending refreshed on {refresh}")
+    elif info.window_start or info.window_end:
+        lines.append(f"trained on {_window(info.window_start, info.window_end)}")
+    if info.metrics:
+        lines.append(f"on its own holdout ({info.holdout or 'not recorded'}): "
+                     + ", ".join(f"{metric_label(k)} {v:.4f}" for k, v in sorted(info.metrics.items())))
+    if info.champion_on_holdout is not None and info.alias != ALIAS_CHAMPION:
+        lines.append(f"the champion on this holdout: ndcg {info.champion_on_holdout:.4f}")
+    return lines
+
+
+def other_figures(info: ModelVersionInfo) -> list[str]:
+    """The figures logged with a version's metrics that are not its quality (``other_metrics``), each labelled:
+    the score of the version a refresh came from on the same holdout (``source_*``), the refresh's duration, and
+    any other figure by its MLflow name."""
+    other = dict(info.other_metrics)
+    source = {k[len("source_"):]: other.pop(k) for k in sorted(other)
+              if k.startswith("source_") and is_quality_metric(k[len("source_"):])}
+    lines = []
+    if source:
+        before = f"v{info.refresh_of}" if info.refresh_of else "the version it refreshed"
+        lines.append(f"{before} before this refresh, on the same holdout: "
+                     + ", ".join(f"{metric_label(k)} {v:.4f}" for k, v in source.items()))
+    if "refresh_seconds" in other:
+        lines.append(f"the refresh took {other.pop('refresh_seconds'):.1f} s")
+    lines += [f"{k} {v:g}" for k, v in sorted(other.items())]
+    return lines
 
 
 def mlflow_reachable(tracking_uri: str, timeout_s: float = 1.5) -> bool:
@@ -548,7 +706,10 @@ def fetch_model_aliases(tracking_uri: str, name: str = REGISTERED_MODEL, *,
 
     ``client_factory(tracking_uri)`` makes the ``MlflowClient`` (the dashboard
     passes a cached one); it is called only once the server answers. Metrics
-    come from the ``metric.*`` tags that training sets on each version.
+    come from the ``metric.*`` tags that training sets on each version: the quality
+    metrics at k in ``metrics``, the rest (a refresh's timing, the refreshed version's
+    score) in ``other_metrics``. For a refreshed version the trained version's tags are
+    read too, for the window its embeddings were trained on.
 
     Raises:
         MlflowUnavailable: when the tracking server cannot be reached.
@@ -575,11 +736,12 @@ def fetch_model_aliases(tracking_uri: str, name: str = REGISTERED_MODEL, *,
             raise MlflowUnavailable(f"MLflow at {redact_url(tracking_uri)} failed: {err.message}") from err
         except Exception as err:
             raise MlflowUnavailable(f"MLflow at {redact_url(tracking_uri)} failed: {err}") from err
-        metrics = {}
+        metrics, other = {}, {}
         for k, v in (mv.tags or {}).items():
             if k.startswith("metric."):
                 try:
-                    metrics[k[len("metric."):]] = float(v)
+                    name_ = k[len("metric."):]
+                    (metrics if is_quality_metric(name_) else other)[name_] = float(v)
                 except ValueError:
                     pass
         tags = mv.tags or {}
@@ -587,9 +749,59 @@ def fetch_model_aliases(tracking_uri: str, name: str = REGISTERED_MODEL, *,
             champion_ndcg = float(tags[TAG_CHAMPION_HOLDOUT_NDCG])
         except (KeyError, ValueError):  # absent, or "" when there was no champion to score
             champion_ndcg = None
+        trained = tags.get(TAG_TRAINED_VERSION) or None
+        trained_tags = {}
+        if trained is not None and trained != str(mv.version):  # a refresh: the window its embeddings saw
+            trained_tags = _version_tags(client, name, trained, tracking_uri) or {}
         out[alias] = ModelVersionInfo(alias, str(mv.version), mv.run_id, mv.creation_timestamp, metrics,
                                       tags.get(TAG_DATA_WINDOW_START), tags.get(TAG_DATA_WINDOW_END),
-                                      tags.get(TAG_HOLDOUT) or None, champion_ndcg)
+                                      tags.get(TAG_HOLDOUT) or None, champion_ndcg, other,
+                                      tags.get(TAG_REFRESH_OF) or None, trained,
+                                      tags.get(TAG_REFRESH_WINDOW_START), tags.get(TAG_REFRESH_WINDOW_END),
+                                      trained_tags.get(TAG_DATA_WINDOW_START), trained_tags.get(TAG_DATA_WINDOW_END))
+    return out
+
+
+def _version_tags(client, name: str, version: str, tracking_uri: str) -> dict[str, str] | None:
+    """The tags of one model version; None when the version does not exist (deleted).
+
+    Raises:
+        MlflowUnavailable: when MLflow fails otherwise.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return dict(client.get_model_version(name, str(version)).tags or {})
+    except MlflowException as err:
+        if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise MlflowUnavailable(f"MLflow at {redact_url(tracking_uri)} failed: {err.message}") from err
+    except Exception as err:
+        raise MlflowUnavailable(f"MLflow at {redact_url(tracking_uri)} failed: {err}") from err
+
+
+def fetch_trained_versions(tracking_uri: str, versions: Iterable[str], name: str = REGISTERED_MODEL, *,
+                           client_factory: Callable[[str], Any] | None = None) -> dict[str, str]:
+    """For each of ``versions``, the version ``train_job`` trained that it comes from: its ``trained_version``
+    tag (set by the hourly refresh), else itself. Versions that do not exist are left out.
+
+    Raises:
+        MlflowUnavailable: when the tracking server cannot be reached.
+    """
+    if not mlflow_reachable(tracking_uri):
+        raise MlflowUnavailable(f"no MLflow tracking server answers at {redact_url(tracking_uri)}")
+    from mlflow import MlflowClient
+
+    try:
+        client = (client_factory(tracking_uri) if client_factory
+                  else MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    except Exception as err:
+        raise MlflowUnavailable(f"cannot open MLflow at {redact_url(tracking_uri)}: {err}") from err
+    out = {}
+    for v in dict.fromkeys(map(str, versions)):
+        tags = _version_tags(client, name, v, tracking_uri)
+        if tags is not None:
+            out[v] = tags.get(TAG_TRAINED_VERSION) or v
     return out
 
 
@@ -1267,7 +1479,9 @@ def fetch_new_item_report(catalog_path, lake_dir, *, age_h: float, explore_share
     if not Path(catalog_path).exists():
         return None
     now_s = time.time() if now_s is None else now_s
-    catalog = pd.read_parquet(catalog_path, columns=["item_id", "created_at"])
+    from pipelines.lake import read_parquet
+
+    catalog = read_parquet(catalog_path, columns=["item_id", "created_at"])  # opened once: the feed renames it
     df = read_lake_columns(lake_dir, now_s - hours * 3600, now_s + 3600, ["ts", "items", "item_id"],
                            ["impression", "click"])
     return new_item_report(catalog, df[df["event_type"] == "impression"], df[df["event_type"] == "click"],
@@ -1334,16 +1548,30 @@ def quality_status(report: Mapping[str, Any], now=None) -> str:
     return "passed" if report.get("success") else "failed"
 
 
+def skipped_suites(report: Mapping[str, Any]) -> str | None:
+    """The suites a report's validation did not run and why, as people read them
+    (``volume: skipped — needs 3 hours of stream history, has 1 ...``; :func:`pipelines.validation.validate_partition`
+    records them); None when every suite ran or the report predates the record."""
+    from pipelines.validation import suite_label
+
+    stats = report.get("statistics")
+    skipped = stats.get("skipped_suites") if isinstance(stats, Mapping) else None
+    if not isinstance(skipped, Mapping) or not skipped:
+        return None
+    return "; ".join(f"{suite_label(str(suite))}: skipped — {why}" for suite, why in skipped.items())
+
+
 def quality_table(reports: Sequence[Mapping[str, Any]], dagster_url: str, now=None) -> pd.DataFrame:
     """One row per report, newest partition first: status (:func:`quality_status`), evaluated, failed,
-    validated_at, run link."""
+    skipped (:func:`skipped_suites`), validated_at, run link."""
     rows = []
     for r in reports:
         rows.append({"partition": str(r.get("partition")), "status": quality_status(r, now),
                      "evaluated": r.get("evaluated"), "failed": len(r.get("failed") or []),
-                     "validated_at": r.get("validated_at"),
+                     "skipped": skipped_suites(r), "validated_at": r.get("validated_at"),
                      "dagster_run": dagster_run_url(dagster_url, r.get("dagster_run_id"))})
-    df = pd.DataFrame(rows, columns=["partition", "status", "evaluated", "failed", "validated_at", "dagster_run"])
+    df = pd.DataFrame(rows, columns=["partition", "status", "evaluated", "failed", "skipped", "validated_at",
+                                     "dagster_run"])
     return df.sort_values("partition", ascending=False).set_index("partition")
 
 
@@ -1375,6 +1603,6 @@ __all__ += [
     "read_lake_columns", "revenue_per_impression", "LakeAB", "fetch_lake_ab", "NewItemReport", "launch_times",
     "new_item_report", "fetch_new_item_report", "fetch_quality_reports", "dagster_run_url", "quality_table",
     "failing_expectations", "SkippedFile", "lake_file_problem", "skipped_lake_files", "QUALITY_OPEN",
-    "QUALITY_PENDING", "NOT_VALIDATED", "split_quality_reports", "quality_status", "fmt_bytes", "value_ticks",
+    "QUALITY_PENDING", "NOT_VALIDATED", "split_quality_reports", "quality_status", "skipped_suites", "fmt_bytes", "value_ticks",
     "time_ticks",
 ]

@@ -292,7 +292,7 @@ def refresh_served(registry: ModelRegistry, lake_dir: Path, quality_dir: Path, s
     ts = training.as_utc(interactions[COL_TS])
     report.window = (ts.min().isoformat(), ts.max().isoformat())
     report.holdout = training.holdout_split(interactions, holdout_hours, holdout_per_user)[2]
-    tags = {**training.gx_tags(len(win.passed), win.failed), **(extra_tags or {})}
+    tags = {**training.gx_tags(len(win.passed), win.failed, win.suites_ran, win.suites_skipped), **(extra_tags or {})}
     done: set[str] = set()
     for alias in aliases:
         result = refresh_alias(registry, alias, interactions, holdout_hours=holdout_hours,

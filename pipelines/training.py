@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -247,16 +248,31 @@ def register_and_gate(registry: ModelRegistry, result: TrainResult, *, tolerance
                         candidate, champion_score)
 
 
-def gx_tags(partitions_used: int | str, left_out: list[str] | str) -> dict[str, str]:
+def gx_tags(partitions_used: int | str, left_out: list[str] | str, ran: dict[str, int] | None = None,
+            skipped: dict[str, int] | None = None) -> dict[str, str]:
     """The Great Expectations result of a data window as model-version tags.
 
     Args:
         partitions_used: hourly partitions whose suites passed and that the window read.
         left_out: the partitions left out because a suite failed (a list or a comma-joined string).
+        ran, skipped: per suite, on how many of the partitions used it ran / was skipped (:func:`suite_tally`).
+            ``gx_suites`` names the suites that ran, with their count (``events 72/72``); every suite that was
+            skipped anywhere is in ``gx_suites_skipped`` (``events_volume 2/72``). Unknown (None): ``gx_suites``
+            names the suites there are, as before.
     """
     left_out = ",".join(left_out) if isinstance(left_out, list) else (left_out or "")
-    return {TAG_GX_SUCCESS: str(not left_out).lower(), "gx_partitions_used": str(partitions_used),
-            "gx_partitions_left_out": left_out, "gx_suites": ",".join(p.stem for p in validation.SUITE_PATHS)}
+    tags = {TAG_GX_SUCCESS: str(not left_out).lower(), "gx_partitions_used": str(partitions_used),
+            "gx_partitions_left_out": left_out}
+
+    def counted(per_suite: dict[str, int]) -> str:
+        return ",".join(f"{name.removeprefix('shoprec_')} {n}/{partitions_used}" for name, n in per_suite.items())
+
+    if ran is None:
+        tags["gx_suites"] = ",".join(p.stem for p in validation.SUITE_PATHS)
+    else:
+        tags["gx_suites"] = counted(ran)
+        tags["gx_suites_skipped"] = counted(skipped or {})
+    return tags
 
 
 def _champion_score(registry: ModelRegistry, result: TrainResult, k: int) -> float:
@@ -346,6 +362,10 @@ class Window:
     failed: list[str]
     #: rows dropped because an earlier row had their event_id (redeliveries the suite tolerates)
     duplicates_dropped: int = 0
+    #: per suite (``shoprec_events`` ...), how many of the ``passed`` partitions it ran on (their quality reports)
+    suites_ran: dict[str, int] = field(default_factory=dict)
+    #: per suite, how many of them it skipped (the volume suite before 3 hours of stream history, ...)
+    suites_skipped: dict[str, int] = field(default_factory=dict)
 
 
 def load_window(lake_dir: Path, quality_dir: Path, start: datetime, end: datetime, **validate_kw) -> Window:
@@ -369,7 +389,19 @@ def load_window(lake_dir: Path, quality_dir: Path, start: datetime, end: datetim
         events = events[~repeated.to_numpy()].reset_index(drop=True)
         log.info("training counts each event once: dropped %d repeated event_id row(s), %d events left",
                  dropped, len(events))
-    return Window(events, passed, failed, dropped)
+    ran, skipped = suite_tally(quality_dir, passed)
+    return Window(events, passed, failed, dropped, ran, skipped)
+
+
+def suite_tally(quality_dir: Path, partitions: list[str]) -> tuple[dict[str, int], dict[str, int]]:
+    """Per suite, on how many of ``partitions`` it ran and how many it skipped (from their quality reports)."""
+    ran: Counter = Counter()
+    skipped: Counter = Counter()
+    for key in partitions:
+        stats = (validation.read_report(quality_dir, key) or {}).get("statistics") or {}
+        ran.update((stats.get("suites") or {}).keys())
+        skipped.update((stats.get("skipped_suites") or {}).keys())
+    return dict(sorted(ran.items())), dict(sorted(skipped.items()))
 
 
 def active_users(interactions: pd.DataFrame, n: int) -> list[str]:

@@ -13,7 +13,8 @@ truth; this module never builds expectations in code):
   events name a product missing from the catalog; run when the catalog is known.
 * ``events_volume.json`` (suite ``shoprec_events_volume``): the hour's row count
   lies in a band learned from recent hours (:func:`volume_band`); run when there
-  is enough history.
+  is enough history (:data:`VOLUME_MIN_HISTORY` hours the stream wrote), else the
+  report says it was skipped and why (``statistics["skipped_suites"]``).
 * ``catalog.json`` (suite ``shoprec_catalog``): the product catalog
   (``Settings.catalog_path``), checked by :func:`validate_catalog`.
 
@@ -35,7 +36,10 @@ Quality reports on disk (the contract with the dashboard's *Data quality* page):
                    the lake schema is one entry too, with ``file`` and ``mismatches``)
     statistics     dict  as ValidationReport.statistics (rows, suites and versions, ``duplicate_event_ids``:
                    rows repeating an earlier event_id, which training drops; ``files``: the files
-                   checked against the lake schema, those that did not fit and their rows)
+                   checked against the lake schema, those that did not fit and their rows;
+                   ``skipped_suites``: suite name -> why that suite did not run on an hourly
+                   partition, e.g. the volume suite "needs 3 hours of stream history, has 1 ...";
+                   the summary prints it as ``volume: skipped — <why>``)
     dagster_run_id str | null  the Dagster run that validated it
     validated_at   str   ISO 8601 UTC time of the validation
     files          str | null  fingerprint of the partition's files then (names and sizes): training
@@ -86,6 +90,9 @@ EVENTS_CATALOG_SUITE_PATH = EXPECTATIONS_DIR / "events_catalog.json"
 VOLUME_SUITE_PATH = EXPECTATIONS_DIR / "events_volume.json"
 CATALOG_SUITE_PATH = EXPECTATIONS_DIR / "catalog.json"
 SUITE_PATHS = (SUITE_PATH, WINDOW_SUITE_PATH, EVENTS_CATALOG_SUITE_PATH, VOLUME_SUITE_PATH, CATALOG_SUITE_PATH)
+#: the names of the suites in those files (what reports list under ``statistics["suites"]``)
+EVENTS_SUITE, WINDOW_SUITE, EVENTS_CATALOG_SUITE, VOLUME_SUITE, CATALOG_SUITE = (
+    "shoprec_events", "shoprec_events_window", "shoprec_events_catalog", "shoprec_events_volume", "shoprec_catalog")
 #: the key of the catalog's quality report
 CATALOG_KEY = "catalog"
 
@@ -257,9 +264,18 @@ class ValidationReport:
         if stats.get("duplicate_event_ids"):
             lines.append(f"  {stats['duplicate_event_ids']} row(s) repeat an earlier event_id (redelivered): "
                          "training counts each event once")
+        for suite, why in (stats.get("skipped_suites") or {}).items():
+            lines.append(f"  {suite_label(suite)}: skipped — {why}")
         for f in self.failed:
             lines.append("  - " + _describe_failure(f))
         return "\n".join(lines)
+
+
+def suite_label(suite: str) -> str:
+    """A suite's short name for people: ``shoprec_events_volume`` -> ``volume``, ``shoprec_events`` -> ``events``."""
+    if suite.startswith("shoprec_events_"):
+        return suite.removeprefix("shoprec_events_")
+    return suite.removeprefix("shoprec_")
 
 
 def _label(f: dict) -> str:
@@ -562,7 +578,12 @@ def _misfit(rel: str, rows: int | None, mismatches: list[dict], error: str | Non
 
 
 # --- partitions of the lake, quality reports on disk ----------------------------
-def volume_band(counts: Sequence[int], factor: float = 4.0, min_history: int = 3) -> tuple[int, int] | None:
+#: hours of stream history (non-empty partitions before the hour) the volume suite needs to learn its band from
+VOLUME_MIN_HISTORY = 3
+
+
+def volume_band(counts: Sequence[int], factor: float = 4.0,
+                min_history: int = VOLUME_MIN_HISTORY) -> tuple[int, int] | None:
     """The row-count band ``[median / factor, median * factor]`` learned from recent hours.
 
     Args:
@@ -699,16 +720,31 @@ def validate_partition(lake_dir: Path, key: str, *, quality_dir: Path | None = N
     df, misfits, checked = read_partition_checked(lake_dir, key)
     start, end = hour_window(key)
     volume = None
-    if not hour_is_open(key, now) and not misfits:
+    skipped: dict[str, str] = {}  # suite -> why it did not run (the report says so: a suite missing said nothing)
+    if hour_is_open(key, now):
+        skipped[VOLUME_SUITE] = "the hour is still open: its row count is checked once it closes"
+    elif misfits:
+        skipped[VOLUME_SUITE] = (f"{len(misfits)} file(s) do not fit the lake schema, so the row count would lack "
+                                 "their rows")
+    else:
         # learned from what the stream wrote: imported history (a backfill) has a density of its own, and the
         # local stack's live shop sends ~30x its history's rate, so every live hour failed against it
         history = [partition_rows(lake_dir, (start - timedelta(hours=h)).strftime("%Y-%m-%d-%H:00"),
                                   stream_only=True) for h in range(1, history_hours + 1)]
         volume = volume_band(history, band_factor)
+        if volume is None:
+            have = sum(1 for c in history if c > 0)
+            skipped[VOLUME_SUITE] = (f"needs {VOLUME_MIN_HISTORY} hours of stream history, has {have} "
+                                     f"(of the {history_hours} h before this hour)")
+    if known_items is None:
+        skipped[EVENTS_CATALOG_SUITE] = "no product catalog to check the events' item ids against"
     if misfits and not checked["checked"] - len(misfits):  # nothing to run the suites on
         report = ValidationReport(success=False, evaluated=0, statistics={"rows": 0, "suites": {}})
+        skipped = {suite: skipped.get(suite, "no file fits the lake schema")
+                   for suite in (EVENTS_SUITE, WINDOW_SUITE, EVENTS_CATALOG_SUITE, VOLUME_SUITE)}
     else:
         report = validate_events(df, hour_start=start, hour_end=end, known_items=known_items, volume=volume)
+    report.statistics["skipped_suites"] = skipped
     report.failed = _jsonable(misfits) + report.failed
     # the lake schema is one expectation for the files that fit and one per file that does not (a per-file count
     # made an open hour of 2,400 consumer files show 2,400 "expectations" beside a closed hour's 18)
@@ -774,4 +810,5 @@ __all__ = ["CATALOG_KEY", "SUITE_PATH", "WINDOW_SUITE_PATH", "ValidationReport",
            "check_file_schemas", "read_partition_checked", "repeated_events", "REQUIRED_COLUMNS", "SCHEMA_CHECK",
            "describe_report", "read_report", "sample_rows", "split_by_quality", "suite_parameters",
            "validate_catalog", "validate_events", "validate_partition", "volume_band", "write_report",
-           "hour_is_open"]
+           "hour_is_open", "suite_label", "VOLUME_MIN_HISTORY", "EVENTS_SUITE", "WINDOW_SUITE", "EVENTS_CATALOG_SUITE",
+           "VOLUME_SUITE", "CATALOG_SUITE"]

@@ -454,3 +454,47 @@ def test_a_file_whose_values_the_lake_reader_cannot_cast_is_named_too(tmp_path):
     assert ("date=2024-05-01/hour=10/micro.parquet does not fit the lake schema: not readable as the lake schema "
             "(Casting from timestamp[ns, tz=UTC] to timestamp[ms, tz=UTC] would lose data") in text, text
     assert "their 20 rows were left out of the suites" in text
+
+
+def test_a_skipped_volume_suite_is_reported_with_why_in_the_summary_the_file_and_the_dagster_metadata(tmp_path):
+    """The volume suite needs three hours of stream history: until then the report says so (a walk-through found
+    the hourly reports listing three suites and no word of the fourth)."""
+    from orchestration.assets import _check_metadata
+
+    _hours_in_lake(tmp_path, {0: 300, 2: 310, 3: 20})  # two stream hours before hour 3, the one before empty
+    key = lake.partition_key(HOUR_MS + 3 * 3_600_000)
+    qdir = tmp_path / "quality"
+    report, df = validation.validate_partition(tmp_path, key, quality_dir=qdir,
+                                               now=validation.hour_window(key)[1] + pd.Timedelta(minutes=5))
+    why = "needs 3 hours of stream history, has 2 (of the 24 h before this hour)"
+    assert report.success and validation.VOLUME_SUITE not in report.statistics["suites"]
+    assert report.statistics["skipped_suites"][validation.VOLUME_SUITE] == why
+    assert f"\n  volume: skipped — {why}" in report.summary()
+    # no catalog was given: that suite says so too
+    assert "\n  catalog: skipped — no product catalog" in report.summary()
+    # what the events asset's check reports to Dagster, and the report file the dashboard reads
+    meta = _check_metadata(report, df)
+    assert f"volume: skipped — {why}" in meta["summary"].value
+    assert meta["statistics"].data["skipped_suites"][validation.VOLUME_SUITE] == why
+    on_disk = validation.read_report(qdir, key)
+    assert on_disk["statistics"]["skipped_suites"][validation.VOLUME_SUITE] == why
+    assert f"volume: skipped — {why}" in validation.describe_report(on_disk)
+
+    # with a third stream hour the suite runs, and nothing is said to be skipped
+    _hours_in_lake(tmp_path, {1: 290})
+    ran, _ = validation.validate_partition(tmp_path, key, known_items=[f"sku:{i}" for i in range(400)],
+                                           now=validation.hour_window(key)[1] + pd.Timedelta(minutes=5))
+    assert validation.VOLUME_SUITE in ran.statistics["suites"] and ran.statistics["skipped_suites"] == {}
+    assert "skipped" not in ran.summary()
+    # an hour still open: checked by every suite but volume, which says when it will be
+    open_, _ = validation.validate_partition(tmp_path, key, known_items=[f"sku:{i}" for i in range(400)],
+                                             now=validation.hour_window(key)[1] - pd.Timedelta(minutes=30))
+    assert "volume: skipped — the hour is still open" in open_.summary()
+
+
+def test_suite_names_match_the_suite_files():
+    names = {p.stem: json.loads(p.read_text())["name"] for p in validation.SUITE_PATHS}
+    assert names == {"events": validation.EVENTS_SUITE, "events_window": validation.WINDOW_SUITE,
+                     "events_catalog": validation.EVENTS_CATALOG_SUITE, "events_volume": validation.VOLUME_SUITE,
+                     "catalog": validation.CATALOG_SUITE}
+    assert validation.suite_label(validation.VOLUME_SUITE) == "volume"

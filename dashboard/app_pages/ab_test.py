@@ -20,6 +20,21 @@ def money(x: float) -> str:
     return "–" if pd.isna(x) else f"{x:,.3f}"
 
 
+def served_now(snap) -> None:
+    """Which versions the API serves now for each arm of the comparison: a comparison is named by the versions
+    ``train_job`` trained, while the Overview shows the registry's versions, hourly refreshes included."""
+    arms = dd.comparison_arms(snap.ab_tag)
+    if not arms:
+        return
+    serving = snap.serving_status
+    others = [serving[v] for v, n in arms if serving.get(v) and serving[v] != n]
+    note = dd.served_arms_note(snap.ab_tag, serving, ui.trained_versions(others))
+    st.caption(f"Served now: {note}."
+               + (" A comparison is named by each arm's *trained* version: the hourly refresh registers a new "
+                  "version of each arm (fresher neighbours and trending, the same embeddings) that continues the "
+                  "comparison, and the Overview shows those registered versions." if others else ""))
+
+
 def render() -> None:
     s = ui.settings()
     cfg = ui.ab_config()
@@ -43,6 +58,7 @@ def render() -> None:
                 return
         if snap.ab_tag in seen:
             st.caption(f"Impressions of this comparison: {dd.comparison_label(snap.ab_tag, *seen[snap.ab_tag])}.")
+    served_now(snap)
     if not snap.ab_counts:
         ui.no_traffic("no impressions recorded for any variant")
         return

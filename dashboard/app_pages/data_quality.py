@@ -38,6 +38,11 @@ def render() -> None:
                    f"from while it was open is *{dd.QUALITY_PENDING}* (the hourly schedule runs five minutes after "
                    "the hour). Neither counts above.")
     st.dataframe(table, column_config=RUN_LINK)
+    skipped = done[done["skipped"].notna()]
+    if len(skipped):  # a suite that did not run must not read as one that passed
+        key = skipped.index[0]
+        st.info(f"{len(skipped)} of {len(done)} validated partition(s) skipped a suite (column *skipped*); "
+                f"the latest, {key}: {skipped.loc[key, 'skipped']}.", icon=":material/skip_next:")
     fails = dd.failing_expectations([r for r in hours if str(r.get("partition")) in done.index])
     if not fails.empty:
         st.subheader("Failing expectations")

@@ -41,16 +41,13 @@ def models() -> None:
             if info.created_ms:
                 created = datetime.fromtimestamp(info.created_ms / 1000, tz=timezone.utc)
                 lines.append(f"registered {created:%Y-%m-%d %H:%M} UTC ({dd.fmt_age(age)} ago)")
-            if info.window_start or info.window_end:
-                lines.append(f"trained on {(info.window_start or '?')[:16]} → {(info.window_end or '?')[:16]}")
-            if info.metrics:
-                lines.append(f"on its own holdout ({info.holdout or 'not recorded'}): "
-                             + ", ".join(f"{k} {v:.4f}" for k, v in sorted(info.metrics.items())))
-            if info.champion_on_holdout is not None and alias != ALIAS_CHAMPION:
-                lines.append(f"the champion on this holdout: ndcg {info.champion_on_holdout:.4f}")
+            lines += dd.model_lines(info)  # the data it saw and its quality metrics on its own holdout
             if snap is not None and not alarming:
                 lines.insert(0, text)
             st.caption(" · ".join(lines) if lines else "no metrics recorded on this version")
+            others = dd.other_figures(info)  # timings, sizes, the refreshed version's score: no quality of its own
+            if others:
+                st.caption("Also logged (not quality metrics of this version): " + " · ".join(others))
     if sum(bool(a and a.metrics) for a in aliases.values()) > 1:
         st.caption("Each version's metrics come from the holdout of its own training window, so they do not compare "
                    "across versions; the challenger's line gives the champion's score on the challenger's holdout, "
@@ -109,7 +106,7 @@ def traffic() -> None:
                        "rebalancing); the lag counts the others' partitions only.", icon=":material/warning:")
         elif consumer.members and consumer.members > 1:
             st.caption(f"{consumer.members} stream consumers share the partitions; lag and rate are their sums.")
-    catalog = dd.catalog_line(snap.catalog_status, now_s=snap.now_s)
+    catalog = dd.catalog_line(snap.catalog_status, now_s=snap.now_s, dlq_reasons=snap.dlq_reasons)
     st.caption(catalog or "Catalog feed: no product change applied yet (`shoprec catalog sync` applies what the "
                           "shop sends to `shop.catalog`; `make up` starts it).")
     dlq = dd.dlq_table(snap.dlq_reasons)

@@ -158,7 +158,7 @@ def test_overview_shows_models_traffic_ingestion(seeded):
     m = metrics(at)
     assert m["Champion"] == "v1" and m["Challenger"] == "none"
     captions = texts(at.caption)
-    assert "ndcg_at_10 0.3125" in captions and "trained on 2026-11-17T00:00 → 2026-11-24T00:00" in captions
+    assert "ndcg@10 0.3125" in captions and "trained on 2026-11-17T00:00 → 2026-11-24T00:00" in captions
     assert m["Events (window)"] == "60"
     assert (m["p50 latency"], m["p99 latency"]) == ("≤ 15 ms", "≤ 15 ms")  # 9 at ≤1 ms, 10 at ≤15 ms
     assert m["Consumer lag (records)"] == "5" and m["Rate (events/s)"] == "12.5"
@@ -406,8 +406,8 @@ def test_overview_labels_each_models_metrics_with_its_holdout(dashboard_env, red
         client.set_registered_model_alias(REGISTERED_MODEL, alias, mv.version)
     dashboard_env(redis_url, uri)
     captions = texts(run_page(PAGES[0]).caption)
-    assert "on its own holdout (last 24 h of the window): ndcg_at_10 0.3125" in captions
-    assert "on its own holdout (last 12 h of the window): ndcg_at_10 0.4100" in captions
+    assert "on its own holdout (last 24 h of the window): ndcg@10 0.3125" in captions
+    assert "on its own holdout (last 12 h of the window): ndcg@10 0.4100" in captions
     assert "the champion on this holdout: ndcg 0.2900" in captions
     assert "do not compare across versions" in captions
 
@@ -455,3 +455,93 @@ def test_chart_axes_print_each_label_once(seeded):
                     assert fmt == ",d" and all(float(v).is_integer() for v in values)
                     labels = [f"{v:,.0f}" for v in values]
                 assert len(set(labels)) == len(labels), (page, labels)
+
+
+# --- what a walk-through on a fresh clone found -----------------------------------------------------------
+def _impressions(state: OnlineState, tag: str, per_variant: int = 300) -> None:
+    now = int(time.time() * 1000)
+    state.apply_events([new_event("impression", f"{variant}-{i % 40}", None, "s", ts=now - 60_000 + i, items=["i1"],
+                                  request_id=f"{variant}-{i}", variant=variant, experiment=tag)
+                        for variant in ("champion", "challenger") for i in range(per_variant)])
+
+
+def test_the_ab_page_says_which_versions_each_arm_serves_now(dashboard_env, redis_client, redis_url,
+                                                             mlflow_with_refreshes):
+    """The comparison is named by the trained versions (champion v1 vs challenger v4) while the Overview names
+    the registered ones (v5, v6: their hourly refreshes): the A/B page says how the two fit."""
+    state = OnlineState(redis_client)
+    _impressions(state, f"{state.experiment}@champion.1:challenger.4")
+    state.set_serving_status({"champion": "5", "challenger": "6"})
+    dashboard_env(redis_url, mlflow_with_refreshes)
+    at = run_page(PAGES[1])
+    assert at.selectbox(key="ab_comparison").options[0].startswith("the latest: champion v1 vs challenger v4")
+    captions = texts(at.caption)
+    assert ("Served now: champion v1 (served as v5, its hourly refresh) vs "
+            "challenger v4 (served as v6, its hourly refresh).") in captions, captions
+    assert "named by each arm's *trained* version" in captions
+    overview = metrics(run_page(PAGES[0]))
+    assert (overview["Champion"], overview["Challenger"]) == ("v5", "v6")
+
+
+def test_the_overview_shows_a_refresh_s_quality_apart_from_its_timings_and_both_windows(
+        dashboard_env, redis_client, redis_url, mlflow_with_refreshes):
+    OnlineState(redis_client).set_serving_status({"champion": "5", "challenger": "6"})
+    dashboard_env(redis_url, mlflow_with_refreshes)
+    captions = [str(c.value) for c in run_page(PAGES[0]).caption]
+    champion = next(c for c in captions if c.startswith("served by the API") and "v1)" in c)
+    assert "on its own holdout (last 1 h of the window): ndcg@10 0.3200, recall@10 0.4500" in champion
+    assert "refresh_seconds" not in champion and "source_" not in champion and "10.4" not in champion
+    # the window the embeddings were trained on (v1's), and the refresh's, not one span of both
+    assert "embeddings trained on 2026-11-17T00:00 → 2026-11-24T00:00 (v1)" in champion
+    assert "neighbours and trending refreshed on 2026-11-24T09:10 → 2026-11-24T10:10" in champion
+    assert "trained on 2026-11-17T00:00 → 2026-11-24T10:10" not in champion
+    assert ("Also logged (not quality metrics of this version): v1 before this refresh, on the same holdout: "
+            "ndcg@10 0.2900 · the refresh took 10.4 s") in captions
+
+
+def test_catalog_rejects_are_counted_in_total_across_a_restart(dashboard_env, redis_client, redis_url):
+    """`make down` / `make up`: the Redis data stays, so the feed's count of a previous run is no "since the feed
+    started"; the line gives the total, and a reject after the restart adds to it."""
+    from collections import Counter
+
+    from pipelines.catalog_feed import CatalogSync
+
+    state = OnlineState(redis_client)
+
+    def feed() -> CatalogSync:  # the feed as `make up` runs it (no broker needed to report)
+        sync = CatalogSync(dashboard_env(redis_url, DEAD_MLFLOW), consumer=object(), producer=object(), state=state)
+        sync.rows = {"i1": {"item_id": "i1", "in_stock": True}, "i2": {"item_id": "i2", "in_stock": False}}
+        return sync
+
+    def reject(sync: CatalogSync) -> None:
+        sync.counts.update(records=1, rejected=1)
+        sync._report(0, Counter(schema=1))
+
+    reject(feed())
+    feed()  # restarted: it has not received a record yet
+    line = [c for c in texts(run_page(PAGES[0]).caption).splitlines() if c.startswith("Catalog:")][0]
+    assert "1 catalog record(s) rejected in total (a count kept in Redis across restarts" in line, line
+    assert "since the feed started" not in line
+    reject(feed())
+    line = [c for c in texts(run_page(PAGES[0]).caption).splitlines() if c.startswith("Catalog:")][0]
+    assert "2 catalog record(s) rejected in total" in line, line
+
+
+def test_the_data_quality_page_says_the_volume_suite_was_skipped_and_why(dashboard_env, redis_url, tmp_path):
+    """Validated by the real validation: one stream hour before the hour is not enough to learn a volume band."""
+    from pipelines import lake, validation
+
+    s = dashboard_env(redis_url, DEAD_MLFLOW)
+    hour = datetime(2026, 11, 24, 10, tzinfo=timezone.utc)
+    ms = int(hour.timestamp() * 1000)
+    lake.write_events(s.lake_dir, [new_event("view", f"u{i % 5}", f"i{i}", f"s{i}", ts=ms - HOUR_MS + i * 1000)
+                                   for i in range(50)])
+    lake.write_events(s.lake_dir, [new_event("view", f"u{i % 5}", f"i{i}", f"s{i}", ts=ms + i * 1000)
+                                   for i in range(50)])
+    key = lake.partition_key(ms)
+    validation.validate_partition(s.lake_dir, key, quality_dir=s.quality_dir, known_items=[f"i{i}" for i in range(50)])
+    at = run_page(PAGES[4])
+    why = "volume: skipped — needs 3 hours of stream history, has 1 (of the 24 h before this hour)"
+    assert at.dataframe[0].value.loc[key, "skipped"] == why
+    assert f"1 of 1 validated partition(s) skipped a suite (column *skipped*); the latest, {key}: {why}." \
+        in texts(at.info)

@@ -519,3 +519,70 @@ def test_served_note_compares_serving_with_the_registry():
     assert alarming and "still serves v4" in text
     assert dd.served_note("champion", "3", {}, now_s=now) == (
         "serving has not reported yet (the API writes what it serves while it answers requests)", False)
+
+
+# --- what the walk-through found: versions served per arm, a refresh's figures and windows, catalog rejects -----
+def test_served_arms_note_names_what_each_arm_serves_now():
+    tag = "default@champion.1:challenger.4"
+    assert dd.comparison_arms(tag) == [("champion", "1"), ("challenger", "4")]
+    assert dd.comparison_arms("default") == [] and dd.served_arms_note("default", {}, {}) is None
+    serving = {"champion": "5", "challenger": "6", "updated_ts": "1"}
+    assert dd.served_arms_note(tag, serving, {"5": "1", "6": "4"}) == (
+        "champion v1 (served as v5, its hourly refresh) vs challenger v4 (served as v6, its hourly refresh)")
+    assert dd.served_arms_note(tag, {"champion": "1", "challenger": "4"}, {}) == (
+        "champion v1 (served as v1) vs challenger v4 (served as v4)")
+    # an earlier comparison: its challenger is gone, its champion's line continues
+    assert dd.served_arms_note(tag, {"champion": "5", "challenger": "8"}, {"5": "1", "8": "7"}) == (
+        "champion v1 (served as v5, its hourly refresh) vs "
+        "challenger v4 (no longer served: the API serves v8 now, a refresh of v7)")
+    assert "challenger v4 (not served now)" in dd.served_arms_note(tag, {"champion": "1"}, {})
+    assert "whether it continues this comparison is unknown" in dd.served_arms_note(tag, serving, None)
+    assert dd.served_arms_note(tag, {}, {}).startswith("not known: the API has not reported what it serves")
+
+
+def test_fetch_trained_versions(mlflow_with_refreshes):
+    assert dd.fetch_trained_versions(mlflow_with_refreshes, ["5", "6", "4", "99"]) == {"5": "1", "6": "4", "4": "4"}
+    with pytest.raises(dd.MlflowUnavailable):
+        dd.fetch_trained_versions("http://127.0.0.1:1", ["5"])
+
+
+def test_the_refresh_tags_read_are_those_the_refresh_writes():
+    from pipelines import refresh
+
+    assert (dd.TAG_REFRESH_OF, dd.TAG_REFRESH_WINDOW_START, dd.TAG_REFRESH_WINDOW_END) == (
+        refresh.TAG_REFRESH_OF, refresh.TAG_REFRESH_WINDOW_START, refresh.TAG_REFRESH_WINDOW_END)
+
+
+def test_a_refreshed_version_shows_both_windows_and_its_quality_apart_from_other_figures(mlflow_with_refreshes):
+    from tests.dashboard.conftest import REFRESH_WINDOW, TRAINED_WINDOW
+
+    champ = dd.fetch_model_aliases(mlflow_with_refreshes)[ALIAS_CHAMPION]
+    assert champ.version == "5" and champ.refreshed and champ.trained_version == "1" and champ.refresh_of == "1"
+    assert champ.metrics == {"ndcg_at_10": 0.32, "recall_at_10": 0.45}
+    assert champ.other_metrics == {"refresh_seconds": 10.44, "source_ndcg_at_10": 0.29}
+    assert (champ.trained_window_start, champ.trained_window_end) == TRAINED_WINDOW
+    assert (champ.refresh_window_start, champ.refresh_window_end) == REFRESH_WINDOW
+    assert dd.model_lines(champ) == [
+        "embeddings trained on 2026-11-17T00:00 → 2026-11-24T00:00 (v1)",
+        "neighbours and trending refreshed on 2026-11-24T09:10 → 2026-11-24T10:10",
+        "on its own holdout (last 1 h of the window): ndcg@10 0.3200, recall@10 0.4500"]
+    assert dd.other_figures(champ) == ["v1 before this refresh, on the same holdout: ndcg@10 0.2900",
+                                       "the refresh took 10.4 s"]
+    # a version train_job trained: one window, nothing else logged
+    trained = dd.ModelVersionInfo("champion", "1", None, None, {"ndcg_at_10": 0.3}, *TRAINED_WINDOW, "h")
+    assert dd.model_lines(trained) == ["trained on 2026-11-17T00:00 → 2026-11-24T00:00",
+                                       "on its own holdout (h): ndcg@10 0.3000"]
+    assert dd.other_figures(trained) == []
+    assert [dd.is_quality_metric(m) for m in ("ndcg_at_10", "precision_at_5", "refresh_seconds",
+                                              "source_ndcg_at_10")] == [True, True, False, False]
+
+
+def test_catalog_rejects_are_the_total_kept_in_redis_not_since_the_feed_started():
+    status = {"products": "50", "out_of_stock": "2", "rejected": "1", "updated_ms": "0"}
+    line = dd.catalog_line(status, now_s=60.0, dlq_reasons={"catalog_schema": 2, "catalog_invalid_json": 1,
+                                                           "schema": 7})
+    assert line.startswith("Catalog: 50 products (2 out of stock), last change from `shop.catalog` 60 s ago; ")
+    assert "3 catalog record(s) rejected in total (a count kept in Redis across restarts" in line
+    assert "since the feed started" not in line
+    assert "0 catalog record(s) rejected in total" in dd.catalog_line(status, dlq_reasons={})
+    assert "1 catalog record(s) rejected by the feed's last run" in dd.catalog_line(status)

@@ -48,6 +48,11 @@ def test_training_registers_a_champion_with_tags_and_a_worse_model_gets_no_alias
     assert tags["gate_decision"] == ALIAS_CHAMPION and tags["gx_success"] == "true"
     assert tags["dagster_run_id"] == first.run_id and tags["model_family"] == s.train.model == "shoprec"
     assert tags["gx_partitions_used"] == "5"
+    # the suites that ran on the window's partitions, and those skipped (volume: too little stream history)
+    ran, skipped = ({name: int(n.split("/")[0]) for name, n in (x.split(" ") for x in tags[t].split(",") if x)}
+                    for t in ("gx_suites", "gx_suites_skipped"))
+    assert ran["events"] == ran["events_window"] == 5
+    assert skipped["events_volume"] > 0 and ran.get("events_volume", 0) + skipped["events_volume"] == 5
     assert pd.Timestamp(tags["data_window_start"]) >= pd.Timestamp(hours[0])
     assert pd.Timestamp(tags["data_window_end"]) < pd.Timestamp(hours[-1]) + pd.Timedelta(hours=1)
     run = registry.client.get_run(meta["mlflow_run_id"])
