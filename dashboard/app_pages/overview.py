@@ -49,7 +49,8 @@ def models() -> None:
             if others:
                 st.caption("Also logged (not quality metrics of this version): " + " · ".join(others))
     if sum(bool(a and a.metrics) for a in aliases.values()) > 1:
-        st.caption("Each version's metrics come from the holdout of its own training window, so they do not compare "
+        st.caption("Each version's metrics come from the holdout at the end of its own window (its training window, "
+                   "or for a refresh the refresh's window), so they do not compare "
                    "across versions; the challenger's line gives the champion's score on the challenger's holdout, "
                    "and the A/B test page compares them on live traffic.")
 
