@@ -81,6 +81,10 @@ def _freeze_startup_objects() -> None:
 
 
 _LOGGING = {"access": {"enabled": _S.serve_access_log}}
+# BentoML's server processes log WARNING and up, except its own loggers: shoprec's INFO lines (which version is
+# served after a swap, a model that cannot be loaded, the scorer's settings) would be dropped
+for _name in ("pipelines", "shoprec", "bentos"):
+    logging.getLogger(_name).setLevel(logging.INFO)
 # BentoML wraps every request in OpenTelemetry's ASGI middleware, which builds spans even when none is
 # sampled (~10 % of an API process's CPU per answer under load). Off (the default): every route is on
 # its exclude list, so the middleware passes requests straight through. On: spans sampled at this rate,

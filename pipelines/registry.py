@@ -157,7 +157,9 @@ class ModelRegistry:
         """Make ``version`` (default: the ``challenger``'s) the ``champion``; returns the aliases before and after.
 
         A ``challenger`` on the promoted version stays there: it names the champion's version, so it is not
-        served (all traffic goes to the champion until the gate names a new challenger).
+        served (all traffic goes to the champion until the gate names a new challenger). A ``challenger`` left on
+        the version that was champion (promoted earlier, its alias never moved) is taken off: it would otherwise
+        put the demoted champion back into a share of the traffic.
 
         Raises:
             ValueError: no version given and no challenger, or the version does not exist.
@@ -168,6 +170,8 @@ class ModelRegistry:
         self._must_exist(version)
         before = self.aliases()
         self.set_alias(ALIAS_CHAMPION, version)
+        if before[ALIAS_CHALLENGER] is not None and before[ALIAS_CHALLENGER] == before[ALIAS_CHAMPION] != version:
+            self.client.delete_registered_model_alias(self.name, ALIAS_CHALLENGER)
         return {"before": before, "after": self.aliases()}
 
     def rollback(self) -> dict:

@@ -38,6 +38,8 @@ def test_promotion_under_load_switches_within_the_polling_interval(settings, ser
     after = [b["model_version"] for t, _, b in answers if t > first_new + 1.0 and b["source"] in ("model", "cache")]
     assert after and set(after) == {new_version}  # no flapping back to the old version
     assert {b.get("model_version") for _, _, b in answers} >= {reg.version, new_version}
+    # the swap is in the server's log: operators follow versions there (BentoML's root level is WARNING)
+    assert f"serving champion = version {new_version}" in (tmp_path / "bentoml.log").read_text()
 
 
 def test_a_champion_that_cannot_be_loaded_is_named_once_and_the_last_one_keeps_serving(settings, registered_champion,

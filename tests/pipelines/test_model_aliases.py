@@ -68,6 +68,21 @@ def test_rollback_goes_back_to_the_version_the_champion_replaced_after_promotion
     assert registry.rollback()["after"]["champion"] == second
 
 
+def test_promoting_another_version_takes_a_leftover_challenger_off_the_demoted_champion(settings,
+                                                                                       registered_champion):
+    """After `promote` the challenger alias stays on the new champion (not served); a later `promote VERSION`
+    made the old champion a served challenger again, in half the traffic."""
+    registry, reg = registered_champion
+    model = registry.load().recommender
+    second = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.1}, tags={})[1]
+    registry.set_alias(ALIAS_CHALLENGER, second)
+    registry.promote()
+    assert registry.aliases() == {ALIAS_CHAMPION: second, ALIAS_CHALLENGER: second}
+    assert registry.promote(reg.version)["after"] == {ALIAS_CHAMPION: reg.version, ALIAS_CHALLENGER: None}
+    registry.set_alias(ALIAS_CHALLENGER, second)  # a challenger of its own is left alone
+    assert registry.promote(reg.version)["after"] == {ALIAS_CHAMPION: reg.version, ALIAS_CHALLENGER: second}
+
+
 def test_serving_keeps_its_models_while_mlflow_cannot_be_reached(settings, registered_champion, monkeypatch):
     """An unreachable registry read as "no aliases": serving dropped the champion it was serving."""
     import pytest
