@@ -96,6 +96,9 @@ def _batch_of(body: bytes, field: str) -> tuple[str | None, list | None]:
         return f"the body is a JSON {_json_type(data)}, not an object", None
     if field not in data:
         return f"the body has no {field!r} field", None
+    if len(data) > 1:  # a typo such as {"events": [], "event": [...]} must not pass as an empty batch
+        return (f"the body has field(s) other than {field!r}: {', '.join(sorted(repr(k) for k in data if k != field))}; "
+                f"send only {{\"{field}\": [...]}}"), None
     if not isinstance(data[field], list):
         return f"{field!r} is a JSON {_json_type(data[field])}, not an array", None
     return None, data[field]

@@ -130,7 +130,10 @@ def read_product_file(path: Path) -> list:
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
         return [{k: v for k, v in row.items() if v != ""} for row in df.to_dict("records")]
     if path.suffix == ".parquet":
-        df = lake.read_parquet(path)
+        try:
+            df = lake.read_parquet(path)
+        except (OSError, ValueError) as err:  # pyarrow's message names a "<Buffer>", not the file
+            raise ValueError(f"{path.name} is not a readable Parquet file ({err})") from None
         if "created_at" in df:
             df["created_at"] = lake.epoch_ms(df["created_at"]).astype("Int64")
         return [{k: v for k, v in row.items() if v is not None and v is not pd.NA and v == v}

@@ -130,6 +130,8 @@ def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False
         records = catalog_feed.read_product_file(path)
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="'FILE'") from None
+    if not records:
+        raise typer.BadParameter(f"{path.name} holds no product records: nothing to send", param_hint="'FILE'")
     products, errors = validate_products(records)
     if errors:
         for e in errors[:20]:

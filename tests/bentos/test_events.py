@@ -115,7 +115,8 @@ def test_a_body_that_is_not_a_json_batch_is_a_400_that_says_what_to_send_and_log
              (key_a, "/events", b"[]", "the body is a JSON array, not an object"),
              (key_a, "/catalog", b"", "the body is empty; send a JSON object {\"products\": [...]}"),
              (key_b, "/catalog", b'{"products": {"item_id": "a"}}', "'products' is a JSON object, not an array"),
-             (key_b, "/catalog", b'{"events": []}', "the body has no 'products' field")]
+             (key_b, "/catalog", b'{"events": []}', "the body has no 'products' field"),
+             (key_a, "/events", b'{"events": [], "event": [{}]}', "the body has field(s) other than 'events': 'event'")]
     with caplog.at_level("INFO"):
         for key, path, body, says in cases:
             r = c.post(path, content=body, headers={**key, "Content-Type": "application/json"})

@@ -272,6 +272,11 @@ def test_catalog_publish_reads_each_file_kind_checks_every_record_first_and_send
     runner = CliRunner()
     bad = runner.invoke(app, ["catalog", "publish", str(tmp_path / "bad.jsonl")])
     assert bad.exit_code == 1 and "record 1: schema: price" in bad.output and "nothing was sent" in bad.output
+    (tmp_path / "empty.csv").write_text("item_id,title\n")  # said "sent 0 products" and succeeded
+    (tmp_path / "fake.parquet").write_text("not parquet")  # named a "<Buffer>", not the file
+    for name, says in (("empty.csv", "empty.csv holds no product records"), ("fake.parquet", "fake.parquet is not a")):
+        res = runner.invoke(app, ["catalog", "publish", str(tmp_path / name)])
+        assert res.exit_code == 2 and says in " ".join(res.output.split()), res.output
     for name in ("p.jsonl", "p.csv", "p.parquet"):
         res = runner.invoke(app, ["catalog", "publish", str(tmp_path / name)])
         assert res.exit_code == 0, res.output
