@@ -28,6 +28,10 @@ def _logging(verbose: bool = False) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    # kafka-python's event loop times each of its own tasks and warns past 0.1 s ("It is blocking the event
+    # loop"): on two cores shared with training, a thread that waits for the CPU that long is common, and the
+    # line reads like a fault of ours; its other warnings (wakeup socket, stray events) still show
+    logging.getLogger("kafka.net.selector").addFilter(lambda r: "blocking the event loop" not in r.getMessage())
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
 

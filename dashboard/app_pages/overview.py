@@ -80,11 +80,13 @@ def traffic() -> None:
                 "(`make up` starts it and a simulated shop).", icon=":material/hourglass_empty:")
     else:
         st.metric("Events (window)", f"{int(ev.to_numpy().sum()):,}", help=f"last {snap.minutes} minutes")
-        long = ev.reset_index().melt("minute", var_name="event type", value_name="events")
+        done = ev.iloc[:-1]  # the minute in progress would end the curve in a cliff that reads as lost events
+        long = done.reset_index().melt("minute", var_name="event type", value_name="events")
         ui.altair(alt.Chart(long).mark_area().encode(
-            x=ui.time_x("minute", long["minute"]), y=ui.count_y("events", ev.sum(axis=1), stack=True),
+            x=ui.time_x("minute", long["minute"]), y=ui.count_y("events", done.sum(axis=1), stack=True),
             color="event type:N",
             tooltip=["minute:T", "event type:N", "events:Q"]).properties(height=220))
+        st.caption("Whole minutes; the minute in progress is counted in the total above, not drawn.")
 
     st.subheader("Ingestion")
     consumer = dd.consumer_summary(snap.consumer_status, now_s=snap.now_s)
