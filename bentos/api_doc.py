@@ -21,6 +21,7 @@ generated per request, so :func:`document` (called by the guard's rewrite of ``/
 from __future__ import annotations
 
 import importlib.metadata
+import re
 import time
 import tomllib
 import uuid
@@ -31,6 +32,9 @@ from pathlib import Path
 MARKER = "x-shoprec-batch"
 #: the example product of ``/catalog``'s "Try it out" (an id no shop product has)
 EXAMPLE_PRODUCT_ID = "example-product-from-api-docs"
+#: its creation time, long past: a product created at each send stayed "new" for ever (the cold-start page
+#: counted it among the new products never shown, which an out-of-stock product never is)
+EXAMPLE_CREATED_MS = 1_767_225_600_000  # 2026-01-01T00:00Z
 #: the ingestion routes and their batch field
 INGESTION = {"/events": "events", "/catalog": "products"}
 
@@ -63,7 +67,7 @@ def event_example() -> list[dict]:
 def product_example() -> list[dict]:
     """A whole product that is clearly an example and out of stock (so never recommended)."""
     return [{"item_id": EXAMPLE_PRODUCT_ID, "title": "Example product (sent from the API docs)",
-             "category": "example", "brand": "Example", "price": 1.0, "created_at": int(time.time() * 1000),
+             "category": "example", "brand": "Example", "price": 1.0, "created_at": EXAMPLE_CREATED_MS,
              "in_stock": False}]
 
 
@@ -142,10 +146,12 @@ business rules (stock, purchases, category cap, new products) and a fallback tha
 
 **Keys.** Keyed routes need `Authorization: Bearer <key>`: press **Authorize** and enter a key of
 `SHOPREC_API_KEYS` (reads also take one of `SHOPREC_READ_API_KEYS`); the local stack's is `shoprec-dev-key`.
-Bodies are JSON, sent with `Content-Type: application/json` (415 otherwise, after the key's 401).
+Bodies are JSON; `/events` and `/catalog` need `Content-Type: application/json` (415 for another type,
+after the key's 401), the other routes take JSON whatever the header says, but not another declared type.
 
-**Try it out** on `/events` sends a view with a new `event_id` each time this page is loaded; on `/catalog` it
-adds an out-of-stock example product, `{EXAMPLE_PRODUCT_ID}`, which is never recommended.
+**Try it out** on `/events` sends a view (of `i00042`, by `example-user`) with a new `event_id` each time this
+page is loaded; on `/catalog` it adds that out-of-stock example product, `{EXAMPLE_PRODUCT_ID}`, which is never
+recommended and, created long ago, never counts as a new product.
 
 More in the repository's `README.md` (sections "Using it" and "Security")."""
 
@@ -191,3 +197,14 @@ def _fill_batches(node, examples: dict[str, tuple[list, str]], limit: int) -> No
     elif isinstance(node, list):
         for value in node:
             _fill_batches(value, examples, limit)
+
+
+@lru_cache(maxsize=1)
+def index_page() -> bytes:
+    """The Swagger UI page at ``/``: BentoML's own, titled for this API and without the Google Tag Manager it
+    loads (a third-party tracker on an internal API's documentation page). Same static assets, same schema."""
+    import _bentoml_impl.server as bentoml_server
+
+    html = (Path(bentoml_server.__file__).parent / "main-openapi.html").read_text()
+    html = re.sub(r"<!-- Google Tag Manager.*?<!-- End Google Tag Manager[^>]*-->", "", html, flags=re.S)
+    return re.sub(r"<title>.*?</title>", "<title>shoprec API</title>", html, count=1, flags=re.S).encode()

@@ -52,9 +52,9 @@ import orjson
 from limits import parse_many
 from limits.storage import RedisStorage
 from limits.strategies import SlidingWindowCounterRateLimiter
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
-from bentos.api_doc import document
+from bentos.api_doc import document, index_page
 from bentos.body import BodyTooLarge, read_capped, replaying
 from bentos.content_type import refused_media
 
@@ -143,6 +143,8 @@ class ApiKeyAndSizeGuard:
             await JSONResponse({"error": error}, status_code=status, headers=headers)(scope, receive, send)
 
         settings = get_settings()
+        if path == "/" and scope.get("method") == "GET":
+            return await Response(index_page(), media_type="text/html")(scope, receive, send)
         if path == "/docs.json":
             return await self.app(scope, receive, _KeyInSchema(send, READ_PATHS, set(self.paths)))
         if path in READ_PATHS:

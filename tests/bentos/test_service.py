@@ -111,6 +111,16 @@ def test_a_field_recommend_or_similar_does_not_know_is_named_not_ignored(setting
     assert schema["RecommendInput"]["additionalProperties"] is False
 
 
+def test_the_swagger_page_is_this_api_s_and_loads_no_tracker(settings, redis_client, client_for):
+    """BentoML's page was titled "BentoML Prediction Service" and loaded Google Tag Manager."""
+    c = client_for("no-such-model")
+    page = c.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "<title>shoprec API</title>" in page.text and "googletagmanager" not in page.text.lower()
+    assert "swagger-ui-bundle.js" in page.text
+    assert c.get("/static_content/swagger-ui-bundle.js").status_code == 200  # the page's assets are served
+
+
 def test_events_need_a_key_and_valid_json(settings, redis_client, client_for):
     c = client_for("no-such-model")
     c.headers.pop("Authorization")  # the fixture's client sends the key
