@@ -232,7 +232,9 @@ def explained(err: ValidationError, send: str) -> ValidationError:
     problems, lines = [], []
     for e in err.errors(include_url=False):
         where = ".".join(str(p) for p in e["loc"]) or "the body"
-        got = f" (got a JSON {_json_type(e['input'])})" if e["type"].endswith("_type") else ""
+        # the JSON type and, for a scalar, the value itself: "(got a JSON number, 5.0)" says why 5.0 is no integer
+        shown = f", {orjson.dumps(e['input']).decode()[:40]}" if isinstance(e["input"], (bool, int, float, str)) else ""
+        got = f" (got a JSON {_json_type(e['input'])}{shown})" if e["type"].endswith("_type") else ""
         problems.append(f"{where}: {e['msg']}{got}")
         # a custom error type has no URL; its message is taken as it is (no context to format)
         lines.append(InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=e["loc"], input=e["input"]))

@@ -50,9 +50,9 @@ def models() -> None:
                 st.caption("Also logged (not quality metrics of this version): " + " · ".join(others))
     if sum(bool(a and a.metrics) for a in aliases.values()) > 1:
         st.caption("Each version's metrics come from the holdout at the end of its own window (its training window, "
-                   "or for a refresh the refresh's window), so they do not compare "
-                   "across versions; the challenger's line gives the champion's score on the challenger's holdout, "
-                   "and the A/B test page compares them on live traffic.")
+                   "or for a refresh the refresh's window), so two versions compare only on the same holdout: a "
+                   "trained challenger's line gives the champion's score on its holdout, a refresh's line the score "
+                   "of the version it refreshed; the A/B test page compares them on live traffic.")
 
 
 def traffic() -> None:

@@ -209,11 +209,11 @@ def test_recommend_and_similar_take_json_types_strictly_and_say_what_to_send(set
                                                                             caplog):
     """``"k": true`` gave 1 item and ``"k": "5"`` 5; a 400 read "1 validation error for Input" with pydantic's URL."""
     c = client_for()
-    cases = [("/recommend", {"user_id": "u0", "k": True}, "k", "boolean"),
-             ("/recommend", {"user_id": "u0", "k": "5"}, "k", "string"),
-             ("/recommend", {"user_id": "u0", "k": 5.0}, "k", "number"),
-             ("/recommend", {"user_id": 42, "k": 5}, "user_id", "number"),
-             ("/similar", {"item_id": "i1", "k": "3"}, "k", "string"),
+    cases = [("/recommend", {"user_id": "u0", "k": True}, "k", "boolean, true"),
+             ("/recommend", {"user_id": "u0", "k": "5"}, "k", 'string, "5"'),
+             ("/recommend", {"user_id": "u0", "k": 5.0}, "k", "number, 5.0"),
+             ("/recommend", {"user_id": 42, "k": 5}, "user_id", "number, 42"),
+             ("/similar", {"item_id": "i1", "k": "3"}, "k", 'string, "3"'),
              ("/similar", {"item_id": ["i1"]}, "item_id", "array")]
     with caplog.at_level("INFO"):
         for path, body, field, got in cases:
@@ -229,7 +229,7 @@ def test_recommend_and_similar_take_json_types_strictly_and_say_what_to_send(set
     logged = [rec.getMessage() for rec in caplog.records if "answered 400" in rec.getMessage()]
     assert len(logged) == len(cases) and all(" answered 400: 1 validation error for " in m for m in logged), logged
     assert logged[0].startswith("/recommend [POST] answered 400: 1 validation error for k: Input should be a valid "
-                                "integer (got a JSON boolean)"), logged[0]
+                                "integer (got a JSON boolean, true)"), logged[0]
     # several problems: each named
     r = c.post("/recommend", json={"k": 0, "kk": 1})
     assert r.status_code == 400 and [d["loc"] for d in r.json()["detail"]] == [["user_id"], ["k"], ["kk"]]
