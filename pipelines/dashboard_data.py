@@ -714,16 +714,9 @@ def fetch_model_aliases(tracking_uri: str, name: str = REGISTERED_MODEL, *,
     Raises:
         MlflowUnavailable: when the tracking server cannot be reached.
     """
-    if not mlflow_reachable(tracking_uri):
-        raise MlflowUnavailable(f"no MLflow tracking server answers at {redact_url(tracking_uri)}")
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    try:
-        client = (client_factory(tracking_uri) if client_factory
-                  else MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
-    except Exception as err:  # a bad URI or an unreadable store
-        raise MlflowUnavailable(f"cannot open MLflow at {redact_url(tracking_uri)}: {err}") from err
+    client = _mlflow_client(tracking_uri, client_factory)
     out: dict[str, ModelVersionInfo | None] = {}
     for alias in aliases:
         try:
@@ -762,6 +755,23 @@ def fetch_model_aliases(tracking_uri: str, name: str = REGISTERED_MODEL, *,
     return out
 
 
+def _mlflow_client(tracking_uri: str, client_factory: Callable[[str], Any] | None):
+    """An ``MlflowClient`` of a server that answers (``client_factory``: the dashboard's cached one).
+
+    Raises:
+        MlflowUnavailable: no server answers, or the client cannot be made (a bad URI, an unreadable store).
+    """
+    if not mlflow_reachable(tracking_uri):
+        raise MlflowUnavailable(f"no MLflow tracking server answers at {redact_url(tracking_uri)}")
+    from mlflow import MlflowClient
+
+    try:
+        return (client_factory(tracking_uri) if client_factory
+                else MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
+    except Exception as err:  # a bad URI or an unreadable store
+        raise MlflowUnavailable(f"cannot open MLflow at {redact_url(tracking_uri)}: {err}") from err
+
+
 def _version_tags(client, name: str, version: str, tracking_uri: str) -> dict[str, str] | None:
     """The tags of one model version; None when the version does not exist (deleted).
 
@@ -788,15 +798,7 @@ def fetch_trained_versions(tracking_uri: str, versions: Iterable[str], name: str
     Raises:
         MlflowUnavailable: when the tracking server cannot be reached.
     """
-    if not mlflow_reachable(tracking_uri):
-        raise MlflowUnavailable(f"no MLflow tracking server answers at {redact_url(tracking_uri)}")
-    from mlflow import MlflowClient
-
-    try:
-        client = (client_factory(tracking_uri) if client_factory
-                  else MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri))
-    except Exception as err:
-        raise MlflowUnavailable(f"cannot open MLflow at {redact_url(tracking_uri)}: {err}") from err
+    client = _mlflow_client(tracking_uri, client_factory)
     out = {}
     for v in dict.fromkeys(map(str, versions)):
         tags = _version_tags(client, name, v, tracking_uri)

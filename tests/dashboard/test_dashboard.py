@@ -409,7 +409,7 @@ def test_overview_labels_each_models_metrics_with_its_holdout(dashboard_env, red
     assert "on its own holdout (last 24 h of the window): ndcg@10 0.3125" in captions
     assert "on its own holdout (last 12 h of the window): ndcg@10 0.4100" in captions
     assert "the champion on this holdout: ndcg 0.2900" in captions
-    assert "do not compare across versions" in captions
+    assert "compare only on the same holdout" in captions
 
 
 def test_overview_warns_when_serving_does_not_serve_the_registered_version(seeded, redis_client):
