@@ -206,25 +206,42 @@ class EventError(ValueError):
         self.message = message
 
 
-def describe_validation_error(err: ValidationError) -> tuple[str, str]:
-    """``(reason, message)`` of a record pydantic refused: its first error, as the DLQ and the API name it.
+def describe_validation_error(err: ValidationError, *, every: bool = False) -> tuple[str, str]:
+    """``(reason, message)`` of a record pydantic refused, as the DLQ and the API name it: its first error or, with
+    ``every``, the first error's reason and a message that names every error (up to :data:`MAX_NAMED_ERRORS`).
+
+    Events name their first error only: the consumer's fast path (:func:`parse_events`) stops at it and must
+    give the same message. A product is checked by people fixing a file, who should see all of it at once.
 
     A missing field is ``missing_field`` whether the schema or the event's type requires it; messages are
     ours or pydantic's text after the field's name, never pydantic's "Value error, " prefix.
     """
-    first = err.errors(include_url=False)[0]
-    loc = ".".join(str(p) for p in first["loc"]) or "event"
-    if loc == "event_type" and first["type"] == "literal_error":
+    described = [_describe_one(e) for e in err.errors(include_url=False)[:MAX_NAMED_ERRORS if every else 1]]
+    reason, message = described[0]
+    if len(described) > 1:
+        more = err.error_count() - len(described)
+        message += "; also " + "; ".join(m for _, m in described[1:]) + (f"; and {more} more" if more else "")
+    return reason, message
+
+
+#: how many of one record's errors a message names (messages travel in a DLQ header; a record can be wrong in
+#: every field)
+MAX_NAMED_ERRORS = 5
+
+
+def _describe_one(error: dict) -> tuple[str, str]:
+    loc = ".".join(str(p) for p in error["loc"]) or "event"
+    if loc == "event_type" and error["type"] == "literal_error":
         return "unknown_event_type", f"event_type must be one of {', '.join(EVENT_TYPES)}"
-    if first["type"] == "missing":
+    if error["type"] == "missing":
         return "missing_field", f"'{loc}' is required"
-    if first["type"] == MISSING_FOR_TYPE:
-        return "missing_field", first["msg"]
-    if first["type"] == "extra_forbidden":
+    if error["type"] == MISSING_FOR_TYPE:
+        return "missing_field", error["msg"]
+    if error["type"] == "extra_forbidden":
         return "unknown_field", f"'{loc}' is not a field of schema_version {SCHEMA_VERSION}"
-    if first["type"] == "value_error":  # a rule of a validator: its own words
-        return "schema", str(first.get("ctx", {}).get("error", first["msg"].removeprefix("Value error, ")))
-    return "schema", f"{loc}: {first['msg']}"
+    if error["type"] == "value_error":  # a rule of a validator: its own words
+        return "schema", str(error.get("ctx", {}).get("error", error["msg"].removeprefix("Value error, ")))
+    return "schema", f"{loc}: {error['msg']}"
 
 
 #: the earliest ``created_at`` a product may have: 2000-01-01T00:00:00Z in epoch ms. Older values are not
@@ -274,7 +291,7 @@ def validate_catalog_update(data: object, *, now_ms: int | None = None,
     try:
         update = CatalogUpdate.model_validate(data)
     except ValidationError as err:
-        raise EventError(*describe_validation_error(err)) from None
+        raise EventError(*describe_validation_error(err, every=True)) from None
     if update.created_at is not None:
         check_created_at(update.created_at, now_ms=now_ms, max_future_s=max_future_s)
     return update

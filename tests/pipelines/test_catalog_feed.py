@@ -82,6 +82,20 @@ def test_a_bad_catalog_record_is_refused_with_a_reason_that_says_what_to_fix(raw
     assert says in err.value.message
 
 
+def test_a_product_wrong_in_several_fields_is_refused_naming_each_of_them():
+    """Whoever fixes a product file sees every problem of a record at once, not one per attempt."""
+    bad = {**SHIRT, "price": -3, "category": 5, "colour": "red"}
+    with pytest.raises(EventError) as err:
+        parse_update(orjson.dumps(bad), b"p-shirt", {})
+    assert err.value.reason == "schema"
+    for says in ("price", "category", "'colour' is not a field"):
+        assert says in err.value.message
+    many = {**SHIRT, **{f"x{i}": 1 for i in range(9)}}
+    with pytest.raises(EventError) as err:
+        parse_update(orjson.dumps(many), b"p-shirt", {})
+    assert err.value.message.count("is not a field") == 5 and err.value.message.endswith("and 4 more")
+
+
 def test_a_created_at_within_the_clock_skew_or_long_ago_is_accepted():
     for created_at in (NOW_MS + 60_000, 946_684_800_000, NOW_MS - 20 * 365 * 86_400_000):
         row = parse_update(orjson.dumps({**SHIRT, "created_at": created_at}), b"p-shirt", {})
