@@ -45,7 +45,7 @@ from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, EVENT_TYPES, LA
                                REDIS_PREFIX, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL, STATS_CACHE, STATS_EVENTS, STATS_LATENCY,
                                STATS_REQUESTS, TAG_CHAMPION_HOLDOUT_NDCG, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
                                TAG_HOLDOUT, TAG_TRAINED_VERSION)
-from pipelines.state import BUCKET_S, OnlineState, ab_keys, ab_stats_name, ab_variant
+from pipelines.state import BUCKET_S, TRAINED_FIELD, OnlineState, ab_keys, ab_stats_name, ab_variant
 
 __all__ = [
     "STATS_REQUESTS", "STATS_CACHE", "REQUEST_SOURCES", "COLD_USER", "COLD_USER_SESSION", "COLD_USER_TRENDING",
@@ -56,7 +56,7 @@ __all__ = [
     "ConsumerSummary", "consumer_summary", "redact_url", "Snapshot", "fetch_ab_counts", "fetch_snapshot",
     "ModelVersionInfo",
     "MlflowUnavailable", "mlflow_reachable", "fetch_model_aliases", "fetch_trained_versions", "is_quality_metric",
-    "metric_label", "model_lines", "other_figures", "comparison_arms", "served_arms_note", "catalog_line", "CATALOG_DLQ_PREFIX",
+    "metric_label", "model_lines", "other_figures", "comparison_arms", "served_lineage", "served_arms_note", "catalog_line", "CATALOG_DLQ_PREFIX",
 ]
 
 # --- counter names (the contract with serving) ---------------------------------------
@@ -506,6 +506,13 @@ def comparison_arms(tag: str) -> list[tuple[str, str]]:
     if not at:
         return []
     return [(v, n) for v, _, n in (a.rpartition(".") for a in arms.split(":")) if v and n]
+
+
+def served_lineage(serving: Mapping[str, str]) -> dict[str, str]:
+    """``{served version: the trained version it comes from}`` as the API reports them in the serving status
+    (:meth:`OnlineState.set_serving_status`; an API older than that reports none, and MLflow is asked instead)."""
+    return {serving[alias]: trained for field, trained in serving.items() if field.startswith(TRAINED_FIELD)
+            and serving.get(alias := field[len(TRAINED_FIELD):])}
 
 
 def served_arms_note(tag: str, serving: Mapping[str, str], trained: Mapping[str, str] | None) -> str | None:

@@ -708,9 +708,9 @@ class RecommendationEngine:
         """Write the versions served to Redis (the dashboard's "served" line): on a change, else every 10 s."""
         now = time.monotonic()
         last = getattr(self, "_served_reported", None)
-        if last is None or last[0] != self.versions or now - last[1] >= 10.0:
-            self._served_reported = (dict(self.versions), now)
-            self._redis(self.state.set_serving_status, self.versions)
+        if last is None or last[0] != (self.versions, self.lineage) or now - last[1] >= 10.0:
+            self._served_reported = ((dict(self.versions), dict(self.lineage)), now)
+            self._redis(self.state.set_serving_status, self.versions, self.lineage)
 
     async def _rule_fallback(self) -> None:
         """Apply the rules a list for nobody in particular can have (stock, category cap) to the fallback list,

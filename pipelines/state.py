@@ -29,6 +29,8 @@ REQUEST_TTL_S = 86_400
 #: a user's recent items are forgotten this long after their last event (every visitor and bot id used to
 #: stay in Redis for good); the lists of an active user live on
 RECENT_TTL_S = 30 * 86_400
+#: the serving status's field prefix of the trained version behind each alias served (``trained:champion``)
+TRAINED_FIELD = "trained:"
 #: an A/B comparison's running totals are forgotten this long after its last event
 AB_TTL_S = 90 * 86_400
 
@@ -292,11 +294,15 @@ class OnlineState:
     def set_catalog_status(self, **fields) -> None:
         self.r.hset(RedisKeys.catalog_status, mapping={k: str(v) for k, v in fields.items()})
 
-    def set_serving_status(self, versions: dict[str, str]) -> None:
-        """The versions being served, per alias (an alias not served is removed), with the time now."""
+    def set_serving_status(self, versions: dict[str, str], lineage: dict[str, str] | None = None) -> None:
+        """The versions being served, per alias (an alias not served is removed), with the time now; and under
+        ``trained:<alias>`` the version ``train_job`` trained that each comes from (``lineage``: a refresh's
+        ``trained_version`` tag), so that the dashboard can tell a refresh from a new model without MLflow."""
         p = self.r.pipeline(transaction=True)
         p.delete(RedisKeys.serving_status)
         p.hset(RedisKeys.serving_status, mapping={**{a: str(v) for a, v in versions.items()},
+                                                  **{f"{TRAINED_FIELD}{a}": str(v) for a, v in (lineage or {}).items()
+                                                     if a in versions},
                                                   "updated_ts": f"{time.time():.3f}"})
         p.expire(RedisKeys.serving_status, 86_400)
         p.execute()

@@ -28,7 +28,9 @@ def served_now(snap) -> None:
         return
     serving = snap.serving_status
     others = [serving[v] for v, n in arms if serving.get(v) and serving[v] != n]
-    note = dd.served_arms_note(snap.ab_tag, serving, ui.trained_versions(others))
+    known = dd.served_lineage(serving)  # what the API reports; MLflow only for an API that reports none
+    note = dd.served_arms_note(snap.ab_tag, serving,
+                               known if all(v in known for v in others) else ui.trained_versions(others))
     st.caption(f"Served now: {note}."
                + (" A comparison is named by each arm's *trained* version: the hourly refresh registers a new "
                   "version of each arm (fresher neighbours and trending, the same embeddings) that continues the "

@@ -80,6 +80,7 @@ def test_known_and_new_users_get_model_answers(settings, redis_client, registere
     # what it serves is in Redis for the dashboard's Overview (the registry's alias alone can differ)
     served = OnlineState(redis_client).serving_status()
     assert served[schemas.ALIAS_CHAMPION] == reg.version and float(served["updated_ts"]) > 0
+    assert served["trained:champion"] == reg.version  # a trained version continues its own comparison
 
 
 def test_no_model_serves_fallback(settings, redis_client, client_for):

@@ -483,6 +483,17 @@ def test_the_ab_page_says_which_versions_each_arm_serves_now(dashboard_env, redi
     assert (overview["Champion"], overview["Challenger"]) == ("v5", "v6")
 
 
+def test_the_ab_page_tells_a_refresh_from_a_new_model_by_what_the_api_reports_without_mlflow(
+        dashboard_env, redis_client, redis_url):
+    state = OnlineState(redis_client)
+    _impressions(state, f"{state.experiment}@champion.1:challenger.4")
+    state.set_serving_status({"champion": "5", "challenger": "8"}, {"champion": "1", "challenger": "7"})
+    dashboard_env(redis_url, DEAD_MLFLOW)
+    captions = texts(run_page(PAGES[1]).caption)
+    assert ("Served now: champion v1 (served as v5, its hourly refresh) vs "
+            "challenger v4 (no longer served: the API serves v8 now, a refresh of v7).") in captions, captions
+
+
 def test_the_overview_shows_a_refresh_s_quality_apart_from_its_timings_and_both_windows(
         dashboard_env, redis_client, redis_url, mlflow_with_refreshes):
     OnlineState(redis_client).set_serving_status({"champion": "5", "challenger": "6"})

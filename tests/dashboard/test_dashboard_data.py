@@ -540,6 +540,13 @@ def test_served_arms_note_names_what_each_arm_serves_now():
     assert dd.served_arms_note(tag, {}, {}).startswith("not known: the API has not reported what it serves")
 
 
+def test_served_lineage_reads_the_trained_versions_the_api_reports():
+    serving = {"champion": "5", "challenger": "6", "trained:champion": "1", "trained:challenger": "4",
+               "trained:gone": "2", "updated_ts": "1"}
+    assert dd.served_lineage(serving) == {"5": "1", "6": "4"}
+    assert dd.served_lineage({"champion": "5", "updated_ts": "1"}) == {}  # an API that does not report it
+
+
 def test_fetch_trained_versions(mlflow_with_refreshes):
     assert dd.fetch_trained_versions(mlflow_with_refreshes, ["5", "6", "4", "99"]) == {"5": "1", "6": "4", "4": "4"}
     with pytest.raises(dd.MlflowUnavailable):
