@@ -35,17 +35,41 @@ import math
 import re
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pandas as pd
 
-from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, EVENT_TYPES, LATENCY_EDGES_MS, REGISTERED_MODEL,
-                               REDIS_PREFIX, SOURCE_CACHE, SOURCE_FALLBACK, SOURCE_MODEL, STATS_CACHE, STATS_EVENTS, STATS_LATENCY,
-                               STATS_REQUESTS, TAG_CHAMPION_HOLDOUT_NDCG, TAG_DATA_WINDOW_END, TAG_DATA_WINDOW_START,
-                               TAG_HOLDOUT, TAG_TRAINED_VERSION)
-from pipelines.state import BUCKET_S, TRAINED_FIELD, OnlineState, ab_keys, ab_stats_name, ab_variant
+from pipelines.schemas import (
+    ALIAS_CHALLENGER,
+    ALIAS_CHAMPION,
+    EVENT_TYPES,
+    LATENCY_EDGES_MS,
+    REDIS_PREFIX,
+    REGISTERED_MODEL,
+    SOURCE_CACHE,
+    SOURCE_FALLBACK,
+    SOURCE_MODEL,
+    STATS_CACHE,
+    STATS_EVENTS,
+    STATS_LATENCY,
+    STATS_REQUESTS,
+    TAG_CHAMPION_HOLDOUT_NDCG,
+    TAG_DATA_WINDOW_END,
+    TAG_DATA_WINDOW_START,
+    TAG_HOLDOUT,
+    TAG_TRAINED_VERSION,
+)
+from pipelines.state import (
+    BUCKET_S,
+    TRAINED_FIELD,
+    OnlineState,
+    ab_keys,
+    ab_stats_name,
+    ab_variant,
+)
 
 __all__ = [
     "STATS_REQUESTS", "STATS_CACHE", "REQUEST_SOURCES", "COLD_USER", "COLD_USER_SESSION", "COLD_USER_TRENDING",
@@ -724,15 +748,14 @@ def fetch_model_aliases(tracking_uri: str, name: str = REGISTERED_MODEL, *,
     from mlflow.exceptions import MlflowException
 
     client = _mlflow_client(tracking_uri, client_factory)
-    out: dict[str, ModelVersionInfo | None] = {}
-    for alias in aliases:
+
+    def one(alias: str) -> ModelVersionInfo | None:
         try:
             mv = client.get_model_version_by_alias(name, alias)
         except MlflowException as err:
             if getattr(err, "error_code", "") in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE",
                                                   "NOT_FOUND"):
-                out[alias] = None
-                continue
+                return None
             raise MlflowUnavailable(f"MLflow at {redact_url(tracking_uri)} failed: {err.message}") from err
         except Exception as err:
             raise MlflowUnavailable(f"MLflow at {redact_url(tracking_uri)} failed: {err}") from err
@@ -753,12 +776,16 @@ def fetch_model_aliases(tracking_uri: str, name: str = REGISTERED_MODEL, *,
         trained_tags = {}
         if trained is not None and trained != str(mv.version):  # a refresh: the window its embeddings saw
             trained_tags = _version_tags(client, name, trained, tracking_uri) or {}
-        out[alias] = ModelVersionInfo(alias, str(mv.version), mv.run_id, mv.creation_timestamp, metrics,
-                                      tags.get(TAG_DATA_WINDOW_START), tags.get(TAG_DATA_WINDOW_END),
-                                      tags.get(TAG_HOLDOUT) or None, champion_ndcg, other,
-                                      tags.get(TAG_REFRESH_OF) or None, trained,
-                                      tags.get(TAG_REFRESH_WINDOW_START), tags.get(TAG_REFRESH_WINDOW_END),
-                                      trained_tags.get(TAG_DATA_WINDOW_START), trained_tags.get(TAG_DATA_WINDOW_END))
+        return ModelVersionInfo(alias, str(mv.version), mv.run_id, mv.creation_timestamp, metrics,
+                                tags.get(TAG_DATA_WINDOW_START), tags.get(TAG_DATA_WINDOW_END),
+                                tags.get(TAG_HOLDOUT) or None, champion_ndcg, other,
+                                tags.get(TAG_REFRESH_OF) or None, trained,
+                                tags.get(TAG_REFRESH_WINDOW_START), tags.get(TAG_REFRESH_WINDOW_END),
+                                trained_tags.get(TAG_DATA_WINDOW_START), trained_tags.get(TAG_DATA_WINDOW_END))
+
+    # the aliases side by side: each is one or two round trips to a server that may sit on a busy machine
+    with ThreadPoolExecutor(max_workers=max(1, len(aliases)), thread_name_prefix="mlflow-alias") as pool:
+        out = dict(zip(aliases, pool.map(one, aliases)))
     return out
 
 
