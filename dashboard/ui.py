@@ -52,13 +52,16 @@ def ab_config() -> dd.ABConfig:
         st.stop()
 
 
-def snapshot(minutes: int = dd.WINDOW_MINUTES, tag: str | None = None) -> dd.Snapshot | None:
+def snapshot(minutes: int = dd.WINDOW_MINUTES, tag: str | None = None, *,
+             quiet: bool = False) -> dd.Snapshot | None:
     """The Redis counters (A/B totals of the comparison ``tag``, default the latest), or None after showing a
-    warning when Redis is down."""
+    warning when Redis is down (``quiet``: no warning, for a second use on a page that shows it elsewhere)."""
     s = settings()
     try:
         return _snapshot(s.redis_url, ab_config().experiment, minutes, tag)
     except redis.RedisError as err:
+        if quiet:
+            return None
         st.warning(f"**Redis is down**: cannot reach `{dd.redact_url(s.redis_url)}` ({type(err).__name__}: {err}). "
                    f"The traffic, cache and cold-start counters live there. {START_HINT} "
                    "Elsewhere, point `SHOPREC_REDIS_URL` at a running Redis.", icon=":material/cloud_off:")
@@ -150,12 +153,14 @@ def _redis_info(redis_url: str, experiment: str) -> dd.RedisInfo:
     return dd.fetch_redis_info(_online_state(redis_url, experiment).r)
 
 
-def redis_info() -> dd.RedisInfo | None:
+def redis_info(*, quiet: bool = False) -> dd.RedisInfo | None:
+    """Redis's memory and key counts, or None (after a warning, unless ``quiet``) when Redis is down."""
     s = settings()
     try:
         return _redis_info(s.redis_url, ab_config().experiment)
     except redis.RedisError as err:
-        _redis_down(err, "Memory and key counts come from it.")
+        if not quiet:
+            _redis_down(err, "Memory and key counts come from it.")
         return None
 
 

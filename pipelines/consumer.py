@@ -59,7 +59,10 @@ replays the uncommitted batches from the last committed offset. Two mechanisms m
   Offsets mean something only within one log, so files also carry the broker's id of the topic's
   log (its topic id, :meth:`StreamConsumer._log_id`), and only files of the log being consumed are
   removed. A new log restarts at offset 0: a topic deleted and created again, or a broker that keeps
-  its log in memory (tansu under ``make up``) restarted; a flush group never spans two logs. The files
+  its log in memory (tansu under ``make up``) restarted; a flush group never spans two logs. The log id is
+  read from metadata fetched when a partition is taken on (:meth:`StreamConsumer._current_metadata`), never
+  from the client's cache alone: a consumer that outlives a broker restart would otherwise name the new log's
+  records by the old log's id and remove the old log's files as if they were its own uncommitted ones. The files
   of an earlier log are committed history: nothing can replay them. (A broker without topic ids, Kafka
   before 2.8, gets unnamed files, handled as before; so are files written before logs were named, which
   a broker with topic ids never removes: at worst, the uncommitted batch of a consumer killed just before
@@ -319,6 +322,11 @@ class StreamConsumer:
             removed, dropped = self._drop_inflight([], [], _spans(polled))
             log.warning("partitions %s were revoked with batches in flight; %d files of %d batches removed, "
                         "their records are consumed again", sorted(tp.partition for tp in revoked), removed, dropped)
+            n = 0
+        elif n and any(tp not in self._owned for tp in polled) and not self._current_metadata():
+            # which log these records belong to is not known: handling them could take an earlier log's files
+            # for uncommitted ones of this log (their offsets overlap); poll them again once the broker answers
+            self._rewind(_spans(polled))
             n = 0
         elif n:
             self._handle(polled)
@@ -638,6 +646,23 @@ class StreamConsumer:
                                          log=logs[tp.topic]), events)
                    for tp, events in valid.items()]
         return lake.write_batches(s.lake_dir, batches, threads=s.consumer_lake_threads) if batches else []
+
+    def _current_metadata(self, timeout_s: float = 10.0) -> bool:
+        """Fetch the cluster's metadata now (the topics' log ids with it); False when it does not come in time.
+
+        Called before a partition is taken on (assigned, or sought back after a refused commit). The metadata
+        the client has cached can be older than the log the records come from: a broker restarted during an
+        outage serves a new log (offsets from 0 again) while the cache still names the old one for up to the
+        refresh backoff, and the new log's first group would remove the old log's files as uncommitted.
+        """
+        done = threading.Event()
+        update = self.consumer._client.cluster.request_update()
+        update.add_both(lambda _: done.set())
+        if done.wait(timeout_s) and update.succeeded():
+            return True
+        log.warning("the broker did not send its metadata within %.0fs (%s): the records polled are read again",
+                    timeout_s, update.exception or "no answer")
+        return False
 
     def _log_id(self, topic: str) -> str | None:
         """The broker's id of ``topic``'s log as 32 hex digits: its topic id (Kafka 2.8+, KIP-516), from the

@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 import httpx
 
 from pipelines.localstack import broker_command, mlflow_command, redis_command
-from pipelines.settings import Settings, local_env
+from pipelines.settings import LOCAL_API_KEY, Settings, local_env
 
 DEFAULT_KAFKA = "localhost:9092"
 DEFAULT_REDIS = "redis://localhost:6379/0"
@@ -212,7 +212,20 @@ def up(settings: Settings, root: Path, timeout_s: float = 240, echo=print) -> bo
     echo(table(progs, conf))
     if pending:
         echo(f"not healthy after {timeout_s:.0f}s: {', '.join(sorted(pending))}; see {settings.var_dir}/log/<name>.log")
+    else:
+        echo(next_steps(settings))
     return not pending
+
+
+def next_steps(settings: Settings) -> str:
+    """What to do once the stack is up: the key the API takes, a first request, and the first training."""
+    key = LOCAL_API_KEY if not os.environ.get("SHOPREC_API_KEYS") else "<one of SHOPREC_API_KEYS>"
+    api = next((p.url for p in programs(settings, Path.cwd()) if p.name == "bentoml"), "http://localhost:3001")
+    return (f"\nThe API takes `Authorization: Bearer {key}`, e.g.\n"
+            f"  curl -s {api}/recommend -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
+            "-d '{\"user_id\": \"u000001\"}'\n"
+            "Until a model is registered it answers from the fallback (`source: fallback`): after the first "
+            "`make up`, run `train_job` once (Dagster → Jobs → train_job → Materialize all; README, Using it).")
 
 
 def start_in_order(progs: list[Program], conf: Path, timeout_s: float, echo=print) -> set[str]:

@@ -19,7 +19,7 @@ def models() -> None:
     aliases = ui.model_aliases()
     if aliases is None:
         return
-    snap = ui.snapshot()
+    snap = ui.snapshot(quiet=True)  # the Serving section below says when Redis is down
     cols = st.columns(2)
     for col, alias in zip(cols, (ALIAS_CHAMPION, ALIAS_CHALLENGER)):
         info = aliases.get(alias)

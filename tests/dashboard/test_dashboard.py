@@ -65,6 +65,13 @@ def test_services_down_show_a_message_not_a_traceback(dashboard_env, page):
         assert "MLflow is down" in messages
 
 
+@pytest.mark.parametrize("page", PAGES[:4])
+def test_redis_down_is_said_once_per_page(dashboard_env, mlflow_with_champion, page):
+    dashboard_env(DEAD_REDIS, mlflow_with_champion)
+    warnings = [str(w.value) for w in run_page(page).warning]
+    assert sum("Redis is down" in w for w in warnings) == 1, warnings
+
+
 @pytest.mark.parametrize("page", PAGES)
 def test_empty_stack_says_no_data_yet(dashboard_env, redis_client, redis_url, mlflow_with_champion, page):
     dashboard_env(redis_url, mlflow_with_champion)

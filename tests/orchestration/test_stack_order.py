@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipelines import localstack
 from pipelines.settings import Settings
-from pipelines.stack import Program, down, render_config, start_in_order, states
+from pipelines.stack import Program, down, next_steps, render_config, start_in_order, states
 
 SLOW_SERVER = """
 import http.server, sys, time
@@ -63,3 +63,14 @@ def test_a_program_starts_only_after_what_it_needs_answers_and_one_that_cannot_s
     finally:
         down(settings, tmp_path)
     assert not (conf.parent / "supervisord.pid").exists()
+
+
+def test_make_up_ends_with_the_key_a_first_request_and_the_first_training(monkeypatch):
+    from pipelines.settings import LOCAL_API_KEY, get_settings
+
+    monkeypatch.delenv("SHOPREC_API_KEYS", raising=False)
+    text = next_steps(get_settings())
+    assert f"Authorization: Bearer {LOCAL_API_KEY}" in text and "/recommend" in text and "train_job" in text
+    monkeypatch.setenv("SHOPREC_API_KEYS", '["a-real-secret"]')  # a deployment's keys are never printed
+    text = next_steps(get_settings())
+    assert "a-real-secret" not in text and LOCAL_API_KEY not in text and "one of SHOPREC_API_KEYS" in text

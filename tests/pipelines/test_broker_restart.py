@@ -8,6 +8,7 @@ as real child processes, as ``make up`` does.
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -116,3 +117,52 @@ def test_uncommitted_files_are_removed_only_from_the_log_they_were_written_again
     # a broker that names no log (Kafka before 2.8) removes unnamed files, as before
     assert remove(0, None) == {names["no_log"]}
     assert {p.name for p in folder.iterdir()} == {names["old_log"], names["committed"], names["other_partition"]}
+
+
+#: how long the broker is down between its two incarnations
+OUTAGE_S = 20.0
+
+
+def test_a_broker_restarted_under_a_running_consumer_keeps_the_events_it_stored(settings, redis_client, tmp_path,
+                                                                                monkeypatch):
+    """`supervisorctl stop broker`, then `make up`: the consumer keeps running, its commit is refused, and it
+    resumes at offset 0 of the new log. The metadata it has cached still names the old log's topic id for a
+    while; the files of the old log must not be taken for uncommitted files of the new one."""
+    from tests.pipelines.conftest import wait_until
+
+    monkeypatch.setenv("SHOPREC_CONSUMER_MAX_RECORDS", "150")
+    port = localstack.free_port()
+    monkeypatch.setenv("SHOPREC_KAFKA_BOOTSTRAP", f"127.0.0.1:{port}")
+    get_settings.cache_clear()
+    log = tmp_path / "consumer.log"
+    first, second = tagged_events(900), tagged_events(600)
+
+    def stored(events) -> bool:
+        return _exactly_once(settings, events) == (0, {})
+
+    with localstack.running(localstack.broker_command(port), port, tmp_path / "broker-a.log"):
+        kafka_io.ensure_topics(get_settings())
+        produce(get_settings(), first)
+        consumer = start_consumer(log)
+        try:
+            wait_until(lambda: stored(first), timeout=90, what=f"the first broker's events in the lake; see {log}")
+        except BaseException:
+            consumer.kill()
+            raise
+    from_a = _lake_files(settings)
+    try:
+        time.sleep(OUTAGE_S)  # the broker stays down a while (the walk-through's: ~25 s); the consumer retries
+        with localstack.running(localstack.broker_command(port), port, tmp_path / "broker-b.log"):
+            kafka_io.ensure_topics(get_settings())
+            produce(get_settings(), second)
+            wait_until(lambda: stored(second), timeout=120, what=f"the new broker's events in the lake; see {log}")
+            assert consumer.poll() is None, f"the consumer exited; see {log}"
+    finally:
+        consumer.terminate()
+        consumer.wait(timeout=60)
+    assert from_a <= _lake_files(settings), f"files of the first broker's log were removed; see {log}"
+    assert stored(first) and stored(second), f"see {log}"
+    # the new log's files are named by the new log's topic id, not the old one's
+    logs_a = {lake._BATCH_FILE.match(Path(f).name)["log"] for f in from_a}
+    logs_b = {lake._BATCH_FILE.match(Path(f).name)["log"] for f in _lake_files(settings) - from_a}
+    assert len(logs_a) == 1 and logs_b and not logs_a & logs_b, (logs_a, logs_b)
