@@ -11,6 +11,12 @@ generated per request, so :func:`document` (called by the guard's rewrite of ``/
 * ``info``: the package's version and a short description of the routes, the key and where the README is;
 * ``/events`` and ``/catalog`` answer 202 (with the shape of the answer), and 400 with a list of errors;
   ``/recommend`` and ``/similar`` 400 with ``error`` and ``detail``;
+* the 200 answer of ``/recommend``, ``/similar``, ``/status`` and ``/ping``: the pydantic model the service
+  declares for it (``answers``), under its own name. BentoML wrote ``/recommend``'s inline, titled
+  ``RecommendResponseIODescriptor`` and with ``model_version`` a required string (it drops pydantic's
+  ``anyOf`` with null, and the API answers ``null`` before the first training), and the others as any object.
+  A nullable field is written the OpenAPI 3.0 way (``nullable: true``), the version BentoML declares;
+* the 400 of ``/status`` and ``/ping``, which take no body (or ``{}``), is the query routes' own;
 * the batch field of ``/events`` and ``/catalog`` (marked with :func:`batch_field`) gets its length limit
   from the settings (the guard's 413 is the only check of it) and a "Try it out" example that is safe to
   send again and again: a view with a new ``event_id`` and ``ts`` on each load (a fixed id was a duplicate
@@ -116,10 +122,12 @@ _BATCH_400 = ("the body is not a JSON object with the batch field (only 'error')
                                      "type": "object", "properties": {"index": {"type": "integer"},
                                                                       "reason": {"type": "string"},
                                                                       "message": {"type": "string"}}}}}})
-_BATCH_503 = ("no API keys are configured on this server, or Kafka did not acknowledge the batch: nothing was "
-              "accepted, retry with backoff", _ERROR)
-_QUERY_400 = ("a field is missing, of the wrong JSON type (k: an integer; ids: strings) or out of range, or "
-              "unknown: 'error' names each and what to send, 'detail' lists them (loc, msg, type)", {
+_BATCH_503 = ("no API keys are configured on this server, or Kafka did not acknowledge the batch in time "
+              "(SHOPREC_INGEST_ACK_TIMEOUT_S): nothing was accepted, send it again after Retry-After, with backoff",
+              _ERROR)
+_QUERY_400 = ("the body is not a JSON object, or a field is missing, of the wrong JSON type (k: an integer; ids: "
+              "strings) or out of range, or unknown: 'error' names each and what to send, 'detail' lists them (loc, "
+              "msg, type)", {
                   "type": "object", "required": ["error", "detail"],
                   "properties": {"error": {"type": "string"},
                                  "detail": {"type": "array", "items": {
@@ -156,8 +164,9 @@ recommended and, created long ago, never counts as a new product.
 More in the repository's `README.md` (sections "Using it" and "Security")."""
 
 
-def document(spec: dict, settings) -> dict:
-    """``spec`` (BentoML's OpenAPI schema of the API, as JSON) as :mod:`this module <bentos.api_doc>` says."""
+def document(spec: dict, settings, answers: dict | None = None) -> dict:
+    """``spec`` (BentoML's OpenAPI schema of the API, as JSON) as :mod:`this module <bentos.api_doc>` says;
+    ``answers``: route -> the pydantic model of its 200 answer."""
     info = spec.setdefault("info", {})
     # a built Bento may carry neither the package nor pyproject.toml: its tag's version then, never "None"
     ours, bentos = version(), str(info.get("version"))
@@ -176,9 +185,43 @@ def document(spec: dict, settings) -> dict:
             responses.pop("200", None)  # never answered: 202 once Kafka acknowledged
             for status, (text, schema) in {**_ANSWERS.get(path, {}), "400": _BATCH_400, "503": _BATCH_503}.items():
                 responses[status] = _response(text, schema)
-        elif path in ("/recommend", "/similar"):
+        elif path in ("/recommend", "/similar", "/status", "/ping"):
             responses["400"] = _response(*_QUERY_400)
+        if (model := (answers or {}).get(path)) is not None:
+            responses["200"] = _response((model.__doc__ or "").strip() or "Successful Response",
+                                         {"$ref": _declare(spec, model)})
     return spec
+
+
+def _declare(spec: dict, model) -> str:
+    """The ``$ref`` of ``model``'s schema, added (with the models it uses) to ``spec``'s components."""
+    schemas = spec.setdefault("components", {}).setdefault("schemas", {})
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    for name, sub in {**schema.pop("$defs", {}), model.__name__: schema}.items():
+        schemas[name] = _openapi30(sub)
+    schemas.pop(f"{model.__name__}IODescriptor", None)  # BentoML's name of the same answer, no longer referenced
+    return f"#/components/schemas/{model.__name__}"
+
+
+def _openapi30(node):
+    """pydantic's JSON schema the OpenAPI 3.0 way: ``anyOf: [X, {type: null}]`` is ``X`` with ``nullable: true``
+    (3.0 has no null type), and a field that is absent rather than null when unset shows no ``default: null``."""
+    if isinstance(node, list):
+        return [_openapi30(v) for v in node]
+    if not isinstance(node, dict):
+        return node
+    node = {k: _openapi30(v) for k, v in node.items()}
+    options = node.get("anyOf")
+    if isinstance(options, list) and {"type": "null"} in options:
+        rest = [o for o in options if o != {"type": "null"}]
+        node.pop("anyOf")
+        if len(rest) == 1 and "$ref" not in rest[0]:
+            node = {**rest[0], **node, "nullable": True}
+        else:  # a $ref has no siblings in 3.0
+            node.update(anyOf=rest, nullable=True)
+    elif node.get("default", 0) is None and not node.get("nullable"):
+        node.pop("default")
+    return node
 
 
 def _response(text: str, schema: dict) -> dict:

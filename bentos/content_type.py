@@ -11,6 +11,11 @@ whole, and four clients sending such bodies stalled every other user's answer fo
 without a declared length (chunked) is read here up to the limit. The ingestion routes have their own
 limit (:mod:`bentos.guard`).
 
+A 400 that BentoML answers for an input its validation refused (:class:`bentos.service._Strict`) says
+"<n> validation error for <what is wrong; send ...>": :func:`own_words` drops that header of pydantic's
+on the way out, so ``error`` is the text alone. Only a 400's body is held and rewritten; every other
+answer passes as it came.
+
 Order of the answers: :class:`bentos.guard.ApiKeyAndSizeGuard` runs first (outermost), so a keyed route
 answers 401/403 (or 503 without keys) before 415, and 415 before anything about the body (size,
 rate limit, JSON). On the ingestion routes the guard itself asks :func:`refused_media` right after the
@@ -20,6 +25,9 @@ this middleware answers it. Either way the check is a scan of the headers.
 
 from __future__ import annotations
 
+import re
+
+import orjson
 from starlette.responses import JSONResponse
 
 from bentos.body import BodyTooLarge, read_capped, replaying
@@ -30,6 +38,43 @@ from pipelines.settings import get_settings
 _OPEN = ("/healthz", "/readyz", "/livez", "/metrics", "/docs", "/docs.json", "/schema.json")
 #: routes where a POST must say ``Content-Type: application/json``; their size limit is the ingestion guard's
 _DECLARED = ("/events", "/catalog")
+
+
+#: how BentoML begins the ``error`` of a 400 it answers for a pydantic ``ValidationError``
+_PYDANTIC_HEADER = re.compile(r"^\d+ validation errors? for ")
+
+
+def own_words(send):
+    """``send`` for one answer: a 400's ``error`` without pydantic's "<n> validation error for " header."""
+    held = None
+
+    async def send_own(message):
+        nonlocal held
+        if message["type"] == "http.response.start":
+            if message["status"] != 400:
+                return await send(message)
+            held = message
+            return
+        if held is None:
+            return await send(message)
+        start, held = held, None
+        body = message.get("body", b"")
+        if message["type"] == "http.response.body" and not message.get("more_body"):
+            try:
+                data = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("error"), str):
+                own = _PYDANTIC_HEADER.sub("", data["error"], count=1)
+                if own != data["error"]:
+                    body = orjson.dumps({**data, "error": own})
+                    headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+                    start = {**start, "headers": [*headers, (b"content-length", str(len(body)).encode())]}
+                    message = {**message, "body": body}
+        await send(start)
+        await send(message)
+
+    return send_own
 
 
 def unsupported(media: str) -> str:
@@ -71,6 +116,7 @@ class JsonOnly:
                 chunked = True
         if (problem := refused_media(ctype, scope["path"] in self.required)) is not None:
             return await JSONResponse({"error": problem}, status_code=415)(scope, receive, send)
+        send = own_words(send)
         if scope["path"] in self.required:
             return await self.app(scope, receive, send)
         declared = int(length) if length is not None and length.isdigit() and not chunked else None

@@ -91,14 +91,18 @@ def _batch_of(body: bytes, field: str) -> tuple[str | None, list | None]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as err:
+        try:  # orjson says "str is not valid UTF-8: surrogates not allowed" of any byte that is not UTF-8
+            body.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            return (f"the body is not UTF-8 JSON (byte 0x{body[bad.start]:02x} at position {bad.start} is not "
+                    "UTF-8)"), None
         return f"the body is not valid JSON: {err.msg} at line {err.lineno} column {err.colno} (char {err.pos})", None
     if not isinstance(data, dict):
         return f"the body is a JSON {_json_type(data)}, not an object", None
     if field not in data:
         return f"the body has no {field!r} field", None
     if len(data) > 1:  # a typo such as {"events": [], "event": [...]} must not pass as an empty batch
-        return (f"the body has field(s) other than {field!r}: {', '.join(sorted(repr(k) for k in data if k != field))}; "
-                f"send only {{\"{field}\": [...]}}"), None
+        return f"the body has field(s) other than {field!r}: {', '.join(sorted(repr(k) for k in data if k != field))}", None
     if not isinstance(data[field], list):
         return f"{field!r} is a JSON {_json_type(data[field])}, not an array", None
     return None, data[field]
@@ -130,9 +134,10 @@ class ApiKeyAndSizeGuard:
     """ASGI middleware: the key of every read and ingestion route; 413 and 429 of an ingestion request before
     the service parses its body."""
 
-    def __init__(self, app, paths: dict[str, str] | None = None):
+    def __init__(self, app, paths: dict[str, str] | None = None, answers: dict | None = None):
         self.app = app
         self.paths = paths or {"/events": "events", "/catalog": "products"}  # path -> the batch's field
+        self.answers = answers or {}  # path -> the pydantic model of its 200 answer, for /docs.json
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -146,7 +151,7 @@ class ApiKeyAndSizeGuard:
         if path == "/" and scope.get("method") == "GET":
             return await Response(index_page(), media_type="text/html")(scope, receive, send)
         if path == "/docs.json":
-            return await self.app(scope, receive, _KeyInSchema(send, READ_PATHS, set(self.paths)))
+            return await self.app(scope, receive, _KeyInSchema(send, READ_PATHS, set(self.paths), self.answers))
         if path in READ_PATHS:
             if settings.serve_public_reads:
                 return await self.app(scope, receive, send)
@@ -198,7 +203,7 @@ class ApiKeyAndSizeGuard:
             return
         problem, batch = _batch_of(body, field)
         if problem is not None:
-            return await refuse(400, f"{problem}; send a JSON object {{\"{field}\": [...]}} with "
+            return await refuse(400, f"{problem}; send a JSON object {{\"{field}\": [...]}} (no other field) with "
                                      "'Content-Type: application/json'")
         if len(batch) > settings.max_events_per_request:
             return await refuse(413, f"{len(batch)} {field} in one request; the limit is "
@@ -215,8 +220,8 @@ class _KeyInSchema:
     shows "Authorize" and sends ``Authorization: Bearer <key>``.
     """
 
-    def __init__(self, send, reads: set[str] | frozenset[str], writes: set[str]):
-        self.send, self.reads, self.writes = send, reads, writes
+    def __init__(self, send, reads: set[str] | frozenset[str], writes: set[str], answers: dict | None = None):
+        self.send, self.reads, self.writes, self.answers = send, reads, writes, answers or {}
         self.start: dict | None = None
         self.body = bytearray()
 
@@ -233,7 +238,7 @@ class _KeyInSchema:
         if self.start["status"] == 200:
             try:
                 body = orjson.dumps(document(_with_key(orjson.loads(body), self.reads, self.writes),
-                                             get_settings()))
+                                             get_settings(), self.answers))
             except (orjson.JSONDecodeError, TypeError, AttributeError, KeyError) as err:  # BentoML's, unchanged
                 log.warning("API key not added to the OpenAPI schema (%s)", err)
         headers = [(k, v) for k, v in self.start.get("headers", []) if k.lower() != b"content-length"]

@@ -12,6 +12,7 @@ Thin by design: every decision is made in :mod:`pipelines.serving`.
 
 from __future__ import annotations
 
+import difflib
 import gc
 import logging
 import math
@@ -54,19 +55,77 @@ _BATCHING = ({"batchable": True, "max_batch_size": _S.serve_max_batch_size, "max
              if _S.serve_max_batch_size > 1 else {})
 
 
+# The answers of the read routes, as /docs.json declares them (bentos.api_doc.document): the routes return dicts
+# (or, /recommend, bytes) built without these models, and tests/bentos/test_answers_schema.py checks that what
+# the running API answers validates against what it serves. Unknown fields are refused, so a field added to an
+# answer and not here fails that test.
 class Item(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     item_id: str
     score: float
 
 
 class RecommendResponse(BaseModel):
+    """Top-k items for the user."""
+
+    model_config = ConfigDict(extra="forbid")
     request_id: str
     items: list[Item]
     variant: str
-    model_version: str | None
+    model_version: str | None = Field(description="the model version that ranked the items; null when none did "
+                                                  "(no model trained yet: the fallback's popular items)")
     source: str = Field(description="cache | model | fallback")
     experiment: str | None = Field(None, description="the A/B comparison: experiment name and the versions served "
                                                      "(default@champion.2:challenger.3); echo it with clicks")
+
+
+class SimilarResponse(BaseModel):
+    """Items similar to the item, from the champion."""
+
+    model_config = ConfigDict(extra="forbid")
+    item_id: str
+    items: list[str] = Field(description="the most similar products first, sold-out products left out")
+    model_version: str | None = Field(description="the champion version that answered; null when no champion is "
+                                                  "served or the scoring service did not answer")
+    by_content: bool = Field(None, description="only for a product the champion was not trained with: whether "
+                                               "items are its neighbours by content (category, brand, price)")
+    reason: str = Field(None, description="only when items is empty: why, and what would give it items")
+
+
+class ImpressionStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sent: int = Field(description="acknowledged by Kafka")
+    pending: int = Field(description="waiting for Kafka")
+    dropped: int = Field(description="dropped: the buffer (SHOPREC_IMPRESSION_BUFFER) was full")
+    failed: int = Field(description="refused by Kafka")
+
+
+class LocalCacheStats(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    active: bool = Field(description="whether Redis invalidations arrive (only then are the copies used)")
+    users: int
+    invalidations: int
+
+
+class StatusResponse(BaseModel):
+    """What this API process serves: model versions, fallback list, impressions and list copies."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: dict[str, str] = Field(description="alias (champion, challenger) -> the version served; {} before the "
+                                               "first training")
+    fallback_items: int = Field(description="length of the popular list served when no model answers")
+    experiment: str
+    comparison: str = Field(description="the A/B comparison impressions are tagged with")
+    impressions: ImpressionStats = Field(description="this process's impressions")
+    local_cache: LocalCacheStats | None = Field(description="this process's copies of cached lists; null when "
+                                                            "SHOPREC_SERVE_LOCAL_CACHE_ENTRIES is 0")
+
+
+class PingResponse(BaseModel):
+    """Always {"ok": true}."""
+
+    model_config = ConfigDict(extra="forbid")
+    ok: bool
 
 
 def _freeze_startup_objects() -> None:
@@ -196,6 +255,8 @@ class Scorer:
                 "or a person promotes it)")
 
 
+#: the Retry-After of a batch Kafka did not take (503): the client's first wait, before its own backoff
+_RETRY_AFTER_S = 5
 _K = Annotated[int, Field(ge=1, le=_S.max_k, description=f"how many items, 1 to {_S.max_k}")]
 
 
@@ -206,8 +267,13 @@ class _Strict(bentoml.IODescriptor):
     are strict (pydantic's strict mode): ``"k": true`` used to mean 1 and ``"k": "5"`` 5. The 400 names
     each field and what to send (BentoML's own text was "1 validation error for Input", its ``detail``
     entries carried pydantic's documentation URL); BentoML builds it from the ``ValidationError`` raised
-    here. BentoML's JSON serde calls :meth:`model_validate_json`, which calls the validator directly as
-    pydantic's does: an accepted request costs no more than before (one Python call, a ``try``).
+    here, as "<n> validation error for <our text>", and :class:`bentos.content_type.JsonOnly` drops that
+    header on the way out, so ``error`` is shoprec's text alone. BentoML's JSON serde calls
+    :meth:`model_validate_json`, which calls the validator directly as pydantic's does: an accepted request
+    costs no more than before (one Python call, a ``try``).
+
+    BentoML reads an empty body as ``{}``: :meth:`from_http_request` names it where a field is required
+    ("user_id is required" did not say that nothing was sent), and lets it through where none is (``/status``).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -215,30 +281,63 @@ class _Strict(bentoml.IODescriptor):
     send: ClassVar[str] = "a JSON object"
 
     @classmethod
+    async def from_http_request(cls, request, serde):
+        if not await request.body() and any(f.is_required() for f in cls.model_fields.values()):
+            raise ValidationError.from_exception_data(f"the body is empty; send {cls.send}", [InitErrorDetails(
+                type=PydanticCustomError("empty_body", "the body is empty"), loc=(), input="")])
+        return await serde.parse_request(request, cls)
+
+    @classmethod
     def model_validate_json(cls, json_data, *, strict=None, extra=None, context=None, by_alias=None, by_name=None):
         try:
             return cls.__pydantic_validator__.validate_json(json_data, strict=strict, extra=extra, context=context,
                                                             by_alias=by_alias, by_name=by_name)
         except ValidationError as err:
-            raise explained(err, cls.send) from None
+            raise explained(err, cls.send, json_data, tuple(cls.model_fields)) from None
 
 
-def explained(err: ValidationError, send: str) -> ValidationError:
-    """``err`` with a title that names each field, its problem and what to send, and no documentation URLs.
+def explained(err: ValidationError, send: str, body: str | bytes = b"", fields: tuple[str, ...] = ()) -> ValidationError:
+    """``err`` with a title that says what is wrong, field by field, and what to send, and no documentation URLs.
 
-    BentoML answers it with ``{"error": "<n> validation error for <title>", "detail": [{type, loc, msg}]}``
-    and :func:`bentos.routes.quiet_client_errors` logs that first line.
+    In shoprec's words where pydantic's would mislead or say too little: a body that is not JSON (or not UTF-8,
+    which pydantic called "expected value at line 1 column 1"), not an object, a missing or an unknown field (with
+    the field it may have meant, out of ``fields``); pydantic's message for the rest ("k: Input should be less than
+    or equal to 100"). BentoML answers it with ``{"error": "<n> validation error for <title>", "detail": [{type,
+    loc, msg}]}`` (the header is dropped on the way out) and :func:`bentos.routes.quiet_client_errors` logs that
+    first line.
     """
     problems, lines = [], []
     for e in err.errors(include_url=False):
         where = ".".join(str(p) for p in e["loc"]) or "the body"
-        # the JSON type and, for a scalar, the value itself: "(got a JSON number, 5.0)" says why 5.0 is no integer
-        shown = f", {orjson.dumps(e['input']).decode()[:40]}" if isinstance(e["input"], (bool, int, float, str)) else ""
-        got = f" (got a JSON {_json_type(e['input'])}{shown})" if e["type"].endswith("_type") else ""
-        problems.append(f"{where}: {e['msg']}{got}")
+        if e["type"] == "json_invalid":
+            problem = _not_json(body, e["msg"])
+        elif e["type"] in ("model_type", "dict_type") and not e["loc"]:
+            problem = f"the body is a JSON {_json_type(e['input'])}, not an object"
+        elif e["type"] == "missing":
+            problem = f"{where!r} is required"
+        elif e["type"] == "extra_forbidden":
+            near = difflib.get_close_matches(where, fields, n=1)
+            problem = f"unknown field {where!r}" + (f" (did you mean {near[0]!r}?)" if near else "")
+        else:
+            # the JSON type and, for a scalar, the value itself: "(got a JSON number, 5.0)" says why 5.0 is no integer
+            shown = (f", {orjson.dumps(e['input']).decode()[:40]}" if isinstance(e["input"], (bool, int, float, str))
+                     else "")
+            got = f" (got a JSON {_json_type(e['input'])}{shown})" if e["type"].endswith("_type") else ""
+            problem = f"{where}: {e['msg']}{got}"
+        problems.append(problem)
         # a custom error type has no URL; its message is taken as it is (no context to format)
         lines.append(InitErrorDetails(type=PydanticCustomError(e["type"], e["msg"]), loc=e["loc"], input=e["input"]))
     return ValidationError.from_exception_data(f"{'; '.join(problems)}; send {send}", lines)
+
+
+def _not_json(body: str | bytes, msg: str) -> str:
+    """What is wrong with a body pydantic could not parse (its message was ``msg``)."""
+    if isinstance(body, (bytes, bytearray)):
+        try:
+            bytes(body).decode("utf-8")
+        except UnicodeDecodeError as err:
+            return f"the body is not UTF-8 JSON (byte 0x{body[err.start]:02x} at position {err.start} is not UTF-8)"
+    return f"the body is not valid JSON ({msg.removeprefix('Invalid JSON: ')})"
 
 
 _ID_TEXT = "a JSON string of 1 to 128 letters, digits or _.:@-"
@@ -257,6 +356,14 @@ class SimilarInput(_Strict):
                            f"k: {_K_TEXT}; no other field)")
     item_id: Id
     k: _K = _S.default_k
+
+
+# the input of a route that takes none (/status, /ping): anything but no body or {} is a 400 that says so (a body
+# such as {"x": 1} was answered 200, the field ignored, and garbage with pydantic's "1 validation error for Input")
+class NoInput(_Strict):
+    """No body, or an empty JSON object {}: this route takes no input."""
+
+    send: ClassVar[str] = "no body, or an empty JSON object {}: this route takes no input"
 
 
 @bentoml.service(name="shoprec", http={"port": 3001}, traffic={"timeout": _S.serve_request_timeout_s}, workers=_S.serve_api_workers,
@@ -346,11 +453,14 @@ class Shoprec:
         except Exception as err:
             log.warning("records not delivered to Kafka: %s", err)
             ctx.response.status_code = 503
-            return {"error": "the event bus is unavailable; nothing was accepted, retry with backoff"}
+            ctx.response.headers["Retry-After"] = str(_RETRY_AFTER_S)
+            return {"error": f"the event bus is unavailable (Kafka did not acknowledge the batch within "
+                             f"{self.settings.ingest_ack_wait_s:g} s); nothing was accepted, retry with backoff: send "
+                             f"the same batch again after Retry-After ({_RETRY_AFTER_S} s)"}
         ctx.response.status_code = 202
         return {"accepted": n}
 
-    @bentoml.api(route="/status")
+    @bentoml.api(route="/status", input_spec=NoInput)
     async def status(self) -> dict:
         """Versions being served, the fallback list size, this process's impressions and list copies."""
         await self.engine.refresh_info()
@@ -362,7 +472,7 @@ class Shoprec:
                 "local_cache": {"active": local.active, "users": len(local), "invalidations": local.invalidations}
                 if local is not None else None}
 
-    @bentoml.api(route="/ping")
+    @bentoml.api(route="/ping", input_spec=NoInput)
     async def ping(self) -> dict:
         """A trivial endpoint, without a key: the framework's own cost (the serving benchmark's floor); not a
         health check (BentoML's ``/readyz`` and ``/healthz`` are)."""
@@ -382,6 +492,7 @@ def _pin_media_types(*services: Any) -> None:
 
 
 _pin_media_types(Scorer, Shoprec)
-Shoprec.add_asgi_middleware(ApiKeyAndSizeGuard)
+Shoprec.add_asgi_middleware(ApiKeyAndSizeGuard, answers={"/recommend": RecommendResponse, "/similar": SimilarResponse,
+                                                        "/status": StatusResponse, "/ping": PingResponse})
 Shoprec.add_asgi_middleware(JsonOnly)
 Shoprec.add_asgi_middleware(RecycleConnections, max_requests=_S.serve_recycle_requests)

@@ -11,6 +11,7 @@ import threading
 import time
 
 import orjson
+from kafka.errors import KafkaTimeoutError
 
 from pipelines import catalog_feed, kafka_io
 from pipelines.schemas import Event, EventError, validate_catalog_update, validate_event
@@ -82,50 +83,76 @@ def validate_products(products: list) -> tuple[list[dict], list[dict]]:
 
 
 class EventIngestor:
-    """Validates batches from ``/events`` and produces them to ``shop.events``."""
+    """Validates batches from ``/events`` and produces them to ``shop.events``.
+
+    The acks are awaited until ``settings.ingest_ack_wait_s`` after the request began, and each other wait on
+    Kafka (the producer's first connection, a topic's partitions) is bounded by it too: all under the API's
+    request timeout, so a broker that is down costs the client that long and a 503 that says nothing was
+    accepted, not BentoML's 504 at the request timeout, which said neither (the acks were awaited 10 s, the
+    first connection 30 s and a topic's partitions 60 s, kafka-python's defaults). A record not acknowledged
+    by then is given up by the producer too (``delivery_timeout_ms``) rather than retried behind the client's
+    back; one the broker wrote but whose ack was lost arrives twice after the client's retry, which is harmless
+    (the consumer drops a repeated event_id; a product record sets the same fields again).
+    """
 
     def __init__(self, settings: Settings):
         self.settings = settings
         self._producer = None
         self._lock = threading.Lock()
 
-    def producer(self):
-        with self._lock:
+    def producer(self, deadline: float | None = None):
+        """The producer, made on first use; ``deadline`` (``time.monotonic()``) bounds the wait for another
+        request that is making it."""
+        wait = -1 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._lock.acquire(timeout=wait):
+            raise KafkaTimeoutError("another request is still connecting to Kafka")
+        try:
             if self._producer is None:
-                self._producer = kafka_io.make_producer(self.settings)
+                wait_ms = int(self.settings.ingest_ack_wait_s * 1000)
+                linger_ms = 5
+                self._producer = kafka_io.make_producer(
+                    self.settings, linger_ms=linger_ms, max_block_ms=wait_ms, bootstrap_timeout_ms=wait_ms,
+                    request_timeout_ms=max(1, wait_ms - linger_ms), delivery_timeout_ms=wait_ms)
             return self._producer
+        finally:
+            self._lock.release()
 
-    def ingest(self, events: list, timeout_s: float = 10.0) -> int:
+    def ingest(self, events: list, timeout_s: float | None = None) -> int:
         """Validate a batch and send it to Kafka; returns the count once the broker acknowledged all.
+
+        ``timeout_s`` (default: ``settings.ingest_ack_wait_s``) bounds the whole wait on Kafka.
 
         Raises:
             IngestRejected: when any event is invalid (nothing is sent).
             kafka.errors.KafkaError: when the broker did not acknowledge in time.
         """
+        deadline = time.monotonic() + (timeout_s or self.settings.ingest_ack_wait_s)
         valid, errors = validate_batch(events, self.settings)
         if errors:
             raise IngestRejected(errors)
-        return self._await(kafka_io.send_events(self.producer(), [e.model_dump(exclude_none=True) for e in valid],
-                                                self.settings.kafka_topic_events), timeout_s)
+        return self._await(kafka_io.send_events(self.producer(deadline), [e.model_dump(exclude_none=True) for e in valid],
+                                                self.settings.kafka_topic_events), deadline)
 
-    def ingest_products(self, products: list, timeout_s: float = 10.0) -> int:
+    def ingest_products(self, products: list, timeout_s: float | None = None) -> int:
         """Validate product records and send them to the catalog topic; returns the count once acknowledged.
+
+        ``timeout_s`` as :meth:`ingest`'s.
 
         Raises:
             IngestRejected: when any record is invalid (nothing is sent).
             kafka.errors.KafkaError: when the broker did not acknowledge in time.
         """
+        deadline = time.monotonic() + (timeout_s or self.settings.ingest_ack_wait_s)
         valid, errors = validate_products(products)
         if errors:
             raise IngestRejected(errors, "product")
-        return self._await(catalog_feed.publish_items(self.producer(), valid, self.settings.kafka_topic_catalog),
-                           timeout_s)
+        return self._await(catalog_feed.publish_items(self.producer(deadline), valid,
+                                                      self.settings.kafka_topic_catalog), deadline)
 
     @staticmethod
-    def _await(futures: list, timeout_s: float) -> int:
-        deadline = time.monotonic() + timeout_s
+    def _await(futures: list, deadline: float) -> int:
         for f in futures:
-            f.get(timeout=max(0.1, deadline - time.monotonic()))
+            f.get(timeout=max(0.01, deadline - time.monotonic()))
         return len(futures)
 
     def close(self) -> None:

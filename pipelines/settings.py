@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.schemas import REGISTERED_MODEL, TOPIC_CATALOG, TOPIC_DLQ, TOPIC_EVENTS
@@ -158,6 +158,12 @@ class Settings(BaseSettings):
     max_request_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="largest /events body (413 above)")
     max_query_bytes: int = Field(16 * 1024, ge=256, description="largest body of another POST (/recommend, /similar, "
                                                                 "/status ...): 413 above")
+    ingest_ack_timeout_s: float | None = Field(None, gt=0, description="how long /events and /catalog wait for "
+                                               "the broker to acknowledge a batch (and to connect, or to learn a "
+                                               "topic's partitions) before answering 503 \"nothing was accepted, "
+                                               "retry\" with Retry-After (default: 60 % of serve_request_timeout_s). "
+                                               "It must end before the API's request timeout: past that, BentoML "
+                                               "answers its own 504, which says neither what happened nor what to do")
     events_rate_limit: str = Field("100/second", description="per-API-key request limit of /events, in the "
                                    "`limits` notation (e.g. '100/second;3000/minute'); shared through Redis")
     consumer_lake_threads: int = Field(4, ge=1, description="lake files (one per Kafka partition and hour of a "
@@ -220,6 +226,21 @@ class Settings(BaseSettings):
     refresh_moves_champion: bool = Field(True, description="a refresh of the champion that is not worse than it "
                                                            "(challenger_tolerance) takes the `champion` alias "
                                                            "without SHOPREC_AUTO_PROMOTE; off: a person promotes it")
+
+    @model_validator(mode="after")
+    def _ack_wait_within_the_request_timeout(self) -> Settings:
+        if self.ingest_ack_timeout_s is not None and self.ingest_ack_timeout_s >= self.serve_request_timeout_s:
+            raise ValueError(f"SHOPREC_INGEST_ACK_TIMEOUT_S ({self.ingest_ack_timeout_s}) must be under "
+                             f"SHOPREC_SERVE_REQUEST_TIMEOUT_S ({self.serve_request_timeout_s}): an ingestion request "
+                             "still waiting for Kafka then gets BentoML's 504 instead of shoprec's 503 (unset it to "
+                             "use 60 % of the request timeout)")
+        return self
+
+    @property
+    def ingest_ack_wait_s(self) -> float:
+        """How long an ingestion request waits for Kafka: ``ingest_ack_timeout_s``, else 60 % of the request timeout
+        (the rest is left to validate the batch and answer)."""
+        return self.ingest_ack_timeout_s or 0.6 * self.serve_request_timeout_s
 
     @property
     def lake_dir(self) -> Path:

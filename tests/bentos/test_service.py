@@ -202,7 +202,7 @@ def test_k_out_of_range_is_400_with_a_message(settings, redis_client, client_for
     r = c.post("/recommend", json={"user_id": "u0", "k": k})
     assert r.status_code == 400
     body = r.json()
-    assert "validation error" in body["error"]
+    assert body["error"].startswith("k: Input should be ") and "validation error" not in body["error"], body
     assert body["detail"][0]["loc"] == ["k"] and body["detail"][0]["msg"]  # says which field and why
 
 
@@ -221,7 +221,7 @@ def test_recommend_and_similar_take_json_types_strictly_and_say_what_to_send(set
             r = c.post(path, json=body)
             assert r.status_code == 400, (path, body, r.text)
             error = r.json()["error"]
-            assert error.startswith(f"1 validation error for {field}: Input should be a valid ") and \
+            assert error.startswith(f"{field}: Input should be a valid ") and \
                 f"(got a JSON {got})" in error, error
             assert "; send a JSON object such as {" in error and f"{field}: a JSON " in error, error
             assert "pydantic" not in r.text and "http" not in r.text, r.text  # no documentation URL anywhere
@@ -234,8 +234,8 @@ def test_recommend_and_similar_take_json_types_strictly_and_say_what_to_send(set
     # several problems: each named
     r = c.post("/recommend", json={"k": 0, "kk": 1})
     assert r.status_code == 400 and [d["loc"] for d in r.json()["detail"]] == [["user_id"], ["k"], ["kk"]]
-    assert "user_id: Field required; k: Input should be greater than or equal to 1; kk: Extra inputs are not " \
-           "permitted; send " in r.json()["error"]
+    assert r.json()["error"].startswith("'user_id' is required; k: Input should be greater than or equal to 1; "
+                                        "unknown field 'kk' (did you mean 'k'?); send ")
     # the JSON types asked for still work, and k may be left out
     assert len(c.post("/recommend", json={"user_id": "u0", "k": 3}).json()["items"]) <= 3
     assert c.post("/recommend", json={"user_id": "u0"}).status_code == 200
