@@ -110,11 +110,11 @@ def write_catalog(rows: dict[str, dict], path: Path) -> None:
 
 def read_product_file(path: Path) -> list:
     """Product records from a ``.jsonl`` (one JSON object a line), ``.csv`` (a header; an empty cell is
-    "not given", every value is text, so ids keep their leading zeros) or ``.parquet`` file
-    (timestamps become epoch ms).
+    "not given"; cells are converted by the field's type, :func:`_typed_csv_rows`, and text fields stay text,
+    so ids keep their leading zeros) or ``.parquet`` file (timestamps become epoch ms).
 
     Raises:
-        ValueError: for another suffix or a line that is not JSON.
+        ValueError: for another suffix, a line that is not JSON or a CSV cell that is not of its field's type.
     """
     path = Path(path)
     if path.suffix == ".jsonl":
@@ -128,7 +128,7 @@ def read_product_file(path: Path) -> list:
         return out
     if path.suffix == ".csv":
         df = pd.read_csv(path, dtype=str, keep_default_na=False)
-        return [{k: v for k, v in row.items() if v != ""} for row in df.to_dict("records")]
+        return _typed_csv_rows(path.name, df.to_dict("records"))
     if path.suffix == ".parquet":
         try:
             df = lake.read_parquet(path)
@@ -139,6 +139,63 @@ def read_product_file(path: Path) -> list:
         return [{k: v for k, v in row.items() if v is not None and v is not pd.NA and v == v}
                 for row in df.astype(object).to_dict("records")]
     raise ValueError(f"{path.name}: use a .jsonl, .csv or .parquet file")
+
+
+#: how CSV cells become the JSON types the catalog's records are checked with (strictly: ``"price": "12"`` is
+#: refused over HTTP); a column that is no field stays text and is refused as ``unknown_field`` afterwards
+_CSV_TYPES = {**{name: f.annotation for name, f in CatalogItem.model_fields.items()}, "schema_version": int}
+
+
+def _csv_cell(cell: str, kind: type) -> object:
+    """One CSV cell as ``kind``; ValueError when it is not one. Booleans are only ``true``/``false`` (any case):
+    "yes", "no", 1 or 0 are not guessed."""
+    if kind is bool:
+        if cell.strip().lower() not in ("true", "false"):
+            raise ValueError("true or false")
+        return cell.strip().lower() == "true"
+    if kind is int:
+        return int(cell.strip())
+    if kind is float:
+        return float(cell.strip())
+    return cell
+
+
+def _typed_csv_rows(name: str, rows: list[dict]) -> list[dict]:
+    """CSV rows (text cells) with each non-empty cell converted to its field's type (:data:`_CSV_TYPES`).
+
+    Raises:
+        ValueError: naming the row (counted from 1, the header not counted) and column of every cell that does not
+            convert (up to five), so the whole file can be fixed at once.
+    """
+    wanted = {float: "a number (e.g. 19.9)", int: "an integer (UTC epoch milliseconds)", bool: "true or false"}
+    out, bad = [], []
+    for n, row in enumerate(rows, 1):
+        typed = {}
+        for col, cell in row.items():
+            if cell == "":
+                continue
+            kind = _CSV_TYPES.get(col, str)
+            try:
+                typed[col] = _csv_cell(cell, kind)
+            except ValueError:
+                bad.append(f"row {n}, column {col!r}: {cell[:40]!r} is not {wanted[kind]}")
+        out.append(typed)
+    if bad:
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(f"{name}: " + "; ".join(bad[:5]) + more)
+    return out
+
+
+def unknown_products(records: list[dict], path: Path) -> list[str]:
+    """Item ids of ``records`` that change a product neither in the catalog file at ``path`` nor whole among the
+    records (what ``POST /catalog`` names as ``unknown_products``): the feed rejects such a change
+    (``missing_field``) unless the whole product reaches it first."""
+    whole = {r[COL_ITEM] for r in records if all(f in r for f in REQUIRED_FIELDS)}
+    partial = [r[COL_ITEM] for r in records if r[COL_ITEM] not in whole]
+    if not partial:
+        return []
+    known = set(lake.read_parquet(path, columns=[COL_ITEM])[COL_ITEM].astype(str)) if Path(path).exists() else set()
+    return [i for i in dict.fromkeys(partial) if i not in known]
 
 
 class CatalogSync:

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
-import logging
+import copy
+import functools
+import inspect
 import signal
 import threading
 from pathlib import Path
 
 import typer
+from typer.core import TyperOption
 
 from pipelines.settings import get_settings
+
+
+def _no_flag_metavar(display_type_rich):
+    """Typer shows a type after every option in the help, ``<bool>`` too: ``--help <bool>`` and ``--verbose <bool>``
+    read as if they took a value. A flag takes none, so it shows none (every other option keeps its type)."""
+    def display(self, ctx):
+        return None if self.is_bool_flag else display_type_rich(self, ctx)
+    return display
+
+
+if hasattr(TyperOption, "display_type_rich"):  # typer 0.29's hook; another typer keeps its own help as it is
+    TyperOption.display_type_rich = _no_flag_metavar(TyperOption.display_type_rich)
 
 # docstrings are help texts: Markdown joins their wrapped lines and shows ``--option`` as code
 HELP = {"no_args_is_help": True, "rich_markup_mode": "markdown"}
@@ -25,14 +40,9 @@ app.add_typer(model_app, name="model")
 
 
 def _logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    # kafka-python's event loop times each of its own tasks and warns past 0.1 s ("It is blocking the event
-    # loop"): on two cores shared with training, a thread that waits for the CPU that long is common, and the
-    # line reads like a fault of ours; its other warnings (wakeup socket, stray events) still show
-    logging.getLogger("kafka.net.selector").addFilter(lambda r: "blocking the event loop" not in r.getMessage())
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from pipelines import logs
+
+    logs.setup(verbose)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -53,8 +63,9 @@ def init() -> None:
 
 
 @app.command()
-def consume(verbose: bool = False,
-            idle_exit_s: float = typer.Option(None, help="exit after this many seconds without a record")) -> None:
+def consume(verbose: bool = typer.Option(False, help="log at DEBUG level"),
+            idle_exit_s: float = typer.Option(None, min=0, help="exit after this many seconds without a record")
+            ) -> None:
     """Run one stream consumer (Kafka → lake + Redis; invalid records → DLQ) until stopped (SIGINT/SIGTERM)."""
     from pipelines.consumer import StreamConsumer
 
@@ -77,12 +88,13 @@ def _consumer_setup(verbose: bool):
 
 @app.command()
 def simulate(
-    rate: float = typer.Option(20.0, help="events per second"),
-    duration: float = typer.Option(None, help="seconds to run (default: until stopped)"),
-    backfill: int = typer.Option(0, help="write DAYS of history straight into the lake, then exit"),
-    events_per_day: int = typer.Option(20_000, help="history density for --backfill"),
+    rate: float = typer.Option(20.0, min=0.01, help="events per second"),
+    duration: float = typer.Option(None, min=0.1, help="seconds to run (default: until stopped)"),
+    backfill: int = typer.Option(0, min=0, help="write DAYS of history straight into the lake, then exit"),
+    events_per_day: int = typer.Option(20_000, min=1, help="history density for --backfill"),
     closed_loop: bool = typer.Option(False, help="simulated users call /recommend and react to it"),
-    seed: int = 0,
+    seed: int = typer.Option(0, min=0, help="the same seed, the same users, sessions and new products (and "
+                                            "catalog, when it makes one); event ids differ"),
 ) -> None:
     """Run the shop simulator: live events to Kafka (new products to the catalog topic), or --backfill
     history into the lake (new products into the catalog file)."""
@@ -107,8 +119,9 @@ def simulate(
 
 
 @catalog_app.command("sync")
-def catalog_sync(verbose: bool = False,
-                 idle_exit_s: float = typer.Option(None, help="exit after this many seconds without a record")) -> None:
+def catalog_sync(verbose: bool = typer.Option(False, help="log at DEBUG level"),
+                 idle_exit_s: float = typer.Option(None, min=0, help="exit after this many seconds without a record")
+                 ) -> None:
     """Apply the catalog topic (product upserts, stock changes) to the catalog file until stopped."""
     from pipelines.catalog_feed import CatalogSync
 
@@ -123,7 +136,10 @@ def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False
                                                      "to set (all of them for a new product)")) -> None:
     """Send products (new ones, or changes such as in_stock) to the catalog topic and wait for the acks.
 
-    Every record is checked first, as `POST /catalog` does; when any is invalid nothing is sent.
+    Every record is checked first, as `POST /catalog` does; when any is invalid nothing is sent. A CSV cell is
+    converted by its field's type (a number for price, true or false for in_stock, epoch ms for created_at).
+    A change to a product the catalog file does not have yet is sent and named, as `POST /catalog` names it:
+    the catalog feed drops it unless the whole product reaches the feed first.
     """
     from pipelines import catalog_feed, kafka_io
     from pipelines.ingest import validate_products
@@ -151,7 +167,19 @@ def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False
                 f.get(timeout=60)
     finally:
         producer.close()
-    typer.echo(f"sent {len(products)} products to {s.kafka_topic_catalog}; `shoprec catalog sync` applies them")
+    n = len(products)
+    typer.echo(f"sent {n} product{'' if n == 1 else 's'} to {s.kafka_topic_catalog}; `shoprec catalog sync` applies "
+               f"{'it' if n == 1 else 'them'}")
+    try:
+        unknown = catalog_feed.unknown_products(products, s.catalog_path)
+    except (OSError, ValueError) as err:  # the records are sent: a catalog file being replaced only skips the check
+        typer.echo(f"warning: could not read {s.catalog_path} to check for unknown products ({err})", err=True)
+        unknown = []
+    if unknown:
+        typer.echo(f"warning: {len(unknown)} record(s) change a product the catalog does not have yet "
+                   f"({', '.join(unknown[:20])}{', ...' if len(unknown) > 20 else ''}); the catalog feed rejects such "
+                   f"a change (DLQ reason catalog_missing_field) unless the whole product "
+                   f"({', '.join(catalog_feed.REQUIRED_FIELDS)}) reaches it first: send the whole product", err=True)
 
 
 def _registry():
@@ -173,7 +201,11 @@ def _aliases_changed(change: dict) -> None:
 def model_promote(version: str = typer.Argument(None, help="the version to make champion (default: the challenger)")) -> None:
     """Make a version (default: the challenger) the champion."""
     try:
-        _aliases_changed(_registry().promote(version))
+        change = _registry().promote(version)
+        if change.get("unchanged"):
+            typer.echo(f"v{change['before']['champion']} already is the champion: nothing changed")
+            return
+        _aliases_changed(change)
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -197,7 +229,7 @@ def model_show() -> None:
 
 
 @stack_app.command("up")
-def stack_up(backfill_days: int = typer.Option(3, help="history to simulate when the lake is empty")) -> None:
+def stack_up(backfill_days: int = typer.Option(3, min=0, help="history to simulate when the lake is empty")) -> None:
     """Start everything in the background, wait for health checks, print the URLs."""
     from pipelines import lake, simulator, stack
 
@@ -222,36 +254,70 @@ def stack_down() -> None:
 
 @stack_app.command("status")
 def stack_status() -> None:
-    """Show what runs."""
+    """Show what runs (exit 1 when the stack is not running, 0 when it is)."""
     from pipelines import stack
 
-    typer.echo(stack.status(get_settings(), Path.cwd()))
+    s = get_settings()
+    typer.echo(stack.status(s, Path.cwd()))
+    if not stack.running((Path.cwd() / s.var_dir).resolve() / "supervisord.conf"):
+        raise typer.Exit(1)
+
+
+def _bounded(command, low: dict, run=None):
+    """``command`` (another module's typer command) with lower bounds on its numbers (``{option: min}``), checked by
+    typer as usage errors; ``run(**options)``, when given, is what runs (default: the command itself). The
+    module's own options are copied, not changed."""
+    def bounded(**options):
+        return (run or command)(**options)
+
+    functools.update_wrapper(bounded, command)
+    del bounded.__wrapped__  # typer reads the signature below, not the command's
+    sig = inspect.signature(command)
+    params = []
+    for p in sig.parameters.values():
+        if p.name in low:
+            option = copy.copy(p.default)
+            option.min = low[p.name]
+            p = p.replace(default=option)
+        params.append(p)
+    bounded.__signature__ = sig.replace(parameters=params)
+    return bounded
 
 
 def _register_benchmarks() -> None:
+    from dashboard import bench as dashboard_bench  # light: its heavy imports are inside its functions
     from pipelines.bench import gpu, ingest, quality, serve
 
-    bench_app.command("quality")(quality.command)
-    bench_app.command("ingest")(ingest.command)
-    bench_app.command("serve")(serve.command)
+    # every count, rate and duration above 0 (`--days -1` started Redis and MLflow, then failed with a traceback)
+    bench_app.command("quality")(_bounded(quality.command, {"sample": 0}))
+    bench_app.command("ingest")(_bounded(ingest.command, {"events": 1, "rate": 0.01, "seconds": 0.1,
+                                                          "sample_every": 1}))
+    bench_app.command("serve")(_bounded(serve.command, {"seconds": 0.1, "concurrency": 1, "latency_concurrency": 1,
+                                                        "items": 1}))
 
     h = gpu.OPTION_HELP  # gpu.py itself runs without typer (a bare GPU machine)
 
     @bench_app.command("gpu", help=gpu.command.__doc__)
     def bench_gpu(out: Path = typer.Option(Path("var/bench/gpu.json"), help=h["out"]),
-                  n_items: int = typer.Option(gpu.N_ITEMS, help=h["n_items"]),
+                  n_items: int = typer.Option(gpu.N_ITEMS, min=1, help=h["n_items"]),
                   training: bool = typer.Option(True, help=h["training"]),
                   scale_data: Path | None = typer.Option(None, help=h["scale_data"]),
                   export_scale_data: Path | None = typer.Option(None, help=h["export_scale_data"])) -> None:
         gpu.command(out, n_items, training, scale_data, export_scale_data)
 
-    @bench_app.command("dashboard", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-    def bench_dashboard(ctx: typer.Context) -> None:
-        """Dashboard page load times on a week of simulated traffic (options: `python -m dashboard.bench --help`)."""
+    def bench_dashboard(**options) -> None:
+        """Runs the benchmark in a process of its own (it points the settings at a private Redis, MLflow and var/
+        dir through the environment), with the options typer checked here (`--help` lists them)."""
         import subprocess
         import sys
 
-        raise typer.Exit(subprocess.run([sys.executable, "-m", "dashboard.bench", *ctx.args]).returncode)
+        args = [a for name, value in options.items() if value is not None
+                for a in (f"--{name.replace('_', '-')}", str(value))]
+        raise typer.Exit(subprocess.run([sys.executable, "-m", "dashboard.bench", *args]).returncode)
+
+    bench_app.command("dashboard")(_bounded(dashboard_bench.command, {"days": 0.01, "rate": 0.01,
+                                                                      "sessions_per_day": 1, "rps": 0.01,
+                                                                      "repeats": 1}, run=bench_dashboard))
 
     @bench_app.command("all")
     def bench_all() -> None:

@@ -154,7 +154,8 @@ class ModelRegistry:
         self.client.set_registered_model_tag(self.name, TAG_CHAMPION_HISTORY, ",".join(history[-HISTORY_KEPT:]))
 
     def promote(self, version: str | None = None) -> dict[str, str | None]:
-        """Make ``version`` (default: the ``challenger``'s) the ``champion``; returns the aliases before and after.
+        """Make ``version`` (default: the ``challenger``'s) the ``champion``; returns the aliases before and after,
+        and ``unchanged: True`` when it already is the champion (then nothing is written).
 
         A ``challenger`` on the promoted version stays there: it names the champion's version, so it is not
         served (all traffic goes to the champion until the gate names a new challenger). A ``challenger`` left on
@@ -169,6 +170,8 @@ class ModelRegistry:
             raise ValueError("no challenger to promote: name a version (`shoprec model promote VERSION`)")
         self._must_exist(version)
         before = self.aliases()
+        if before[ALIAS_CHAMPION] == version:
+            return {"before": before, "after": dict(before), "unchanged": True}
         self.set_alias(ALIAS_CHAMPION, version)
         if before[ALIAS_CHALLENGER] is not None and before[ALIAS_CHALLENGER] == before[ALIAS_CHAMPION] != version:
             self.client.delete_registered_model_alias(self.name, ALIAS_CHALLENGER)

@@ -7,6 +7,7 @@ the ``/events`` endpoint, so both reject the same records for the same reasons.
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import re
@@ -172,9 +173,15 @@ class Event(BaseModel):
 
 
 class CatalogItem(BaseModel):
-    """One product of the shop catalog."""
+    """One product of the shop catalog.
 
-    model_config = ConfigDict(extra="ignore")
+    Strict like :class:`Event`: a JSON value of another type is refused, not converted (``"price": true`` was
+    stored as 1.0, ``"in_stock": "no"`` as false, ``"price": "12"`` as 12.0), so a shop's bug shows at once
+    instead of in the catalog. A CSV file's text cells are converted by these types before they get here
+    (:func:`pipelines.catalog_feed.read_product_file`).
+    """
+
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     item_id: Id
     title: str = Field(max_length=500)
@@ -188,7 +195,7 @@ class CatalogItem(BaseModel):
 #: a catalog record as the shop sends it: ``item_id`` plus the fields to set, each with the
 #: constraints of :class:`CatalogItem` (a new product needs all of them; the catalog feed checks that)
 CatalogUpdate = create_model(
-    "CatalogUpdate", __config__=ConfigDict(extra="forbid"), schema_version=(Literal[1], SCHEMA_VERSION),
+    "CatalogUpdate", __config__=ConfigDict(extra="forbid", strict=True), schema_version=(Literal[1], SCHEMA_VERSION),
     item_id=(Id, ...), **{name: ((Annotated[f.annotation, *f.metadata] if f.metadata else f.annotation) | None, None)
                           for name, f in CatalogItem.model_fields.items() if name != "item_id"})
 
@@ -291,10 +298,87 @@ def validate_catalog_update(data: object, *, now_ms: int | None = None,
     try:
         update = CatalogUpdate.model_validate(data)
     except ValidationError as err:
-        raise EventError(*describe_validation_error(err, every=True)) from None
+        raise _product_error(err, now_ms, max_future_s) from None
     if update.created_at is not None:
         check_created_at(update.created_at, now_ms=now_ms, max_future_s=max_future_s)
     return update
+
+
+#: what to send for a catalog field of each JSON type, by pydantic's error type in strict mode
+_PRODUCT_TYPE_WANTED = {"float_type": "a JSON number (e.g. 19.9)", "bool_type": "true or false (a JSON boolean)",
+                        "int_type": "a JSON integer", "string_type": "a JSON string"}
+
+
+def _product_error(err: ValidationError, now_ms: int | None, max_future_s: int) -> EventError:
+    """The :class:`EventError` of a product pydantic refused: as :func:`describe_validation_error` with ``every``,
+    but a value of the wrong JSON type is named with what to send instead (events keep pydantic's words: their
+    message must be the consumer's fast path's)."""
+    errors = err.errors(include_url=False)
+    described = [_describe_product_type(e, now_ms, max_future_s) or _describe_one(e)
+                 for e in errors[:MAX_NAMED_ERRORS]]
+    reason, message = described[0]
+    if len(described) > 1:
+        more = len(errors) - len(described)
+        message += "; also " + "; ".join(m for _, m in described[1:]) + (f"; and {more} more" if more else "")
+    return EventError(reason, message)
+
+
+def _json_shown(value: object) -> str:
+    """A value as the sender wrote it in JSON (``the string '12'``, ``true``, ``a list``)."""
+    if isinstance(value, str):
+        return f"the string {value[:40]!r}" + ("..." if len(value) > 40 else "")
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    return {dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
+
+
+def _describe_product_type(error: dict, now_ms: int | None, max_future_s: int) -> tuple[str, str] | None:
+    """``("schema", message)`` for a catalog field given a value of another JSON type, else None."""
+    wanted = _PRODUCT_TYPE_WANTED.get(error["type"])
+    if wanted is None or len(error["loc"]) != 1:
+        return None
+    field, value = error["loc"][0], error["input"]
+    if field == "created_at":
+        wanted = "the time the product was added as UTC epoch milliseconds (a JSON integer)"
+        if (ms := _created_at_ms(value, now_ms, max_future_s)) is not None:
+            naive = isinstance(value, str) and not re.search(r"(Z|[+-]\d\d:?\d\d)$", value.strip(), re.IGNORECASE)
+            note = " (read as UTC)" if naive and not value.strip().lstrip("-").isdigit() else ""
+            return "schema", f"created_at: send {wanted}, not {_json_shown(value)}: send {ms}{note}"
+    return "schema", f"{field}: send {wanted}, not {_json_shown(value)}"
+
+
+def _created_at_ms(value: object, now_ms: int | None, max_future_s: int) -> int | None:
+    """The epoch milliseconds a wrongly typed ``created_at`` most likely means (an ISO time, read as UTC when it
+    names no zone; digits in a string; a whole float; epoch seconds), when that passes :func:`check_created_at`."""
+    candidates: list[int] = []
+    if isinstance(value, str):
+        text = value.strip()
+        if re.fullmatch(r"-?\d{1,20}", text):  # (int() refuses more than 4,300 digits with a ValueError)
+            candidates.append(int(text))
+        else:
+            try:
+                when = datetime.fromisoformat(text.replace("z", "Z"))
+            except ValueError:
+                return None  # digits beyond 20 as well: not a time
+            if when.tzinfo is None:
+                when = when.replace(tzinfo=timezone.utc)
+            return _plausible_ms(int(when.timestamp() * 1000), now_ms, max_future_s)
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        candidates.append(int(value))
+    for ms in candidates + [c * 1000 for c in candidates]:
+        if _plausible_ms(ms, now_ms, max_future_s) is not None:
+            return ms
+    return None
+
+
+def _plausible_ms(ms: int, now_ms: int | None, max_future_s: int) -> int | None:
+    try:
+        check_created_at(ms, now_ms=now_ms, max_future_s=max_future_s)
+    except EventError:
+        return None
+    return ms
 
 
 def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int = 30,

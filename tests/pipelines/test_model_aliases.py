@@ -103,3 +103,21 @@ def test_serving_keeps_its_models_while_mlflow_cannot_be_reached(settings, regis
         holder.registry.version_for(ALIAS_CHAMPION)  # not None: that means "no champion"
     assert holder.refresh() == {ALIAS_CHAMPION: reg.version}
     assert holder.models[ALIAS_CHAMPION].version == reg.version
+
+
+def test_promoting_the_champion_says_it_already_is_and_changes_nothing(settings, registered_champion, monkeypatch):
+    """It printed the same before/now line and "serving follows within ..." as if something had changed."""
+    registry, reg = registered_champion
+    monkeypatch.setenv("SHOPREC_MLFLOW_MODEL_NAME", registry.name)
+    from pipelines.settings import get_settings
+    get_settings.cache_clear()
+    history = registry.champion_history()
+    out = CliRunner().invoke(app, ["model", "promote", reg.version])
+    assert out.exit_code == 0, out.output
+    assert out.output == f"v{reg.version} already is the champion: nothing changed\n"
+    assert registry.aliases() == {ALIAS_CHAMPION: reg.version, ALIAS_CHALLENGER: None}
+    assert registry.champion_history() == history
+    # the default, the challenger, left on the champion after a promotion: the same
+    registry.set_alias(ALIAS_CHALLENGER, reg.version)
+    out = CliRunner().invoke(app, ["model", "promote"])
+    assert out.exit_code == 0 and "already is the champion" in out.output

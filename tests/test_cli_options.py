@@ -1,0 +1,115 @@
+"""The `shoprec` command line checks its options itself: a number out of range is a usage error (exit 2) naming
+the option, never a traceback or a run that silently does nothing; the help shows flags without a value and
+lists the options of every command. Nothing here starts a service: each bad value stops before the command runs."""
+
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from pipelines.cli import app
+
+
+def _text(output: str) -> str:
+    """Output without rich's boxes and line wrapping."""
+    return " ".join(output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("args,option", [
+    (["simulate", "--rate", "-5", "--duration", "1"], "--rate"),  # was a rich traceback (ValueError: rate_eps > 0)
+    (["simulate", "--rate", "0", "--duration", "1"], "--rate"),
+    (["simulate", "--backfill", "-1"], "--backfill"),  # was "wrote 0 events (-1 days)", exit 0
+    (["simulate", "--duration", "-5"], "--duration"),  # sent nothing, silently
+    (["simulate", "--backfill", "1", "--events-per-day", "0"], "--events-per-day"),
+    (["simulate", "--seed", "-1", "--backfill", "1"], "--seed"),  # numpy refuses a negative seed, with a traceback
+    (["consume", "--idle-exit-s", "-1"], "--idle-exit-s"),  # ran
+    (["catalog", "sync", "--idle-exit-s", "-1"], "--idle-exit-s"),
+    (["stack", "up", "--backfill-days", "-1"], "--backfill-days"),
+    (["bench", "gpu", "--n-items", "0"], "--n-items"),
+    (["bench", "ingest", "--events", "0"], "--events"),
+    (["bench", "ingest", "--rate", "-1"], "--rate"),
+    (["bench", "serve", "--concurrency", "0"], "--concurrency"),
+    (["bench", "quality", "--sample", "-1"], "--sample"),
+    (["bench", "dashboard", "--days", "-1"], "--days"),  # started Redis and MLflow, then a traceback
+    (["bench", "dashboard", "--repeats", "0"], "--repeats"),
+])
+def test_a_number_out_of_range_is_a_usage_error_naming_the_option(args, option, monkeypatch):
+    import subprocess
+
+    from pipelines import kafka_io, simulator, stack
+    from pipelines.bench import gpu
+
+    def ran(*args, **kwargs):
+        raise AssertionError("the command ran: the value was not checked first")
+
+    # should a check go missing, the command fails here instead of starting the stack, a broker client or a bench
+    for module, name in ((stack, "up"), (kafka_io, "ensure_topics"), (subprocess, "run"),
+                         (simulator, "load_or_make_catalog"), (gpu, "command")):
+        monkeypatch.setattr(module, name, ran)
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 2, res.output
+    assert f"Invalid value for '{option}'" in _text(res.output), res.output
+
+
+def _help(*command: str) -> str:
+    return _text(CliRunner().invoke(app, [*command, "--help"]).output)
+
+
+def test_flags_show_no_value_in_the_help():
+    """Every flag showed `<bool>` (`--help <bool>`), as if it took a value."""
+    for command in ((), ("consume",), ("simulate",), ("catalog", "sync"), ("bench", "gpu"), ("bench", "quality")):
+        text = _help(*command)
+        assert "<bool>" not in text, (command, text)
+    assert "<float range>" in _help("simulate") and "<path>" in _help("bench", "gpu")  # other options keep theirs
+
+
+def test_every_option_has_help():
+    """`consume --verbose`, `catalog sync --verbose` and `simulate --seed` had none."""
+    root = typer.main.get_command(app)
+
+    def walk(cmd, path):
+        if hasattr(cmd, "commands"):
+            for name, sub in cmd.commands.items():
+                yield from walk(sub, [*path, name])
+        else:
+            yield path, cmd
+
+    for path, cmd in walk(root, []):
+        for param in cmd.params:
+            if param.param_type_name == "option":
+                assert param.help, f"shoprec {' '.join(path)} {param.opts[0]} has no help"
+
+
+def test_bench_dashboard_lists_and_checks_the_options_it_passes_on(monkeypatch):
+    """Its help listed no option, and `--foo` failed with `Possible options: --out` from another process."""
+    text = _help("bench", "dashboard")
+    for option in ("--out", "--days", "--rate", "--sessions-per-day", "--rps", "--repeats", "--workdir"):
+        assert option in text, text
+    assert "Render every dashboard page" in text
+    res = CliRunner().invoke(app, ["bench", "dashboard", "--foo"])
+    assert res.exit_code == 2 and "No such option: --foo" in res.output
+
+    import subprocess
+
+    ran = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, **kw: ran.append(argv) or subprocess.CompletedProcess(argv, 0))
+    res = CliRunner().invoke(app, ["bench", "dashboard", "--days", "2", "--workdir", "/tmp/w"])
+    assert res.exit_code == 0, res.output
+    argv = ran[0]
+    assert argv[1:3] == ["-m", "dashboard.bench"]
+    assert argv[argv.index("--days") + 1] == "2.0" and argv[argv.index("--workdir") + 1] == "/tmp/w"
+    assert argv[argv.index("--repeats") + 1] == "3"  # the defaults, as the module's own
+
+
+def test_stack_status_exits_1_when_the_stack_is_not_running(tmp_path, monkeypatch):
+    """`make status` is usable in a script: it fails when nothing runs."""
+    from pipelines.settings import get_settings
+
+    monkeypatch.setenv("SHOPREC_VAR_DIR", str(tmp_path / "var"))
+    get_settings.cache_clear()
+    try:
+        result = CliRunner().invoke(app, ["stack", "status"])
+    finally:
+        get_settings.cache_clear()
+    assert result.exit_code == 1 and "the stack is not running" in result.output
