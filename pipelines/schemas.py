@@ -12,6 +12,7 @@ import os
 import random
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -213,7 +214,8 @@ class EventError(ValueError):
         self.message = message
 
 
-def describe_validation_error(err: ValidationError, *, every: bool = False) -> tuple[str, str]:
+def describe_validation_error(err: ValidationError, *, every: bool = False,
+                              describe: Callable[[dict], tuple[str, str]] | None = None) -> tuple[str, str]:
     """``(reason, message)`` of a record pydantic refused, as the DLQ and the API name it: its first error or, with
     ``every``, the first error's reason and a message that names every error (up to :data:`MAX_NAMED_ERRORS`).
 
@@ -221,9 +223,11 @@ def describe_validation_error(err: ValidationError, *, every: bool = False) -> t
     give the same message. A product is checked by people fixing a file, who should see all of it at once.
 
     A missing field is ``missing_field`` whether the schema or the event's type requires it; messages are
-    ours or pydantic's text after the field's name, never pydantic's "Value error, " prefix.
+    ours or pydantic's text after the field's name, never pydantic's "Value error, " prefix; ``describe`` (one
+    error's ``(reason, message)``) words them otherwise.
     """
-    described = [_describe_one(e) for e in err.errors(include_url=False)[:MAX_NAMED_ERRORS if every else 1]]
+    errors = err.errors(include_url=False)[:MAX_NAMED_ERRORS if every else 1]
+    described = [(describe or _describe_one)(e) for e in errors]
     reason, message = described[0]
     if len(described) > 1:
         more = err.error_count() - len(described)
@@ -313,14 +317,8 @@ def _product_error(err: ValidationError, now_ms: int | None, max_future_s: int) 
     """The :class:`EventError` of a product pydantic refused: as :func:`describe_validation_error` with ``every``,
     but a value of the wrong JSON type is named with what to send instead (events keep pydantic's words: their
     message must be the consumer's fast path's)."""
-    errors = err.errors(include_url=False)
-    described = [_describe_product_type(e, now_ms, max_future_s) or _describe_one(e)
-                 for e in errors[:MAX_NAMED_ERRORS]]
-    reason, message = described[0]
-    if len(described) > 1:
-        more = len(errors) - len(described)
-        message += "; also " + "; ".join(m for _, m in described[1:]) + (f"; and {more} more" if more else "")
-    return EventError(reason, message)
+    return EventError(*describe_validation_error(
+        err, every=True, describe=lambda e: _describe_product_type(e, now_ms, max_future_s) or _describe_one(e)))
 
 
 def _json_shown(value: object) -> str:
