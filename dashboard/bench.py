@@ -230,11 +230,11 @@ def build_lake_summaries(settings) -> dict:
 
 def command(
     out: Path = typer.Option(Path("var/bench/dashboard.json"), help="where to write the JSON results"),
-    days: float = typer.Option(7.0, help="days of simulated traffic"),
-    rate: float = typer.Option(20.0, help="browsing events per second (the local stack's simulator rate)"),
-    sessions_per_day: int = typer.Option(86_400, help="closed-loop sessions (with impressions) per day"),
-    rps: float = typer.Option(2.0, help="/recommend requests per second in the per-minute counters"),
-    repeats: int = typer.Option(3, help="timed renders per page (median reported)"),
+    days: float = typer.Option(7.0, min=0.01, help="days of simulated traffic"),
+    rate: float = typer.Option(20.0, min=0.01, help="browsing events per second (the local stack's simulator rate)"),
+    sessions_per_day: int = typer.Option(86_400, min=1, help="closed-loop sessions (with impressions) per day"),
+    rps: float = typer.Option(2.0, min=0.01, help="/recommend requests per second in the per-minute counters"),
+    repeats: int = typer.Option(3, min=1, help="timed renders per page (median reported)"),
     workdir: Path = typer.Option(None, help="keep the generated var/ dir here (default: a temporary dir); "
                                            "a lake already there is reused"),
 ) -> None:

@@ -113,3 +113,19 @@ def test_stack_status_exits_1_when_the_stack_is_not_running(tmp_path, monkeypatc
     finally:
         get_settings.cache_clear()
     assert result.exit_code == 1 and "the stack is not running" in result.output
+
+
+def test_the_benchmarks_run_as_modules_check_their_numbers_too(capsys):
+    """`python -m dashboard.bench` and `python -m pipelines.bench.gpu` (a bare GPU machine) bound their options
+    themselves, not only behind `shoprec bench`."""
+    from pipelines.bench import gpu
+
+    with pytest.raises(SystemExit) as exit_:
+        gpu.main(["--n-items", "0"])
+    assert exit_.value.code == 2 and "--n-items" in capsys.readouterr().err
+    from dashboard import bench
+
+    one = typer.Typer(add_completion=False)
+    one.command()(bench.command)  # as `typer.run(command)` in its __main__
+    result = CliRunner().invoke(one, ["--days", "-1"])
+    assert result.exit_code == 2 and "--days" in _text(result.output)

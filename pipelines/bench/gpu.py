@@ -279,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--scale-data", type=Path, default=None, help=h["scale_data"])
     p.add_argument("--export-scale-data", type=Path, default=None, help=h["export_scale_data"])
     a = p.parse_args(argv)
+    if a.n_items < 1:
+        p.error(f"argument --n-items: {a.n_items} is not a catalog size: give 1 or more")
     command(a.out, a.n_items, a.training, a.scale_data, a.export_scale_data)
 
 

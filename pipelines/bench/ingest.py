@@ -332,10 +332,10 @@ def run(events: int, rate: float, seconds: float, sample_every: int, work_dir: P
 
 
 def command(out: Path = typer.Option(Path("var/bench/ingest.json"), help="where to write the JSON result"),
-            events: int = typer.Option(200_000, help="events produced for the throughput runs"),
-            rate: float = typer.Option(2000.0, help="steady produce rate (events/s) during the freshness run"),
-            seconds: float = typer.Option(20.0, help="length of the freshness run"),
-            sample_every: int = typer.Option(25, help="one tagged (measured) event in this many"),
+            events: int = typer.Option(200_000, min=1, help="events produced for the throughput runs"),
+            rate: float = typer.Option(2000.0, min=0.01, help="steady produce rate (events/s) during the freshness run"),
+            seconds: float = typer.Option(20.0, min=0.1, help="length of the freshness run"),
+            sample_every: int = typer.Option(25, min=1, help="one tagged (measured) event in this many"),
             use_configured: bool = typer.Option(False, help="use the broker and Redis of the settings (SASL/SSL "
                                                 "included) instead of starting local ones; the run uses topics and a "
                                                 "Redis database of its own and removes them afterwards"),

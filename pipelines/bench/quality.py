@@ -385,7 +385,7 @@ def format_table(result: dict) -> str:
 def command(
     dataset: str = typer.Option("ml-100k", help="ml-100k (quality) or synthetic-1m (scale)"),
     out: Path = typer.Option(Path("var/bench/quality.json"), help="where to write the JSON result"),
-    sample: int = typer.Option(0, help="use only this many random users (0: all) — for a quick CI run"),
+    sample: int = typer.Option(0, min=0, help="use only this many random users (0: all) — for a quick CI run"),
     quick: bool = typer.Option(False, help="one small hyperparameter point per model (CI)"),
 ) -> None:
     """Offline quality of every model on MovieLens-100K (RecBole protocol), or the scale run."""

@@ -250,10 +250,10 @@ def run(out: Path, seconds: float = 10.0, concurrency: int = 64, n_items: int = 
 
 
 def command(out: Path = typer.Option(Path("var/bench/serve.json"), help="where to write the JSON result"),
-            seconds: float = typer.Option(10.0, help="measured seconds per scenario"),
-            concurrency: int = typer.Option(64, help="concurrent clients (throughput; the batching ratio)"),
-            latency_concurrency: int = typer.Option(4, help="concurrent clients of the latency pass"),
-            items: int = typer.Option(N_ITEMS, help="catalog size"),
+            seconds: float = typer.Option(10.0, min=0.1, help="measured seconds per scenario"),
+            concurrency: int = typer.Option(64, min=1, help="concurrent clients (throughput; the batching ratio)"),
+            latency_concurrency: int = typer.Option(4, min=1, help="concurrent clients of the latency pass"),
+            items: int = typer.Option(N_ITEMS, min=1, help="catalog size"),
             model: str = typer.Option("shoprec", help="champion to serve: shoprec (the production hybrid: "
                                                        "four parts per request) or bpr (one matmul)"),
             api_workers: int = typer.Option(2, min=1, help="processes of the API service (SHOPREC_SERVE_API_WORKERS): "
