@@ -7,7 +7,8 @@ import pytest
 from pipelines import kafka_io
 from pipelines.experiment import Experiment
 from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION
-from tests.bentos.test_service import _consume_impressions, client_for  # noqa: F401  (fixture)
+from tests.bentos.test_service import client_for  # noqa: F401  (fixture)
+from tests.topics import impressions_in
 
 
 @pytest.mark.parametrize("shares", [{"champion": 0.5, "challenger": 0.5}, {"champion": 0.8, "challenger": 0.2}])
@@ -52,7 +53,7 @@ def test_both_variants_served_and_impressions_carry_variant_and_version(settings
         assert a["variant"] == exp.assign(f"ab-{n}")
         assert a["model_version"] == (reg.version if a["variant"] == ALIAS_CHAMPION else challenger_version)
     assert {a["variant"] for a in answers} == {ALIAS_CHAMPION, ALIAS_CHALLENGER}
-    impressions = _consume_impressions(settings, {a["request_id"] for a in answers})
+    impressions = impressions_in(settings, {a["request_id"] for a in answers})
     assert len(impressions) == len(answers)
     pair = f"{exp.name}@champion.{reg.version}:challenger.{challenger_version}"  # the comparison both were in
     for a in answers:

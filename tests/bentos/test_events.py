@@ -8,13 +8,13 @@ import uuid
 
 import pandas as pd
 import pytest
-from kafka import KafkaConsumer
 from starlette.testclient import TestClient
 
 from pipelines import kafka_io
 from pipelines.schemas import new_event
 from pipelines.settings import get_settings
 from tests.bentos.test_service import _forget_bentoml_metrics
+from tests.topics import topic_records
 
 
 @pytest.fixture()
@@ -349,26 +349,20 @@ def test_202_means_the_events_are_in_kafka(events_client):
     assert _in_kafka({e["event_id"] for e in batch}) == {e["event_id"] for e in batch}
 
 
-def _in_kafka(event_ids: set[str], until: str | None = None, timeout_ms: int = 20_000) -> set[str]:
+def _in_kafka(event_ids: set[str], until: str | None = None, timeout: float = 30.0) -> set[str]:
     """Which of ``event_ids`` are in ``shop.events`` (reading stops once all, or ``until``, were seen)."""
     s = get_settings()
-    consumer = KafkaConsumer(s.kafka_topic_events, group_id=f"check-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
-                             consumer_timeout_ms=timeout_ms, max_partition_fetch_bytes=16 * 1024 * 1024,
-                             **kafka_io.FAST_GROUP, **s.kafka_client_kwargs())
     found = set()
-    try:
-        for rec in consumer:
-            if rec.value and b'"event_id"' in rec.value:
-                try:
-                    eid = json.loads(rec.value).get("event_id")
-                except (ValueError, AttributeError):
-                    continue
-                if eid in event_ids:
-                    found.add(eid)
-                    if found == event_ids or eid == until:
-                        break
-    finally:
-        consumer.close()
+    for rec in topic_records(s, s.kafka_topic_events, timeout=timeout):
+        if rec.value and b'"event_id"' in rec.value:
+            try:
+                eid = json.loads(rec.value).get("event_id")
+            except (ValueError, AttributeError):
+                continue
+            if eid in event_ids:
+                found.add(eid)
+                if found == event_ids or eid == until:
+                    break
     return found
 
 

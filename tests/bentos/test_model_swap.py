@@ -33,8 +33,9 @@ def test_promotion_under_load_switches_within_the_polling_interval(settings, ser
     failed = [a for a in answers if a[1] != 200]
     assert not failed, failed[:5]
     first_new = min(t for t, _, b in answers if b.get("model_version") == new_version)
-    # one registry poll, plus loading the model from MLflow (a few seconds on this 2-core machine)
-    assert first_new - promoted <= POLL_S + 6.0
+    # one registry poll, plus loading the model from MLflow: a few seconds on this 2-core machine, more while the
+    # clients, the API and the scorer share its cores (the switch itself is what the next lines check)
+    assert first_new - promoted <= POLL_S + 12.0
     after = [b["model_version"] for t, _, b in answers if t > first_new + 1.0 and b["source"] in ("model", "cache")]
     assert after and set(after) == {new_version}  # no flapping back to the old version
     assert {b.get("model_version") for _, _, b in answers} >= {reg.version, new_version}

@@ -139,34 +139,6 @@ def test_events_need_a_key_and_valid_json(settings, redis_client, client_for):
     assert ok.status_code == 202 and ok.json() == {"accepted": 1}
 
 
-def _consume_impressions(settings, request_ids: set[str], timeout: float = 30.0) -> dict[str, dict]:
-    """Read shop.events from the start (no consumer group) until impressions for all request ids arrived."""
-    import json
-    import time
-
-    from kafka import KafkaConsumer, TopicPartition
-
-    consumer = KafkaConsumer(**settings.kafka_client_kwargs(), enable_auto_commit=False, consumer_timeout_ms=500)
-    parts = [TopicPartition(settings.kafka_topic_events, p) for p in range(settings.kafka_events_partitions)]
-    consumer.assign(parts)
-    consumer.seek_to_beginning(*parts)
-    found: dict[str, dict] = {}
-    deadline = time.monotonic() + timeout
-    try:
-        while time.monotonic() < deadline and not request_ids <= found.keys():
-            for records in consumer.poll(timeout_ms=500).values():
-                for r in records:
-                    try:
-                        ev = json.loads(r.value)
-                    except (TypeError, ValueError, RecursionError):  # other tests' hostile records
-                        continue
-                    if isinstance(ev, dict) and ev.get("event_type") == "impression" and ev.get("request_id") in request_ids:
-                        found[ev["request_id"]] = ev
-    finally:
-        consumer.close()
-    return found
-
-
 def test_cached_unknown_and_just_clicked_users(settings, redis_client, registered_champion, client_for):
     registry, reg = registered_champion
     c = client_for(registry.name)
@@ -189,7 +161,10 @@ def test_cached_unknown_and_just_clicked_users(settings, redis_client, registere
     assert c.post("/recommend", json={"user_id": "walk-in", "k": 5}).json()["source"] == "cache"
     # their click arrives (the stream consumer folds it into Redis and drops their cached lists)
     clicked = "i3"  # an odd-group item: their session now points at the odd half of the catalog
+    seen = c.post("/status").json()["local_cache"]["invalidations"]
     OnlineState(redis_client).apply_events([schemas.Event(**schemas.new_event("click", "walk-in", clicked, "s1"))])
+    # the process's copy of their list goes when Redis tells it (a background thread, within milliseconds)
+    wait_for(lambda: c.post("/status").json()["local_cache"]["invalidations"] > seen, 10, "Redis's invalidation")
     after = c.post("/recommend", json={"user_id": "walk-in", "k": 5}).json()
     assert after["source"] == "model"
     assert after["items"] != before["items"] and clicked not in [i["item_id"] for i in after["items"]]

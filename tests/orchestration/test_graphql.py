@@ -29,6 +29,7 @@ telemetry:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(600)  # its own waits (server 120 s, submit 90 s, run 240 s) fail first, with the server log
 def test_a_train_job_launched_through_graphql_completes(shop, tmp_path, monkeypatch):
     s, _ = shop
     home = tmp_path / "dagster_home"

@@ -19,7 +19,7 @@ def _records_in(settings, topic: str) -> int:
         consumer.assign(parts)
         consumer.seek_to_beginning(*parts)
         n, empty_polls = 0, 0
-        while empty_polls < 3:
+        while empty_polls < 6:  # 3 s without a record: the end (a slow broker answers some polls empty)
             got = sum(len(r) for r in consumer.poll(timeout_ms=500).values())
             n += got
             empty_polls = 0 if got else empty_polls + 1

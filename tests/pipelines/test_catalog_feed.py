@@ -22,6 +22,7 @@ from pipelines.schemas import EventError
 from pipelines.settings import get_settings
 from pipelines.state import OnlineState
 from tests.pipelines.conftest import wait_until
+from tests.topics import topic_records
 
 NOW_MS = int(time.time() * 1000)
 SHIRT = {"item_id": "p-shirt", "title": "Linen shirt white", "category": "fashion", "brand": "Acme",
@@ -112,19 +113,14 @@ def _publish(settings, records: list[tuple[str | None, bytes | None]]) -> None:
 
 
 def _dlq_reasons(settings, keys: set[bytes]) -> dict[bytes, str]:
-    dlq = KafkaConsumer(settings.kafka_topic_dlq, group_id=f"dlq-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
-                        consumer_timeout_ms=8000, **kafka_io.FAST_GROUP, **settings.kafka_client_kwargs())
     found = {}
-    try:
-        for rec in dlq:
-            if rec.key in keys:
-                headers = dict(rec.headers)
-                assert headers["source_topic"] == settings.kafka_topic_catalog.encode()  # told apart from events
-                found[rec.key] = headers["reason"].decode()
-            if len(found) == len(keys):
-                break
-    finally:
-        dlq.close()
+    for rec in topic_records(settings, settings.kafka_topic_dlq):
+        if rec.key in keys:
+            headers = dict(rec.headers)
+            assert headers["source_topic"] == settings.kafka_topic_catalog.encode()  # told apart from events
+            found[rec.key] = headers["reason"].decode()
+        if len(found) == len(keys):
+            break
     return found
 
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import uuid
 
-from kafka import KafkaConsumer
 
 from pipelines import kafka_io, lake
 from pipelines.consumer import StreamConsumer
 from pipelines.schemas import new_event
 from pipelines.state import OnlineState
 from tests.pipelines.conftest import wait_until
+from tests.topics import topic_records
 
 
 def test_valid_events_reach_lake_and_redis_invalid_go_to_dlq(settings, redis_client, caplog):
@@ -53,15 +53,12 @@ def test_valid_events_reach_lake_and_redis_invalid_go_to_dlq(settings, redis_cli
     reasons = state.dlq_reasons()
     assert reasons.get("unknown_event_type", 0) >= 1 and reasons.get("undecodable", 0) >= 1
 
-    dlq = KafkaConsumer(settings.kafka_topic_dlq, group_id=f"dlq-{tag}", auto_offset_reset="earliest",
-                        consumer_timeout_ms=5000, **kafka_io.FAST_GROUP, **settings.kafka_client_kwargs())
     found = {}
-    for rec in dlq:
+    for rec in topic_records(settings, settings.kafka_topic_dlq):
         if rec.key == user.encode():
             found[dict(rec.headers)["reason"].decode()] = rec.value
         if len(found) >= 2:
             break
-    dlq.close()
     assert found["unknown_event_type"] == json.dumps(bad).encode()  # original bytes kept
     assert found["undecodable"] == b"\xff\xfe not json"
 

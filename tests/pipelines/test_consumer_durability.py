@@ -57,11 +57,16 @@ def test_two_consumers_share_partitions_and_one_stopping_loses_nothing(settings,
     monkeypatch.setenv("SHOPREC_CONSUMER_MAX_RECORDS", "200")
     kafka_io.ensure_topics(settings)
     first = tagged_events(1500)
-    produce(settings, first)
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     a = start_consumer(log_a)
     b = start_consumer(log_b)
     try:
+        # the events go once both members own partitions: produced before, the first member to join could
+        # store them all before the second one's join, and the second would never write a file
+        state = OnlineState(redis_client)
+        wait_until(lambda: (st := state.consumer_status()).get("members") == "2" and st.get("idle_members") == "0",
+                   timeout=90, what="both group members to own partitions")
+        produce(settings, first)
         # both members get a share: each writes lake files of its own partitions
         def both_working():
             names = {p.name.rsplit("-", 1)[-1] for p in settings.lake_dir.glob("date=*/hour=*/shop.events-*.parquet")}

@@ -8,13 +8,13 @@ import time
 import uuid
 from collections import Counter
 
-from kafka import KafkaConsumer
 
 from pipelines import kafka_io
 from pipelines.consumer import StreamConsumer
 from pipelines.schemas import new_event
 from pipelines.state import OnlineState
 from tests.pipelines.conftest import dumps, lake_counts, wait_until
+from tests.topics import topic_records
 
 DAY_MS = 86_400_000
 
@@ -116,18 +116,14 @@ def test_each_hostile_record_lands_in_the_dlq_with_its_reason_and_good_ones_are_
     assert set(lake_counts(settings, wanted).values()) == {1}
     assert state.recent_items(f"u-{tag}")[0] == f"good-{len(bad) - 1}"  # good events reached the online state
 
-    dlq = KafkaConsumer(settings.kafka_topic_dlq, group_id=f"dlq-{tag}", auto_offset_reset="earliest", consumer_timeout_ms=8000,
-                        max_partition_fetch_bytes=16 * 1024 * 1024, **kafka_io.FAST_GROUP,
-                        **settings.kafka_client_kwargs())
     found = {}
     expected = {f"{tag}-{i}".encode(): (kind, value, reason) for i, (kind, value, reason) in enumerate(bad) if reason}
-    for rec in dlq:
+    for rec in topic_records(settings, settings.kafka_topic_dlq):
         corpus_id = dict(rec.headers).get("corpus")
         if corpus_id in expected:
             found[corpus_id] = rec
         if len(found) == len(expected):
             break
-    dlq.close()
     wrong = {}
     for key, (kind, value, reason) in expected.items():
         rec = found.get(key)

@@ -10,7 +10,7 @@ import pytest
 from pipelines import kafka_io
 from pipelines.serving import ImpressionLog
 from pipelines.settings import Settings
-from tests.bentos.test_service import _consume_impressions
+from tests.topics import impressions_in, topic_records
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_impressions_logged_just_before_close_still_reach_kafka(own_topic, monke
                  "ts": 1_790_000_000_000})
     log.close(timeout=20)
     assert log.pending() == 0 and log.sent == len(ids)
-    assert set(_consume_impressions(settings, ids)) == ids
+    assert set(impressions_in(settings, ids)) == ids
 
 
 def test_a_users_impressions_share_the_partition_of_their_clicks(own_topic):
@@ -56,15 +56,11 @@ def test_a_users_impressions_share_the_partition_of_their_clicks(own_topic):
         log.close(timeout=20)
         assert log.sent == len(users)
         partitions: dict[tuple[str, str], int] = {}
-        from kafka import KafkaConsumer, TopicPartition
-
-        consumer = KafkaConsumer(**settings.kafka_client_kwargs(), enable_auto_commit=False, consumer_timeout_ms=2000)
-        consumer.assign([TopicPartition(settings.kafka_topic_events, p) for p in range(settings.kafka_events_partitions)])
-        consumer.seek_to_beginning()
-        for record in consumer:
+        for record in topic_records(settings, settings.kafka_topic_events):
             ev = orjson.loads(record.value)
             partitions[ev["event_type"], ev["user_id"]] = record.partition
-        consumer.close()
+            if len(partitions) == 2 * len(users):
+                break
         assert len(partitions) == 2 * len(users)
         assert len({partitions["click", u] for u in users}) > 1  # the users really spread over partitions
         assert all(partitions["impression", u] == partitions["click", u] for u in users)
@@ -81,4 +77,4 @@ def test_an_impression_kafka_refuses_is_counted_and_the_next_ones_still_go(own_t
         log.log({"event_type": "impression", "user_id": "u1", "request_id": rid})
     log.close(timeout=20)
     assert (log.failed, log.sent, log.dropped) == (1, len(ids), 0)
-    assert set(_consume_impressions(own_topic, ids)) == ids
+    assert set(impressions_in(own_topic, ids)) == ids
