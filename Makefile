@@ -33,7 +33,7 @@ up: install
 	$(BIN)/shoprec stack up
 
 down:
-	@test -x $(BIN)/shoprec && $(BIN)/shoprec stack down || true
+	@if [ -x $(BIN)/shoprec ]; then $(BIN)/shoprec stack down; fi
 
 status:
 	@$(BIN)/shoprec stack status
@@ -57,4 +57,4 @@ up-lb: install
 	$(BIN)/python -m pipelines.serve_process up-lb
 
 down-lb:
-	@test -x $(BIN)/python && $(BIN)/python -m pipelines.serve_process down-lb || true
+	@if [ -x $(BIN)/python ]; then $(BIN)/python -m pipelines.serve_process down-lb; fi

@@ -14,7 +14,6 @@ from pydantic import Field
 from pipelines import lake
 from pipelines.experiment import counter_name
 from pipelines.registry import ModelRegistry
-from pipelines.schemas import REGISTERED_MODEL
 from pipelines.settings import Settings, get_settings
 from pipelines.state import OnlineState, connect
 
@@ -59,7 +58,8 @@ class MLflowResource(dg.ConfigurableResource):
     """The MLflow tracking server and model registry."""
 
     tracking_uri: str = Field(default_factory=lambda: _s().mlflow_tracking_uri)
-    model_name: str = Field(REGISTERED_MODEL, description="registered model (tests use their own)")
+    model_name: str = Field(default_factory=lambda: _s().mlflow_model_name,
+                            description="registered model (SHOPREC_MLFLOW_MODEL_NAME: the one serving follows)")
 
     def registry(self) -> ModelRegistry:
         return ModelRegistry(self.tracking_uri, name=self.model_name)

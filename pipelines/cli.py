@@ -6,11 +6,12 @@ import functools
 import signal
 import threading
 from pathlib import Path
+from urllib.parse import urlparse
 
 import typer
 from typer.core import TyperOption
 
-from pipelines.settings import get_settings
+from pipelines.settings import SettingsError, get_settings
 
 
 def _no_flag_metavar(display_type_rich):
@@ -196,7 +197,8 @@ def _aliases_changed(change: dict) -> None:
 
 
 @model_app.command("promote")
-def model_promote(version: str = typer.Argument(None, help="the version to make champion (default: the challenger)")) -> None:
+def model_promote(version: str = typer.Argument(None, help="the version to make champion: 3, v3 or an alias "
+                                                            "(default: the challenger)")) -> None:
     """Make a version (default: the challenger) the champion."""
     try:
         change = _registry().promote(version)
@@ -204,6 +206,36 @@ def model_promote(version: str = typer.Argument(None, help="the version to make 
             typer.echo(f"v{change['before']['champion']} already is the champion: nothing changed")
             return
         _aliases_changed(change)
+    except ValueError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+
+
+@model_app.command("challenger")
+def model_challenger(version: str = typer.Argument(None, help="the version to serve as the challenger (3 or v3)"),
+                     remove: bool = typer.Option(False, "--remove", help="take the alias off: all traffic to the "
+                                                                          "champion")) -> None:
+    """Serve a version beside the champion as the `challenger` (the experiment's share of the traffic), as the
+    training gate does for a candidate not worse than the champion; `--remove` ends the comparison."""
+    from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION
+
+    try:
+        registry = _registry()
+        before = registry.aliases()
+        if remove:
+            if before[ALIAS_CHALLENGER] is None:
+                typer.echo("there is no challenger: nothing changed")
+                return
+            registry.client.delete_registered_model_alias(registry.name, ALIAS_CHALLENGER)
+        elif version is None:
+            raise ValueError("name the version to serve as the challenger (`shoprec model challenger VERSION`), "
+                             "or --remove")
+        else:
+            resolved = registry.resolve(version)
+            if resolved == before[ALIAS_CHAMPION]:
+                raise ValueError(f"v{resolved} is the champion: a challenger is another version")
+            registry.set_alias(ALIAS_CHALLENGER, resolved)
+        _aliases_changed({"before": before, "after": registry.aliases()})
     except ValueError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(1) from None
@@ -226,6 +258,73 @@ def model_show() -> None:
         typer.echo(f"{alias}: {'v' + version if version else '-'}")
 
 
+@app.command()
+def train(model: str = typer.Option(None, help="recommender to train (default SHOPREC_TRAIN__MODEL: shoprec)"),
+          epochs: int = typer.Option(None, min=1, help="training epochs (default SHOPREC_TRAIN__EPOCHS)"),
+          dim: int = typer.Option(None, min=4, max=1024, help="embedding size (default SHOPREC_TRAIN__DIM)"),
+          wait: bool = typer.Option(True, help="follow the run to its end (exit 1 unless it succeeds)"),
+          dagster_url: str = typer.Option(None, help="the Dagster webserver (default: the local stack's)")) -> None:
+    """Launch `train_job` on the stack's Dagster now, as its UI's "Materialize all" does, and follow it.
+
+    The run validates its window, trains a candidate, registers it in MLflow and lets the gate name it
+    `challenger` or `champion`; the Dagster UI shows its steps (the link printed). Busy on 2 cores: 2-5 min."""
+    import time
+
+    from dagster_graphql import DagsterGraphQLClient, DagsterGraphQLClientError
+
+    from pipelines import stack
+
+    s = get_settings()
+    url = dagster_url or next(p.url for p in stack.programs(s, Path.cwd()) if p.name == "dagster")
+    parsed = urlparse(url)
+    client = DagsterGraphQLClient(parsed.hostname or "localhost", port_number=parsed.port, timeout=30)
+    overrides = {k: v for k, v in {"model": model, "epochs": epochs, "dim": dim}.items() if v is not None}
+    config = {"ops": {"trained_model": {"config": overrides}}} if overrides else None
+    import httpx
+
+    try:
+        httpx.get(f"{url.rstrip('/')}/server_info", timeout=10).raise_for_status()
+    except httpx.HTTPError as err:
+        typer.echo(f"error: Dagster does not answer at {url} ({err}): start the stack (`make up`) or pass "
+                   "--dagster-url", err=True)
+        raise typer.Exit(1) from None
+    deadline, said = time.monotonic() + 90, False
+    while True:
+        try:
+            run_id = client.submit_job_execution("train_job", run_config=config)
+            break
+        except DagsterGraphQLClientError as err:  # just after `make up` the code location is still loading
+            loading = any(w in str(err).lower() for w in ("not found", "notfound", "location", "loading"))
+            if not loading or time.monotonic() > deadline:
+                typer.echo(f"error: Dagster at {url} did not take the run: {err}", err=True)
+                raise typer.Exit(1) from None
+            if not said:
+                typer.echo("waiting for Dagster to load the code location ...")
+                said = True
+            time.sleep(2)
+    typer.echo(f"train_job run {run_id}: {url.rstrip('/')}/runs/{run_id}")
+    if not wait:
+        return
+    t0, last, status, note_at = time.monotonic(), None, None, 30.0
+    while status not in ("SUCCESS", "FAILURE", "CANCELED"):
+        time.sleep(2)
+        try:
+            status = client.get_run_status(run_id).value
+        except (DagsterGraphQLClientError, OSError) as err:
+            typer.echo(f"error: lost Dagster at {url} ({err}); the run may still finish: see the link", err=True)
+            raise typer.Exit(1) from None
+        took = time.monotonic() - t0
+        if status != last or took >= note_at:  # each change, and every 30 s that it is still at it
+            typer.echo(f"  {status.lower()} ({took:.0f} s)")
+            last, note_at = status, (took // 30 + 1) * 30
+    if status != "SUCCESS":
+        typer.echo(f"error: the run ended {status}: its steps and logs are at the link above", err=True)
+        raise typer.Exit(1)
+    aliases = _registry().aliases()
+    typer.echo("registered; now " + ", ".join(f"{a} v{v}" if v else f"no {a}" for a, v in aliases.items())
+               + " (serving follows within SHOPREC_MODEL_POLL_S plus the model's load time)")
+
+
 @stack_app.command("up")
 def stack_up(backfill_days: int = typer.Option(3, min=0, help="history to simulate when the lake is empty")) -> None:
     """Start everything in the background, wait for health checks, print the URLs."""
@@ -246,7 +345,16 @@ def stack_down() -> None:
     """Stop exactly what `stack up` started."""
     from pipelines import stack
 
-    stack.down(get_settings(), Path.cwd())
+    try:
+        s = get_settings()
+    except SettingsError as err:  # stopping needs only the var dir: a bad value elsewhere must not keep it running
+        import os
+
+        from pipelines.settings import Settings
+
+        typer.echo(f"warning: ignoring invalid settings to stop the stack:\n{err}", err=True)
+        s = Settings.model_construct(var_dir=Path(os.environ.get("SHOPREC_VAR_DIR", "var")))
+    stack.down(s, Path.cwd())
     typer.echo("stack stopped")
 
 
@@ -309,5 +417,18 @@ def _register_benchmarks() -> None:
 
 _register_benchmarks()
 
+
+def main() -> None:
+    """The ``shoprec`` command: ``app`` with an invalid setting told in one line per variable (exit 2), not a
+    traceback."""
+    import sys
+
+    try:
+        app()
+    except SettingsError as err:
+        typer.echo(f"error: invalid settings (fix or unset these variables):\n{err}", err=True)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -165,10 +165,9 @@ class ModelRegistry:
         Raises:
             ValueError: no version given and no challenger, or the version does not exist.
         """
-        version = version or self.version_for(ALIAS_CHALLENGER)
+        version = self.resolve(version) if version else self.version_for(ALIAS_CHALLENGER)
         if version is None:
             raise ValueError("no challenger to promote: name a version (`shoprec model promote VERSION`)")
-        self._must_exist(version)
         before = self.aliases()
         if before[ALIAS_CHAMPION] == version:
             return {"before": before, "after": dict(before), "unchanged": True}
@@ -229,6 +228,26 @@ class ModelRegistry:
             else:
                 raise
         return {a: (str(found[a]) if a in found else None) for a in (ALIAS_CHAMPION, ALIAS_CHALLENGER)}
+
+    def resolve(self, ref: str) -> str:
+        """The version ``ref`` names: a number (``3``), the same as ``model show`` prints it (``v3``) or an alias
+        (``champion``, ``challenger``).
+
+        Raises:
+            ValueError: no such version, or an alias that names none.
+        """
+        ref = str(ref).strip()
+        if ref.lower() in (ALIAS_CHAMPION, ALIAS_CHALLENGER):
+            version = self.version_for(ref.lower())
+            if version is None:
+                raise ValueError(f"{self.name} has no {ref.lower()} (`shoprec model show` lists the aliases)")
+            return version
+        version = ref[1:] if ref[:1] in ("v", "V") else ref
+        if not version.isdigit():
+            raise ValueError(f"{ref!r} is not a version: name one as a number (3, or v3 as `shoprec model show` "
+                             f"prints it) or an alias ({ALIAS_CHAMPION}, {ALIAS_CHALLENGER})")
+        self._must_exist(version)
+        return version
 
     def _must_exist(self, version: str) -> None:
         try:

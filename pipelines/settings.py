@@ -7,13 +7,15 @@ local API key (:func:`local_env`).
 
 from __future__ import annotations
 
+import difflib
 import json
+import logging
 import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from pipelines.schemas import REGISTERED_MODEL, TOPIC_CATALOG, TOPIC_DLQ, TOPIC_EVENTS
@@ -285,7 +287,75 @@ def local_env(env: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+#: ``SHOPREC_*`` variables that are not settings (test hooks)
+OTHER_VARIABLES = frozenset({"SHOPREC_CRASH_AT", "SHOPREC_FUZZ_SEED"})
+
+log = logging.getLogger(__name__)
+
+
+class SettingsError(ValueError):
+    """A ``SHOPREC_*`` variable whose value is not valid; the message names each one, what it takes and its default."""
+
+
+def _variable(loc: tuple) -> str:
+    """The environment variable of a setting's error location (``("train", "epochs")`` -> ``SHOPREC_TRAIN__EPOCHS``)."""
+    field = Settings.model_fields.get(str(loc[0])) if loc else None
+    alias = field.validation_alias if field is not None else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return "SHOPREC_" + "__".join(str(part) for part in loc).upper()
+
+
+def _default(loc: tuple) -> str:
+    fields: dict = Settings.model_fields
+    default = None
+    for part in loc:
+        field = fields.get(str(part))
+        if field is None:
+            return ""
+        default = field.get_default(call_default_factory=True)
+        fields = getattr(field.annotation, "model_fields", {})
+    return f" (unset, it is {default!r})" if default is not None and not isinstance(default, BaseModel) else ""
+
+
+def describe_settings_error(err: ValidationError) -> str:
+    """One line per invalid variable: its name, the value given, what it takes and its default."""
+    lines = []
+    for e in err.errors(include_url=False):
+        msg = str(e["msg"]).removeprefix("Value error, ")
+        if not e["loc"]:  # a rule across settings: its message names them
+            lines.append(msg)
+            continue
+        lines.append(f"{_variable(e['loc'])}={e['input']!r}: {msg[:1].lower() + msg[1:]}{_default(e['loc'])}")
+    return "\n".join(lines)
+
+
+def unknown_variables(environ: dict[str, str] | None = None) -> list[str]:
+    """``SHOPREC_*`` variables that are no setting (a misspelt name is otherwise ignored), with the likely one."""
+    known = {_variable((name,)) for name in Settings.model_fields}
+    known |= {_variable(("train", name)) for name in TrainConfig.model_fields}
+    out = []
+    for name in sorted(os.environ if environ is None else environ):
+        upper = name.upper()
+        if upper.startswith("SHOPREC_") and upper not in known and upper not in OTHER_VARIABLES:
+            close = difflib.get_close_matches(upper.removeprefix("SHOPREC_"), [k.removeprefix("SHOPREC_") for k in known],
+                                              n=1, cutoff=0.8)
+            out.append(f"{name} is not a shoprec setting, so it changes nothing"
+                       + (f" (did you mean SHOPREC_{close[0]}?)" if close else " (README, Configuration, lists them)"))
+    return out
+
+
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings (read once from the environment)."""
-    return Settings()
+    """The process-wide settings (read once from the environment).
+
+    Raises:
+        SettingsError: a variable's value is not valid (the message says which and what it takes).
+    """
+    try:
+        settings = Settings()
+    except ValidationError as err:
+        raise SettingsError(describe_settings_error(err)) from None
+    for line in unknown_variables():
+        log.warning(line)
+    return settings

@@ -217,15 +217,30 @@ def up(settings: Settings, root: Path, timeout_s: float = 240, echo=print) -> bo
     return not pending
 
 
-def next_steps(settings: Settings) -> str:
-    """What to do once the stack is up: the key the API takes, a first request, and the first training."""
+def next_steps(settings: Settings, served: dict[str, str] | None = None) -> str:
+    """What to do once the stack is up: the key the API takes, a first request, and the first training when no
+    model is served yet (``served``: alias -> version, default: what the API's /status says)."""
     key = LOCAL_API_KEY if not os.environ.get("SHOPREC_API_KEYS") else "<one of SHOPREC_API_KEYS>"
     api = next((p.url for p in programs(settings, Path.cwd()) if p.name == "bentoml"), "http://localhost:3001")
-    return (f"\nThe API takes `Authorization: Bearer {key}`, e.g.\n"
+    if served is None:
+        served = served_models(api, settings)
+    text = (f"\nThe API takes `Authorization: Bearer {key}`, e.g.\n"
             f"  curl -s {api}/recommend -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' "
-            "-d '{\"user_id\": \"u000001\"}'\n"
-            "Until a model is registered it answers from the fallback (`source: fallback`): after the first "
-            "`make up`, run `train_job` once (Dagster → Jobs → train_job → Materialize all; README, Using it).")
+            "-d '{\"user_id\": \"u000001\"}'\n")
+    if served:
+        return text + "It serves " + " and ".join(f"{alias} v{v}" for alias, v in sorted(served.items())) + \
+            " (`shoprec model show`); `shoprec train` trains a new candidate now, the schedule does daily."
+    return text + ("No model is registered yet, so it answers from the fallback (`source: fallback`): run "
+                   "`shoprec train` once (or Dagster → Jobs → train_job → Materialize all; README, Using it).")
+
+
+def served_models(api: str, settings: Settings) -> dict[str, str]:
+    """The versions the API serves (its /status), {} when none or when it does not answer."""
+    try:
+        r = httpx.post(f"{api}/status", headers=settings.client_headers(), timeout=5)
+        return dict(r.json().get("models") or {}) if r.status_code == 200 else {}
+    except (httpx.HTTPError, ValueError, AttributeError):
+        return {}
 
 
 def start_in_order(progs: list[Program], conf: Path, timeout_s: float, echo=print) -> set[str]:

@@ -69,8 +69,12 @@ def test_make_up_ends_with_the_key_a_first_request_and_the_first_training(monkey
     from pipelines.settings import LOCAL_API_KEY, get_settings
 
     monkeypatch.delenv("SHOPREC_API_KEYS", raising=False)
-    text = next_steps(get_settings())
-    assert f"Authorization: Bearer {LOCAL_API_KEY}" in text and "/recommend" in text and "train_job" in text
+    text = next_steps(get_settings(), served={})
+    assert f"Authorization: Bearer {LOCAL_API_KEY}" in text and "/recommend" in text and "shoprec train" in text
+    assert "No model is registered yet" in text
+    # a stack that already serves a model is not told to train its first one (it said so on every `make up`)
+    text = next_steps(get_settings(), served={"champion": "2", "challenger": "3"})
+    assert "It serves challenger v3 and champion v2" in text and "No model is registered" not in text
     monkeypatch.setenv("SHOPREC_API_KEYS", '["a-real-secret"]')  # a deployment's keys are never printed
-    text = next_steps(get_settings())
+    text = next_steps(get_settings(), served={})
     assert "a-real-secret" not in text and LOCAL_API_KEY not in text and "one of SHOPREC_API_KEYS" in text

@@ -121,3 +121,34 @@ def test_promoting_the_champion_says_it_already_is_and_changes_nothing(settings,
     registry.set_alias(ALIAS_CHALLENGER, reg.version)
     out = CliRunner().invoke(app, ["model", "promote"])
     assert out.exit_code == 0 and "already is the champion" in out.output
+
+
+def test_versions_are_named_as_model_show_prints_them_and_a_challenger_is_set_by_hand(settings, registered_champion,
+                                                                                     monkeypatch):
+    """`model show` prints `champion: v1`, and `model promote v1` answered "has no version 'v1'"; `promote challenger`
+    said the same; a challenger could be set only in the MLflow UI."""
+    registry, reg = registered_champion
+    first = reg.version
+    model = registry.load().recommender
+    second = registry.log_and_register(model, params=model.params(), metrics={"ndcg_at_10": 0.1}, tags={})[1]
+    monkeypatch.setenv("SHOPREC_MLFLOW_MODEL_NAME", registry.name)
+    from pipelines.settings import get_settings
+    get_settings.cache_clear()
+    run = CliRunner().invoke
+
+    out = run(app, ["model", "challenger", f"v{second}"])
+    assert out.exit_code == 0, out.output
+    assert registry.aliases() == {ALIAS_CHAMPION: first, ALIAS_CHALLENGER: second}
+    out = run(app, ["model", "challenger", "champion"])  # the champion cannot challenge itself
+    assert out.exit_code == 1 and "is the champion" in out.output
+    out = run(app, ["model", "promote", "challenger"])
+    assert out.exit_code == 0 and registry.aliases()[ALIAS_CHAMPION] == second, out.output
+    out = run(app, ["model", "promote", f"V{first}"])
+    assert out.exit_code == 0 and registry.aliases()[ALIAS_CHAMPION] == first, out.output
+    out = run(app, ["model", "promote", "latest"])
+    assert out.exit_code == 1 and "is not a version: name one as a number (3, or v3" in out.output
+    out = run(app, ["model", "challenger", "--remove"])
+    assert out.exit_code == 0 and registry.aliases()[ALIAS_CHALLENGER] is None, out.output
+    out = run(app, ["model", "promote", "challenger"])
+    assert out.exit_code == 1 and "has no challenger" in out.output
+    assert registry.aliases() == {ALIAS_CHAMPION: first, ALIAS_CHALLENGER: None}  # the errors changed nothing
