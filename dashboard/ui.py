@@ -76,15 +76,15 @@ def _mlflow_client(tracking_uri: str):
 
 
 @st.cache_data(ttl=TTL_S, show_spinner=False)
-def _model_aliases(tracking_uri: str) -> dict[str, dd.ModelVersionInfo | None]:
-    return dd.fetch_model_aliases(tracking_uri, client_factory=_mlflow_client)
+def _model_aliases(tracking_uri: str, name: str) -> dict[str, dd.ModelVersionInfo | None]:
+    return dd.fetch_model_aliases(tracking_uri, name, client_factory=_mlflow_client)
 
 
 def model_aliases() -> dict[str, dd.ModelVersionInfo | None] | None:
     """Champion/challenger versions, or None after showing a warning when MLflow is down."""
     s = settings()
     try:
-        return _model_aliases(s.mlflow_tracking_uri)
+        return _model_aliases(s.mlflow_tracking_uri, s.mlflow_model_name)
     except dd.MlflowUnavailable as err:
         st.warning(f"**MLflow is down**: {err}. The model versions come from its registry. {START_HINT} "
                    "Elsewhere, point `MLFLOW_TRACKING_URI` at a running tracking server.",
@@ -165,8 +165,8 @@ def redis_info(*, quiet: bool = False) -> dd.RedisInfo | None:
 
 
 @st.cache_data(ttl=SLOW_TTL_S, show_spinner=False)
-def _trained_versions(tracking_uri: str, versions: tuple[str, ...]) -> dict[str, str]:
-    return dd.fetch_trained_versions(tracking_uri, versions, client_factory=_mlflow_client)
+def _trained_versions(tracking_uri: str, versions: tuple[str, ...], name: str) -> dict[str, str]:
+    return dd.fetch_trained_versions(tracking_uri, versions, name, client_factory=_mlflow_client)
 
 
 def trained_versions(versions) -> dict[str, str] | None:
@@ -176,7 +176,7 @@ def trained_versions(versions) -> dict[str, str] | None:
     if not versions:
         return {}
     try:
-        return _trained_versions(settings().mlflow_tracking_uri, versions)
+        return _trained_versions(settings().mlflow_tracking_uri, versions, settings().mlflow_model_name)
     except dd.MlflowUnavailable:
         return None
 

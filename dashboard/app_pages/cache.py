@@ -58,8 +58,11 @@ def render() -> None:
         hists = pd.concat({"hit (cache)": dd.latency_histogram(snap.latency.get(SOURCE_CACHE, {})),
                            "miss (model)": dd.latency_histogram(snap.latency.get(SOURCE_MODEL, {}))},
                           names=["kind"]).rename("requests").reset_index()
+        # the last bucket has no upper edge: "> 1000", not "inf"
+        labels = {f: f"> {dd.LATENCY_FIELDS[-2]}" if f == "inf" else f for f in dd.LATENCY_FIELDS}
+        hists["le_ms"] = hists["le_ms"].map(labels)
         ui.altair(alt.Chart(hists).mark_bar(opacity=0.7).encode(
-            x=alt.X("le_ms:N", sort=list(dd.LATENCY_FIELDS), title="latency ≤ ms"),
+            x=alt.X("le_ms:N", sort=list(labels.values()), title="latency ≤ ms"),
             y=ui.count_y("requests", hists["requests"], "requests"),
             color="kind:N", xOffset="kind:N").properties(height=200))
 

@@ -8,7 +8,7 @@ import streamlit as st
 
 from dashboard import ui
 from pipelines import dashboard_data as dd
-from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION, REGISTERED_MODEL
+from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION
 
 ui.sidebar()
 st.title("Overview")
@@ -31,9 +31,9 @@ def models() -> None:
                     st.warning(text, icon=":material/sync_problem:")
             if info is None:
                 st.metric(alias.capitalize(), "none")
-                st.caption(f"No `{REGISTERED_MODEL}@{alias}` in the registry yet."
-                           + (" Training registers one (Dagster job in `make up`)." if alias == ALIAS_CHAMPION
-                              else " All traffic goes to the champion."))
+                st.caption(f"No `{ui.settings().mlflow_model_name}@{alias}` in the registry: "
+                           + ("training registers one (`shoprec train`, or Dagster's `train_job`)."
+                              if alias == ALIAS_CHAMPION else "all traffic goes to the champion."))
                 continue
             age = time.time() - info.created_ms / 1000 if info.created_ms else None
             st.metric(alias.capitalize(), f"v{info.version}", help="registered model version")

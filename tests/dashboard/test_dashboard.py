@@ -179,6 +179,17 @@ def test_overview_shows_models_traffic_ingestion(seeded):
     assert json.loads(chart.proto.spec)["config"]["axisTemporal"]["format"] == "%H:%M"  # 24-hour labels, no "08 PM"
 
 
+def test_overview_reads_the_model_serving_follows(seeded, monkeypatch):
+    """The dashboard read a fixed registered-model name, whatever SHOPREC_MLFLOW_MODEL_NAME made serving follow."""
+    from pipelines.settings import get_settings
+
+    monkeypatch.setenv("SHOPREC_MLFLOW_MODEL_NAME", "another-shop")
+    get_settings.cache_clear()
+    at = run_page(PAGES[0])
+    assert metrics(at)["Champion"] == "none"
+    assert "No `another-shop@champion` in the registry: training registers one (`shoprec train`" in texts(at.caption)
+
+
 def test_ab_page_shows_rates_lift_verdict_and_revenue(seeded):
     at = run_page(PAGES[1])
     m = metrics(at)
