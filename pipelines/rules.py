@@ -4,12 +4,15 @@ In order: drop out-of-stock products and what the user bought; keep at most
 ``max_per_category`` products of one category in the top 10 (the rest move down; when the
 model's list runs out of products that fit, popular ones that fit fill in); give
 ``explore_share`` of the slots to new products (younger than ``new_item_age_h``), which obey
-the same rules. See :func:`apply_rules`.
+the same rules. Which new product takes a slot is drawn per request (:func:`explore_order`),
+favouring the ones the model's content path finds relevant, so that every new product collects
+impressions. See :func:`apply_rules`.
 The catalog is the Parquet file ``Settings.catalog_path``, re-read when it changes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import itertools
 import threading
@@ -17,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from pipelines import lake
@@ -29,6 +33,13 @@ Scored = list[tuple[str, float]]
 DIVERSITY_TOP = 10
 #: most new products kept as exploration candidates (newest first)
 MAX_NEW_CANDIDATES = 500
+#: temperature of the exploration draw (:func:`explore_order`), in standard deviations of the candidates'
+#: relevance scores: a new product one standard deviation more relevant is e (2.7) times as likely to be
+#: drawn first; lower favours the relevant ones more, higher spreads the slots more evenly
+EXPLORE_TEMPERATURE = 1.0
+#: seconds one user's exploration draw stays the same (while their session does not change): a reload
+#: shows the same list, a visit later on explores other new products (:func:`explore_seed`)
+EXPLORE_RESEED_S = 600
 
 
 class Catalog:
@@ -101,10 +112,53 @@ class Catalog:
         self.new_frame = self._frame.loc[self.new_items] if self._frame is not None and self.new_items else None
 
 
+def explore_seed(user_id: str, recent: Sequence[str] = (), now: float | None = None,
+                 period_s: float | None = None) -> int:
+    """The seed of one request's exploration draw: the user, their session and the period of ``now``.
+
+    A hash every process computes alike (not Python's salted ``hash``): the cache warm-up and serving
+    draw the same for the same user, session and period (``period_s`` seconds, default
+    :data:`EXPLORE_RESEED_S`). Another user, a new click, or the next period: another draw.
+    """
+    now = time.time() if now is None else now
+    period = EXPLORE_RESEED_S if period_s is None else period_s
+    key = "\x1f".join([str(user_id), str(int(now // period)), *map(str, recent)])
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little")
+
+
+def explore_order(candidates: Sequence[str], scores: Sequence[float] | None, seed: int,
+                  temperature: float = EXPLORE_TEMPERATURE) -> list[str]:
+    """``candidates`` in the order one request's exploration slots take them: drawn, favouring the relevant.
+
+    A Gumbel-top-k draw: the first is candidate ``i`` with probability ``softmax(z / temperature)_i``,
+    ``z`` the candidates' ``scores`` standardised over them, the next one the same draw among the rest,
+    and so on. Without scores, or with all scores equal (nothing to personalise for), every order is
+    equally likely. The same ``seed`` (:func:`explore_seed`) gives the same order; ``temperature <= 0``
+    gives the score order (no draw). Costs one random number per candidate.
+    """
+    n = len(candidates)
+    if n <= 1:
+        return list(candidates)
+    z = None
+    if scores is not None:
+        s = np.asarray(scores, dtype="float64")
+        std = s.std()
+        if np.isfinite(std) and std > 1e-12 * max(1.0, float(np.abs(s).max())):
+            z = (s - s.mean()) / std
+    if temperature <= 0:
+        keys = z if z is not None else np.zeros(n)
+    else:
+        keys = np.random.default_rng(seed).gumbel(size=n)
+        if z is not None:
+            keys += z / temperature
+    return [candidates[i] for i in np.argsort(-keys, kind="stable")]
+
+
 def apply_rules(scored: Scored, k: int, *, out_of_stock: frozenset[str] | set[str] = frozenset(),
                 bought: set[str] | frozenset[str] = frozenset(), category: dict[str, str] | None = None,
                 max_per_category: int = 3, new_items: Sequence[str] = (), explore_share: float = 0.0,
-                rank_new: Callable[[Sequence[str]], Sequence[str]] | None = None,
+                rank_new: Callable[[Sequence[str]], Sequence[tuple[str, float]]] | None = None,
+                explore_seed: int | None = None, explore_temperature: float | None = None,
                 backfill: Sequence[tuple[str, float]] = ()) -> Scored:
     """Apply the business rules to a model's list.
 
@@ -128,10 +182,20 @@ def apply_rules(scored: Scored, k: int, *, out_of_stock: frozenset[str] | set[st
         max_per_category: most products of one category among the first ``DIVERSITY_TOP`` positions.
         new_items: new in-stock products, newest first (the exploration candidates).
         explore_share: share in [0, 1] of the ``k`` slots given to new products; they take every
-            ``1/explore_share``-th slot with a score just below the item before them. In the top
-            positions a slot takes the best candidate that fits the category cap; when none fits it
-            goes to the model's next item.
-        rank_new: orders the candidates for this user (e.g. the model's content path); default recency.
+            ``1/explore_share``-th slot with a score just below the item before them. The slots take
+            the candidates in the order of the draw (:func:`explore_order`; without ``explore_seed``, in
+            ``rank_new``'s order, or newest first). In the top positions a candidate whose category is
+            at the cap replaces that category's lowest-placed product from the model's list, which
+            moves below the top positions with the other over-cap ones (the user sees as many products
+            of the category, one of them new), unless that is the category's only one from the model
+            there (the user's best pick in it stays); a candidate that can do neither is passed over,
+            and when none can the slot goes to the model's next item.
+        rank_new: scores the candidates for this user (e.g. the model's content path): ``(item_id,
+            score)`` pairs, higher is more relevant; candidates it leaves out are not explored.
+            Default: no preference.
+        explore_seed: draws the order of the candidates (:func:`explore_seed`): the same seed, the
+            same order. ``None``: no draw, the best-scored (or newest) first.
+        explore_temperature: of the draw (default :data:`EXPLORE_TEMPERATURE`).
         backfill: ``(item_id, score)`` best first (popular items) that fill what the model's list
             cannot (see above); read only when needed.
 
@@ -146,13 +210,18 @@ def apply_rules(scored: Scored, k: int, *, out_of_stock: frozenset[str] | set[st
     slots: set[int] = set()
     if n_explore > 0:
         shown = {i for i, _ in kept}
-        if rank_new is None:  # by recency: the first few are enough, unless the cap rejects them
+        if rank_new is None and explore_seed is None:  # by recency: the first few are enough, unless the cap rejects them
             more = (i for i in new_items if i not in shown and i not in bought and i not in out_of_stock)
             explore = list(itertools.islice(more, n_explore))
         else:
             explore = [i for i in new_items if i not in shown and i not in bought and i not in out_of_stock]
-            if explore:
-                explore = list(rank_new(explore))
+            scores: list[float] | None = None
+            if explore and rank_new is not None:
+                ranked = sorted(rank_new(explore), key=lambda x: -x[1])  # (stable: ties keep their order)
+                explore, scores = [i for i, _ in ranked], [s for _, s in ranked]
+            if explore and explore_seed is not None:
+                explore = explore_order(explore, scores, explore_seed,
+                                        EXPLORE_TEMPERATURE if explore_temperature is None else explore_temperature)
         # spread the slots (every 1/share-th position) so that any prefix of a cached list explores its share;
         # a slot no candidate fits (see take_new) goes to the model's next item
         if explore:
@@ -164,32 +233,49 @@ def apply_rules(scored: Scored, k: int, *, out_of_stock: frozenset[str] | set[st
     used: set[str] | None = None  # items shown, once the backfill or a late candidate may repeat one
     fill: Iterator[tuple[str, float]] | None = None
     spare: Scored = []  # backfill items over the cap in the top positions (they may come after them)
+    rank: dict[str, int] = {}  # model item -> its place in the model's list (filled on the first replacement)
 
-    def take_new(capped: bool) -> str | None:
-        """The best unused exploration candidate (that fits the cap when ``capped``)."""
+    def replaceable(i: str) -> int | None:
+        """Where in ``out`` the lowest-placed model item of ``i``'s category is (``None``: none, or only the
+        category's best one, which stays)."""
+        if not rank:
+            rank.update((j, n) for n, (j, _) in enumerate(kept))
+        c = cat(i, i)
+        found = [v for v, (j, _) in enumerate(out) if j in rank and cat(j, j) == c]
+        return found[-1] if len(found) >= 2 else None
+
+    def take_new(capped: bool) -> tuple[str, int | None] | None:
+        """The next unused exploration candidate, and (when ``capped`` and its category is at the cap) the
+        position in ``out`` of the model item it replaces; candidates that can do neither are passed over."""
         for j, i in enumerate(explore):
-            if (used is None or i not in used) and (not capped or per_cat.get(cat(i, i), 0) < max_per_category):
+            if used is not None and i in used:
+                continue
+            if not capped or per_cat.get(cat(i, i), 0) < max_per_category:
                 del explore[j]
-                return i
+                return i, None
+            v = replaceable(i)
+            if v is not None:
+                del explore[j]
+                return i, v
         for i in more:  # candidates past the first few (recency order): only when the cap rejected those
             if used is None or i not in used:
                 if not capped or per_cat.get(cat(i, i), 0) < max_per_category:
-                    return i
+                    return i, None
+                v = replaceable(i)
+                if v is not None:
+                    return i, v
                 explore.append(i)
         return None
 
-    top = min(k, DIVERSITY_TOP)
-    while len(out) < top:
-        pos = len(out)
-        if pos in slots:
-            i = take_new(True)
-            if i is not None:
-                c = cat(i, i)
-                per_cat[c] = per_cat.get(c, 0) + 1
-                if used is not None:
-                    used.add(i)
-                out.append((i, (out[-1][1] if out else 0.0) - 1e-6))
-                continue
+    def add_new(i: str) -> None:
+        """Append exploration candidate ``i`` just below the item before it."""
+        if used is not None:
+            used.add(i)
+        out.append((i, (out[-1][1] if out else 0.0) - 1e-6))
+
+    def place_next() -> bool:
+        """Append the model's next item that fits the cap, else the backfill's; ``False``: nothing fits."""
+        nonlocal used, fill
         for i, s in model:
             c = cat(i, i)
             n = per_cat.get(c, 0)
@@ -198,26 +284,46 @@ def apply_rules(scored: Scored, k: int, *, out_of_stock: frozenset[str] | set[st
                 continue
             per_cat[c] = n + 1
             out.append((i, s))
-            break
-        else:  # the model's list has nothing left that fits the cap: the backfill, under the same rules
-            if fill is None:
-                used = {i for i, _ in out}
-                used.update(i for i, _ in kept)
-                fill = iter(backfill)
-            for i, s in fill:
-                if i in used or i in out_of_stock or i in bought:
-                    continue
-                c = cat(i, i)
-                n = per_cat.get(c, 0)
-                if n >= max_per_category:
-                    spare.append((i, s))
-                    continue
-                per_cat[c] = n + 1
-                used.add(i)
-                out.append((i, (out[-1][1] if out else 0.0) - 1e-6))
-                break
-            else:
-                return out  # nothing left fits the cap: a shorter list rather than a broken rule
+            return True
+        # the model's list has nothing left that fits the cap: the backfill, under the same rules
+        if fill is None:
+            used = {i for i, _ in out}
+            used.update(i for i, _ in kept)
+            fill = iter(backfill)
+        for i, s in fill:
+            if i in used or i in out_of_stock or i in bought:
+                continue
+            c = cat(i, i)
+            n = per_cat.get(c, 0)
+            if n >= max_per_category:
+                spare.append((i, s))
+                continue
+            per_cat[c] = n + 1
+            used.add(i)
+            out.append((i, (out[-1][1] if out else 0.0) - 1e-6))
+            return True
+        return False
+
+    top = min(k, DIVERSITY_TOP)
+    while len(out) < top:
+        if len(out) in slots:
+            got = take_new(True)
+            if got is not None:
+                i, v = got
+                if v is None:
+                    c = cat(i, i)
+                    per_cat[c] = per_cat.get(c, 0) + 1
+                else:  # its category is full: the model's lowest-placed one of it moves below the top (same count)
+                    moved = out.pop(v)
+                    at = next((n for n, (j, _) in enumerate(deferred) if rank[j] > rank[moved[0]]), len(deferred))
+                    deferred.insert(at, moved)  # (the over-cap items, in the model's order)
+                    if not place_next():  # nothing else fits the cap: the new product ends the list
+                        add_new(i)
+                        return out
+                add_new(i)
+                continue
+        if not place_next():
+            return out  # nothing left fits the cap: a shorter list rather than a broken rule
     if len(out) >= k:
         return out
     # past the top positions: the deferred model items, then the rest of the model's list, in their order
@@ -226,21 +332,17 @@ def apply_rules(scored: Scored, k: int, *, out_of_stock: frozenset[str] | set[st
         out.extend(itertools.islice(rest, pos - len(out)))
         if len(out) < pos:
             break  # the model's list ran out: the backfill below
-        i = take_new(False)
-        if i is not None:  # (else the next model item takes the slot)
-            if used is not None:
-                used.add(i)
-            out.append((i, out[-1][1] - 1e-6))
+        got = take_new(False)
+        if got is not None:  # (else the next model item takes the slot)
+            add_new(got[0])
     out.extend(itertools.islice(rest, k - len(out)))
     if spare:
         fill = itertools.chain(spare, fill)
     while len(out) < k:  # the model's list ran out: the backfill, with the exploration slots still spread
         if len(out) in slots:
-            i = take_new(False)
-            if i is not None:
-                if used is not None:
-                    used.add(i)
-                out.append((i, out[-1][1] - 1e-6))
+            got = take_new(False)
+            if got is not None:
+                add_new(got[0])
                 continue
         if fill is None:
             used = {i for i, _ in out}

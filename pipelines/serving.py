@@ -38,7 +38,7 @@ from pipelines.experiment import Experiment, counter_name
 from pipelines.models import Recommender, load_recommender
 from pipelines.models.base import Scored
 from pipelines.registry import LoadedModel, ModelRegistry
-from pipelines.rules import Catalog, apply_rules
+from pipelines.rules import Catalog, apply_rules, explore_seed
 from pipelines.schemas import (ALIAS_CHALLENGER, ALIAS_CHAMPION, COL_CATEGORY, COL_ITEM, SOURCE_CACHE,
                                SOURCE_FALLBACK, SOURCE_MODEL, STATS_CACHE, STATS_LATENCY, STATS_MODEL_ERROR, STATS_MODEL_TIMEOUT, STATS_REQUESTS,
                                new_event, new_id)
@@ -362,7 +362,9 @@ class ModelHolder:
                     bought=set(req.get("bought") or ()), category=self.catalog.category,
                     max_per_category=self.settings.max_per_category, new_items=self.catalog.new_items,
                     explore_share=self.settings.explore_share, rank_new=self._content_ranker(rec, *batch[j]),
-                    backfill=backfill)
+                    explore_seed=explore_seed(batch[j][0], req.get("recent") or (),
+                                              period_s=self.settings.explore_reseed_s),
+                    explore_temperature=self.settings.explore_temperature, backfill=backfill)
                 out[n] = {"items": [[i, round(float(s), 6)] for i, s in items], "model_version": model.version,
                           "variant": variant, "cold": bool(is_cold), "versions": versions, "lineage": lineage}
                 if is_cold:  # what a new user's list came from: a click the model can use, or nothing (trending)
@@ -420,20 +422,24 @@ class ModelHolder:
 
 
     def _content_ranker(self, rec: Recommender, user_id: str, recent: Sequence[str]):
-        """Orders exploration candidates with the model's content path (``rank_new_items``), if it has one."""
+        """Scores exploration candidates with the model's content path (``rank_new_items``), if it has one.
+
+        :func:`~pipelines.rules.apply_rules` draws the slots' new products from these scores (the
+        relevant ones more often, every one now and then); without them, every candidate alike.
+        """
         rank_new_items = getattr(rec, "rank_new_items", None)
         frame = self.catalog.new_frame
         if rank_new_items is None or frame is None:
             return None
 
-        def rank(candidates: Sequence[str]) -> list[str]:
+        def rank(candidates: Sequence[str]) -> list[tuple[str, float]]:
             wanted = set(candidates)
             try:
                 ranked = rank_new_items(user_id, list(recent), len(frame), catalog=frame)
-            except Exception as err:  # the content path is a nicety: fall back to recency
-                log.warning("rank_new_items failed (%s); exploring by recency", err)
-                return list(candidates)
-            return [i for i, _ in ranked if i in wanted]
+            except Exception as err:  # the content path is a nicety: explore without a preference
+                log.warning("rank_new_items failed (%s); exploring without a preference", err)
+                return [(i, 0.0) for i in candidates]
+            return [(i, s) for i, s in ranked if i in wanted]
 
         return rank
 

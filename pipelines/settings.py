@@ -112,6 +112,11 @@ class Settings(BaseSettings):
     fallback_k: int = 200
     explore_share: float = Field(0.1, ge=0, le=1,
                                  description="share of recommendation slots given to new products (cold-start exploration)")
+    explore_temperature: float = Field(1.0, ge=0, description="how strongly the exploration draw favours the new "
+                                       "products the content path finds relevant: temperature over their "
+                                       "standardised scores (0: always the most relevant; higher: more even)")
+    explore_reseed_s: float = Field(600, gt=0, description="seconds a user's exploration draw stays the same while "
+                                                           "their session does not change")
     new_item_age_h: float = Field(24.0, gt=0, description="a product is 'new' for this many hours after created_at")
 
     # dashboard / A/B analysis

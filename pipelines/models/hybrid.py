@@ -82,6 +82,7 @@ class ShopRec(ScoringRecommender):
         self._item_moments: dict[str, tuple] = {}  # per factor part: (item matrix, mean, second moment)
         self._stacked: tuple | None = None  # (the factor parts' item matrices, their stacked transpose)
         self._product_dtype = torch.float32  # of the factor parts' item product (see set_product_dtype)
+        self._catalog_vectors: tuple | None = None  # (catalog frame, its ids, their content vectors): rank_new_items
 
     @property
     def trending(self) -> np.ndarray:
@@ -274,23 +275,37 @@ class ShopRec(ScoringRecommender):
             recent_item_ids: the session, newest first.
             k: list length.
             catalog: rows of products added after training (catalog columns); default: the
-                catalog items the model saw without interactions (:attr:`new_item_ids`).
+                catalog items the model saw without interactions (:attr:`new_item_ids`). The content
+                vectors of the last frame are kept while the same frame object comes back (a frame
+                must not be edited in place after it was passed).
 
         Returns:
             Top-k ``(item_id, score)`` among those products, best first (the exploration candidates).
+            With no profile (an unknown user with no session the model can use) every product scores
+            0.0, in the given order: nothing makes one more relevant than another (the exploration
+            draw of :func:`pipelines.rules.explore_order` is then uniform).
         """
+        cached = None
         if catalog is None:
             ids = self.new_item_ids
-            vectors = self.embed._content_part[self._n_warm:]
-        else:
-            ids = [str(i) for i in catalog["item_id"]]
-            vectors = self.embed.content_embedding(catalog)
+        else:  # serving asks with the same frame on every request until its catalog changes (it never edits one)
+            cached = self._catalog_vectors
+            if cached is None or cached[0] is not catalog:
+                cached = self._catalog_vectors = (catalog, [str(i) for i in catalog["item_id"]], None)
+            ids = cached[1]
         if not ids or k <= 0:
             return []
         profiles, _ = self.embed._profiles([(user_id, list(recent_item_ids))])
+        if not len(profiles.rows):  # nobody to personalise for: no product is more relevant than another
+            return [(i, 0.0) for i in ids[:k]]
+        if cached is None:
+            vectors = self.embed._content_part[self._n_warm:]
+        elif cached[2] is None:  # (computed on the first request that needs them)
+            vectors = self.embed.content_embedding(catalog)
+            self._catalog_vectors = (catalog, ids, vectors)
+        else:
+            vectors = cached[2]
         scores = self.embed.score_candidates(profiles, vectors)[0]
-        if not len(profiles.rows):  # nobody to personalise for: the content vector's norm ranks
-            scores = vectors.norm(dim=1)
         top = torch.topk(scores, min(k, len(ids)))
         return [(ids[i], float(s)) for s, i in zip(top.values.tolist(), top.indices.tolist())]
 

@@ -30,28 +30,42 @@ def _over_cap(ids: list[str], category: dict[str, str], cap: int) -> dict[str, i
 
 
 # --- the rules on their own --------------------------------------------------------------
-def test_an_exploration_slot_takes_a_new_product_that_fits_the_category_cap():
-    """Three beauty products at the top: the new beauty product may not take the exploration slot of the top 10."""
-    scored = [("beauty-1", 9.9), ("beauty-2", 9.8), ("beauty-3", 9.7)] + [(f"p{n}", 9.0 - n / 10) for n in range(20)]
-    category = {"beauty-1": "beauty", "beauty-2": "beauty", "beauty-3": "beauty", "new-beauty": "beauty",
-                "new-toy": "toys", "new-gone": "toys"} | {f"p{n}": f"c{n}" for n in range(20)}
+def test_a_new_product_of_a_category_at_the_cap_replaces_its_lowest_model_product_in_the_top_10():
+    """The walk-through: a user who just clicked a Veltek phone has three phones in the top 10; the exploration
+    slot went to earrings, never to the new Veltek phone. Now the new phone takes the slot and the model's third
+    phone moves just below the top 10: still three phones there, one of them new."""
+    scored = [("phone-1", 9.9), ("phone-2", 9.8), ("phone-3", 9.7)] + [(f"p{n}", 9.0 - n / 10) for n in range(20)]
+    category = {"phone-1": "phones", "phone-2": "phones", "phone-3": "phones", "new-phone": "phones",
+                "new-earrings": "earrings", "new-gone": "earrings"} | {f"p{n}": f"c{n}" for n in range(20)}
     rules = dict(category=category, max_per_category=3, explore_share=0.1)
-    ids = _ids(apply_rules(scored, 10, new_items=["new-beauty", "new-toy"], **rules))
-    assert ids[9] == "new-toy" and "new-beauty" not in ids and len(ids) == 10
+    relevance = {"new-phone": 0.9, "new-earrings": 0.1, "new-gone": 0.5}
+    rank_new = lambda c: [(i, relevance[i]) for i in c]  # (the content path: the phone first)
+    out = apply_rules(scored, 20, new_items=["new-earrings", "new-phone"], rank_new=rank_new, **rules)
+    ids = _ids(out)
+    assert ids[:10] == ["phone-1", "phone-2"] + [f"p{n}" for n in range(7)] + ["new-phone"]
+    assert ids[10] == "phone-3"  # the first below the top 10 (the cap does not apply there)
+    assert ids[19] == "new-earrings" and len(ids) == len(set(ids)) == 20
     assert not _over_cap(ids, category, 3)
-    # the content path ranks the beauty product first: still not over the cap
-    ids = _ids(apply_rules(scored, 10, new_items=["new-toy", "new-beauty"], rank_new=lambda c: sorted(c), **rules))
-    assert ids[9] == "new-toy" and not _over_cap(ids, category, 3)
-    # no new product fits: the slot goes to the model's next product, and the list keeps its length
-    ids = _ids(apply_rules(scored, 10, new_items=["new-beauty"], **rules))
-    assert ids == ["beauty-1", "beauty-2", "beauty-3"] + [f"p{n}" for n in range(7)]
+    assert [s for _, s in out[:10]] == sorted((s for _, s in out[:10]), reverse=True)
+    # the same newest first (no content path): the phone, which is newest, takes the slot the same way
+    ids = _ids(apply_rules(scored, 10, new_items=["new-phone", "new-earrings"], **rules))
+    assert ids[9] == "new-phone" and "phone-3" not in ids and not _over_cap(ids, category, 3)
+    # two slots, two new phones: the second replaces the model's second phone, never its best one
+    more = category | {"new-phone-2": "phones"}
+    two = _ids(apply_rules(scored, 20, new_items=["new-phone", "new-phone-2", "new-earrings"], category=more,
+                           max_per_category=3, explore_share=0.2))
+    assert two[:10] == ["phone-1", "p0", "p1", "new-phone", "p2", "p3", "p4", "p5", "p6", "new-phone-2"]
+    assert two[10:12] == ["phone-2", "phone-3"] and two[14] == "new-earrings" and not _over_cap(two, more, 3)
+    # one per category: the user's only phone is their best pick in it, so the new phone is passed over
+    one = _ids(apply_rules(scored, 10, new_items=["new-phone", "new-earrings"], category=category, max_per_category=1,
+                           explore_share=0.1))
+    assert one[0] == "phone-1" and one[9] == "new-earrings" and "new-phone" not in one
+    assert not _over_cap(one, category, 1)
     # out of stock or bought: never shown, not even in an exploration slot
-    ids = _ids(apply_rules(scored, 10, new_items=["new-gone", "new-beauty", "new-toy"], out_of_stock={"new-gone"},
-                           **rules))
-    assert ids[9] == "new-toy" and "new-gone" not in ids
-    # past the top 10 the cap does not apply: a 20-item list explores with the beauty product at slot 19
-    ids = _ids(apply_rules(scored, 20, new_items=["new-beauty", "new-toy"], **rules))
-    assert ids[9] == "new-toy" and ids[19] == "new-beauty" and not _over_cap(ids, category, 3)
+    ids = _ids(apply_rules(scored, 10, new_items=["new-gone", "new-earrings"], out_of_stock={"new-gone"}, **rules))
+    assert ids[9] == "new-earrings" and "new-gone" not in ids
+    ids = _ids(apply_rules(scored, 10, new_items=["new-phone", "new-earrings"], bought={"new-phone"}, **rules))
+    assert ids[9] == "new-earrings" and "phone-3" in ids
 
 
 def test_capped_products_never_come_back_into_the_top_10_when_the_candidates_run_out():
@@ -89,9 +103,12 @@ def test_every_list_obeys_every_rule(seed):
     bought = {i for i in universe if rng.random() < 0.1}
     cap, k = rng.choice([1, 2, 3, 10]), rng.choice([1, 5, 10, 20, 50])
     share = rng.choice([0.0, 0.1, 0.2, 0.5, 1.0])
-    rank_new = rng.choice([None, lambda c: list(reversed(c))])
+    rank_new = rng.choice([None, lambda c: [(i, float(n)) for n, i in enumerate(c)],
+                           lambda c: [(i, rng.random()) for i in c[::2]]])  # (candidates left out: not explored)
+    explore_seed = rng.choice([None, rng.getrandbits(64)])
     out = apply_rules(scored, k, out_of_stock=out_of_stock, bought=bought, category=category, max_per_category=cap,
-                      new_items=new_items, explore_share=share, rank_new=rank_new, backfill=popular)
+                      new_items=new_items, explore_share=share, rank_new=rank_new, explore_seed=explore_seed,
+                      backfill=popular)
     ids = _ids(out)
     assert len(ids) == len(set(ids)) <= k
     assert not set(ids) & (out_of_stock | bought)
@@ -151,20 +168,29 @@ def test_a_user_whose_candidates_are_nearly_all_one_category_gets_a_full_list_un
         assert not _over_cap(ids, category, 3), ids
         assert not set(ids) & (gone | bought)
         assert scores[:10] == sorted(scores[:10], reverse=True)  # no capped shoe pulled back into the top 10
-        assert ids[4] == "fresh-toy" and "fresh-shoe" not in ids[:10]  # the new shoe would be a 4th shoe
+        # both new products take the two exploration slots (20 %) of the top 10, whichever the draw puts first;
+        # the new shoe in place of the model's third shoe (it would be a 4th shoe), which moves below the top 10
+        assert {i for i in ids[:10] if i.startswith("fresh-")} == {"fresh-shoe", "fresh-toy"}
+        assert ids[9].startswith("fresh-") and sum(category[i] == "shoes" for i in ids[:10]) == 3
         assert {"i1", "i3"} <= set(ids[:10])  # the model's few other products are all in the top 10
         assert set(ids[:10]) & set(seen[1:])  # and popular products that fit filled in the rest
         if k == 20:
-            assert all(category[i] == "shoes" for i in ids[10:]) and "fresh-shoe" in ids[10:]
+            assert all(category[i] == "shoes" for i in ids[10:])
 
 
 def test_the_warmed_cache_is_what_serving_would_cache(settings, redis_client, registered_champion, shoe_shop):
-    """After train_job the first /recommend is a cache hit: with the rules applied, as serving itself caches it."""
+    """After train_job the first /recommend is a cache hit: with the rules applied, as serving itself caches it.
+
+    The exploration slots are drawn per user, session and period (``rules.explore_seed``): the warm-up and
+    serving draw alike within one period (SHOPREC_EXPLORE_RESEED_S); the test makes it longer than the test, so that
+    a boundary cannot fall between them.
+    """
     from pipelines import training
     from pipelines.serving import ModelHolder, RecommendationEngine
     from pipelines.state import OnlineState
 
     seen, _ = shoe_shop
+    settings = settings.model_copy(update={"explore_reseed_s": 10 ** 12})  # one period for the whole test
     registry, reg = registered_champion
     state = OnlineState(redis_client, recent_cap=settings.recent_items_cap, cache_ttl_s=settings.cache_ttl_s)
     users = [f"u{n}" for n in range(8)]
@@ -214,7 +240,7 @@ def test_the_warmed_cache_is_what_serving_would_cache(settings, redis_client, re
         ids = _ids(rec.items)
         assert rec.source == SOURCE_CACHE and rec.model_version == reg.version
         assert len(ids) == 10 and not set(ids) & gone and not _over_cap(ids, category, 3)
-        assert "fresh-toy" in ids and "fresh-gone" not in ids
+        assert len({"fresh-toy", "fresh-shoe"} & set(ids)) == 1 and "fresh-gone" not in ids  # one slot of 10
     assert seen[1] not in _ids(cached["u0"]["items"]) and raw[0][0] not in _ids(cached["u2"]["items"])
     # and exactly what serving caches when it scores them itself
     for user, rec in zip(users, scored):

@@ -307,6 +307,13 @@ class TestShopRec(RecommenderContract):
         # products added after training, described by catalog rows
         later = catalog(extra_new=False).iloc[[1, 8]].assign(item_id=["LATER_A", "LATER_B"])
         assert model.rank_new_items("b2", [], 1, catalog=later)[0][0] == "LATER_B"
+        assert model.rank_new_items("a1", [], 1, catalog=later)[0][0] == "LATER_A"  # (the same frame again)
+        other = later.iloc[::-1].assign(item_id=["OTHER_B", "OTHER_A"])  # another frame: its own vectors
+        assert model.rank_new_items("b2", [], 1, catalog=other)[0][0] == "OTHER_B"
+        # nobody to personalise for (no history, no usable session): no new product ranks above another, so the
+        # exploration slots draw among them evenly (it used to be the longest content vector, for every visitor)
+        assert model.rank_new_items(None, [], 2) == [("NEWA", 0.0), ("NEWB", 0.0)]
+        assert model.rank_new_items("walk-in", ["nope"], 2, catalog=later) == [("LATER_A", 0.0), ("LATER_B", 0.0)]
 
     def test_a_product_added_after_training_has_neighbours_by_content(self):
         model = self.make().fit(self.data(), catalog(extra_new=False))
