@@ -231,7 +231,8 @@ def _alive(pid: int | None, kind: str | None = None):
 
 
 def _listeners(ports) -> dict[int, list]:
-    """Every process listening on each of ``ports`` (processes sharing one socket, like BentoML's workers, all count)."""
+    """Every process listening on each of ``ports`` (processes sharing one socket, like BentoML's workers, all
+    count)."""
     import psutil
 
     want = set(ports)
@@ -365,6 +366,17 @@ def _holds_port(pid: int, port: int) -> bool:
     return any(_in_tree(p, pid) for p in _listeners([port])[port])
 
 
+def _confirm_started(proc: subprocess.Popen, port: int, wait, what: str, logs) -> None:
+    """Run ``wait()`` (readiness of ``proc``), then check that ``proc`` itself holds ``port`` (not a leftover that
+    answered for it); :class:`LBError` with ``logs()`` (its log tail and what to do) when either fails."""
+    try:
+        wait()
+        if not _holds_port(proc.pid, port):
+            raise RuntimeError(f"something else answers on port {port}")
+    except (RuntimeError, TimeoutError) as err:
+        raise LBError(f"{what} (pid {proc.pid}) failed: {err}. {logs()}") from None
+
+
 def _ready(port: int, tries: int = 3) -> bool:
     """Whether ``/readyz`` answers 200 (a few tries: a busy replica may miss one)."""
     for i in range(tries):
@@ -486,14 +498,9 @@ def _up_lb(run_dir: Path, lb_port: int, ports: tuple[int, ...], timeout: float) 
             print(f"replica {port} already running (pid {state['replicas'][port]})", flush=True)
     for port, proc in started.items():
         log_path = run_dir / f"replica-{port}.log"
-        try:
-            wait_ready(f"http://127.0.0.1:{port}", timeout, proc)
-            if not _holds_port(proc.pid, port):
-                raise RuntimeError(f"something else answers on port {port}")
-        except (RuntimeError, TimeoutError) as err:
-            raise LBError(f"replica {port} (pid {proc.pid}) failed: {err}. Its log ({log_path}) ends:\n"
-                          f"{_log_tail(log_path)}\nWhat up-lb started is recorded in {run_dir / 'pids.json'}: "
-                          f"`make down-lb` stops it.") from None
+        _confirm_started(proc, port, lambda: wait_ready(f"http://127.0.0.1:{port}", timeout, proc), f"replica {port}",
+                         lambda: f"Its log ({log_path}) ends:\n{_log_tail(log_path)}\nWhat up-lb started is recorded "
+                                 f"in {run_dir / 'pids.json'}: `make down-lb` stops it.")
         print(f"replica {port} started (pid {proc.pid})", flush=True)
 
     # 4. nginx in front of them
@@ -524,14 +531,10 @@ def _up_lb(run_dir: Path, lb_port: int, ports: tuple[int, ...], timeout: float) 
                                      stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         state["nginx"], state["lb_port"] = nginx.pid, lb_port
         _save_lb_state(run_dir, state)
-        try:
-            localstack.wait_http(f"http://127.0.0.1:{lb_port}/lb-health", 30, nginx)
-            if not _holds_port(nginx.pid, lb_port):
-                raise RuntimeError(f"something else answers on port {lb_port}")
-        except (RuntimeError, TimeoutError) as err:
-            raise LBError(f"nginx (pid {nginx.pid}) failed: {err}. Its logs end:\n"
-                          f"{_log_tail(run_dir / 'error.log', run_dir / 'nginx.out')}\n"
-                          f"`make down-lb` stops what up-lb started.") from None
+        health = f"http://127.0.0.1:{lb_port}/lb-health"
+        logs = (run_dir / "error.log", run_dir / "nginx.out")
+        _confirm_started(nginx, lb_port, lambda: localstack.wait_http(health, 30, nginx), "nginx",
+                         lambda: f"Its logs end:\n{_log_tail(*logs)}\n`make down-lb` stops what up-lb started.")
         print(f"nginx started (pid {nginx.pid})", flush=True)
         nginx_pid = nginx.pid
     state["lb_port"] = lb_port
