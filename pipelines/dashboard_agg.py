@@ -46,8 +46,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.feather as feather
 
-from pipelines.dashboard_data import (LakeAB, NewItemReport, SkippedFile, lake_ab_key, launch_times, read_lake_files,
-                                      skipped_lake_files, window_keys, window_partitions)
+from pipelines.dashboard_data import (LakeAB, NewItemReport, SkippedFile, lake_ab_key, launch_times, observed_launches,
+                                      read_lake_files, skipped_lake_files, window_keys, window_partitions)
 from pipelines.lake import partition_dir, read_parquet
 
 __all__ = ["SUMMARY_VERSION", "cache_dir", "window_partitions", "lake_version", "id_hash", "summarize_ab",
@@ -344,13 +344,17 @@ def merge_new_items(summaries: Sequence[dict[str, pa.Table]], created: pd.Series
         f = f[f["item_id"].isin(new.index)].groupby("item_id")["ts"].min()
         return (f - new.reindex(f.index)) / 1000.0
 
-    t_imp, t_click = first_after_launch("first_impression"), first_after_launch("first_click")
+    first_imp, first_click = first_after_launch("first_impression"), first_after_launch("first_click")
+    # the first slot read is the first impression read (with a product): where the raw computation starts the window
+    window_start = int(slots["ts"].min()) if len(slots) else None
+    seen = observed_launches(new, window_start)
+    t_imp, t_click = first_imp[first_imp.index.isin(seen.index)], first_click[first_click.index.isin(seen.index)]
     return NewItemReport(
-        new_items=len(new), with_impression=len(t_imp),
+        new_items=len(new), with_impression=len(first_imp),
         median_first_impression_s=float(t_imp.median()) if len(t_imp) else None,
         median_first_click_s=float(t_click.median()) if len(t_click) else None, clicked=len(t_click),
         new_slots=int(recent["new_slots"].sum()), all_slots=int(recent["slots"].sum()), explore_share=explore_share,
-        hourly=hourly)
+        hourly=hourly, launched_in_window=len(seen), shown_in_window=len(t_imp), window_start_ms=window_start)
 
 
 def fetch_new_item_report(catalog_path, lake_dir, cache_dir, *, age_h: float, explore_share: float, hours: int,

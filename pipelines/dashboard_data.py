@@ -75,7 +75,8 @@ __all__ = [
     "STATS_REQUESTS", "STATS_CACHE", "REQUEST_SOURCES", "COLD_USER", "COLD_USER_SESSION", "COLD_USER_TRENDING",
     "COLD_FIELDS", "CACHE_HIT", "CACHE_MISS", "AB_FIELDS", "WINDOW_MINUTES", "ALPHA", "MIN_IMPRESSIONS",
     "ab_stats_name", "rate", "pct", "totals", "buckets_to_frame", "ab_table", "ab_timeseries", "ZTestResult",
-    "ctr_ztest", "pick_ab_pair", "CacheSummary", "cache_summary", "cache_timeseries", "requests_by_source",
+    "ctr_ztest", "pick_ab_pair", "CacheSummary", "cache_summary", "cache_timeseries", "cache_in_progress",
+    "minute_in_progress", "requests_by_source",
     "source_timeseries", "ColdStartSummary", "cold_start_summary", "cold_start_timeseries", "dlq_table",
     "ConsumerSummary", "consumer_summary", "redact_url", "Snapshot", "fetch_ab_counts", "fetch_snapshot",
     "ModelVersionInfo",
@@ -304,12 +305,30 @@ def cache_summary(cache_buckets: Buckets) -> CacheSummary:
     return CacheSummary(t[CACHE_HIT], t[CACHE_MISS])
 
 
+def minute_in_progress(now_s: float) -> int:
+    """Start (epoch s) of the minute that is still running at ``now_s``: its counters are still growing."""
+    return int(now_s) // BUCKET_S * BUCKET_S
+
+
 def cache_timeseries(cache_buckets: Buckets, *, minutes: int = WINDOW_MINUTES,
                      now_s: float | None = None) -> pd.DataFrame:
-    """Per minute: hit, miss and hit_rate (NaN in minutes without lookups)."""
+    """Per complete minute of the last ``minutes``: hit, miss and hit_rate (NaN in minutes without lookups).
+
+    The minute in progress is left out (``minutes - 1`` rows): a few seconds into a minute its rate rests on a
+    handful of lookups, so the line's last point would swing at every refresh. :func:`cache_summary` of the same
+    buckets still counts it; :func:`cache_in_progress` gives it alone.
+    """
+    now_s = time.time() if now_s is None else now_s
     df = buckets_to_frame(cache_buckets, (CACHE_HIT, CACHE_MISS), minutes=minutes, now_s=now_s)
+    df = df[df.index < pd.Timestamp(minute_in_progress(now_s), unit="s", tz="UTC")].copy()
     df["hit_rate"] = _ratio_series(df[CACHE_HIT], df[CACHE_HIT] + df[CACHE_MISS])
     return df
+
+
+def cache_in_progress(cache_buckets: Buckets, *, now_s: float | None = None) -> CacheSummary:
+    """The lookups of the minute in progress alone (what :func:`cache_timeseries` leaves off its line)."""
+    current = minute_in_progress(time.time() if now_s is None else now_s)
+    return cache_summary({b: c for b, c in cache_buckets.items() if int(b) == current})
 
 
 def requests_by_source(request_buckets: Buckets) -> pd.DataFrame:
@@ -1426,23 +1445,35 @@ def fetch_lake_ab(lake_dir, *, hours: int, now_s: float | None = None) -> LakeAB
 
 @dataclass
 class NewItemReport:
-    """Cold start of products launched in the last ``age_h`` hours."""
+    """Cold start of products launched in the last ``age_h`` hours.
+
+    The times from launch to a first impression and a first click count only the products launched in the
+    observed window (:func:`observed_launches`), whose number is ``launched_in_window``.
+    """
 
     new_items: int
-    with_impression: int
-    median_first_impression_s: float | None
-    median_first_click_s: float | None
-    clicked: int
+    with_impression: int  # new products shown since their launch (launched in the window or not)
+    median_first_impression_s: float | None  # over the ``shown_in_window`` products; None without one
+    median_first_click_s: float | None  # over the ``clicked`` products; None without one
+    clicked: int  # products launched in the window and clicked since
     new_slots: int
     all_slots: int
     explore_share: float
     hourly: pd.DataFrame  # index hour (UTC); columns slots, new_slots, new_share
     skipped: list[SkippedFile] = field(default_factory=list)  # lake files left out: they do not fit the schema
     read_at_s: float | None = field(default=None, compare=False)  # when the lake was read (epoch s)
+    launched_in_window: int = 0  # new products launched at or after ``window_start_ms``
+    shown_in_window: int = 0  # of those, the ones shown since their launch
+    window_start_ms: int | None = None  # the first impression the report read (epoch ms); None: no impression
 
     @property
     def impressed_share(self) -> float | None:
         return rate(self.with_impression, self.new_items)
+
+    @property
+    def launched_before_window(self) -> int:
+        """New products launched before the lake's first impression: left out of the times to a first impression."""
+        return self.new_items - self.launched_in_window
 
     @property
     def slot_share(self) -> float | None:
@@ -1456,6 +1487,49 @@ def launch_times(catalog: pd.DataFrame) -> pd.Series:
     return created[~created.index.duplicated(keep="last")]
 
 
+def observed_launches(new: pd.Series, window_start_ms: int | None) -> pd.Series:
+    """The launches the event stream saw: those of ``new`` (launch epoch ms per item id) at or after
+    ``window_start_ms``, the first impression the report reads (none when it reads no impression).
+
+    Only for those is "time from launch to a first impression" a measure of exploration. The others are
+    backfilled: the simulator's backfill (:meth:`pipelines.simulator.ShopSimulator.backfill`, which
+    ``shoprec stack up`` runs on an empty lake) writes history without impressions (it asks no recommender) and
+    adds the products that appeared meanwhile to the catalog with their simulated ``created_at``; a catalog made
+    by :func:`pipelines.simulator.make_catalog` or published with ``shoprec catalog publish`` can hold launches
+    from before the stream began too. Such a product is first shown when impressions begin, so its wait would
+    measure when the stream started.
+    """
+    if window_start_ms is None:
+        return new.iloc[:0]
+    return new[new >= window_start_ms]
+
+
+def new_item_timing_note(rep: NewItemReport) -> str:
+    """For people: which products the times to a first impression and click count (``Products launched in the
+    window: N``), where the window starts and why the products launched before it are left out."""
+    from datetime import datetime, timezone
+
+    if rep.window_start_ms is None:
+        return ("Products launched in the window: 0 — the lake holds no impression yet. The times to a first "
+                "impression and click count only products launched after the lake's first impression.")
+    start = f"{datetime.fromtimestamp(rep.window_start_ms / 1000, tz=timezone.utc):%m-%d %H:%M} UTC"
+    why = "first shown when impressions began, so their wait would measure that, not exploration"
+    if rep.new_items == 0:
+        return f"Products launched in the window: 0 (it starts at the lake's first impression, {start})."
+    if rep.launched_in_window == 0:
+        return (f"Products launched in the window: 0, so the times to a first impression and click are blank: all "
+                f"{rep.new_items:,} new products were launched before the lake's first impression ({start}), in a "
+                f"backfill's history or already in the catalog when the stream started. They were {why}.")
+    shown = f"{rep.shown_in_window:,} shown so far" if rep.shown_in_window else "none shown yet"
+    note = (f"Products launched in the window: {rep.launched_in_window:,} of the {rep.new_items:,} new products "
+            f"({shown}); the times to a first impression and click count only these. The window starts at the "
+            f"lake's first impression ({start})")
+    if not rep.launched_before_window:
+        return note + "."
+    return (note + f"; the {rep.launched_before_window:,} launched before it (a backfill's history, or already in "
+            f"the catalog when the stream started) are left out: they were {why}.")
+
+
 def new_item_report(catalog: pd.DataFrame, impressions: pd.DataFrame, clicks: pd.DataFrame, *, now_ms: int,
                     age_h: float = 24.0, explore_share: float = 0.1) -> NewItemReport:
     """How products launched in the last ``age_h`` hours were shown and clicked.
@@ -1467,7 +1541,8 @@ def new_item_report(catalog: pd.DataFrame, impressions: pd.DataFrame, clicks: pd
         now_ms: the present (epoch ms).
 
     ``hourly`` counts, per hour, the impression slots and those taken by a product that was new
-    (younger than ``age_h``) at the time it was shown.
+    (younger than ``age_h``) at the time it was shown. The times to a first impression and click count only the
+    products launched at or after the first impression in ``impressions`` (:func:`observed_launches`).
     """
     age_ms = int(age_h * 3_600_000)
     created = launch_times(catalog)
@@ -1485,14 +1560,17 @@ def new_item_report(catalog: pd.DataFrame, impressions: pd.DataFrame, clicks: pd
     launched = slots["item_id"].map(new).astype("float64")
     new_slots_now = slots[slots["item_id"].isin(new.index) & (slots["ts"] >= launched)]
     first_imp = new_slots_now.groupby("item_id")["ts"].min()
-    t_imp = (first_imp - new.reindex(first_imp.index)) / 1000.0
+    window_start = int(slots["ts"].min()) if len(slots) else None
+    seen = observed_launches(new, window_start)
+    timed = first_imp[first_imp.index.isin(seen.index)]
+    t_imp = (timed - seen.reindex(timed.index)) / 1000.0
     if clicks.empty:
         t_click = pd.Series(dtype="float64")
     else:
-        c = clicks[clicks["item_id"].isin(new.index)]
-        c = c[c["ts"].astype("int64") >= c["item_id"].map(new).astype("float64")]
+        c = clicks[clicks["item_id"].isin(seen.index)]
+        c = c[c["ts"].astype("int64") >= c["item_id"].map(seen).astype("float64")]
         first_click = c.groupby("item_id")["ts"].min().astype("int64")
-        t_click = (first_click - new.reindex(first_click.index)) / 1000.0
+        t_click = (first_click - seen.reindex(first_click.index)) / 1000.0
     if slots.empty:
         hourly = pd.DataFrame(columns=["slots", "new_slots", "new_share"])
     else:
@@ -1503,7 +1581,8 @@ def new_item_report(catalog: pd.DataFrame, impressions: pd.DataFrame, clicks: pd
         new_items=len(new), with_impression=len(first_imp),
         median_first_impression_s=float(t_imp.median()) if len(t_imp) else None,
         median_first_click_s=float(t_click.median()) if len(t_click) else None, clicked=len(t_click),
-        new_slots=int(recent["is_new"].sum()), all_slots=len(recent), explore_share=explore_share, hourly=hourly)
+        new_slots=int(recent["is_new"].sum()), all_slots=len(recent), explore_share=explore_share, hourly=hourly,
+        launched_in_window=len(seen), shown_in_window=len(t_imp), window_start_ms=window_start)
 
 
 def fetch_new_item_report(catalog_path, lake_dir, *, age_h: float, explore_share: float, hours: int,
@@ -1637,6 +1716,7 @@ __all__ += [
     "fmt_age", "cache_by_variant", "RedisInfo", "key_family", "fetch_redis_info", "ABConfig", "ABReport",
     "ab_report", "fetch_minute_counts", "cumulative_lift_frame", "window_keys", "window_partitions", "read_lake_files",
     "read_lake_columns", "revenue_per_impression", "LakeAB", "fetch_lake_ab", "NewItemReport", "launch_times",
+    "observed_launches", "new_item_timing_note",
     "new_item_report", "fetch_new_item_report", "fetch_quality_reports", "dagster_run_url", "quality_table",
     "failing_expectations", "SkippedFile", "lake_file_problem", "skipped_lake_files", "QUALITY_OPEN",
     "QUALITY_PENDING", "NOT_VALIDATED", "split_quality_reports", "quality_status", "skipped_suites", "fmt_bytes", "value_ticks",

@@ -1,5 +1,7 @@
 """Cache: hit rate of the per-user recommendation cache, by variant, latency of hits and misses, Redis memory."""
 
+from datetime import datetime, timezone
+
 import altair as alt
 import pandas as pd
 import streamlit as st
@@ -27,10 +29,15 @@ def render() -> None:
         c[1].metric("Hits", f"{cache.hits:,}")
         c[2].metric("Misses", f"{cache.misses:,}",
                     help="answered by the model, or by the fallback when no model could answer in time")
+        # complete minutes only: the minute in progress would swing the line's end on its first few lookups
         ts = dd.cache_timeseries(snap.cache, minutes=snap.minutes, now_s=snap.now_s).reset_index()
         ui.altair(alt.Chart(ts).mark_line(point=True).encode(
             x=ui.time_x("minute", ts["minute"]), y=ui.share_y("hit_rate", ts["hit_rate"], "hit rate"),
             tooltip=["minute:T", "hit:Q", "miss:Q", alt.Tooltip("hit_rate:Q", format=".1%")]).properties(height=200))
+        running = dd.cache_in_progress(snap.cache, now_s=snap.now_s)
+        started = datetime.fromtimestamp(dd.minute_in_progress(snap.now_s), tz=timezone.utc)
+        st.caption(f"Hit rate per complete minute. The minute in progress ({started:%H:%M} UTC, "
+                   f"{running.lookups:,} lookups so far) counts in the totals above and joins the line when it ends.")
         by_variant = dd.cache_by_variant(snap.cache)
         if not by_variant.empty:
             st.markdown("**Hit rate by variant**")

@@ -71,12 +71,15 @@ def products() -> None:
     c = st.columns(5)
     c[0].metric("New products", f"{rep.new_items:,}")
     c[1].metric("Shown at least once", dd.pct(rep.impressed_share), help=f"{rep.with_impression:,} products")
-    c[2].metric("Median time to first impression", dd.fmt_age(rep.median_first_impression_s))
+    # only launches the stream saw: a backfilled product's wait measures when impressions began (see the caption)
+    c[2].metric("Median time to first impression", dd.fmt_age(rep.median_first_impression_s),
+                help=f"over the {rep.shown_in_window:,} products launched in the window and shown so far")
     c[3].metric("Median time to first click", dd.fmt_age(rep.median_first_click_s),
-                help=f"over the {rep.clicked:,} new products clicked so far")
+                help=f"over the {rep.clicked:,} products launched in the window and clicked so far")
     c[4].metric("Share of impression slots", dd.pct(rep.slot_share, 2),
                 delta=None if rep.slot_share is None else f"{100 * (rep.slot_share - rep.explore_share):+.2f} pp vs budget",
                 delta_color="off", help=f"exploration budget `explore_share` = {dd.pct(rep.explore_share)}")
+    st.caption(dd.new_item_timing_note(rep))
     if rep.slot_share is not None and rep.slot_share > rep.explore_share * 1.2:
         st.warning(f"New products take {dd.pct(rep.slot_share)} of the recommendation slots, above the exploration "
                    f"budget of {dd.pct(rep.explore_share)}.", icon=":material/warning:")

@@ -12,6 +12,7 @@ import re
 import time
 from datetime import datetime, timedelta, timezone
 
+import pandas as pd
 import pytest
 from statsmodels.stats import proportion as sm_proportion
 from streamlit.testing.v1 import AppTest
@@ -48,6 +49,28 @@ def texts(elements) -> str:
 
 def charts(at: AppTest) -> int:
     return len(at.get("vega_lite_chart")) + len(at.get("arrow_vega_lite_chart"))
+
+
+def chart_data(at: AppTest, column: str):
+    """The data (a DataFrame) of the page's chart that has ``column``."""
+    import pyarrow as pa
+
+    frames = [pa.ipc.open_stream(ds.data.data).read_pandas()
+              for chart in at.get("vega_lite_chart") + at.get("arrow_vega_lite_chart") for ds in chart.proto.datasets]
+    return next(f for f in frames if column in f)
+
+
+class StoppedClock:
+    """The ``time`` module as one module sees it, stopped at ``now_s`` (its other functions are the real ones)."""
+
+    def __init__(self, now_s: float):
+        self.now_s = now_s
+
+    def time(self) -> float:
+        return self.now_s
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
 
 
 # --- services down / nothing yet --------------------------------------------------------------------
@@ -107,14 +130,14 @@ def seed_lake(settings) -> dict:
     """10 impressions per variant; champion: two purchases of 2 x 10.00, challenger: one of 50.00.
 
     Catalog: 4 old products and 2 launched 2 h and 30 min ago; the older new one is shown 1 h after
-    its launch and clicked 90 min after it.
+    its launch and clicked 90 min after it. The stream has run for a day: an impression without a variant
+    25 h ago (before the new products' window) is the lake's first, so both launches are ones it saw.
     """
     now = int(time.time() * 1000)
     catalog = make_catalog(4, seed=1, start_ms=now - 40 * 86_400_000)
     new = catalog.iloc[:2].copy()
     new["item_id"] = ["n00001", "n00002"]
     new["created_at"] = [now - 2 * HOUR_MS, now - HOUR_MS // 2]
-    import pandas as pd
 
     save_catalog(pd.concat([catalog, new], ignore_index=True), settings.catalog_path)
     old = catalog["item_id"].tolist()
@@ -126,6 +149,7 @@ def seed_lake(settings) -> dict:
             ts = now - HOUR_MS if (variant == "champion" and j == 0) else now - 10 * 60_000
             events.append(new_event("impression", f"u{j}", None, f"s{j}", ts=ts, request_id=rid, variant=variant,
                                     items=items))
+    events.append(new_event("impression", "u9", None, "s9", ts=now - 25 * HOUR_MS, items=old[:2]))
     events.append(new_event("click", "u0", "n00001", "s0", ts=now - 2 * HOUR_MS + 90 * 60_000,
                             request_id="champion-0", variant="champion"))
     for j in (1, 2):
@@ -287,7 +311,34 @@ def test_cold_start_page_shows_new_users_and_new_products(seeded):
     assert m["Median time to first impression"] == "60 min"
     assert m["Median time to first click"] == "90 min"
     assert m["Share of impression slots"] == "2.50 %"  # 1 of 40 slots
+    assert "Products launched in the window: 2 of the 2 new products (1 shown so far)" in texts(at.caption)
     assert charts(at) == 3
+
+
+def test_cold_start_page_times_only_the_launches_the_stream_saw(dashboard_env, redis_client, redis_url):
+    """Right after ``stack up`` on an empty lake: the backfill's products, launched during its 12 h of history, are
+    first shown when impressions begin, hours after their launch. Their wait is no time to a first impression."""
+    from tests.dashboard.test_dashboard_agg import backfill_history, launch_live
+
+    s = dashboard_env(redis_url, DEAD_MLFLOW)
+    seed_redis(OnlineState(redis_client))
+    start = int(time.time() * 1000) - 30 * 60_000  # the stream started 30 min ago
+    backfilled = backfill_history(s.lake_dir, s.catalog_path, start=start)
+    at = run_page(PAGES[2])
+    m = metrics(at)
+    assert m["New products"] == f"{len(backfilled)}" and m["Shown at least once"] == dd.pct(3 / len(backfilled))
+    assert m["Median time to first impression"] == m["Median time to first click"] == "–"
+    assert (f"Products launched in the window: 0, so the times to a first impression and click are blank: all "
+            f"{len(backfilled)} new products were launched before the lake's first impression") in texts(at.caption)
+
+    launch_live(s.lake_dir, s.catalog_path, start=start)  # live1 shown 5 min and clicked 8 min after its launch
+    at.run()
+    assert not at.exception
+    m = metrics(at)
+    assert m["New products"] == f"{len(backfilled) + 2}"
+    assert (m["Median time to first impression"], m["Median time to first click"]) == ("5 min", "8 min")
+    assert (f"Products launched in the window: 2 of the {len(backfilled) + 2} new products (1 shown so far)"
+            in texts(at.caption))
 
 
 def test_cache_page_shows_hit_rates_latency_and_memory(seeded):
@@ -302,6 +353,28 @@ def test_cache_page_shows_hit_rates_latency_and_memory(seeded):
     fams = [d.value for d in at.dataframe if "keys" in d.value.columns][0]["keys"].to_dict()
     assert fams["stats:cache"] == 1 and fams["ab:default"] == 2
     assert charts(at) == 2 and not at.warning
+
+
+def test_cache_page_leaves_the_minute_in_progress_off_the_hit_rate_line(dashboard_env, redis_client, redis_url,
+                                                                      monkeypatch):
+    """10 s into a minute its first 2 lookups (both hits) would end the line at 100 % after minutes at 50 and 75 %:
+    the line ends at the last complete minute, while the totals and a caption still count the minute in progress.
+    The snapshot's clock (``now_s``) is stopped 10 s into the current minute, so the test does not race the clock."""
+    now_s = time.time() // 60 * 60 + 10
+    b = int(now_s) // 60 * 60
+    for start, counts in {b - 120: {"hit": 10, "miss": 10}, b - 60: {"hit": 30, "miss": 10}, b: {"hit": 2}}.items():
+        for field, n in counts.items():
+            redis_client.hincrby(RedisKeys.counter(dd.STATS_CACHE, start // 60), field, n)
+    monkeypatch.setattr(dd, "time", StoppedClock(now_s))
+    dashboard_env(redis_url, DEAD_MLFLOW)
+    at = run_page(PAGES[3])
+    m = metrics(at)
+    assert (m["Hit rate"], m["Hits"], m["Misses"]) == ("67.7 %", "42", "20")  # every lookup: 42 of 62
+    line = chart_data(at, "hit_rate")
+    assert line["minute"].max() == pd.Timestamp(b - 60, unit="s", tz="UTC")
+    assert line["hit_rate"].dropna().tolist() == [0.5, 0.75]
+    assert f"The minute in progress ({datetime.fromtimestamp(b, tz=timezone.utc):%H:%M} UTC, 2 lookups so far)" \
+        in texts(at.caption)
 
 
 def test_data_quality_page_lists_partitions_failures_and_run_links(seeded):

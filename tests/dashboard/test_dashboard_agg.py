@@ -120,7 +120,7 @@ def new_items_lake(lake, catalog_path, *, with_late: bool) -> None:
 
 def assert_same_report(got: dd.NewItemReport, want: dd.NewItemReport) -> None:
     for f in ("new_items", "with_impression", "median_first_impression_s", "median_first_click_s", "clicked",
-              "new_slots", "all_slots", "explore_share"):
+              "new_slots", "all_slots", "explore_share", "launched_in_window", "shown_in_window", "window_start_ms"):
         assert getattr(got, f) == pytest.approx(getattr(want, f)), f
     pd.testing.assert_frame_equal(got.hourly, want.hourly)
 
@@ -150,6 +150,59 @@ def test_new_item_summaries_equal_the_raw_lake(tmp_path):
     assert ag.fetch_new_item_report(tmp_path / "no.parquet", lake, cache, **args) is None
     empty = ag.fetch_new_item_report(catalog, tmp_path / "none", cache, **args)
     assert empty.all_slots == 0 and empty.hourly.empty and empty.with_impression == 0
+
+
+M = 60_000
+
+
+def backfill_history(lake, catalog_path, *, start: int) -> list[str]:
+    """What ``shoprec stack up`` makes of an empty lake, then the stream's first impression: 12 h of the
+    simulator's backfill ending at ``start`` (products appear meanwhile, with no impression: the backfill has no
+    recommender), then 5 min after ``start`` an impression of the three newest backfilled products and a click on
+    the newest. Returns the backfilled products' ids."""
+    from pipelines.simulator import ShopSimulator
+
+    sim = ShopSimulator(make_catalog(50, seed=1, start_ms=start - 60 * 86_400_000), n_users=50, seed=3, id_seed=7)
+    sim.backfill(lake, days=0.5, events_per_day=2_000, end_ms=start, progress=False, catalog_path=catalog_path)
+    backfilled = [it["item_id"] for it in sim.new_items]
+    assert len(backfilled) >= 3 and all(start - 12 * H <= it["created_at"] <= start for it in sim.new_items)
+    write_events(lake, [imp("s-0", "u1", ALIAS_CHAMPION, start + 5 * M, items=["i00001", *backfilled[-3:]]),
+                        new_event("click", "u1", backfilled[-1], "s", ts=start + 6 * M, request_id="s-0",
+                                  variant=ALIAS_CHAMPION)])
+    return backfilled
+
+
+def launch_live(lake, catalog_path, *, start: int) -> None:
+    """Two launches the stream sees (:func:`backfill_history`'s ``start`` on): ``live1`` 10 min in, shown 5 min and
+    clicked 8 min after its launch; ``live2`` 25 min in, not shown yet."""
+    from pipelines.simulator import add_to_catalog
+
+    row = pd.read_parquet(catalog_path).iloc[:1]
+    add_to_catalog(pd.concat([row.assign(item_id="live1", created_at=start + 10 * M),
+                              row.assign(item_id="live2", created_at=start + 25 * M)]), catalog_path)
+    write_events(lake, [imp("s-1", "u2", ALIAS_CHALLENGER, start + 15 * M, items=["live1", "i00002"]),
+                        new_event("click", "u2", "live1", "s", ts=start + 18 * M, request_id="s-1",
+                                  variant=ALIAS_CHALLENGER)])
+
+
+def test_a_backfill_s_products_are_not_timed_and_the_summaries_agree(tmp_path):
+    """Shown minutes after the stream started, the backfilled products waited hours since their simulated launch:
+    that wait measures the stream's start, so only launches after the first impression are timed."""
+    lake, cache, catalog = tmp_path / "lake", tmp_path / "cache", tmp_path / "catalog.parquet"
+    start = NOW - 30 * M
+    backfilled = backfill_history(lake, catalog, start=start)
+    args = dict(age_h=24.0, explore_share=0.1, hours=49, now_s=NOW_S)
+    want = dd.fetch_new_item_report(catalog, lake, **args)
+    assert (want.new_items, want.with_impression, want.launched_in_window) == (len(backfilled), 3, 0)
+    assert want.window_start_ms == start + 5 * M
+    assert want.median_first_impression_s is None and want.median_first_click_s is None and want.clicked == 0
+    assert_same_report(ag.fetch_new_item_report(catalog, lake, cache, **args), want)
+
+    launch_live(lake, catalog, start=start)
+    want = dd.fetch_new_item_report(catalog, lake, **args)
+    assert (want.new_items, want.launched_in_window, want.shown_in_window) == (len(backfilled) + 2, 2, 1)
+    assert want.median_first_impression_s == 5 * 60 and want.median_first_click_s == 8 * 60 and want.clicked == 1
+    assert_same_report(ag.fetch_new_item_report(catalog, lake, cache, **args), want)
 
 
 def test_build_summaries_fills_the_cache(tmp_path):

@@ -127,8 +127,25 @@ def test_cache_summary_and_timeseries():
     s = dd.cache_summary(buckets)
     assert (s.hits, s.misses, s.lookups) == (3, 5, 8) and s.hit_rate == pytest.approx(3 / 8)
     assert dd.cache_summary({}).hit_rate is None
-    ts = dd.cache_timeseries(buckets, minutes=3, now_s=NOW)
-    assert ts["hit_rate"].tolist()[1:] == [0.0, 0.75] and math.isnan(ts["hit_rate"].iloc[0])
+    ts = dd.cache_timeseries(buckets, minutes=3, now_s=NOW)  # B is the minute in progress: off the line
+    assert ts["hit_rate"].tolist()[1:] == [0.0] and math.isnan(ts["hit_rate"].iloc[0])
+
+
+def test_the_hit_rate_line_leaves_out_the_minute_in_progress_and_the_totals_keep_it():
+    """10 s into minute B its first 2 lookups (both hits) would end the line at 100 % after minutes at 50 and 75 %."""
+    buckets = {B - 120: {"hit": 10, "miss": 10}, B - 60: {"hit": 30, "miss": 10}, B: {"hit": 2}}
+    ts = dd.cache_timeseries(buckets, minutes=4, now_s=NOW + 10)
+    assert ts.index[-1] == pd.Timestamp(B - 60, unit="s", tz="UTC")
+    assert math.isnan(ts["hit_rate"].iloc[0]) and ts["hit_rate"].tolist()[1:] == [0.5, 0.75]
+    assert (ts["hit"].sum(), ts["miss"].sum()) == (40, 20)
+    total = dd.cache_summary(buckets)  # the headline counts every lookup, the minute in progress included
+    assert (total.hits, total.misses) == (42, 20)
+    running = dd.cache_in_progress(buckets, now_s=NOW + 10)
+    assert (running.hits, running.misses) == (2, 0)
+    # a minute later B has ended: it joins the line, and the new minute in progress has no lookups yet
+    later = dd.cache_timeseries(buckets, minutes=4, now_s=NOW + 70)
+    assert later.index[-1] == pd.Timestamp(B, unit="s", tz="UTC") and later["hit_rate"].tolist()[-2:] == [0.75, 1.0]
+    assert dd.cache_in_progress(buckets, now_s=NOW + 70).lookups == 0
 
 
 def test_requests_by_source():
@@ -365,6 +382,41 @@ def test_new_item_report():
     assert dd.new_item_report(strings, imp, clicks.astype({"item_id": "string"}).iloc[1:], now_ms=now).clicked == 0
     empty = dd.new_item_report(catalog, imp.iloc[:0], clicks.iloc[:0], now_ms=now)
     assert empty.with_impression == 0 and empty.slot_share is None and empty.hourly.empty
+
+
+def test_time_to_first_impression_counts_only_the_launches_the_stream_saw():
+    """Impressions begin at ``start`` (the stream started after a backfill): b1-b3 were launched before, in the
+    backfill's history, and first shown at ``start``, 3 to 20 h after their launch. Only live1 and live2, launched
+    after the first impression, are timed; live3 is not shown yet."""
+    now, h, m = int(NOW * 1000), 3_600_000, 60_000
+    start = now - 2 * h
+    catalog = pd.DataFrame({"item_id": ["old", "b1", "b2", "b3", "live1", "live2", "live3"],
+                            "created_at": [now - 100 * h, now - 20 * h, now - 9 * h, now - 3 * h, start + 10 * m,
+                                           start + 30 * m, now - 5 * m]})
+    imp = pd.DataFrame({"ts": [start, start + 15 * m, start + 40 * m],
+                        "items": [["old", "b1", "b2", "b3"], ["live1", "b1"], ["live2"]]})
+    clicks = pd.DataFrame({"ts": [start + 1000, start + 20 * m], "item_id": ["b2", "live1"]})
+    r = dd.new_item_report(catalog, imp, clicks, now_ms=now, age_h=24)
+    assert (r.new_items, r.with_impression, r.window_start_ms) == (6, 5, start)
+    assert (r.launched_in_window, r.shown_in_window, r.launched_before_window) == (3, 2, 3)
+    assert r.median_first_impression_s == pytest.approx(7.5 * 60)  # live1 after 5 min, live2 after 10 (b1: 20 h)
+    assert (r.clicked, r.median_first_click_s) == (1, pytest.approx(10 * 60))  # live1's; b2's click 9 h in is not
+    note = dd.new_item_timing_note(r)
+    assert "Products launched in the window: 3 of the 6 new products (2 shown so far)" in note
+    assert "the 3 launched before it (a backfill's history" in note
+
+    # only the backfill's products: no time at all, and the page says why
+    backfilled = dd.new_item_report(catalog.iloc[:4], imp.iloc[:1], clicks.iloc[:1], now_ms=now)
+    assert (backfilled.new_items, backfilled.with_impression, backfilled.launched_in_window) == (3, 3, 0)
+    assert backfilled.median_first_impression_s is None and backfilled.median_first_click_s is None
+    assert dd.fmt_age(backfilled.median_first_impression_s) == "–"
+    note = dd.new_item_timing_note(backfilled)
+    assert note.startswith("Products launched in the window: 0, so the times to a first impression and click are "
+                           "blank: all 3 new products were launched before the lake's first impression")
+    # no impression read: no window, nothing timed
+    blind = dd.new_item_report(catalog, imp.iloc[:0], clicks, now_ms=now)
+    assert blind.window_start_ms is None and blind.launched_in_window == 0 and blind.median_first_click_s is None
+    assert "the lake holds no impression yet" in dd.new_item_timing_note(blind)
 
 
 def test_quality_tables(tmp_path):
