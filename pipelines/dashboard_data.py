@@ -76,7 +76,7 @@ __all__ = [
     "COLD_FIELDS", "CACHE_HIT", "CACHE_MISS", "AB_FIELDS", "WINDOW_MINUTES", "ALPHA", "MIN_IMPRESSIONS",
     "ab_stats_name", "rate", "pct", "totals", "buckets_to_frame", "ab_table", "ab_timeseries", "ZTestResult",
     "ctr_ztest", "pick_ab_pair", "CacheSummary", "cache_summary", "cache_timeseries", "cache_in_progress",
-    "minute_in_progress", "requests_by_source",
+    "minute_in_progress", "complete_minutes", "requests_by_source",
     "source_timeseries", "ColdStartSummary", "cold_start_summary", "cold_start_timeseries", "dlq_table",
     "ConsumerSummary", "consumer_summary", "redact_url", "Snapshot", "fetch_ab_counts", "fetch_snapshot",
     "ModelVersionInfo",
@@ -310,6 +310,12 @@ def minute_in_progress(now_s: float) -> int:
     return int(now_s) // BUCKET_S * BUCKET_S
 
 
+def complete_minutes(per_minute: pd.DataFrame, now_s: float) -> pd.DataFrame:
+    """``per_minute`` (indexed by minute, UTC) without the minute in progress at ``now_s``: what a line of a rate
+    per minute draws, since that minute's rate rests on its first few counts and swings at every refresh."""
+    return per_minute[per_minute.index < pd.Timestamp(minute_in_progress(now_s), unit="s", tz="UTC")].copy()
+
+
 def cache_timeseries(cache_buckets: Buckets, *, minutes: int = WINDOW_MINUTES,
                      now_s: float | None = None) -> pd.DataFrame:
     """Per complete minute of the last ``minutes``: hit, miss and hit_rate (NaN in minutes without lookups).
@@ -319,8 +325,8 @@ def cache_timeseries(cache_buckets: Buckets, *, minutes: int = WINDOW_MINUTES,
     buckets still counts it; :func:`cache_in_progress` gives it alone.
     """
     now_s = time.time() if now_s is None else now_s
-    df = buckets_to_frame(cache_buckets, (CACHE_HIT, CACHE_MISS), minutes=minutes, now_s=now_s)
-    df = df[df.index < pd.Timestamp(minute_in_progress(now_s), unit="s", tz="UTC")].copy()
+    df = complete_minutes(buckets_to_frame(cache_buckets, (CACHE_HIT, CACHE_MISS), minutes=minutes, now_s=now_s),
+                          now_s)
     df["hit_rate"] = _ratio_series(df[CACHE_HIT], df[CACHE_HIT] + df[CACHE_MISS])
     return df
 

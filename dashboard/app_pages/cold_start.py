@@ -47,8 +47,9 @@ def users() -> None:
     ui.altair(alt.Chart(long).mark_bar().encode(x=ui.time_x("minute", long["minute"]),
                                                 y=ui.count_y("requests", served.sum(axis=1)),
                                                 color="served by:N").properties(height=200))
-    st.markdown("**Share of the model's requests from new users** per minute")
-    share = ts[["cold_share"]].reset_index()
+    st.markdown("**Share of the model's requests from new users** per complete minute (the minute in progress "
+                "counts in the figures above only)")
+    share = dd.complete_minutes(ts[["cold_share"]], snap.now_s).reset_index()
     ui.altair(alt.Chart(share).mark_line(point=True).encode(
         x=ui.time_x("minute", share["minute"]), y=ui.share_y("cold_share", share["cold_share"], "new-user share"))
         .properties(height=180))

@@ -171,6 +171,10 @@ def test_cold_start_summary_and_timeseries():
     assert ts["requests"].tolist() == [0, 10, 40]
     assert ts["cold_user_trending"].tolist() == [0, 2, 2]
     assert math.isnan(ts["cold_share"].iloc[0]) and ts["cold_share"].tolist()[1:] == [0.2, 8 / 30]
+    # the page's share line: complete minutes only (B is in progress at NOW: 8 of its first 30 would end the line)
+    line = dd.complete_minutes(ts[["cold_share"]], NOW)
+    assert line.index[-1] == pd.Timestamp(B - 60, unit="s", tz="UTC") and line["cold_share"].tolist()[-1] == 0.2
+    assert dd.complete_minutes(ts, NOW + 60).index[-1] == pd.Timestamp(B, unit="s", tz="UTC")
 
 
 def test_dlq_table_and_consumer_summary():
