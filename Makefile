@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: up down status test test-fast bench install system-deps clean up-lb down-lb
+.PHONY: up down status test test-fast bench install system-deps clean up-lb down-lb status-lb
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -58,3 +58,6 @@ up-lb: install
 
 down-lb:
 	@if [ -x $(BIN)/python ]; then $(BIN)/python -m pipelines.serve_process down-lb; fi
+
+status-lb:
+	@$(BIN)/python -m pipelines.serve_process status-lb

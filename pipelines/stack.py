@@ -3,7 +3,8 @@
 ``make up`` / ``make down`` / ``make status`` call ``shoprec stack up|down|status``.
 Everything lives under ``var/``: config, logs, pid files, data. Kafka and Redis
 are started only when their addresses are the local defaults; point
-``SHOPREC_KAFKA_BOOTSTRAP`` / ``SHOPREC_REDIS_URL`` elsewhere to use real ones.
+``SHOPREC_KAFKA_BOOTSTRAP`` / ``SHOPREC_REDIS_URL`` elsewhere to use real ones. ``make up-lb`` runs its
+replicas and nginx under a supervisord of its own with these pieces (:mod:`pipelines.serve_process`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 import xmlrpc.client
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -47,6 +49,7 @@ class Program:
     #: programs of the stack that must pass their health check before this one starts (those run elsewhere,
     #: such as a Kafka or MLflow the settings point at, are not waited for)
     needs: tuple[str, ...] = ()
+    directory: Path | None = None  # its working directory (default: supervisord's, the repository root)
 
 
 def programs(settings: Settings, root: Path) -> list[Program]:
@@ -93,11 +96,19 @@ def programs(settings: Settings, root: Path) -> list[Program]:
 
 
 def render_config(settings: Settings, root: Path, progs: list[Program] | None = None) -> Path:
-    """Write ``var/supervisord.conf``. A program that needs others is not started by supervisord itself
-    (``autostart=false``): :func:`up` starts it once they are healthy."""
+    """Write ``var/supervisord.conf`` for ``progs`` (default: :func:`programs`)."""
     var = (root / settings.var_dir).resolve()
+    return write_config(var / "supervisord.conf", programs(settings, root) if progs is None else progs, root)
+
+
+def write_config(conf: Path, progs: list[Program], root: Path) -> Path:
+    """Write a supervisord config at ``conf``: its socket and pid file beside it, logs in ``log/`` beside it.
+
+    A program that needs others is not started by supervisord itself (``autostart=false``): :func:`start_in_order`
+    starts it once they are healthy.
+    """
+    var = conf.parent
     (var / "log").mkdir(parents=True, exist_ok=True)
-    conf = var / "supervisord.conf"
     lines = [
         "[supervisord]", f"logfile={var}/log/supervisord.log", f"pidfile={var}/supervisord.pid",
         f"directory={root.resolve()}", "nodaemon=false", "",
@@ -106,10 +117,11 @@ def render_config(settings: Settings, root: Path, progs: list[Program] | None = 
         "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface", "",
         "[supervisorctl]", f"serverurl=unix://{var}/supervisor.sock", "",
     ]
-    for p in programs(settings, root) if progs is None else progs:
+    for p in progs:
         env = {**PROGRAM_ENV, **(p.env or {})}
         lines += [
             f"[program:{p.name}]", f"command={shlex.join(p.command)}", f"priority={p.priority}",
+            *([f"directory={p.directory}"] if p.directory else []),
             f"autostart={'false' if p.needs else 'true'}", "autorestart=true", "startsecs=2", "startretries=20", "stopasgroup=true", "killasgroup=true",
             "stopwaitsecs=15", f"stdout_logfile={var}/log/{p.name}.log", "redirect_stderr=true",
             "environment=" + ",".join(f'{k}="{v}"' for k, v in env.items()), "",
@@ -118,16 +130,22 @@ def render_config(settings: Settings, root: Path, progs: list[Program] | None = 
     return conf
 
 
-def _ctl(conf: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+def start_supervisord(conf: Path, env: dict[str, str]) -> None:
+    """Start the supervisord of ``conf`` in the background; its programs inherit ``env``."""
+    exe = Path(sys.executable).parent / "supervisord"
+    subprocess.run([str(exe), "-c", str(conf)], check=True, env=env)
+
+
+def ctl(conf: Path, *args: str, check: bool = False) -> subprocess.CompletedProcess:
     exe = Path(sys.executable).parent / "supervisorctl"
     return subprocess.run([str(exe), "-c", str(conf), *args], capture_output=True, text=True, check=check)
 
 
 def running(conf: Path) -> bool:
-    return conf.exists() and _ctl(conf, "pid").returncode == 0 and _ctl(conf, "pid").stdout.strip().isdigit()
+    return conf.exists() and ctl(conf, "pid").returncode == 0 and ctl(conf, "pid").stdout.strip().isdigit()
 
 
-def _rpc(conf: Path):
+def rpc(conf: Path):
     """supervisord's XML-RPC interface on the stack's socket (what supervisorctl talks to, without a process per call)."""
     from supervisor.xmlrpc import SupervisorTransport
 
@@ -137,7 +155,7 @@ def _rpc(conf: Path):
 
 def states(conf: Path) -> dict[str, str]:
     """Each program's supervisor state (``RUNNING``, ``STARTING``, ``STOPPED``, ``BACKOFF``, ``FATAL`` ...)."""
-    return {info["name"]: info["statename"] for info in _rpc(conf).getAllProcessInfo()}
+    return {info["name"]: info["statename"] for info in rpc(conf).getAllProcessInfo()}
 
 
 def probe(p: Program) -> bool:
@@ -166,8 +184,19 @@ def port_of(p: Program) -> int | None:
     return urlparse(target).port if kind == "http" else None
 
 
-def port_conflicts(progs: list[Program]) -> list[str]:
-    """For each program whose port something else already listens on: what holds it and what to do."""
+def listeners(port: int) -> list[int]:
+    """Pids of the processes listening on TCP ``port`` (several when they share a socket, like BentoML's workers;
+    only those this user may see)."""
+    import psutil
+
+    return sorted({c.pid for c in psutil.net_connections(kind="tcp")
+                   if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid})
+
+
+def port_conflicts(progs: list[Program], ours: Collection[int] = (),
+                   fix: str = "stop it (or the shoprec stack of another checkout, `make down` there) and run "
+                              "`make up` again") -> list[str]:
+    """For each program whose port something else (not a pid in ``ours``) listens on: what holds it and ``fix``."""
     import psutil
 
     busy = []
@@ -182,14 +211,15 @@ def port_conflicts(progs: list[Program]) -> list[str]:
             continue
         owner = "another program"
         try:
-            pid = next((c.pid for c in psutil.net_connections(kind="tcp")
-                        if c.laddr and c.laddr.port == port and c.status == psutil.CONN_LISTEN and c.pid), None)
+            holders = listeners(port)
+            if holders and set(holders) <= set(ours):
+                continue
+            pid = next((pid for pid in holders if pid not in ours), None)
             if pid is not None:
                 owner = f"pid {pid} ({' '.join(psutil.Process(pid).cmdline())[:120]})"
         except (psutil.Error, OSError):  # no permission to see other users' sockets: the port alone
             pass
-        busy.append(f"port {port} ({p.name}) is in use by {owner}: stop it (or the shoprec stack of another "
-                    "checkout, `make down` there) and run `make up` again")
+        busy.append(f"port {port} ({p.name}) is in use by {owner}: {fix}")
     return busy
 
 
@@ -203,11 +233,9 @@ def up(settings: Settings, root: Path, timeout_s: float = 240, echo=print) -> bo
         return False
     if running(conf):
         echo("stack already running: applying config changes and starting anything stopped")
-        _ctl(conf, "update")
-    else:
-        exe = Path(sys.executable).parent / "supervisord"
-        # the programs inherit this environment: the local API key unless SHOPREC_API_KEYS is set
-        subprocess.run([str(exe), "-c", str(conf)], check=True, env=local_env())
+        ctl(conf, "update")
+    else:  # the programs inherit this environment: the local API key unless SHOPREC_API_KEYS is set
+        start_supervisord(conf, local_env())
     pending = start_in_order(progs, conf, timeout_s, echo)
     echo(table(progs, conf))
     if pending:
@@ -253,7 +281,7 @@ def start_in_order(progs: list[Program], conf: Path, timeout_s: float, echo=prin
     deadline = time.monotonic() + timeout_s
     ready: set[str] = set()
     started: set[str] = set()
-    rpc = _rpc(conf)
+    server = rpc(conf)
     while len(ready) < len(progs) and time.monotonic() < deadline:
         state = states(conf)
         for p in progs:  # supervisor runs it and, for a server, its health check answers with a success
@@ -264,7 +292,7 @@ def start_in_order(progs: list[Program], conf: Path, timeout_s: float, echo=prin
             if p.name not in ready | started and set(p.needs) <= ready:
                 if state.get(p.name) not in ("RUNNING", "STARTING", "BACKOFF"):
                     try:
-                        rpc.startProcess(p.name, False)  # not waiting for it: the loop checks its health
+                        server.startProcess(p.name, False)  # not waiting for it: the loop checks its health
                     except xmlrpc.client.Fault as err:  # started meanwhile (ALREADY_STARTED) or cannot spawn
                         echo(f"  {p.name}: {err.faultString}")
                 started.add(p.name)
@@ -277,11 +305,15 @@ def start_in_order(progs: list[Program], conf: Path, timeout_s: float, echo=prin
 
 
 def down(settings: Settings, root: Path) -> None:
-    conf = (root / settings.var_dir).resolve() / "supervisord.conf"
+    shutdown((root / settings.var_dir).resolve() / "supervisord.conf")
+
+
+def shutdown(conf: Path, timeout_s: float = 60) -> None:
+    """Stop the supervisord of ``conf`` and its programs (each one's process group; SIGKILL after stopwaitsecs)."""
     if running(conf):
-        _ctl(conf, "shutdown")
+        ctl(conf, "shutdown")
         pid_file = conf.parent / "supervisord.pid"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout_s
         while pid_file.exists() and time.monotonic() < deadline:
             time.sleep(0.5)
 
@@ -289,7 +321,7 @@ def down(settings: Settings, root: Path) -> None:
 def table(progs: list[Program], conf: Path) -> str:
     rows = [("service", "state", "open")]
     for p in progs:
-        state = _ctl(conf, "status", p.name).stdout.split()
+        state = ctl(conf, "status", p.name).stdout.split()
         rows.append((p.name, state[1] if len(state) > 1 else "?", p.url))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join("  ".join(c.ljust(w[i]) for i, c in enumerate(r)) for r in rows)

@@ -1,26 +1,28 @@
-"""`make up-lb` / `make down-lb` (pipelines/serve_process.py: up_lb, down_lb) with real replicas and nginx.
+"""`make up-lb` / `make down-lb` / status-lb (pipelines/serve_process.py: up_lb, down_lb, status_lb) with real
+replicas, nginx and supervisord.
 
-up-lb is idempotent and repairs: a second call keeps the ready replicas and nginx, a replica whose
-`bentoml serve` was SIGKILLed (its workers left serving as orphans) is replaced; down-lb stops
-everything, orphans included, and nothing else.
+up-lb is idempotent: a second call keeps what runs and applies a changed port list; supervisord replaces a replica
+whose `bentoml serve` was SIGKILLed (and the workers it left serving go); down-lb stops everything, also when the
+supervisord itself was killed, and nothing else.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from unittest.mock import ANY
 
 import httpx
 import psutil
 import pytest
 
 from pipelines import localstack
-from pipelines.serve_process import LBError, down_lb, up_lb
+from pipelines.serve_process import LBError, down_lb, status_lb, up_lb
 from tests.bentos.conftest import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")),
@@ -47,33 +49,40 @@ def alive(pid: int) -> bool:
         return False
 
 
-def recorded(var_dir) -> dict:
-    return json.loads((var_dir / "lb" / "pids.json").read_text())
+def ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=3).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
-def test_up_lb_twice_keeps_replicas_repairs_an_orphaned_one_and_down_lb_stops_all(
+def recommend(lb_port: int, settings) -> httpx.Response:
+    return httpx.post(f"http://127.0.0.1:{lb_port}/recommend", json={"user_id": "u1", "k": 5},
+                      headers=settings.client_headers(), timeout=15)
+
+
+def test_up_lb_keeps_what_runs_supervisord_replaces_a_killed_replica_and_down_lb_stops_all(
         settings, serve_env, registered_champion, tmp_path, monkeypatch, capsys):
     registry, _ = registered_champion
     for k, v in {**serve_env, "SHOPREC_MLFLOW_MODEL_NAME": registry.name}.items():
         monkeypatch.setenv(k, v)  # up_lb passes this process's environment to the replicas
     var_dir = tmp_path / "var"
     ports = (localstack.free_port(), localstack.free_port())
-    lb_port = localstack.free_port()
-    everything = [*ports, lb_port]
+    lb_port, new_port = localstack.free_port(), localstack.free_port()
+    everything = [*ports, lb_port, new_port]
     seen: set[int] = set()  # every pid that ever listened on our ports: none may survive down_lb
     try:
-        # 1. a fresh start
+        # 1. a fresh start: both replicas, then nginx; it says what it did, where the logs are, and what runs
         first = up_lb(var_dir, lb_port, ports)
         out = capsys.readouterr().out
         assert {p: how for p, (how, _) in first["replicas"].items()} == {ports[0]: "started", ports[1]: "started"}
-        assert f"started {ports[0]}, {ports[1]}" in out, out
-        pids = recorded(var_dir)
-        assert pids["lb_port"] == lb_port and pids["nginx"] == first["nginx"][1]
-        assert {int(k): v for k, v in pids["replicas"].items()} == {p: pid for p, (_, pid) in first["replicas"].items()}
-        headers = settings.client_headers()
-        r = httpx.post(f"http://127.0.0.1:{lb_port}/recommend", json={"user_id": "u1", "k": 5}, headers=headers,
-                       timeout=15)
-        assert r.status_code == 200, r.text
+        assert first["nginx"][0] == "started"
+        assert f"started {ports[0]}, {ports[1]}" in out and f"http://127.0.0.1:{lb_port}/recommend" in out, out
+        assert str(var_dir / "lb" / "log") in out, out
+        assert recommend(lb_port, settings).status_code == 200
+        status = status_lb(var_dir)
+        for name in (f"replica-{ports[0]}", f"replica-{ports[1]}", "nginx"):
+            assert any(line.split()[:2] == [name, "RUNNING"] for line in status.splitlines()), status
         seen |= set().union(*listeners(everything).values())
 
         # 2. again while it runs: everything kept (same pids), and it says so
@@ -84,46 +93,90 @@ def test_up_lb_twice_keeps_replicas_repairs_an_orphaned_one_and_down_lb_stops_al
         for p in ports:
             assert f"replica {p} already running" in out, out
         assert "nginx already running" in out and f"kept {ports[0]}, {ports[1]}" in out, out
-        assert recorded(var_dir) == pids
-        assert all(alive(pid) for pid in [*pids["replicas"].values(), pids["nginx"]])
 
-        # 3. SIGKILL one replica's `bentoml serve`: its workers stay behind, orphaned, still listening
-        victim_port, victim = ports[0], pids["replicas"][str(ports[0])]
+        # 3. SIGKILL one replica's `bentoml serve`: its workers are orphaned on the port; supervisord starts a new
+        #    replica, which first stops them
+        victim_port, victim = ports[0], first["replicas"][ports[0]][1]
         orphans = {c.pid for c in psutil.Process(victim).children(recursive=True)}
+        assert orphans
         os.kill(victim, signal.SIGKILL)
-        wait_for(lambda: not alive(victim), 10, "the killed bentoml serve to go")
-        assert orphans and listeners([victim_port])[victim_port] & orphans, "expected orphaned workers on the port"
 
-        third = up_lb(var_dir, lb_port, ports)
-        out = capsys.readouterr().out
-        how, fresh = third["replicas"][victim_port]
-        assert how == "started" and fresh != victim, out
-        assert third["replicas"][ports[1]] == ("kept", pids["replicas"][str(ports[1])])
-        assert third["nginx"] == ("kept", pids["nginx"])
-        assert f"replica {ports[1]} already running" in out and f"started {victim_port}" in out, out
-        assert not any(alive(pid) for pid in orphans), "the orphaned workers were not stopped"
-        holders = listeners([victim_port])[victim_port]
-        assert fresh in holders and not holders & orphans
-        assert httpx.get(f"http://127.0.0.1:{victim_port}/readyz", timeout=5).status_code == 200
-        assert recorded(var_dir)["replicas"][str(victim_port)] == fresh
+        def replaced():
+            held = listeners([victim_port])[victim_port]
+            return held if held and not held & orphans and ready(victim_port) else None
+
+        holders = wait_for(replaced, 120, "a new replica, and not the orphans, serving on the killed one's port")
+        assert victim not in holders
+        assert not [pid for pid in orphans if alive(pid)], "workers of the killed replica were left running"
+        assert recommend(lb_port, settings).status_code == 200
+        third = up_lb(var_dir, lb_port, ports)  # what supervisord repaired is kept
+        capsys.readouterr()
+        assert third["replicas"][victim_port][0] == "kept" and third["replicas"][victim_port][1] in holders
+        assert third["replicas"][ports[1]] == second["replicas"][ports[1]] and third["nginx"] == second["nginx"]
         seen |= set().union(*listeners(everything).values())
 
-        # 4. kill the other replica's parent too, so down_lb has orphans to find, then stop everything
-        other = pids["replicas"][str(ports[1])]
-        os.kill(other, signal.SIGKILL)
-        wait_for(lambda: not alive(other), 10, "the killed bentoml serve to go")
+        # 4. a changed port list: the dropped replica stops, the new one starts, and the same nginx sends requests to
+        #    it (stopping the other one leaves nginx only the new one)
+        fourth = up_lb(var_dir, lb_port, (ports[1], new_port))
+        out = capsys.readouterr().out
+        assert fourth == {"replicas": {ports[1]: second["replicas"][ports[1]], new_port: ("started", ANY)},
+                          "nginx": second["nginx"]}, out
+        assert f"kept {ports[1]}; started {new_port}" in out, out
+        wait_for(lambda: not listeners([victim_port])[victim_port], 30, "the dropped replica to stop")
+        seen |= set().union(*listeners(everything).values())
+        ctl = [str(Path(sys.executable).parent / "supervisorctl"), "-c", str(var_dir / "lb" / "supervisord.conf")]
+        subprocess.run([*ctl, "stop", f"replica-{ports[1]}"], check=True, capture_output=True)
+        assert not listeners([ports[1]])[ports[1]]
+        assert [recommend(lb_port, settings).status_code for _ in range(4)] == [200] * 4
     finally:
-        stopped = down_lb(var_dir, lb_port, ports)
+        stopped = down_lb(var_dir)
     out = capsys.readouterr().out
     assert stopped > 0 and f"stopped {stopped} processes" in out, out
     assert listeners(everything) == {p: set() for p in everything}
     assert not [pid for pid in seen if alive(pid)], "processes of up-lb survived down-lb"
-    assert not (var_dir / "lb" / "pids.json").exists()
-    assert down_lb(var_dir, lb_port, ports) == 0
+    assert "not running" in status_lb(var_dir)
+    assert down_lb(var_dir) == 0
     assert "nothing was running" in capsys.readouterr().out
 
 
-def test_up_lb_refuses_a_port_held_by_something_else_and_down_lb_leaves_it_alone(settings, tmp_path, capsys):
+def test_down_lb_stops_everything_when_supervisord_was_killed(settings, serve_env, tmp_path, monkeypatch, capsys):
+    for k, v in serve_env.items():
+        monkeypatch.setenv(k, v)
+    var_dir = tmp_path / "var"
+    port, lb_port = localstack.free_port(), localstack.free_port()
+    try:
+        started = up_lb(var_dir, lb_port, (port,))
+        supervisord = int((var_dir / "lb" / "supervisord.pid").read_text())
+        replica = started["replicas"][port][1]
+        ours = {supervisord, *(p.pid for p in psutil.Process(supervisord).children(recursive=True))}
+        ours |= {p.pid for p in psutil.Process(replica).children(recursive=True)}  # workers in sessions of their own
+        os.kill(supervisord, signal.SIGKILL)  # its programs run on, orphaned
+        os.kill(replica, signal.SIGKILL)  # and this one's workers too
+        wait_for(lambda: not alive(supervisord) and not alive(replica), 10, "the killed processes to go")
+        assert listeners([port])[port] and listeners([lb_port])[lb_port]
+    finally:
+        stopped = down_lb(var_dir)
+    assert stopped > 0 and f"stopped {stopped} processes" in capsys.readouterr().out
+    assert listeners([port, lb_port]) == {port: set(), lb_port: set()}
+    assert not [pid for pid in ours if alive(pid)], "processes of up-lb survived down-lb"
+
+
+def test_a_replica_that_cannot_start_is_an_error_with_its_log(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHOPREC_TRAIN__EPOCHS", "abc")  # the service refuses to import with an invalid setting
+    var_dir = tmp_path / "var"
+    port, lb_port = localstack.free_port(), localstack.free_port()
+    try:
+        with pytest.raises(LBError) as err:
+            up_lb(var_dir, lb_port, (port,), timeout=20)
+        msg = str(err.value)
+        assert f"replica-{port}" in msg and "SHOPREC_TRAIN__EPOCHS" in msg and "make down-lb" in msg, msg
+        assert listeners([lb_port])[lb_port] == set()  # nginx waits for the replicas
+    finally:
+        assert down_lb(var_dir) > 0
+    assert "not running" in status_lb(var_dir)
+
+
+def test_up_lb_refuses_a_port_held_by_something_else_and_down_lb_leaves_it_alone(tmp_path, capsys):
     port, lb_port = localstack.free_port(), localstack.free_port()
     code = f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(120)"
     holder = subprocess.Popen([sys.executable, "-c", code])
@@ -136,9 +189,10 @@ def test_up_lb_refuses_a_port_held_by_something_else_and_down_lb_leaves_it_alone
         msg = str(err.value)
         assert f"port {port}" in msg and f"pid {holder.pid}" in msg and "make down-lb" in msg, msg
         assert listeners([lb_port])[lb_port] == set()
+        assert "not running" in status_lb(tmp_path / "var")
         capsys.readouterr()
-        assert down_lb(tmp_path / "var", lb_port, (port,)) == 0
-        assert holder.poll() is None, "down_lb stopped a process that is not bentoml or nginx"
+        assert down_lb(tmp_path / "var") == 0
+        assert holder.poll() is None, "down_lb stopped a process that up-lb did not start"
         assert "nothing was running" in capsys.readouterr().out
     finally:
         holder.kill()
