@@ -30,7 +30,8 @@ def package(dest: Path = PACKAGED) -> str:
     loaded = ModelRegistry(s.mlflow_tracking_uri, name=s.mlflow_model_name).load(ALIAS_CHAMPION)
     if loaded is None:
         raise SystemExit(f"no '{ALIAS_CHAMPION}' for {s.mlflow_model_name} in {s.mlflow_tracking_uri}: "
-                         "train and register a model first (dagster materialize, or `make up`)")
+                         "train and register a model first: `shoprec train` with the stack up (`make up`), or Dagster → Jobs → "
+                         "train_job → Materialize all")
     if dest.exists():
         shutil.rmtree(dest)
     loaded.recommender.save(dest / "champion")

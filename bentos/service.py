@@ -38,7 +38,7 @@ with bentoml.importing():
     from pipelines.ingest import EventIngestor, IngestRejected
     from pipelines.rules import Catalog
     from pipelines.schemas import Id
-    from pipelines.serving import ModelHolder, RecommendationEngine, set_torch_threads
+    from pipelines.serving import ModelHolder, RecommendationEngine, bound_registry_requests, set_torch_threads
     from pipelines.settings import get_settings
 
 log = logging.getLogger("shoprec.service")
@@ -183,6 +183,7 @@ class Scorer:
 
     def __init__(self) -> None:
         self.settings = get_settings()
+        bound_registry_requests()  # MLflow down at start: the packaged champion in seconds, not after minutes of retries
         set_torch_threads(self.settings.serve_torch_threads)
         packaged = self.settings.packaged_model_dir
         if not packaged.is_absolute():  # relative to the source root, also inside a built Bento

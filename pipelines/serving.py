@@ -159,6 +159,24 @@ def score_batch(model: Recommender, requests: Sequence[tuple[str, Sequence[str]]
     return out, cold
 
 
+#: MLflow's HTTP client retries an unreachable server 7 times with a growing backoff (about 4 minutes) and waits up
+#: to 120 s for an answer: a scoring process started while MLflow was down served nothing, not even its packaged
+#: champion, for those minutes, and every later poll held the refresh as long. It polls the registry every
+#: ``model_poll_s`` anyway, so one retry and 10 s per request are its defaults; MLflow's variables, when set, win.
+REGISTRY_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+
+
+def bound_registry_requests(environ=None) -> dict[str, str]:
+    """Give this process :data:`REGISTRY_HTTP_DEFAULTS` where the environment does not set them (the scoring
+    service calls it first); returns what it set."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    added = {k: v for k, v in REGISTRY_HTTP_DEFAULTS.items() if k not in environ}
+    environ.update(added)
+    return added
+
+
 def set_torch_threads(n: int) -> None:
     """Intra-op threads for scoring in this process (``serve_torch_threads``; 0 keeps torch's default)."""
     if n > 0:
