@@ -41,7 +41,8 @@ def retrain_sensor(context: dg.SensorEvaluationContext, lake_store: LakeResource
 
 @dg.run_failure_sensor(monitored_jobs=[validate_job, train_job, refresh_job],
                        default_status=dg.DefaultSensorStatus.RUNNING,
-                       description="Logs which expectations failed (with samples) when validation stops a run.")
+                       description="Writes to the failed run's log which expectations failed (with samples) when "
+                                   "validation stopped it.")
 def failure_sensor(context: dg.RunFailureSensorContext, lake_store: LakeResource):
     run = context.dagster_run
     partition = run.tags.get("dagster/partition")
@@ -49,6 +50,10 @@ def failure_sensor(context: dg.RunFailureSensorContext, lake_store: LakeResource
     lines = [f"run {run.run_id} of {run.job_name} failed: {context.failure_event.message}"]
     for key in keys:
         report = validation.read_report(lake_store.quality_path, key)
-        if report is not None and not report["success"]:
+        # only a report this run wrote explains its failure (a refresh_job run reads an older catalog report)
+        if report is not None and not report["success"] and report.get("dagster_run_id") == run.run_id:
             lines.append(validation.describe_report(report))
-    context.log.error("\n".join(lines))
+    message = "\n".join(lines)
+    # the run's own event log, where a person looking at the failed run reads; the tick log keeps a copy
+    context.instance.report_engine_event(message, dagster_run=run)
+    context.log.error(message)

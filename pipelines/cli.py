@@ -72,6 +72,36 @@ def consume(verbose: bool = typer.Option(False, help="log at DEBUG level"),
     StreamConsumer(s, state).run(_stop_on_signals(), idle_exit_s=idle_exit_s)
 
 
+@app.command()
+def dlq(last: int = typer.Option(20, min=1, max=10_000, help="how many of the newest records"),
+        reason: str = typer.Option(None, help="only records with this reason (e.g. ts_too_old, duplicate, "
+                                              "missing_field; the dashboard's Overview counts them per reason)"),
+        as_json: bool = typer.Option(False, "--json", help="one JSON object per line instead of text"),
+        value_chars: int = typer.Option(300, min=20, help="show at most this much of each original record"),
+        timeout: float = typer.Option(15.0, min=1, help="seconds to wait for the broker")) -> None:
+    """Show the newest records the consumer and the catalog feed refused (the DLQ topic), oldest first: when,
+    why (reason and error), from which topic, and the record as it was sent. Reads without a consumer group, so
+    it moves no one's offsets."""
+    import orjson
+
+    from pipelines.dlq import format_records, read_dlq
+
+    s = get_settings()
+    try:
+        records = read_dlq(s, last=last, reason=reason, value_chars=value_chars, timeout_s=timeout)
+    except (ConnectionError, TimeoutError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        for d in records:
+            typer.echo(orjson.dumps(d.to_dict()).decode())
+        return
+    if not records:
+        typer.echo(f"no refused records{f' with reason {reason!r}' if reason else ''} in {s.kafka_topic_dlq}")
+        return
+    typer.echo(format_records(records))
+
+
 def _consumer_setup(verbose: bool):
     """Logging, settings, the topics and the online state of a consumer process."""
     from pipelines import kafka_io
@@ -177,8 +207,9 @@ def catalog_publish(path: Path = typer.Argument(..., exists=True, dir_okay=False
     if unknown:
         typer.echo(f"warning: {len(unknown)} record(s) change a product the catalog does not have yet "
                    f"({', '.join(unknown[:20])}{', ...' if len(unknown) > 20 else ''}); the catalog feed rejects such "
-                   f"a change (DLQ reason catalog_missing_field) unless the whole product "
-                   f"({', '.join(catalog_feed.REQUIRED_FIELDS)}) reaches it first: send the whole product", err=True)
+                   f"a change to its DLQ (reason missing_field, counted on the dashboard as catalog_missing_field) "
+                   f"unless the whole product ({', '.join(catalog_feed.REQUIRED_FIELDS)}) reaches it first: send the "
+                   "whole product", err=True)
 
 
 def _registry():
@@ -196,40 +227,56 @@ def _aliases_changed(change: dict) -> None:
                f"serving follows within SHOPREC_MODEL_POLL_S plus the model's load time")
 
 
+def _model_error(err: ValueError, registry=None) -> typer.Exit:
+    """Print ``err`` (with the versions there are, when it named none of them); the exit to raise."""
+    from mlflow.exceptions import MlflowException
+
+    text = str(err)
+    if registry is not None and isinstance(err.__cause__, MlflowException):  # the version asked for does not exist
+        found = sorted(int(v.version) for v in registry.client.search_model_versions(f"name='{registry.name}'"))
+        shown = ", ".join(f"v{v}" for v in found[-10:])
+        text += (f": it has {'..., ' if len(found) > 10 else ''}{shown} (`shoprec model show` names the champion's "
+                 "and the challenger's)" if found else ": it has no version yet (`shoprec train` registers one)")
+    typer.echo(f"error: {text}", err=True)
+    return typer.Exit(1)
+
+
 @model_app.command("promote")
 def model_promote(version: str = typer.Argument(None, help="the version to make champion: 3, v3 or an alias "
                                                             "(default: the challenger)")) -> None:
     """Make a version (default: the challenger) the champion."""
+    registry = _registry()
     try:
-        change = _registry().promote(version)
+        change = registry.promote(version)
         if change.get("unchanged"):
             typer.echo(f"v{change['before']['champion']} already is the champion: nothing changed")
             return
         _aliases_changed(change)
     except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        raise _model_error(err, registry) from None
 
 
 @model_app.command("challenger")
-def model_challenger(version: str = typer.Argument(None, help="the version to serve as the challenger (3 or v3)"),
+def model_challenger(version: str = typer.Argument(None, metavar="VERSION",
+                                                   help="the version to serve as the challenger (3 or v3)"),
                      remove: bool = typer.Option(False, "--remove", help="take the alias off: all traffic to the "
                                                                           "champion")) -> None:
     """Serve a version beside the champion as the `challenger` (the experiment's share of the traffic), as the
     training gate does for a candidate not worse than the champion; `--remove` ends the comparison."""
     from pipelines.schemas import ALIAS_CHALLENGER, ALIAS_CHAMPION
 
+    if (version is None) == (not remove):  # `challenger 3 --remove` took the alias off and ignored the 3
+        raise typer.BadParameter("give the VERSION to serve as the challenger, or --remove to take the alias off; "
+                                 + ("not both" if remove else "neither was given"),
+                                 param_hint="'VERSION' / '--remove'")
+    registry = _registry()
     try:
-        registry = _registry()
         before = registry.aliases()
         if remove:
             if before[ALIAS_CHALLENGER] is None:
                 typer.echo("there is no challenger: nothing changed")
                 return
             registry.client.delete_registered_model_alias(registry.name, ALIAS_CHALLENGER)
-        elif version is None:
-            raise ValueError("name the version to serve as the challenger (`shoprec model challenger VERSION`), "
-                             "or --remove")
         else:
             resolved = registry.resolve(version)
             if resolved == before[ALIAS_CHAMPION]:
@@ -237,8 +284,7 @@ def model_challenger(version: str = typer.Argument(None, help="the version to se
             registry.set_alias(ALIAS_CHALLENGER, resolved)
         _aliases_changed({"before": before, "after": registry.aliases()})
     except ValueError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        raise _model_error(err, registry) from None
 
 
 @model_app.command("rollback")
@@ -256,6 +302,80 @@ def model_show() -> None:
     """The versions behind the aliases."""
     for alias, version in _registry().aliases().items():
         typer.echo(f"{alias}: {'v' + version if version else '-'}")
+
+
+_RUN_EVENTS = """
+query RunEvents($runId: ID!, $after: String) {
+  logsForRun(runId: $runId, afterCursor: $after, limit: 1000) {
+    __typename
+    ... on EventConnection {
+      cursor
+      hasMore
+      events {
+        __typename
+        ... on ExecutionStepFailureEvent { stepKey error { message cause { message cause { message } } } }
+        ... on RunFailureEvent { message }
+        ... on AssetCheckEvaluationEvent {
+          stepKey
+          evaluation { checkName success severity metadataEntries { label ... on TextMetadataEntry { text } } }
+        }
+      }
+    }
+    ... on Error { message }
+  }
+}
+"""
+#: lines of one step's reason `shoprec train` prints; the run's page in the UI has the rest
+_REASON_LINES = 4
+
+
+def _short(text: str, lines: int = _REASON_LINES, width: int = 200) -> list[str]:
+    out = [line if len(line) <= width else line[:width - 3] + "..." for line in text.strip().splitlines()]
+    return out if len(out) <= lines else [*out[:lines - 1], f"... ({len(out) - lines + 1} more lines at the link)"]
+
+
+def _why_run_failed(url: str, run_id: str) -> list[str]:
+    """Why a run failed, from its events through Dagster's GraphQL API: each failed step with its error (a blocking
+    asset check that failed: the check and its ``summary`` metadata), a few lines each; the run's own failure
+    message when no step failed (e.g. its process died)."""
+    import httpx
+
+    events, after = [], None
+    while True:
+        answer = httpx.post(f"{url.rstrip('/')}/graphql", timeout=30,
+                            json={"query": _RUN_EVENTS, "variables": {"runId": run_id, "after": after}})
+        answer.raise_for_status()
+        logs = answer.json()["data"]["logsForRun"]
+        if logs["__typename"] != "EventConnection":
+            raise ValueError(logs.get("message") or logs["__typename"])
+        events += logs["events"]
+        if not logs["hasMore"]:
+            break
+        after = logs["cursor"]
+    failed_checks: dict[str, list[dict]] = {}
+    for e in events:
+        ev = e.get("evaluation")
+        if e["__typename"] == "AssetCheckEvaluationEvent" and not ev["success"] and ev["severity"] == "ERROR":
+            failed_checks.setdefault(e["stepKey"], []).append(ev)
+    lines = []
+    for e in (e for e in events if e["__typename"] == "ExecutionStepFailureEvent"):
+        step = e["stepKey"]
+        if failed_checks.get(step):  # the step's error only says "1 blocking asset check failed"
+            for ev in failed_checks[step]:
+                summary = next((m["text"] for m in ev["metadataEntries"] if m["label"] == "summary" and "text" in m),
+                               "")
+                text = _short(f"check {ev['checkName']} failed: {summary.removeprefix('FAILED: ')}".rstrip(": "))
+                lines += [f"step {step} failed: {text[0]}", *(f"  {line.strip()}" for line in text[1:])]
+            continue
+        error = e["error"] or {}
+        while error.get("cause"):  # an exception raised in the step is the cause of Dagster's "Error occurred ..."
+            error = error["cause"]
+        text = _short(error.get("message") or "no error message")
+        lines += [f"step {step} failed: {text[0]}", *(f"  {line.strip()}" for line in text[1:])]
+    if not lines:
+        failure = next((e["message"] for e in events if e["__typename"] == "RunFailureEvent"), None)
+        lines = _short(failure) if failure else []
+    return lines
 
 
 @app.command()
@@ -318,7 +438,13 @@ def train(model: str = typer.Option(None, help="recommender to train (default SH
             typer.echo(f"  {status.lower()} ({took:.0f} s)")
             last, note_at = status, (took // 30 + 1) * 30
     if status != "SUCCESS":
-        typer.echo(f"error: the run ended {status}: its steps and logs are at the link above", err=True)
+        link = f"{url.rstrip('/')}/runs/{run_id}"
+        try:
+            why = _why_run_failed(url, run_id) if status == "FAILURE" else []
+        except (httpx.HTTPError, KeyError, TypeError, ValueError) as err:  # the reason is extra: the link has it
+            why = [f"(could not read why from Dagster: {err})"]
+        typer.echo("\n".join([f"error: the run ended {status}", *(f"  {line}" for line in why),
+                              f"its steps and logs: {link}"]), err=True)
         raise typer.Exit(1)
     aliases = _registry().aliases()
     typer.echo("registered; now " + ", ".join(f"{a} v{v}" if v else f"no {a}" for a, v in aliases.items())

@@ -803,7 +803,8 @@ def describe_report(data: dict) -> str:
     """The summary text of a quality report file (see :func:`write_report`)."""
     report = ValidationReport(success=bool(data.get("success")), evaluated=int(data.get("evaluated") or 0),
                               failed=list(data.get("failed") or []), statistics=dict(data.get("statistics") or {}))
-    return f"partition {data.get('partition')}: {report.summary()}"
+    key = data.get("partition")
+    return f"{'the catalog' if key == CATALOG_KEY else f'partition {key}'}: {report.summary()}"
 
 
 __all__ = ["CATALOG_KEY", "SUITE_PATH", "WINDOW_SUITE_PATH", "ValidationReport", "hour_window", "load_suite",

@@ -129,3 +129,91 @@ def test_the_benchmarks_run_as_modules_check_their_numbers_too(capsys):
     one.command()(bench.command)  # as `typer.run(command)` in its __main__
     result = CliRunner().invoke(one, ["--days", "-1"])
     assert result.exit_code == 2 and "--days" in _text(result.output)
+
+
+# --- `shoprec model` and `shoprec catalog publish` ---------------------------------------
+@pytest.mark.parametrize("args,says", [
+    (["1", "--remove"], "not both"),  # took the alias off and ignored the 1
+    ([], "neither was given"),  # exit 1, unlike every other usage error
+])
+def test_model_challenger_takes_a_version_or_remove(args, says, monkeypatch):
+    from pipelines import cli
+
+    def registry():
+        raise AssertionError("the command ran: the arguments were not checked first")
+
+    monkeypatch.setattr(cli, "_registry", registry)
+    res = CliRunner().invoke(app, ["model", "challenger", *args])
+    assert res.exit_code == 2, res.output
+    text = _text(res.output)
+    assert "Usage: " in text and " model challenger [OPTIONS] [VERSION]" in text, text
+    assert ("Invalid value for 'VERSION' / '--remove': give the VERSION to serve as the challenger, or --remove to "
+            f"take the alias off; {says}") in text, text
+
+
+def test_model_promote_of_a_version_that_does_not_exist_names_those_that_do(tmp_path, monkeypatch):
+    """It said only `has no version '99'`."""
+    from mlflow import MlflowClient
+
+    from pipelines.settings import get_settings
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"  # a registry of its own (a file: no service)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    client.create_registered_model("shoprec-cli")
+    for _ in range(2):
+        client.create_model_version("shoprec-cli", source=str(tmp_path / "model"))
+    client.create_registered_model("shoprec-empty")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("SHOPREC_MLFLOW_MODEL_NAME", "shoprec-cli")
+    get_settings.cache_clear()
+    try:
+        res = CliRunner().invoke(app, ["model", "promote", "v99"])
+        assert res.exit_code == 1 and _text(res.output) == (
+            "error: shoprec-cli has no version '99': it has v1, v2 (`shoprec model show` names the champion's and "
+            "the challenger's)"), res.output
+        res = CliRunner().invoke(app, ["model", "challenger", "7"])
+        assert res.exit_code == 1 and "has no version '7': it has v1, v2" in _text(res.output), res.output
+        monkeypatch.setenv("SHOPREC_MLFLOW_MODEL_NAME", "shoprec-empty")
+        get_settings.cache_clear()
+        res = CliRunner().invoke(app, ["model", "promote", "1"])
+        assert res.exit_code == 1 and "it has no version yet (`shoprec train` registers one)" in _text(res.output)
+    finally:
+        get_settings.cache_clear()
+    assert client.get_registered_model("shoprec-cli").aliases == {}  # the errors changed nothing
+
+
+def test_catalog_publish_names_the_dlq_reason_a_partial_update_gets(tmp_path, monkeypatch):
+    """It named `catalog_missing_field`, the dashboard's counter; the DLQ record's reason header is `missing_field`."""
+    import orjson
+
+    from pipelines import catalog_feed, kafka_io
+    from pipelines.settings import get_settings
+
+    class Sent:
+        def get(self, timeout=None):
+            return None
+
+    class Producer:  # no broker: what a send returns is all the command waits on
+        def send(self, topic, key=None, value=None):
+            return Sent()
+
+        def close(self):
+            pass
+
+    monkeypatch.setenv("SHOPREC_VAR_DIR", str(tmp_path / "var"))
+    get_settings.cache_clear()
+    monkeypatch.setattr(kafka_io, "ensure_topics", lambda s: None)
+    monkeypatch.setattr(kafka_io, "make_producer", lambda s: Producer())
+    path = tmp_path / "change.jsonl"
+    path.write_bytes(orjson.dumps({"item_id": "p-unknown", "in_stock": False}))
+    try:
+        catalog_feed.write_catalog({"p1": {"item_id": "p1", "title": "Lamp", "category": "home", "brand": "Acme",
+                                           "price": 25.0, "created_at": 1_700_000_000_000, "in_stock": True}},
+                                   get_settings().catalog_path)
+        res = CliRunner().invoke(app, ["catalog", "publish", str(path)])
+    finally:
+        get_settings.cache_clear()
+    assert res.exit_code == 0, res.output
+    text = _text(res.output)
+    assert "the catalog feed rejects such a change to its DLQ (reason missing_field, counted on the dashboard as " \
+        "catalog_missing_field)" in text, text

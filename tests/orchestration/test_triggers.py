@@ -3,7 +3,6 @@ and the failure sensor's log."""
 
 from __future__ import annotations
 
-import uuid
 from datetime import datetime, timedelta, timezone
 
 import dagster as dg
@@ -125,7 +124,25 @@ def test_sensor_fires_early_when_the_event_mix_drifts(sensor_settings):
 
 
 # --- the run-failure sensor ------------------------------------------------------------
-def test_failure_sensor_logs_the_failed_expectations(settings, capfd):
+def _sensor_on_failed_run(run: dg.ExecuteInProcessResult, instance: dg.DagsterInstance, store: LakeResource) -> str:
+    """Evaluate ``failure_sensor`` on a failed run, as the daemon does; returns what it added to the run's own log."""
+    assert not run.success
+    failure = next(e for e in run.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE)
+    ctx = dg.build_run_status_sensor_context(sensor_name="failure_sensor", dagster_instance=instance,
+                                             dagster_run=run.dagster_run, dagster_event=failure,
+                                             resources={"lake_store": store}).for_run_failure()
+    before = len(instance.all_logs(run.run_id))
+    sensors.failure_sensor(ctx)
+    return "\n".join(e.dagster_event.message if e.dagster_event else e.user_message  # an event's text, as the UI
+                     for e in instance.all_logs(run.run_id)[before:])
+
+
+def _store(s) -> LakeResource:
+    return LakeResource(lake_dir=str(s.lake_dir), catalog_file=str(s.catalog_path), quality_dir=str(s.quality_dir))
+
+
+def test_failure_sensor_writes_the_failed_expectations_to_the_failed_runs_log(settings):
+    """It logged them to the sensor's tick log, which nobody looking at the failed run reads."""
     from tests.orchestration.test_lifecycle import _faulty_partition
 
     s = get_settings()
@@ -133,17 +150,26 @@ def test_failure_sensor_logs_the_failed_expectations(settings, capfd):
     folder = lake.partition_dir(s.lake_dir, key_of(hour))
     folder.mkdir(parents=True)
     _faulty_partition(hour).to_parquet(folder / "faulty.parquet", index=False)
-    store = LakeResource(lake_dir=str(s.lake_dir), catalog_file=str(s.catalog_path), quality_dir=str(s.quality_dir))
     instance = dg.DagsterInstance.ephemeral()
-    run = dg.materialize([assets.events], partition_key=key_of(hour), resources={"lake_store": store},
+    run = dg.materialize([assets.events], partition_key=key_of(hour), resources={"lake_store": _store(s)},
                          instance=instance, raise_on_error=False)
-    assert not run.success
-    failure = next(e for e in run.all_events if e.event_type == dg.DagsterEventType.RUN_FAILURE)
-    ctx = dg.build_run_status_sensor_context(sensor_name="failure_sensor", dagster_instance=instance,
-                                             dagster_run=run.dagster_run, dagster_event=failure,
-                                             resources={"lake_store": store}).for_run_failure()
-    capfd.readouterr()
-    sensors.failure_sensor(ctx)
-    text = capfd.readouterr().err
+    text = _sensor_on_failed_run(run, instance, _store(s))
+    assert f"run {run.run_id} of {run.dagster_run.job_name} failed" in text
     assert f"partition {key_of(hour)}: FAILED" in text and "expect_column_values_to_be_unique(event_id)" in text
-    assert uuid.UUID(run.run_id)
+    price = next(line for line in text.splitlines() if "expect_column_values_to_be_between(price)" in line)
+    assert "e.g. 100019.9" in price  # a sample of the offending values (19.9 + PRICE_MAX)
+
+
+def test_failure_sensor_names_the_catalog_when_its_check_stopped_the_run(settings):
+    s = get_settings()
+    bad = catalog_frame()
+    bad.loc[3, "price"] = 0.0
+    s.catalog_path.parent.mkdir(parents=True, exist_ok=True)
+    bad.to_parquet(s.catalog_path, index=False)
+    instance = dg.DagsterInstance.ephemeral()
+    run = dg.materialize([assets.catalog], resources={"lake_store": _store(s)}, instance=instance,
+                         raise_on_error=False)
+    text = _sensor_on_failed_run(run, instance, _store(s))
+    assert "the catalog: FAILED" in text and "partition catalog" not in text  # it read "partition catalog: FAILED"
+    price = next(line for line in text.splitlines() if "expect_column_values_to_be_between(price)" in line)
+    assert "1 unexpected" in price and "e.g. 0.0" in price

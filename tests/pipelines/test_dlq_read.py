@@ -61,3 +61,22 @@ def test_no_broker_is_said_with_what_to_do(settings, monkeypatch):
     get_settings.cache_clear()
     with pytest.raises(ConnectionError, match="no Kafka broker answers at 127.0.0.1:.*make up"):
         read_dlq(get_settings(), timeout_s=5)
+
+
+def test_shoprec_dlq_prints_them_and_filters_by_reason(dlq_settings):
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipelines.cli import app
+
+    s = dlq_settings
+    empty = CliRunner().invoke(app, ["dlq"])
+    assert empty.exit_code == 0 and f"no refused records in {s.kafka_topic_dlq}" in empty.output
+    quarantine(s, [(b'{"ts": "2026-01-01"}', "invalid_type", "ts: send epoch milliseconds"),
+                   (b'{"event_id": "e1"}', "duplicate", "event_id e1 was stored before")])
+    shown = CliRunner().invoke(app, ["dlq", "--reason", "invalid_type"])
+    assert shown.exit_code == 0 and "invalid_type  from" in shown.output and "duplicate" not in shown.output
+    assert 'value: {"ts": "2026-01-01"}' in shown.output and "error: ts: send epoch milliseconds" in shown.output
+    lines = CliRunner().invoke(app, ["dlq", "--json", "--last", "5"]).output.splitlines()
+    assert [json.loads(line)["reason"] for line in lines] == ["invalid_type", "duplicate"]
