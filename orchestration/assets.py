@@ -21,12 +21,23 @@ EVENTS_CHECK = "events_suite"
 CATALOG_CHECK = "catalog_suite"
 
 
+def _failure_row(f: dict) -> str:
+    """One failed expectation as a row of the check's table: how many rows, and offending values or, for a file
+    that does not fit the lake schema (or cannot be read), what is wrong with it."""
+    if f.get("file"):
+        rows = f.get("unexpected_count")
+        return f"| {validation._label(f)} | {f'{rows} rows' if rows is not None else 'the whole file'} | " \
+               f"{str(f.get('observed_value'))[:200]} |"
+    unexpected = f.get("unexpected_count") if f.get("unexpected_count") is not None else \
+        f.get("exception") or f.get("observed_value")
+    return f"| {validation._label(f)} | {unexpected} | {', '.join(map(str, f.get('sample') or []))[:200]} |"
+
+
 def _check_metadata(report: validation.ValidationReport, df: pd.DataFrame | None) -> dict:
     meta = report.to_metadata()
     rows = validation.sample_rows(df, report.failed) if df is not None and not report.success else []
-    lines = ["| expectation | unexpected | sample |", "|---|---|---|"]
-    lines += [f"| {validation._label(f)} | {f.get('unexpected_count') or f.get('exception') or f.get('observed_value')}"
-              f" | {', '.join(map(str, f.get('sample') or []))[:200]} |" for f in report.failed]
+    lines = ["| expectation | unexpected | sample or problem |", "|---|---|---|"]
+    lines += [_failure_row(f) for f in report.failed]
     return {
         "success": report.success,
         "evaluated": report.evaluated,
@@ -64,7 +75,7 @@ def catalog(context: dg.AssetExecutionContext, lake_store: LakeResource):
     yield dg.MaterializeResult(metadata={
         "rows": len(df), "categories": int(df["category"].nunique()), "path": lake_store.catalog_file,
     })
-    yield dg.AssetCheckResult(check_name=CATALOG_CHECK, passed=report.success,
+    yield dg.AssetCheckResult(check_name=CATALOG_CHECK, passed=report.success, description=report.summary(),
                               severity=dg.AssetCheckSeverity.ERROR, metadata=_check_metadata(report, df))
 
 
@@ -102,7 +113,7 @@ def events(context: dg.AssetExecutionContext, lake_store: LakeResource):
         "validation_passed": report.success,
         "compacted_files": compacted.merged,
     })
-    yield dg.AssetCheckResult(check_name=EVENTS_CHECK, passed=report.success,
+    yield dg.AssetCheckResult(check_name=EVENTS_CHECK, passed=report.success, description=report.summary(),
                               severity=dg.AssetCheckSeverity.ERROR, metadata=_check_metadata(report, df))
 
 

@@ -131,6 +131,9 @@ def test_a_faulty_partition_fails_its_blocking_check_and_training_leaves_it_out(
             "expect_column_values_to_be_between(price)", f"file_matches_lake_schema({rel})"} <= failed
     summary = check.metadata["summary"].value  # what pandas writes text as depends on its version: (large_)string
     assert f"{rel} does not fit the lake schema: price is " in summary and "string (double expected)" in summary
+    assert check.description == summary  # what the Dagster UI shows beside the check's status
+    row = next(line for line in check.metadata["failures"].value.splitlines() if rel in line)
+    assert "| 5 rows | price is " in row and "string (double expected)" in row  # the problem, not the file's path
     assert check.metadata["sample_rows"].value  # whole offending rows for a person to look at
     report = validation.read_report(s.quality_dir, key_of(bad))
     assert report["success"] is False and report["dagster_run_id"] == run.run_id
