@@ -84,7 +84,7 @@ _EXAMPLES = {
                "already sent would be accepted, then dropped as a duplicate). Each event: event_id (a UUID, "
                "the idempotency key), event_type (view, add_to_cart, purchase, click or impression), user_id, "
                "session_id, item_id (all but impressions; impressions list 'items'), ts (UTC epoch "
-               "milliseconds); purchases may add price and quantity."),
+               "milliseconds); purchases also need price (the unit price paid; quantity optional, default 1)."),
     "products": (product_example,
                  "Product records, at most {limit} per request (413 above): a whole product (item_id, title, "
                  "category, brand, price, created_at in UTC epoch milliseconds, optional in_stock) adds or "

@@ -26,7 +26,9 @@ In order, for ``POST /events`` and ``POST /catalog`` (the batch's key is ``event
 5. body read in chunks and cut off past ``max_request_bytes`` (chunked uploads declare no size) → 413;
 6. a body that is not JSON, or not an object whose batch field is a list → 400 with what to send
    (BentoML would log it as an unhandled exception with a traceback and answer with pydantic's
-   own text, "1 validation error for Input");
+   own text, "1 validation error for Input"); a body this parser reads and pydantic's does not (nested
+   deeper than its 200 levels; orjson reads 1024) is refused by the route's input model
+   (:class:`bentos.service._Strict`), in the same words and ending with the same :func:`what_to_send`;
 7. more than ``max_events_per_request`` records in the batch → 413 (the only check of the batch's
    length: the service's input schema declares none, so the limit is the setting's at every request).
 
@@ -106,6 +108,11 @@ def _batch_of(body: bytes, field: str) -> tuple[str | None, list | None]:
     if not isinstance(data[field], list):
         return f"{field!r} is a JSON {_json_type(data[field])}, not an array", None
     return None, data[field]
+
+
+def what_to_send(field: str) -> str:
+    """What an ingestion route takes (batch field ``field``): the end of each 400 about its body."""
+    return f"a JSON object {{\"{field}\": [...]}} (no other field) with 'Content-Type: application/json'"
 
 
 def _json_type(value: object) -> str:
@@ -203,8 +210,7 @@ class ApiKeyAndSizeGuard:
             return
         problem, batch = _batch_of(body, field)
         if problem is not None:
-            return await refuse(400, f"{problem}; send a JSON object {{\"{field}\": [...]}} (no other field) with "
-                                     "'Content-Type: application/json'")
+            return await refuse(400, f"{problem}; send {what_to_send(field)}")
         if len(batch) > settings.max_events_per_request:
             return await refuse(413, f"{len(batch)} {field} in one request; the limit is "
                                      f"{settings.max_events_per_request}: split the batch")

@@ -13,9 +13,9 @@ Python (about 3 µs each, holding the interpreter lock the Kafka client needs fo
    which go to the record-by-record path;
 3. the rules of :class:`pipelines.schemas.Event` are checked on whole columns (the id patterns with
    RE2, the event types, the ts window, ranges, lengths, impressions need items, other events an
-   item). A row that fails any of them is handed to the record-by-record path, which names the
-   reason (or, where a column check is stricter than the model, such as a non-ASCII model_version,
-   accepts it).
+   item, purchases a price). A row that fails any of them is handed to the record-by-record path,
+   which names the reason (or, where a column check is stricter than the model, such as a non-ASCII
+   model_version, accepts it).
 
 So the accept/reject decision and the reason of every record are exactly those of
 :func:`~pipelines.schemas.parse_events` (the tests compare both on a corpus of hostile records), and
@@ -204,6 +204,7 @@ def _valid_expression(oldest_ms: int, newest_ms: int) -> pc.Expression:
             # rows without schema_version go record by record (producers that use new_event send it)
             & (f("schema_version") == 1)
             & null_or(f("price"), (f("price") >= PRICE_MIN) & (f("price") <= PRICE_MAX))
+            & ((etype != "purchase") | f("price").is_valid())  # a purchase needs its price
             & null_or(f("quantity"), (f("quantity") >= 1) & (f("quantity") <= 1000))
             & null_or(f("model_version"), pc.string_is_ascii(f("model_version"))
                       & (pc.utf8_length(f("model_version")) <= 64))

@@ -12,7 +12,7 @@ import os
 import random
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Annotated, Literal
 
@@ -130,7 +130,9 @@ class RedisKeys:
 
 
 # --- schemas -----------------------------------------------------------------
-Id = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:@-]{1,128}$")]
+#: the pattern of every id (they become Redis keys and Kafka keys) and of an event_id (a UUID, dashes optional)
+ID_PATTERN, EVENT_ID_PATTERN = r"^[A-Za-z0-9_.:@-]{1,128}$", r"^[0-9a-fA-F-]{32,36}$"
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 #: the price range of a purchase and of a product, inclusive (the Great Expectations suites take the same bounds,
 #: so a price ingestion accepts never fails an hour's or the catalog's validation afterwards)
 PRICE_MIN, PRICE_MAX = 0.01, 100_000.0
@@ -142,7 +144,7 @@ class Event(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     schema_version: Literal[1] = 1
-    event_id: Annotated[str, StringConstraints(pattern=r"^[0-9a-fA-F-]{32,36}$")]
+    event_id: Annotated[str, StringConstraints(pattern=EVENT_ID_PATTERN)]
     event_type: Literal["view", "add_to_cart", "purchase", "impression", "click"]
     user_id: Id
     item_id: Id | None = None
@@ -159,18 +161,36 @@ class Event(BaseModel):
     items: list[Id] | None = Field(None, max_length=200)
 
     @model_validator(mode="after")
-    def _item_matches_type(self) -> Event:
+    def _fields_of_the_type(self) -> Event:
         # a field required by the event type is missing like one the schema requires (reason missing_field,
         # :func:`describe_validation_error`); an empty list of items is there, and wrong (schema)
-        if self.event_type == "impression":
-            if self.items is None:
-                raise PydanticCustomError(MISSING_FOR_TYPE, "'items' is required for an impression (the ranked "
-                                                            "list of item_ids that was shown)")
-            if not self.items:
-                raise ValueError("'items' of an impression must name at least one item_id (the list that was shown)")
-        elif self.item_id is None:
-            raise PydanticCustomError(MISSING_FOR_TYPE, f"'item_id' is required for a '{self.event_type}' event")
+        if (lacking := lacking_for_type(self.event_type, self.__dict__)) is not None:
+            raise PydanticCustomError(MISSING_FOR_TYPE, lacking)
+        if self.event_type == "impression" and not self.items:
+            raise ValueError("'items' of an impression must name at least one item_id (the list that was shown)")
         return self
+
+
+#: the fields an event of each type needs besides those every event needs. A purchase's price: revenue per
+#: impression (the dashboard's A/B page) is price x quantity, and a purchase without one counted 0; every producer
+#: of purchases (the simulator, the README's example) sends it
+REQUIRED_FOR_TYPE = {"view": ("item_id",), "add_to_cart": ("item_id",), "click": ("item_id",),
+                     "purchase": ("item_id", "price"), "impression": ("items",)}
+_WHY_REQUIRED = {"items": "the ranked list of item_ids that was shown",
+                 "price": f"the unit price paid, a JSON number from {PRICE_MIN:g} to {PRICE_MAX:.0f}: revenue counts it"}
+
+
+def lacking_for_type(event_type: object, fields: dict) -> str | None:
+    """What is missing of the fields ``event_type`` needs (:data:`REQUIRED_FOR_TYPE`) from ``fields`` (absent or
+    null), as the message of a ``missing_field``; None when nothing is (or the type is unknown)."""
+    lacking = [f for f in REQUIRED_FOR_TYPE.get(event_type, ()) if fields.get(f) is None] \
+        if isinstance(event_type, str) else []
+    if not lacking:
+        return None
+    what = "an impression" if event_type == "impression" else f"a '{event_type}' event"
+    why = "; ".join(_WHY_REQUIRED[f] for f in lacking if f in _WHY_REQUIRED)
+    return (f"{' and '.join(repr(f) for f in lacking)} {'is' if len(lacking) == 1 else 'are'} required for {what}"
+            + (f" ({why})" if why else ""))
 
 
 class CatalogItem(BaseModel):
@@ -214,24 +234,25 @@ class EventError(ValueError):
         self.message = message
 
 
-def describe_validation_error(err: ValidationError, *, every: bool = False,
-                              describe: Callable[[dict], tuple[str, str]] | None = None) -> tuple[str, str]:
-    """``(reason, message)`` of a record pydantic refused, as the DLQ and the API name it: its first error or, with
-    ``every``, the first error's reason and a message that names every error (up to :data:`MAX_NAMED_ERRORS`).
-
-    Events name their first error only: the consumer's fast path (:func:`parse_events`) stops at it and must
-    give the same message. A product is checked by people fixing a file, who should see all of it at once.
+def describe_validation_error(err: ValidationError, *, describe: Callable[[dict], tuple[str, str]] | None = None,
+                              also: Sequence[tuple[str, str]] = ()) -> tuple[str, str]:
+    """``(reason, message)`` of a record pydantic refused, as the DLQ and the API name it: the first error's reason
+    and a message that names every error (up to :data:`MAX_NAMED_ERRORS`), then ``also``: the problems of the
+    checks that run after pydantic's (a time's bounds), so that a record wrong in several ways is fixed in one go.
+    The consumer's paths (:func:`parse_events`, :mod:`pipelines.eventbatch`) send every refused record through
+    :func:`validate_event`, so the DLQ's message is the API's.
 
     A missing field is ``missing_field`` whether the schema or the event's type requires it; messages are
     ours or pydantic's text after the field's name, never pydantic's "Value error, " prefix; ``describe`` (one
     error's ``(reason, message)``) words them otherwise.
     """
-    errors = err.errors(include_url=False)[:MAX_NAMED_ERRORS if every else 1]
-    described = [(describe or _describe_one)(e) for e in errors]
-    reason, message = described[0]
-    if len(described) > 1:
-        more = err.error_count() - len(described)
-        message += "; also " + "; ".join(m for _, m in described[1:]) + (f"; and {more} more" if more else "")
+    errors = err.errors(include_url=False)
+    described = [(describe or _describe_one)(e) for e in errors[:MAX_NAMED_ERRORS]]
+    named = [*described, *also][:MAX_NAMED_ERRORS]
+    reason, message = named[0]
+    if len(named) > 1:
+        more = len(errors) + len(also) - len(named)
+        message += "; also " + "; ".join(m for _, m in named[1:]) + (f"; and {more} more" if more else "")
     return reason, message
 
 
@@ -302,23 +323,43 @@ def validate_catalog_update(data: object, *, now_ms: int | None = None,
     try:
         update = CatalogUpdate.model_validate(data)
     except ValidationError as err:
-        raise _product_error(err, now_ms, max_future_s) from None
+        created_at = data.get("created_at")
+        # an integer pydantic took: its bounds are named with the fields it refused, not once they are fixed
+        also = _problem(check_created_at, created_at, now_ms=now_ms, max_future_s=max_future_s) \
+            if type(created_at) is int and created_at >= 0 else []
+        epoch = {"created_at": ("the time the product was added", lambda ms: not _problem(
+            check_created_at, ms, now_ms=now_ms, max_future_s=max_future_s))}
+        raise _record_error(err, epoch, also) from None
     if update.created_at is not None:
         check_created_at(update.created_at, now_ms=now_ms, max_future_s=max_future_s)
     return update
 
 
-#: what to send for a catalog field of each JSON type, by pydantic's error type in strict mode
-_PRODUCT_TYPE_WANTED = {"float_type": "a JSON number (e.g. 19.9)", "bool_type": "true or false (a JSON boolean)",
-                        "int_type": "a JSON integer", "string_type": "a JSON string"}
+def _problem(check: Callable[..., object], *args, **kwargs) -> list[tuple[str, str]]:
+    """``[(reason, message)]`` of the :class:`EventError` ``check(*args, **kwargs)`` raises, else ``[]``."""
+    try:
+        check(*args, **kwargs)
+    except EventError as err:
+        return [(err.reason, err.message)]
+    return []
 
 
-def _product_error(err: ValidationError, now_ms: int | None, max_future_s: int) -> EventError:
-    """The :class:`EventError` of a product pydantic refused: as :func:`describe_validation_error` with ``every``,
-    but a value of the wrong JSON type is named with what to send instead (events keep pydantic's words: their
-    message must be the consumer's fast path's)."""
+#: what to send for a field of each JSON type, by pydantic's error type in strict mode
+_TYPE_WANTED = {"float_type": "a JSON number (e.g. 19.9)", "bool_type": "true or false (a JSON boolean)",
+                "int_type": "a JSON integer", "string_type": "a JSON string", "list_type": "a JSON array"}
+#: what to send for a string that does not match its field's pattern, by the pattern
+_PATTERN_WANTED = {ID_PATTERN: "a JSON string of 1 to 128 letters, digits or _.:@-",
+                   EVENT_ID_PATTERN: "a UUID (e.g. '1b4e28ba-2fa1-11d2-883f-0016d3cca427')"}
+#: a field in UTC epoch milliseconds: what it is the time of, and whether a value (ms) is plausible for it
+EpochFields = dict[str, tuple[str, Callable[[int], bool]]]
+
+
+def _record_error(err: ValidationError, epoch: EpochFields, also: Sequence[tuple[str, str]] = ()) -> EventError:
+    """The :class:`EventError` of an event or a product pydantic refused: as :func:`describe_validation_error`,
+    with a value of the wrong JSON type, or an id that is none, named with what to send instead (the ``epoch``
+    fields with the milliseconds a time sent otherwise most likely means)."""
     return EventError(*describe_validation_error(
-        err, every=True, describe=lambda e: _describe_product_type(e, now_ms, max_future_s) or _describe_one(e)))
+        err, describe=lambda e: _describe_type(e, epoch) or _describe_one(e), also=also))
 
 
 def _json_shown(value: object) -> str:
@@ -332,24 +373,29 @@ def _json_shown(value: object) -> str:
     return {dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
 
 
-def _describe_product_type(error: dict, now_ms: int | None, max_future_s: int) -> tuple[str, str] | None:
-    """``("schema", message)`` for a catalog field given a value of another JSON type, else None."""
-    wanted = _PRODUCT_TYPE_WANTED.get(error["type"])
-    if wanted is None or len(error["loc"]) != 1:
+def _describe_type(error: dict, epoch: EpochFields) -> tuple[str, str] | None:
+    """``("schema", message)`` for a field given a value of another JSON type, or a string that is not the id it
+    should be, saying what to send; else None."""
+    where, value = ".".join(str(p) for p in error["loc"]), error["input"]
+    if error["type"] == "string_pattern_mismatch":
+        wanted = _PATTERN_WANTED.get(error.get("ctx", {}).get("pattern"))
+        return None if wanted is None else ("schema", f"{where}: send {wanted}, not {_json_shown(value)}")
+    wanted = _TYPE_WANTED.get(error["type"])
+    if wanted is None:
         return None
-    field, value = error["loc"][0], error["input"]
-    if field == "created_at":
-        wanted = "the time the product was added as UTC epoch milliseconds (a JSON integer)"
-        if (ms := _created_at_ms(value, now_ms, max_future_s)) is not None:
+    if where in epoch:
+        what, plausible = epoch[where]
+        wanted = f"{what} as UTC epoch milliseconds (a JSON integer)"
+        if (ms := _epoch_ms_meant(value, plausible)) is not None:
             naive = isinstance(value, str) and not re.search(r"(Z|[+-]\d\d:?\d\d)$", value.strip(), re.IGNORECASE)
             note = " (read as UTC)" if naive and not value.strip().lstrip("-").isdigit() else ""
-            return "schema", f"created_at: send {wanted}, not {_json_shown(value)}: send {ms}{note}"
-    return "schema", f"{field}: send {wanted}, not {_json_shown(value)}"
+            return "schema", f"{where}: send {wanted}, not {_json_shown(value)}: send {ms}{note}"
+    return "schema", f"{where}: send {wanted}, not {_json_shown(value)}"
 
 
-def _created_at_ms(value: object, now_ms: int | None, max_future_s: int) -> int | None:
-    """The epoch milliseconds a wrongly typed ``created_at`` most likely means (an ISO time, read as UTC when it
-    names no zone; digits in a string; a whole float; epoch seconds), when that passes :func:`check_created_at`."""
+def _epoch_ms_meant(value: object, plausible: Callable[[int], bool]) -> int | None:
+    """The epoch milliseconds a wrongly typed time most likely means (an ISO time, read as UTC when it names no
+    zone; digits in a string; a whole float; epoch seconds), when that is ``plausible``."""
     candidates: list[int] = []
     if isinstance(value, str):
         text = value.strip()
@@ -362,21 +408,11 @@ def _created_at_ms(value: object, now_ms: int | None, max_future_s: int) -> int 
                 return None  # digits beyond 20 as well: not a time
             if when.tzinfo is None:
                 when = when.replace(tzinfo=timezone.utc)
-            return _plausible_ms(int(when.timestamp() * 1000), now_ms, max_future_s)
+            ms = int(when.timestamp() * 1000)
+            return ms if plausible(ms) else None
     elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
         candidates.append(int(value))
-    for ms in candidates + [c * 1000 for c in candidates]:
-        if _plausible_ms(ms, now_ms, max_future_s) is not None:
-            return ms
-    return None
-
-
-def _plausible_ms(ms: int, now_ms: int | None, max_future_s: int) -> int | None:
-    try:
-        check_created_at(ms, now_ms=now_ms, max_future_s=max_future_s)
-    except EventError:
-        return None
-    return ms
+    return next((ms for ms in candidates + [c * 1000 for c in candidates] if plausible(ms)), None)
 
 
 def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int = 30,
@@ -391,13 +427,37 @@ def validate_event(data: object, *, now_ms: int | None = None, max_age_days: int
     try:
         ev = Event.model_validate(data)
     except ValidationError as err:
-        raise EventError(*describe_validation_error(err)) from None
+        raise _event_error(data, err, _ts_window(now_ms, max_age_days, max_future_s), max_age_days,
+                           max_future_s) from None
     return _check_ts(ev, now_ms, max_age_days, max_future_s)
 
 
-def _check_ts(ev: Event, now_ms: int | None, max_age_days: int, max_future_s: int) -> Event:
+def _event_error(data: dict, err: ValidationError, window: tuple[int, int], max_age_days: int,
+                 max_future_s: int) -> EventError:
+    """The :class:`EventError` of an event pydantic refused, naming with its errors what the checks that had no
+    turn would have: the fields its type needs (the model's rule runs only once every field passed) and the ts
+    window (checked on a valid event)."""
+    errors = err.errors(include_url=False)
+    also = []
+    # the model's own rule did not run (it raised no error of the whole record); a field pydantic refused is there
+    if all(e["loc"] for e in errors) and (lacking := lacking_for_type(data.get("event_type"), data)) is not None:
+        also.append(("missing_field", lacking))
+    oldest, newest = window
+    ts = data.get("ts")
+    if type(ts) is int and ts >= 0 and not oldest <= ts <= newest:  # an integer pydantic took, outside the window
+        bad = ts_error(ts, oldest, newest, max_age_days, max_future_s)
+        also.append((bad.reason, bad.message))
+    return _record_error(err, {"ts": ("the time of the event", lambda ms: oldest <= ms <= newest)}, also)
+
+
+def _ts_window(now_ms: int | None, max_age_days: int, max_future_s: int) -> tuple[int, int]:
+    """The oldest and the newest ts (epoch ms) an event may have, received at ``now_ms`` (default: now)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    oldest, newest = now_ms - max_age_days * 86_400_000, now_ms + max_future_s * 1000
+    return now_ms - max_age_days * 86_400_000, now_ms + max_future_s * 1000
+
+
+def _check_ts(ev: Event, now_ms: int | None, max_age_days: int, max_future_s: int) -> Event:
+    oldest, newest = _ts_window(now_ms, max_age_days, max_future_s)
     if oldest <= ev.ts <= newest:
         return ev
     raise ts_error(ev.ts, oldest, newest, max_age_days, max_future_s)
@@ -506,7 +566,10 @@ def _common_shape(d: object) -> bool:
         if type(v) is not int or v != 1:
             return False
         v = get("price")
-        if v is not None and (type(v) is not float or not PRICE_MIN <= v <= PRICE_MAX):
+        if v is None:
+            if etype == "purchase":
+                return False
+        elif type(v) is not float or not PRICE_MIN <= v <= PRICE_MAX:
             return False
         v = get("quantity")
         if v is not None and (type(v) is not int or not 1 <= v <= 1000):

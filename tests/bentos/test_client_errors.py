@@ -85,3 +85,23 @@ def test_events_and_catalog_say_what_to_send_once(c):
                            (b"", "the body is empty"), (b"garbage", "the body is not valid JSON: ")):
             error = _refused(c, path, body)
             assert error.startswith(says) and error.endswith(send), (path, body, error)
+
+
+def test_events_and_catalog_name_a_body_nested_deeper_than_the_parser_takes(c, caplog):
+    """{"events": [[[...254 levels...]]]} (valid JSON, half a KB) passed the guard, whose parser takes 1024 levels,
+    and BentoML's (pydantic's, 200 levels) answered {"error": "Input", "detail": [{"type": "json_invalid", ...,
+    "url": "https://errors.pydantic.dev/..."}]}, logged as "1 validation error for Input"."""
+    for path, field in (("/events", "events"), ("/catalog", "products")):
+        body = f'{{"{field}": {"[" * 254}{"]" * 254}}}'.encode()
+        with caplog.at_level("INFO"):
+            caplog.clear()
+            error = _refused(c, path, body)
+        assert error.startswith("the body is not valid JSON (recursion limit exceeded at line 1 column "), error
+        assert error.endswith(f'send a JSON object {{"{field}": [...]}} (no other field) with '
+                              "'Content-Type: application/json'"), error
+        logged = [r.getMessage() for r in caplog.records if "answered 400" in r.getMessage()]
+        assert len(logged) == 1 and "for Input" not in logged[0] and "recursion limit" in logged[0], logged
+    # a batch nested less deeply is the service's to judge, record by record
+    r = c.post("/events", content=b'{"events": [' + b"[" * 150 + b"]" * 150 + b"]}",
+               headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["errors"][0]["message"] == "an event must be a JSON object", r.text

@@ -366,6 +366,18 @@ def _in_kafka(event_ids: set[str], until: str | None = None, timeout: float = 30
     return found
 
 
+def test_the_warning_about_an_unknown_product_names_the_dlq_reason_it_will_get(events_client):
+    """It named "DLQ reason catalog_missing_field": the DLQ record's reason header is missing_field; only the
+    dashboard's counter is prefixed catalog_."""
+    c, (key, _) = events_client
+    ghost = f"{uuid.uuid4().hex[:8]}-ghost"
+    r = c.post("/catalog", headers=key, json={"products": [{"item_id": ghost, "in_stock": False}]})
+    assert r.status_code == 202 and r.json()["unknown_products"] == [ghost], r.text
+    warning = r.json()["warning"]
+    assert "(DLQ reason missing_field, counted on the dashboard as catalog_missing_field)" in warning, warning
+    assert "reason catalog_missing_field" not in warning and "send the whole product" in warning
+
+
 def test_catalog_takes_whole_and_partial_products_with_a_key_and_the_feed_applies_them(events_client, tmp_path):
     from pipelines import simulator
     from pipelines.catalog_feed import CatalogSync

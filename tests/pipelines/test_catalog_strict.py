@@ -52,6 +52,36 @@ def test_a_json_integer_is_still_a_price_and_every_wrong_field_is_named():
     assert all(f in err.value.message for f in ("price:", "in_stock:", "title:")), err.value.message
 
 
+def test_a_product_wrong_in_several_fields_names_each_created_at_s_bounds_too():
+    """price 0, an empty category and created_at in epoch seconds named category and price only: the created_at
+    problem showed once they were fixed, because its bounds were checked after pydantic's fields."""
+    seconds = NOW_MS // 1000
+    record = {**LAMP, "price": 0, "category": "", "created_at": seconds}
+    with pytest.raises(EventError) as err:
+        validate_catalog_update(record)
+    message = err.value.message
+    assert err.value.reason == "schema", err.value.reason  # the first problem's, as before
+    assert message.startswith("category: ") and "; also price: " in message, message
+    assert f"; created_at {seconds} is " in message and f"epoch seconds: send {seconds * 1000})" in message
+    with pytest.raises(EventError) as err:  # what the catalog feed sends to the DLQ says the same
+        parse_update(orjson.dumps(record), b"00042", {})
+    assert err.value.message == message
+    # one wrong field and a created_at ahead: both named; created_at alone: its own reason, as before
+    with pytest.raises(EventError) as err:
+        validate_catalog_update({**LAMP, "title": 1, "created_at": NOW_MS + 10**12})
+    assert "title: send a JSON string" in err.value.message and "; also created_at " in err.value.message
+    with pytest.raises(EventError) as err:
+        validate_catalog_update({**LAMP, "created_at": seconds})
+    assert err.value.reason == "created_at_too_old" and "; also" not in err.value.message
+
+
+def test_an_item_id_that_is_no_id_says_what_an_id_is():
+    with pytest.raises(EventError) as err:
+        validate_catalog_update({**LAMP, "item_id": "lamp 42"})
+    assert err.value.message == ("item_id: send a JSON string of 1 to 128 letters, digits or _.:@-, not the string "
+                                 "'lamp 42'"), err.value.message
+
+
 @pytest.mark.parametrize("sent,converted", [
     ("2026-12-07T12:00:00Z", "send 1796644800000"),
     ("2026-12-07T13:00:00+01:00", "send 1796644800000"),

@@ -122,6 +122,7 @@ def test_a_field_the_event_type_requires_is_a_missing_field_with_a_clean_message
     # an empty list is there, and wrong; no message carries pydantic's "Value error, " prefix
     reason, message = path(orjson.dumps({**impression, "items": []}))
     assert reason == "schema" and message.startswith("'items' of an impression") and "Value error" not in message
-    # as a field every event needs
+    # as a field every event needs, named with the one its type needs (it named the first only)
     del view["event_id"]
-    assert path(orjson.dumps(view)) == ("missing_field", "'event_id' is required")
+    assert path(orjson.dumps(view)) == ("missing_field",
+                                        "'event_id' is required; also 'item_id' is required for a 'view' event")
