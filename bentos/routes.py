@@ -8,7 +8,7 @@
 * :func:`quiet_client_errors`: BentoML logs a request its input validation refuses (a 400, e.g. ``k=0``)
   as ``ERROR Exception on /recommend`` with a traceback; anyone could fill the log that way. Such
   records become one INFO line with the status and the reason (for ``/recommend`` and ``/similar`` the
-  fields and what to send: ``answered 400: 1 validation error for k: Input should be a valid integer ...``,
+  fields and what to send: ``answered 400: k: Input should be a valid integer ...``,
   the title :func:`bentos.service.explained` gives the error); server errors keep their traceback.
 """
 
@@ -61,12 +61,22 @@ class _ClientErrorFilter(logging.Filter):
         status = _client_status(exc)
         if status is None:
             return True
-        reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        reason = _reason(exc)
         record.msg = f"{str(record.msg).removeprefix('Exception on ')} answered {status}: %s"
         record.args = (*(record.args or ()), reason)
         record.levelno, record.levelname = logging.INFO, "INFO"
         record.exc_info, record.exc_text = None, None
         return True
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what was wrong: for a validation error shoprec explained (:func:`bentos.service.explained`:
+    its title names each field and what to send), that title without pydantic's "1 validation error for " header."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError) and " " in exc.title:  # a bare model name ("Input") is no explanation
+        return exc.title.splitlines()[0][:200]
+    return str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
 
 
 def _client_status(exc: BaseException) -> int | None:

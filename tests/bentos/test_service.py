@@ -203,8 +203,8 @@ def test_recommend_and_similar_take_json_types_strictly_and_say_what_to_send(set
             [problem] = r.json()["detail"]
             assert problem["loc"] == [field] and problem["msg"].startswith("Input should be a valid"), problem
     logged = [rec.getMessage() for rec in caplog.records if "answered 400" in rec.getMessage()]
-    assert len(logged) == len(cases) and all(" answered 400: 1 validation error for " in m for m in logged), logged
-    assert logged[0].startswith("/recommend [POST] answered 400: 1 validation error for k: Input should be a valid "
+    assert len(logged) == len(cases) and not [m for m in logged if "validation error for" in m], logged
+    assert logged[0].startswith("/recommend [POST] answered 400: k: Input should be a valid "
                                 "integer (got a JSON boolean, true)"), logged[0]
     # several problems: each named
     r = c.post("/recommend", json={"k": 0, "kk": 1})
