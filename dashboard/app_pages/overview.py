@@ -116,8 +116,17 @@ def traffic() -> None:
     if dlq.empty:
         st.caption("Dead-letter queue: no rejected records.")
     else:
-        st.metric("Dead-letter records", f"{int(dlq['records'].sum()):,}")
+        duplicates = int(dlq["records"].get("duplicate", 0))
+        c = st.columns(2)
+        c[0].metric("Refused records", f"{int(dlq['records'].sum()) - duplicates:,}",
+                    help="records the consumer or the catalog feed refused as invalid (in the dead-letter topic): "
+                         "what sends them needs fixing")
+        c[1].metric("Duplicates dropped", f"{duplicates:,}",
+                    help="events whose event_id was stored before: a client's retry after a 503 or a timeout, or a "
+                         "replay. Expected with at-least-once delivery; nothing is lost")
         st.dataframe(dlq)
+        st.caption("Per reason. `shoprec dlq` shows the newest records with their error and the record as sent "
+                   "(`--reason R` for one reason).")
 
 
 ui.live(models)

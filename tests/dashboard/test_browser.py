@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 #: url path, title, texts that must render (the seeded data of test_dashboard), charts drawn
 PAGES = [
-    ("", "Overview", ["Champion", "v1", "Events (window)", "60", "≤ 15 ms", "Dead-letter records"], 1),
+    ("", "Overview", ["Champion", "v1", "Events (window)", "60", "≤ 15 ms", "Refused records", "Duplicates dropped"], 1),
     ("ab_test", "A/B test", ["champion CTR", "5.00 %", "8.00 %", "4.000", "5.000", "60.0 %", "not enough data"], 1),
     ("cold_start", "Cold start", ["From new users", "33.3 %", "New products", "60 min", "2.50 %"], 3),
     ("cache", "Cache", ["Hit rate", "30.0 %", "champion hit rate", "40.0 %", "Memory used"], 2),

@@ -120,7 +120,7 @@ def seed_redis(state: OnlineState, ab=AB) -> None:
     state.incr_stats("events", {"view": 50, "click": 10})
     state.incr_stats(dd.latency_stats_name("cache"), {"1": 9})
     state.incr_stats(dd.latency_stats_name("model"), {"15": 10})
-    state.count_dlq({"invalid_json": 3, "schema": 1})
+    state.count_dlq({"invalid_json": 3, "schema": 1, "duplicate": 2})
     now = time.time()
     state.set_consumer_status(lag=5, rate_eps=12.5, consumed=100, last_commit_ts=now - 3, updated_ts=now)
     state.set_serving_status({"champion": "1"})
@@ -194,9 +194,9 @@ def test_overview_shows_models_traffic_ingestion(seeded):
     assert (m["p50 latency"], m["p99 latency"]) == ("≤ 15 ms", "≤ 15 ms")  # 9 at ≤1 ms, 10 at ≤15 ms
     assert m["Consumer lag (records)"] == "5" and m["Rate (events/s)"] == "12.5"
     assert m["Last commit"].endswith("s ago")
-    assert m["Dead-letter records"] == "4"
+    assert m["Refused records"] == "4" and m["Duplicates dropped"] == "2"  # a client's retry is no refusal
     dlq = [d.value for d in at.dataframe if "records" in d.value.columns][0]
-    assert dlq["records"].to_dict() == {"invalid_json": 3, "schema": 1}
+    assert dlq["records"].to_dict() == {"invalid_json": 3, "duplicate": 2, "schema": 1}
     assert charts(at) == 1 and not at.warning
     assert "served by the API (reported" in captions  # serving reported v1, as the registry has it
     chart = (at.get("vega_lite_chart") + at.get("arrow_vega_lite_chart"))[0]
