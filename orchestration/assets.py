@@ -69,7 +69,7 @@ def catalog(context: dg.AssetExecutionContext, lake_store: LakeResource):
         yield dg.AssetCheckResult(check_name=CATALOG_CHECK, passed=True,
                                   metadata={"note": "no catalog file yet; nothing to validate"})
         return
-    report = validation.validate_catalog(df)
+    report = validation.validate_catalog(df, path=lake_store.catalog_file)
     validation.write_report(report, validation.CATALOG_KEY, lake_store.quality_path, context.run_id)
     context.log.info(report.summary())
     yield dg.MaterializeResult(metadata={

@@ -330,8 +330,12 @@ _REASON_LINES = 4
 
 
 def _short(text: str, lines: int = _REASON_LINES, width: int = 200) -> list[str]:
-    out = [line if len(line) <= width else line[:width - 3] + "..." for line in text.strip().splitlines()]
-    return out if len(out) <= lines else [*out[:lines - 1], f"... ({len(out) - lines + 1} more lines at the link)"]
+    """At most ``lines`` lines of ``width`` characters, and then whole the line that says what to do ("to fix: ...")."""
+    fix = [line for line in text.strip().splitlines() if line.strip().startswith("to fix:")]
+    out = [line if len(line) <= width else line[:width - 3] + "..." for line in text.strip().splitlines()
+           if line not in fix]
+    out = out if len(out) <= lines else [*out[:lines - 1], f"... ({len(out) - lines + 1} more lines at the link)"]
+    return out + fix
 
 
 def _why_run_failed(url: str, run_id: str) -> list[str]:

@@ -268,6 +268,8 @@ class ValidationReport:
             lines.append(f"  {suite_label(suite)}: skipped — {why}")
         for f in self.failed:
             lines.append("  - " + _describe_failure(f))
+        if not self.success and stats.get("remedy"):
+            lines.append(f"  to fix: {stats['remedy']}")
         return "\n".join(lines)
 
 
@@ -299,6 +301,8 @@ def _describe_failure(f: dict) -> str:
         text += f": observed {f['observed_value']!r}"
     if f.get("sample"):
         text += ", e.g. " + ", ".join(repr(v) for v in f["sample"])
+    if f.get("items"):
+        text += " (products " + ", ".join(map(str, f["items"])) + ("…" if f.get("unexpected_count", 0) > len(f["items"]) else "") + ")"
     return text
 
 
@@ -426,9 +430,17 @@ def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
     return report
 
 
-def validate_catalog(df: pd.DataFrame, *, now_ms: int | None = None) -> ValidationReport:
+def catalog_remedy(path: Path | str | None = None) -> str:
+    """What a person does about a catalog that failed its suite (the products come from ``shop.catalog``)."""
+    return (f"send these products again with correct values (POST /catalog or `shoprec catalog publish FILE`: the "
+            f"catalog feed rewrites {path or 'the catalog file'}), then `shoprec train`; a row without a well-formed "
+            f"item_id can only be removed from the file itself, after `make down`")
+
+
+def validate_catalog(df: pd.DataFrame, *, now_ms: int | None = None, path: Path | str | None = None) -> ValidationReport:
     """Validate the product catalog against the ``shoprec_catalog`` suite (``created_at`` judged
-    against ``now_ms``, default the clock).
+    against ``now_ms``, default the clock). A failed report's summary ends with what to do about it
+    (:func:`catalog_remedy`, naming ``path``, the file validated).
 
     Raises:
         TypeError: ``df`` is not a DataFrame.
@@ -436,8 +448,13 @@ def validate_catalog(df: pd.DataFrame, *, now_ms: int | None = None) -> Validati
     if not isinstance(df, pd.DataFrame):
         raise TypeError(f"validate_catalog needs a pandas DataFrame, not {type(df).__name__}")
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    return _run((CATALOG_SUITE_PATH,), df, suite_parameters() | {
+    report = _run((CATALOG_SUITE_PATH,), df, suite_parameters() | {
         "created_at_min_ms": CATALOG_CREATED_AT_MIN_MS, "created_at_max_ms": now_ms + CATALOG_MAX_FUTURE_S * 1000})
+    for f in report.failed:  # which products hold the offending values, so that they can be sent again
+        if f.get("column") not in (None, COL_ITEM):
+            f["items"] = [r.get(COL_ITEM) for r in sample_rows(df, [f], n=5) if r.get(COL_ITEM) is not None]
+    report.statistics["remedy"] = catalog_remedy(path)
+    return report
 
 
 def _run(paths: tuple[Path, ...], df: pd.DataFrame, params: dict[str, Any]) -> ValidationReport:
@@ -810,6 +827,6 @@ def describe_report(data: dict) -> str:
 __all__ = ["CATALOG_KEY", "SUITE_PATH", "WINDOW_SUITE_PATH", "ValidationReport", "hour_window", "load_suite",
            "check_file_schemas", "read_partition_checked", "repeated_events", "REQUIRED_COLUMNS", "SCHEMA_CHECK",
            "describe_report", "read_report", "sample_rows", "split_by_quality", "suite_parameters",
-           "validate_catalog", "validate_events", "validate_partition", "volume_band", "write_report",
+           "validate_catalog", "catalog_remedy", "validate_events", "validate_partition", "volume_band", "write_report",
            "hour_is_open", "suite_label", "VOLUME_MIN_HISTORY", "EVENTS_SUITE", "WINDOW_SUITE", "EVENTS_CATALOG_SUITE",
            "VOLUME_SUITE", "CATALOG_SUITE"]

@@ -217,3 +217,15 @@ def test_catalog_publish_names_the_dlq_reason_a_partial_update_gets(tmp_path, mo
     text = _text(res.output)
     assert "the catalog feed rejects such a change to its DLQ (reason missing_field, counted on the dashboard as " \
         "catalog_missing_field)" in text, text
+
+
+def test_a_failed_step_shows_what_to_do_however_long_its_reason():
+    """`shoprec train` prints a few lines of each failed step; the line saying how to fix it was cut off with them."""
+    from pipelines.cli import _short
+
+    fix = "  to fix: send these products again with correct values" + " (POST /catalog ...)" * 12
+    reason = "\n".join(["8/14 expectations met", *(f"  - expectation {i} failed" for i in range(6)), fix])
+    lines = _short(reason)
+    assert lines[-1] == fix and len(fix) > 200  # whole, after the rest was shortened
+    assert lines[-2] == "... (4 more lines at the link)" and lines[0] == "8/14 expectations met"
+    assert _short("boom") == ["boom"]

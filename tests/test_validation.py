@@ -247,6 +247,15 @@ def test_the_catalog_suite_passes_a_clean_catalog_and_names_each_fault(tmp_path)
     assert failed[("expect_column_values_to_be_unique", "item_id")]["unexpected_count"] == 2
     assert failed[("expect_column_values_to_be_between", "price")]["unexpected_count"] == 1
     assert len(report.failed) == 3
+    # the summary (the check's description in Dagster, `shoprec train`'s output) says what to do about it
+    summary = validation.validate_catalog(bad, now_ms=now, path=tmp_path / "catalog.parquet").summary()
+    assert f"(products {bad.loc[4, 'item_id']})" in summary  # the product with the bad price, to send again
+    created_line = next(line for line in summary.splitlines() if "(created_at)" in line)
+    assert f"(products {bad.loc[0, 'item_id']}, {bad.loc[1, 'item_id']})" in created_line
+    fix = summary.splitlines()[-1]
+    assert fix.startswith("  to fix: send these products again") and "POST /catalog" in fix and "catalog publish" in fix
+    assert str(tmp_path / "catalog.parquet") in fix and "shoprec train" in fix
+    assert "to fix" not in validation.validate_catalog(clean, now_ms=now).summary()
     # five minutes of clock skew are allowed, as on the ingestion path
     skewed = clean.copy()
     skewed.loc[0, "created_at"] = now + 60_000

@@ -89,8 +89,11 @@ def test_shoprec_train_says_which_step_failed_and_why(shop, tmp_path, monkeypatc
     err = checked.stderr.splitlines()  # the failed check and its summary
     assert err[0] == "error: the run ended FAILURE", checked.stderr
     assert err[1].startswith("  step catalog failed: check catalog_suite failed: 8/9 expectations met"), checked.stderr
-    assert err[2] == "    - expect_column_values_to_be_between(price): 1 unexpected (1.7%), e.g. 0.0", checked.stderr
-    assert err[3:] == [f"its steps and logs: {checked.stdout.splitlines()[0].split(': ', 1)[1]}"], checked.stderr
+    assert err[2] == (f"    - expect_column_values_to_be_between(price): 1 unexpected (1.7%), e.g. 0.0 "
+                      f"(products {bad.loc[3, 'item_id']})"), checked.stderr
+    # and what to do about it, naming the file that failed
+    assert err[3].startswith("    to fix: send these products again") and str(s.catalog_path) in err[3]
+    assert err[4:] == [f"its steps and logs: {checked.stdout.splitlines()[0].split(': ', 1)[1]}"], checked.stderr
     err = raised.stderr.splitlines()  # the exception the step raised, not Dagster's "Error occurred while executing"
     assert err[1] == ("  step trained_model failed: ValueError: no interactions to train on: run the simulator "
                       "(`shoprec simulate`) or wait for traffic"), raised.stderr
