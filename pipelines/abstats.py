@@ -219,7 +219,7 @@ def verdict(a: str, b: str, x_a: int, n_a: int, x_b: int, n_b: int, *, alpha: fl
     """Fixed-horizon verdict on the CTR of ``b`` (challenger) against ``a`` (champion).
 
     * not enough data: the baseline has fewer impressions than the planned size for ``mde``
-      (or no clicks yet to plan from); says how many impressions per variant are still needed;
+      (or no clicks yet to plan from); says how many more impressions are needed, in all and per variant;
     * winner: planned size reached and the two-sided test is significant; the variant with the higher
       rate wins;
     * no difference yet: planned size reached, not significant (any true lift is likely below ``mde``).
@@ -232,7 +232,8 @@ def verdict(a: str, b: str, x_a: int, n_a: int, x_b: int, n_b: int, *, alpha: fl
         return Verdict(NOT_ENOUGH, None, f"Not enough data yet: no {metric} events for {a} to plan the test from. "
                        "Keep the experiment running.", None, None)
     need_b = int(math.ceil(required * ratio))
-    remaining = max(required - n_a, need_b - n_b, 0)
+    more_a, more_b = max(required - n_a, 0), max(need_b - n_b, 0)
+    remaining = more_a + more_b  # in all: the time to a verdict is the traffic of both
     mde_txt = f"{mde:+.0%}".replace("+", "±")
     if remaining > 0:
         lead = ""
@@ -242,7 +243,8 @@ def verdict(a: str, b: str, x_a: int, n_a: int, x_b: int, n_b: int, *, alpha: fl
         return Verdict(NOT_ENOUGH, None,
                        f"Not enough data yet: to detect a {mde_txt} change of {metric} (alpha {alpha}, power {power:.0%}) "
                        f"each variant needs about {required:,} impressions for {a} and {need_b:,} for {b}; "
-                       f"about {remaining:,} more are still needed.{lead}", required, remaining)
+                       f"about {remaining:,} more are still needed in all ({more_a:,} for {a}, {more_b:,} for "
+                       f"{b}).{lead}", required, remaining)
     if lift is not None and lift.significant:
         win, lose = (b, a) if lift.lift > 0 else (a, b)
         conf = f"{1 - alpha:.0%}"

@@ -511,6 +511,9 @@ class Snapshot:
     #: the experiment's comparisons, ``(tag, first_ts_ms, last_ts_ms)``, most recent first (OnlineState.ab_comparisons)
     ab_comparisons: list[tuple[str, int, int]] = field(default_factory=list)
     ab_tag: str = ""
+    #: clicks, carts and purchases left out of every comparison, per event type (their request's impression never
+    #: arrived), and under ``waiting`` the requests whose actions still wait for it (OnlineState.ab_attribution_gaps)
+    ab_gaps: dict[str, int] = field(default_factory=dict)
 
 
 def fetch_ab_counts(state: OnlineState, tag: str, scan_count: int = 10_000) -> dict[str, dict[str, int]]:
@@ -603,6 +606,18 @@ def served_arms_note(tag: str, serving: Mapping[str, str], trained: Mapping[str,
     return " vs ".join(parts)
 
 
+def attribution_gap_note(gaps: dict[str, int]) -> str | None:
+    """A line for the A/B page about actions no comparison counts (see :attr:`Snapshot.ab_gaps`); None when none."""
+    from pipelines import state
+    gone = {et: n for et, n in gaps.items() if et != "waiting" and n}
+    if not gone:
+        return None
+    listed = ", ".join(f"{n:,} {et.replace('_', ' ')}{'' if n == 1 else 's'}" for et, n in sorted(gone.items()))
+    return (f"Left out of every comparison: {listed} that named a request_id whose impression did not reach Kafka "
+            f"within {state.AB_WAIT_S // 60} minutes (the API's impression buffer was full, or the shop sent a request_id "
+            f"it did not get from /recommend).")
+
+
 def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES, tag: str | None = None) -> Snapshot:
     """Read all dashboard counters of the last ``minutes``; the A/B totals of the comparison ``tag`` (default: the
     most recently seen one).
@@ -620,6 +635,7 @@ def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES, tag: str |
         ab_counts=fetch_ab_counts(state, tag),
         ab_comparisons=comparisons,
         ab_tag=tag,
+        ab_gaps=state.ab_attribution_gaps(),
         requests=state.read_stats(STATS_REQUESTS, minutes),
         cache=state.read_stats(STATS_CACHE, minutes),
         dlq_reasons=state.dlq_reasons(),

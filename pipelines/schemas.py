@@ -102,6 +102,22 @@ class RedisKeys:
     def request(request_id: str) -> str:
         return f"{REDIS_PREFIX}req:{request_id}"
 
+    @staticmethod
+    def ab_waiting(experiment: str) -> str:
+        """Sorted set of the request_ids whose clicks, carts or purchases arrived before their impression, scored
+        by when the first one did (ms); their actions wait under :meth:`ab_waiting_actions`."""
+        return f"{REDIS_PREFIX}abwait:{experiment}"
+
+    @staticmethod
+    def ab_waiting_actions(request_id: str) -> str:
+        """Hash of one request's actions waiting for its impression (field ``event_type<TAB>variant<TAB>tag``)."""
+        return f"{REDIS_PREFIX}abwait:req:{request_id}"
+
+    @staticmethod
+    def ab_unattributed(experiment: str) -> str:
+        """Hash of the actions (per event type) whose request's impression never arrived: in no A/B count."""
+        return f"{REDIS_PREFIX}abunattributed:{experiment}"
+
     dlq_reasons = REDIS_PREFIX + "dlq:reasons"
     consumer_status = REDIS_PREFIX + "consumer:status"
 

@@ -8,6 +8,7 @@ All keys come from :class:`pipelines.schemas.RedisKeys`.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -21,6 +22,8 @@ from pipelines.lake import rows_table
 from pipelines.schemas import (EVENT_WEIGHTS, LATENCY_EDGES_MS, PURCHASE_MEMORY_S, STATS_EVENTS, STATS_LATENCY, Event,
                                RedisKeys)
 
+log = logging.getLogger(__name__)
+
 BUCKET_S = 60
 STATS_TTL_S = 7 * 86_400
 TRENDING_HALF_LIFE_H = 6.0
@@ -33,6 +36,11 @@ RECENT_TTL_S = 30 * 86_400
 TRAINED_FIELD = "trained:"
 #: an A/B comparison's running totals are forgotten this long after its last event
 AB_TTL_S = 90 * 86_400
+#: how long a click, cart or purchase waits for its request's impression (see OnlineState._waiting) before it is
+#: counted as unattributed: the impression producer lingers 100 ms, Kafka outages buffer impressions for longer
+AB_WAIT_S = 3_600
+_AB_WAIT_EXPIRE_BATCH = 500  # waits given up per batch at most
+_AB_WAIT_SCAN_ALL = 2_000  # up to this many waiting requests, read them all; beyond, look up the batch's own
 
 # SET NX GET per id. ARGV: ttl, key prefix, the event_ids and their positions each joined by "\n" (ids
 # are hex and dashes, positions "partition:offset": neither can hold a newline). Two big arguments instead
@@ -101,6 +109,36 @@ def connect(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2, decode_responses=True)
 
 
+class _Waits:
+    """What one batch changes in the actions waiting for their impression (see ``OnlineState._waiting``)."""
+
+    def __init__(self) -> None:
+        self.new: Counter = Counter()  # (request_id, "event_type<TAB>variant<TAB>tag") -> n
+        self.settled: list[str] = []  # request_ids counted or given up
+        self.unattributed: Counter = Counter()  # event_type -> n given up with no impression
+
+    def add(self, rid: str, event_type: str, variant: str | None, tag: str | None) -> None:
+        self.new[(rid, f"{event_type}\t{variant or ''}\t{tag or ''}")] += 1
+
+    def write(self, p, experiment: str, now_ms: int) -> None:
+        """Queue the writes on pipeline ``p``."""
+        key = RedisKeys.ab_waiting(experiment)
+        for (rid, field), n in self.new.items():
+            p.hincrby(RedisKeys.ab_waiting_actions(rid), field, n)
+            p.expire(RedisKeys.ab_waiting_actions(rid), 2 * AB_WAIT_S + 600)  # outlives the wait: given up, not lost
+        if self.new:
+            p.zadd(key, {rid: now_ms for rid, _ in self.new}, nx=True)
+        if self.settled:
+            p.zrem(key, *self.settled)
+            p.delete(*(RedisKeys.ab_waiting_actions(r) for r in self.settled))
+        for et, n in self.unattributed.items():
+            p.hincrby(RedisKeys.ab_unattributed(experiment), et, n)
+        if self.unattributed:
+            log.warning("%d click(s), cart(s) or purchase(s) named a request_id whose impression did not arrive "
+                        "within %d s: left out of the A/B counts (%s)", sum(self.unattributed.values()), AB_WAIT_S,
+                        dict(self.unattributed))
+
+
 class OnlineState:
     """Reads and writes shoprec's online state in one Redis."""
 
@@ -144,7 +182,7 @@ class OnlineState:
         purchases: dict[str, dict[str, int]] = {}
         for d in inter.filter(pc.equal(inter["event_type"], "purchase")).select(["user", "item", "ts"]).to_pylist():
             purchases.setdefault(d["user"], {})[d["item"]] = d["ts"]
-        shown, ab, seen = self._ab_counts(events)
+        shown, ab, seen, waits = self._ab_counts(events)
         # the per-user, per-item and per-request writes (most of the commands) go as one script call,
         # their arguments built in Arrow (no Python object per event)
         if self._fold is None:
@@ -164,6 +202,7 @@ class OnlineState:
             p.hincrby(RedisKeys.counter(ab_stats_name(tag, variant), bucket), metric, n)
             p.expire(RedisKeys.counter(ab_stats_name(tag, variant), bucket), STATS_TTL_S)
         now_ms = int(time.time() * 1000)
+        waits.write(p, self.experiment, now_ms)
         for tag, (first, last) in seen.items():  # when each comparison was first and last seen
             # never later than now: an event may be stamped up to max_event_future_s ahead, and a tag so stamped
             # stayed "the latest comparison" (the one the dashboard opens on) for that long
@@ -180,17 +219,21 @@ class OnlineState:
         p.expire(ev_key, STATS_TTL_S)
         p.execute()
 
-    def _ab_counts(self, events: pa.Table) -> tuple[pa.Table, Counter, dict[str, tuple[int, int]]]:
+    def _ab_counts(self, events: pa.Table) -> tuple[pa.Table, Counter, dict[str, tuple[int, int]], _Waits]:
         """What the batch adds to the A/B counters.
 
         Returns:
             the impressions to remember (``rid``, ``memo`` = "variant tag"), the counts
-            ``{(tag, variant, metric): n}`` and, per tag, the first and last impression ts (ms).
+            ``{(tag, variant, metric): n}``, per tag the first and last impression ts (ms), and the changes
+            to the actions waiting for their impression (:class:`_Waits`).
 
         A count goes to the comparison (``tag``) its list was served in: an impression names it in its
         ``experiment`` field (an event without one counts under the experiment's name). A click, cart or
         purchase takes the variant and tag it names, and what it does not name from the impression of its
-        ``request_id``: in this batch, else the one Redis remembers.
+        ``request_id``: in this batch, else the one Redis remembers. When neither has it yet (the click was
+        sent within the API's impression linger, so Kafka got it first), it waits in Redis for that impression
+        (:meth:`_waiting`), for up to :data:`AB_WAIT_S`; it was counted under the bare experiment name, or
+        dropped when it named no variant.
         """
         etype = events["event_type"]
         tag = pc.fill_null(events["experiment"], self.experiment)
@@ -217,20 +260,80 @@ class OnlineState:
         for tg, variant, et in zip(*(acts.filter(complete)[c].to_pylist() for c in ("tag", "variant", "event_type"))):
             ab[(tg, variant, AB_METRICS[et])] += 1
         rest = acts.filter(pc.invert(complete))
+        requests: dict[str, str] | None = None  # this batch's impressions: request_id -> memo
+
+        def shown_requests() -> dict[str, str]:
+            nonlocal requests
+            if requests is None:
+                requests = dict(zip(shown["rid"].to_pylist(), shown["memo"].to_pylist()))
+            return requests
+
+        waits = _Waits()
         if rest.num_rows:
-            requests = dict(zip(shown["rid"].to_pylist(), shown["memo"].to_pylist()))
+            requests = shown_requests()
             rows = list(zip(*(rest[c].to_pylist() for c in ("event_type", "variant", "rid", "tag", "named"))))
             missing = list({rid for *_, rid, _, _ in rows if rid is not None and rid not in requests})
             remembered = dict(zip(missing, self.r.mget([RedisKeys.request(r) for r in missing]))) if missing else {}
             for et, variant, rid, tg, named in rows:
-                memo = (requests.get(rid) or remembered.get(rid) or "").split(" ")  # "variant tag"; before tags, "variant"
-                variant = variant or memo[0]
-                if not variant:
+                memo = requests.get(rid) or remembered.get(rid)
+                if memo is None and rid is not None:  # its impression has not come yet: wait for it
+                    waits.add(rid, et, variant, tg if named else None)
                     continue
-                if not named and len(memo) == 2:
-                    tg = memo[1]
-                ab[(tg, variant, AB_METRICS[et])] += 1
-        return shown, ab, seen
+                self._count_action(ab, et, variant, tg, named, memo)
+        self._waiting(shown["rid"], shown_requests, ab, waits)
+        return shown, ab, seen, waits
+
+    @staticmethod
+    def _count_action(ab: Counter, et: str, variant: str | None, tg: str, named: bool, memo: str | None,
+                      n: int = 1) -> None:
+        """Count ``n`` of a click, cart or purchase: its own variant and tag, else its impression's (``memo``)."""
+        memo_parts = (memo or "").split(" ")  # "variant tag"; before tags, "variant"
+        variant = variant or memo_parts[0]
+        if not variant:
+            return
+        if not named and len(memo_parts) == 2:
+            tg = memo_parts[1]
+        ab[(tg, variant, AB_METRICS[et])] += n
+
+    def _waiting(self, shown_rids: pa.ChunkedArray, shown_requests, ab: Counter, waits: _Waits) -> None:
+        """Count the waiting actions whose impression is in this batch; give up on those waiting past
+        :data:`AB_WAIT_S` (counted then with an impression Redis remembers, else as unattributed)."""
+        key = RedisKeys.ab_waiting(self.experiment)
+        cutoff = int(time.time() * 1000) - AB_WAIT_S * 1000
+        n_waiting, expired = self._pipe(lambda p: (p.zcard(key),
+                                                   p.zrangebyscore(key, "-inf", cutoff, 0, _AB_WAIT_EXPIRE_BATCH)))
+        if not n_waiting:
+            return
+        due: list[str] = []
+        if len(shown_rids):
+            if n_waiting <= _AB_WAIT_SCAN_ALL:
+                requests = shown_requests()
+                due = [rid for rid in self.r.zrange(key, 0, -1) if rid in requests]
+            else:  # many waiting (e.g. a shop sending made-up request_ids): look up only this batch's
+                rids = [r for r in pc.unique(shown_rids).to_pylist() if r is not None]
+                due = [rid for rid, score in zip(rids, self.r.zmscore(key, rids)) if score is not None]
+        due_set = set(due)
+        expired = [rid for rid in expired if rid not in due_set]
+        if not due and not expired:
+            return
+        got = self._pipe(lambda p: ([p.hgetall(RedisKeys.ab_waiting_actions(r)) for r in due + expired],
+                                    [p.get(RedisKeys.request(r)) for r in expired]))
+        actions, late = got[:len(due) + len(expired)], got[len(due) + len(expired):]
+        memos = {**{r: shown_requests()[r] for r in due}, **{r: m for r, m in zip(expired, late) if m}}
+        for rid, fields in zip(due + expired, actions):
+            for field, n in fields.items():
+                et, variant, tg = field.split("\t")
+                if rid in memos:
+                    self._count_action(ab, et, variant or None, tg or self.experiment, bool(tg), memos[rid], int(n))
+                else:
+                    waits.unattributed[et] += int(n)
+        waits.settled += due + expired
+
+    def _pipe(self, build) -> list:
+        """Run the commands ``build(pipeline)`` queues in one round trip; their answers, flattened in order."""
+        p = self.r.pipeline(transaction=False)
+        build(p)
+        return p.execute()
 
     def claim_event_ids(self, event_ids: Sequence[str] | str, positions: Sequence[str] | str,
                         ttl_s: int) -> dict[int, str]:
@@ -383,6 +486,15 @@ class OnlineState:
             tag = seen[0] if seen else self.experiment
         return {ab_variant(key, tag): {f: int(v) for f, v in self.r.hgetall(key).items()}
                 for key in ab_keys(self.r, tag)}
+
+    def ab_attribution_gaps(self) -> dict[str, int]:
+        """Clicks, carts and purchases (per event type, under ``waiting`` the requests still waiting) that named
+        a request whose impression had not arrived: ``unattributed`` ones gave up after :data:`AB_WAIT_S`."""
+        p = self.r.pipeline(transaction=False)
+        p.hgetall(RedisKeys.ab_unattributed(self.experiment))
+        p.zcard(RedisKeys.ab_waiting(self.experiment))
+        gone, waiting = p.execute()
+        return {**{et: int(n) for et, n in gone.items()}, "waiting": int(waiting)}
 
     def dlq_reasons(self) -> dict[str, int]:
         return {k: int(v) for k, v in self.r.hgetall(RedisKeys.dlq_reasons).items()}

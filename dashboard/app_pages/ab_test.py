@@ -97,6 +97,9 @@ def render() -> None:
                f"({conf} t interval).")
     if lake is not None:
         ui.lake_read_at(lake)
+    gap = dd.attribution_gap_note(snap.ab_gaps)
+    if gap:
+        st.caption(gap)
     t = report.variants
     for variant, row in t.iterrows():
         c = st.columns(6)

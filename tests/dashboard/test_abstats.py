@@ -108,7 +108,11 @@ def test_required_sample_size_matches_statsmodels_power():
 def test_verdict_kinds():
     early = abstats.verdict("champion", "challenger", 50, 1000, 80, 1000)
     assert early.kind == "not enough data" and early.winner is None
-    assert early.remaining == early.required - 1000 and "challenger is ahead" in early.message
+    # still needed: the shortfall of both variants, not of one (that read as half the time to a verdict)
+    assert early.remaining == 2 * (early.required - 1000) and "challenger is ahead" in early.message
+    assert f"{early.remaining:,} more are still needed in all ({early.required - 1000:,} for champion, " in early.message
+    lopsided = abstats.verdict("champion", "challenger", 50, 1000, 80, 1000, ratio=0.5)  # challenger gets 1/3
+    assert lopsided.remaining == (lopsided.required - 1000) + max(0, math.ceil(lopsided.required * 0.5) - 1000)
     win = abstats.verdict("champion", "challenger", 2000, 40_000, 2600, 40_000)
     assert (win.kind, win.winner) == ("winner", "challenger") and "+" in win.message
     lose = abstats.verdict("champion", "challenger", 2600, 40_000, 2000, 40_000)
