@@ -316,9 +316,12 @@ class OnlineState:
         expired = [rid for rid in expired if rid not in due_set]
         if not due and not expired:
             return
+        # an expired wait is read and deleted at once: another consumer giving up on it too then finds nothing
         got = self._pipe(lambda p: ([p.hgetall(RedisKeys.ab_waiting_actions(r)) for r in due + expired],
-                                    [p.get(RedisKeys.request(r)) for r in expired]))
-        actions, late = got[:len(due) + len(expired)], got[len(due) + len(expired):]
+                                    [p.get(RedisKeys.request(r)) for r in expired],
+                                    p.delete(*(RedisKeys.ab_waiting_actions(r) for r in expired)) if expired else None),
+                         transaction=bool(expired))
+        actions, late = got[:len(due) + len(expired)], got[len(due) + len(expired):len(due) + 2 * len(expired)]
         memos = {**{r: shown_requests()[r] for r in due}, **{r: m for r, m in zip(expired, late) if m}}
         for rid, fields in zip(due + expired, actions):
             for field, n in fields.items():
@@ -329,9 +332,10 @@ class OnlineState:
                     waits.unattributed[et] += int(n)
         waits.settled += due + expired
 
-    def _pipe(self, build) -> list:
-        """Run the commands ``build(pipeline)`` queues in one round trip; their answers, flattened in order."""
-        p = self.r.pipeline(transaction=False)
+    def _pipe(self, build, transaction: bool = False) -> list:
+        """Run the commands ``build(pipeline)`` queues in one round trip (with ``transaction``, as one MULTI/EXEC);
+        their answers, flattened in order."""
+        p = self.r.pipeline(transaction=transaction)
         build(p)
         return p.execute()
 

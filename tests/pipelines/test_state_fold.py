@@ -157,6 +157,17 @@ def test_a_click_that_reaches_kafka_before_its_impression_waits_for_it(redis_cli
     counts = state.ab_counts(pair)
     state.apply_events([new_event("view", "u", "i", "s")])
     assert state.ab_attribution_gaps() == {"purchase": 1, "waiting": 0} and state.ab_counts(pair) == counts
+    # given up on, but its impression did reach Redis (folded by another consumer): counted in its comparison
+    state.apply_events([new_event("click", "u", "i", "s", request_id="late")])
+    redis_client.set(RedisKeys.request("late"), f"challenger {pair}")
+    folded = int(time.time() * 1000)
+    while int(time.time() * 1000) <= folded:
+        pass
+    clicks = state.ab_counts(pair)["challenger"]["clicks"]
+    state.apply_events([new_event("view", "u", "i", "s")])
+    assert state.ab_counts(pair)["challenger"]["clicks"] == clicks + 1
+    assert state.ab_attribution_gaps() == {"purchase": 1, "waiting": 0}
+    assert not redis_client.exists(RedisKeys.ab_waiting_actions("late"))
     # the A/B page says what no comparison counts
     from pipelines import dashboard_data as dd
 
