@@ -607,15 +607,24 @@ def served_arms_note(tag: str, serving: Mapping[str, str], trained: Mapping[str,
 
 
 def attribution_gap_note(gaps: dict[str, int]) -> str | None:
-    """A line for the A/B page about actions no comparison counts (see :attr:`Snapshot.ab_gaps`); None when none."""
+    """A line for the A/B page about the clicks, carts and purchases no comparison counts (yet), from
+    :attr:`Snapshot.ab_gaps`; None when there are none."""
     from pipelines import state
+
+    minutes = state.AB_WAIT_S // 60
     gone = {et: n for et, n in gaps.items() if et != "waiting" and n}
-    if not gone:
-        return None
-    listed = ", ".join(f"{n:,} {et.replace('_', ' ')}{'' if n == 1 else 's'}" for et, n in sorted(gone.items()))
-    return (f"Left out of every comparison: {listed} that named a request_id whose impression did not reach Kafka "
-            f"within {state.AB_WAIT_S // 60} minutes (the API's impression buffer was full, or the shop sent a request_id "
-            f"it did not get from /recommend).")
+    parts = []
+    if gone:
+        listed = ", ".join(f"{n:,} {et.replace('_', ' ')}{'' if n == 1 else 's'}" for et, n in sorted(gone.items()))
+        parts.append(f"Left out of every comparison: {listed} that named a request_id whose impression did not "
+                     f"reach Kafka within {minutes} minutes (the API's impression buffer was full, or the shop sent "
+                     f"a request_id it did not get from /recommend).")
+    if gaps.get("waiting"):
+        n = gaps["waiting"]
+        parts.append(f"Waiting for their impression: the clicks, carts or purchases of {n:,} request{'' if n == 1 else 's'}"
+                     f" (sent before the API's impression reached Kafka); they count once it does, for up to "
+                     f"{minutes} minutes.")
+    return " ".join(parts) or None
 
 
 def fetch_snapshot(state: OnlineState, minutes: int = WINDOW_MINUTES, tag: str | None = None) -> Snapshot:

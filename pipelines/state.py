@@ -232,8 +232,8 @@ class OnlineState:
         purchase takes the variant and tag it names, and what it does not name from the impression of its
         ``request_id``: in this batch, else the one Redis remembers. When neither has it yet (the click was
         sent within the API's impression linger, so Kafka got it first), it waits in Redis for that impression
-        (:meth:`_waiting`), for up to :data:`AB_WAIT_S`; it was counted under the bare experiment name, or
-        dropped when it named no variant.
+        (:meth:`_waiting`), for up to :data:`AB_WAIT_S` (it used to be counted under the bare experiment name,
+        or dropped when it named no variant).
         """
         etype = events["event_type"]
         tag = pc.fill_null(events["experiment"], self.experiment)

@@ -172,8 +172,11 @@ def test_a_click_that_reaches_kafka_before_its_impression_waits_for_it(redis_cli
     from pipelines import dashboard_data as dd
 
     assert dd.fetch_snapshot(state).ab_gaps == {"purchase": 1, "waiting": 0}
-    assert dd.attribution_gap_note({"purchase": 1, "click": 3, "waiting": 2}) == (
+    assert dd.attribution_gap_note({"purchase": 1, "click": 3, "waiting": 0}) == (
         "Left out of every comparison: 3 clicks, 1 purchase that named a request_id whose impression did not reach "
         f"Kafka within {state_mod.AB_WAIT_S // 60} minutes (the API's impression buffer was full, or the shop sent a request_id it did not get "
         "from /recommend).")
-    assert dd.attribution_gap_note({"waiting": 4}) is None
+    assert dd.attribution_gap_note({"waiting": 1}) == (
+        "Waiting for their impression: the clicks, carts or purchases of 1 request (sent before the API's impression "
+        f"reached Kafka); they count once it does, for up to {state_mod.AB_WAIT_S // 60} minutes.")
+    assert dd.attribution_gap_note({"waiting": 0}) is None and dd.attribution_gap_note({}) is None
