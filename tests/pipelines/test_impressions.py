@@ -78,3 +78,46 @@ def test_an_impression_kafka_refuses_is_counted_and_the_next_ones_still_go(own_t
     log.close(timeout=20)
     assert (log.failed, log.sent, log.dropped) == (1, len(ids), 0)
     assert set(impressions_in(own_topic, ids)) == ids
+
+
+def test_a_click_that_reaches_kafka_before_its_impression_counts_in_its_comparison(own_topic, redis_client):
+    """The API's impressions leave every SHOPREC_IMPRESSION_LINGER_MS, while /events answers once Kafka has the
+    click: a click sent sooner is consumed first. It was dropped from the A/B counts (request_id only) or counted
+    under the bare experiment name (with its variant). Real producers, broker and consumer."""
+    from pipelines.consumer import StreamConsumer
+    from pipelines.schemas import new_event
+    from pipelines.state import OnlineState
+    from tests.pipelines.conftest import wait_until
+
+    s = own_topic
+    name = f"exp-{uuid.uuid4().hex[:6]}"
+    tag = f"{name}@champion.1:challenger.2"
+    state = OnlineState(redis_client, experiment=name)
+    sc = StreamConsumer(s, state)
+    producer = kafka_io.make_producer(s)
+    shown = {f"r{i}-{uuid.uuid4().hex[:6]}": ("champion" if i % 2 else "challenger", f"u{i}") for i in range(6)}
+    clicks = [new_event("click", user, "i1", "s", request_id=rid, **({"variant": variant} if i < 3 else {}))
+              for i, (rid, (variant, user)) in enumerate(shown.items())]
+    try:
+        wait_until(lambda: sc.process_batch(timeout_ms=200) is not None and sc.consumer.assignment(), timeout=60,
+                   step=0, what="the consumer to join its group")
+        for f in kafka_io.send_events(producer, clicks, s.kafka_topic_events):
+            f.get(timeout=15)
+        wait_until(lambda: sc.process_batch(timeout_ms=100) is not None
+                   and state.ab_attribution_gaps()["waiting"] == len(shown), timeout=30, step=0,
+                   what="the clicks consumed, waiting for their impressions")
+        assert state.ab_counts(tag) == {} and state.ab_counts(name) == {}  # counted nowhere yet
+        impressions = ImpressionLog(s)
+        for rid, (variant, user) in shown.items():
+            impressions.log(new_event("impression", user, None, "s", items=["i1"], request_id=rid, variant=variant,
+                                      experiment=tag, model_version="1" if variant == "champion" else "2"))
+        impressions.close(timeout=20)
+        wait_until(lambda: sc.process_batch(timeout_ms=100) is not None
+                   and state.ab_attribution_gaps()["waiting"] == 0, timeout=30, step=0,
+                   what="the impressions consumed")
+    finally:
+        producer.close(timeout=5)
+        sc.close()
+    assert state.ab_counts(tag) == {"champion": {"impressions": 3, "clicks": 3},
+                                    "challenger": {"impressions": 3, "clicks": 3}}
+    assert state.ab_counts(name) == {}  # no phantom comparison under the experiment's bare name
