@@ -29,10 +29,12 @@ def test_promotion_under_load_switches_within_the_polling_interval(settings, ser
         promoted = time.monotonic()
         wait_for(lambda: any(b.get("model_version") == new_version for _, _, b in answers[-5:]), 30,
                  "answers from the new version")
-        time.sleep(1.0)  # a little traffic after the switch
+        first_new = min(t for t, _, b in list(answers) if b.get("model_version") == new_version)
+        # traffic over two more registry polls after the switch: a flap back to the old version would show there
+        wait_for(lambda: sum(t > first_new + 1.0 for t, _, _ in list(answers)) >= 50
+                 and answers[-1][0] > first_new + 1.0 + 2 * POLL_S, 60, "traffic over two polls after the switch")
     failed = [a for a in answers if a[1] != 200]
     assert not failed, failed[:5]
-    first_new = min(t for t, _, b in answers if b.get("model_version") == new_version)
     # one registry poll, plus loading the model from MLflow: a few seconds on this 2-core machine, more while the
     # clients, the API and the scorer share its cores (the switch itself is what the next lines check)
     assert first_new - promoted <= POLL_S + 12.0

@@ -92,9 +92,13 @@ def test_corrupt_cache_file_is_rebuilt(tmp_path):
     lake, cache = tmp_path / "lake", tmp_path / "cache"
     ab_lake(lake)
     want = ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S)
-    for f in (cache / "ab").rglob("*.arrow"):
+    bad = sorted((cache / "ab").rglob("*.arrow"))
+    assert bad, "the first read should have cached a summary per lake partition"
+    for f in bad:
         f.write_bytes(b"not arrow")
     assert_same_ab(ag.fetch_lake_ab(lake, cache, hours=4, now_s=NOW_S), want)
+    rebuilt = sorted((cache / "ab").rglob("*.arrow"))
+    assert rebuilt and all(f.read_bytes() != b"not arrow" for f in rebuilt)  # rewritten, not just read around
 
 
 def new_items_lake(lake, catalog_path, *, with_late: bool) -> None:

@@ -143,8 +143,9 @@ class TestIALS(RecommenderContract):
         return two_groups()
 
     def test_session_pulls_an_unknown_user_to_its_group(self, fitted):
-        assert set(fitted.recommend_session(["B0"], 3)) <= {f"B{i}" for i in range(6)}
-        assert set(fitted.recommend_session(["A0"], 3)) <= {f"A{i}" for i in range(6)}
+        b, a = fitted.recommend_session(["B0"], 3), fitted.recommend_session(["A0"], 3)
+        assert len(a) == len(b) == 3
+        assert set(b) <= {f"B{i}" for i in range(6)} and set(a) <= {f"A{i}" for i in range(6)}
 
     def test_catalog_items_without_interactions_get_no_vector(self):
         model = self.make().fit(self.data(), catalog())
@@ -279,6 +280,7 @@ class TestShopRec(RecommenderContract):
     def test_session_changes_the_session_list(self, fitted):
         a = fitted.recommend_session(["A0"], 3)
         b = fitted.recommend_session(["B0"], 3)
+        assert len(a) == len(b) == 3
         assert all(i.startswith("A") for i in a) and all(i.startswith("B") for i in b)
 
     def test_batch_equals_one_request_at_a_time(self, fitted):
@@ -483,7 +485,10 @@ def synthetic_interactions_df():
 def test_taste_groups_are_found_in_the_synthetic_data(synthetic_interactions_df):
     model = ShopRec(dim=16, epochs=20, device="cpu").fit(synthetic_interactions_df)
     users = sorted(set(synthetic_interactions_df[COL_USER]))
-    for user, recs in zip(users, model.recommend(users, 5)):
+    lists = model.recommend(users, 5)
+    assert len(lists) == len(users) > 0
+    for user, recs in zip(users, lists):
+        assert len(recs) == 5
         group = int(user[1:]) % 2
         assert all(int(i[1:]) % 2 == group for i in recs)
 

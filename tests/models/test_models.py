@@ -89,7 +89,9 @@ class RecommenderContract:
 
     # --- lists -----------------------------------------------------------------------------
     def test_lists_have_k_distinct_items_best_first(self, fitted):
-        for row in fitted.recommend_scored(sorted(fitted.known_users), 3, exclude_seen=False):
+        rows = fitted.recommend_scored(sorted(fitted.known_users), 3, exclude_seen=False)
+        assert len(rows) == len(fitted.known_users) > 0
+        for row in rows:
             items, scores = [i for i, _ in row], [s for _, s in row]
             assert len(items) == 3 == len(set(items))
             assert scores == sorted(scores, reverse=True)
@@ -98,7 +100,9 @@ class RecommenderContract:
     def test_exclude_seen_never_returns_a_seen_item(self, fitted):
         n_items = len(fitted.item_ids)
         users = sorted(fitted.known_users)
-        for user, recs in zip(users, fitted.recommend(users, n_items, exclude_seen=True)):
+        lists = fitted.recommend(users, n_items, exclude_seen=True)
+        assert len(lists) == len(users) > 0
+        for user, recs in zip(users, lists):
             assert not set(recs) & self.seen(user)
             assert len(recs) == n_items - len(self.seen(user))  # everything else is still rankable
 
@@ -220,6 +224,7 @@ class TestBPR(RecommenderContract):
     def test_session_follows_the_session(self, fitted):
         a_session = fitted.recommend_session(["A1", "A0"], 4)
         b_session = fitted.recommend_session(["B2"], 4)
+        assert len(a_session) == len(b_session) == 4
         assert all(i.startswith("A") for i in a_session) and "A1" not in a_session
         assert all(i.startswith("B") for i in b_session) and "B2" not in b_session
 
@@ -237,8 +242,9 @@ class TestBPR(RecommenderContract):
         assert model.recommend_session([], 3) == ["hit", "miss", "rare"]
 
     def test_similar_items_of_an_a_item_are_a_items(self, fitted):
-        assert all(i.startswith("A") for i in fitted.similar_items("A0", 5))
-        assert all(i.startswith("B") for i in fitted.similar_items("B4", 5))
+        a, b = fitted.similar_items("A0", 5), fitted.similar_items("B4", 5)
+        assert len(a) == len(b) == 5
+        assert all(i.startswith("A") for i in a) and all(i.startswith("B") for i in b)
 
     def test_score_users_batch(self, fitted):
         vecs = torch.stack([fitted.user_vector("a1"), fitted.user_vector("b1")])  # [2, dim]

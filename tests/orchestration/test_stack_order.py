@@ -11,6 +11,7 @@ from pathlib import Path
 from pipelines import localstack
 from pipelines.settings import Settings
 from pipelines.stack import Program, down, next_steps, render_config, start_in_order, states
+from tests.pipelines.conftest import wait_until
 
 SLOW_SERVER = """
 import http.server, sys, time
@@ -55,6 +56,8 @@ def test_a_program_starts_only_after_what_it_needs_answers_and_one_that_cannot_s
         assert states(conf)["client"] == "STOPPED"  # supervisord itself starts only what needs nothing
         pending = start_in_order(progs, conf, timeout_s=15, echo=said.append)
         assert pending == {"broken", "orphan"}
+        # the client writes its outcome once its request ends (supervisord calls it RUNNING after startsecs alone)
+        wait_until(lambda: seen.exists() and seen.read_text().endswith("\n"), 15, what="the client's first outcome")
         assert seen.read_text().splitlines() == ["answered"]  # its first and only start found the server up
         state = states(conf)
         assert state["client"] == state["side"] == "RUNNING" and state["orphan"] == "STOPPED"

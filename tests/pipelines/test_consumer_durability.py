@@ -114,9 +114,14 @@ def test_a_member_joining_and_leaving_mid_stream_does_not_stall_the_group(settin
         wait_until(lambda: len(sent) > 50 and len(lake_counts(settings, sent[:50])) == 50, timeout=60,
                    what="the first consumer to store the first events")
         b = start_consumer(log_b)
-        wait_until(lambda: "consumed=" in log_b.read_text() or b.poll() is not None, timeout=60,
-                   what="the second consumer to join")
-        time.sleep(3)  # both members work side by side for a while (traffic keeps flowing meanwhile)
+        state = OnlineState(redis_client)
+        wait_until(lambda: (st := state.consumer_status()).get("members") == "2" and st.get("idle_members") == "0",
+                   timeout=90, what=f"the second consumer to join and own partitions (see {log_b})")
+        # both members work side by side (traffic keeps flowing): each stores events of its own partitions
+        wait_until(lambda: len({p.name.rsplit("-", 1)[-1] for p in
+                                settings.lake_dir.glob("date=*/hour=*/shop.events-*.parquet")}) >= 2,
+                   timeout=60, what="both group members to write lake files")
+        assert b.poll() is None, f"the second consumer exited: see {log_b}"
         assert _stop(b) == 0
         upto = len(sent)
         wait_until(lambda: len(lake_counts(settings, sent[:upto + 100])) == len(sent[:upto + 100])
