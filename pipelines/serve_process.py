@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
 from functools import partial
@@ -31,6 +32,7 @@ def bentoml_exe() -> str:
 
 def serve_command(port: int, service: str = SERVICE) -> list[str]:
     return [bentoml_exe(), "serve", service, "--host", "127.0.0.1", "--port", str(port)]
+
 
 
 def wait_ready(base_url: str, timeout: float = 90.0, proc: subprocess.Popen | None = None) -> None:
@@ -55,7 +57,8 @@ def wait_ready(base_url: str, timeout: float = 90.0, proc: subprocess.Popen | No
 def bento_serving(port: int, env: dict[str, str] | None = None, log_path: Path | None = None,
                   timeout: float = 90.0):
     """Run ``bentoml serve`` on ``port`` with extra environment until the block ends; yields the process."""
-    full_env = {**os.environ, **(env or {})}
+    home = tempfile.TemporaryDirectory(prefix="shoprec-serve-")
+    full_env = {**os.environ, **stack.own_home(port, Path(home.name)), **(env or {})}
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
     proc = subprocess.Popen(serve_command(port), cwd=ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
@@ -68,6 +71,7 @@ def bento_serving(port: int, env: dict[str, str] | None = None, log_path: Path |
         yield proc
     finally:
         stop_group(proc)
+        home.cleanup()
         if log_path:
             log.close()
 
@@ -171,7 +175,7 @@ class LBError(RuntimeError):
 def lb_programs(run_dir: Path, lb_port: int, ports: tuple[int, ...]) -> list[stack.Program]:
     """A ``bentoml serve`` replica on each of ``ports`` and nginx on ``lb_port`` (started once they are ready)."""
     replicas = [stack.Program(f"replica-{port}", _launched(serve_command(port)), f"http://127.0.0.1:{port}",
-                              f"http:http://127.0.0.1:{port}/readyz") for port in ports]
+                              f"http:http://127.0.0.1:{port}/readyz", env=stack.own_home(port, run_dir)) for port in ports]
     nginx = stack.Program("nginx", _launched(nginx_command(run_dir / "nginx.conf", run_dir)),
                           f"http://127.0.0.1:{lb_port}/recommend", f"http:http://127.0.0.1:{lb_port}/lb-health",
                           200, needs=tuple(r.name for r in replicas), directory=run_dir)

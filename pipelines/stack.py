@@ -52,6 +52,18 @@ class Program:
     directory: Path | None = None  # its working directory (default: supervisord's, the repository root)
 
 
+def own_home(port: int, under: Path) -> dict[str, str]:
+    """The environment that gives the server on ``port`` a BentoML home of its own, ``under/bentoml-<port>``.
+
+    BentoML keeps each server's Prometheus counters in files under ``$BENTOML_HOME/prometheus_multiproc_dir``, and
+    every ``bentoml serve`` empties that folder as it starts: two servers sharing a home (the stack's and up-lb's
+    replicas, or a test's beside the stack) would delete each other's files, and ``/metrics`` would then show the
+    newest server's counts on every port, or counts that no longer move. Serving from source needs nothing else
+    from the home (no BentoML model store: models come from MLflow or a packaged champion).
+    """
+    return {"BENTOML_HOME": str(Path(under) / f"bentoml-{port}")}
+
+
 def programs(settings: Settings, root: Path) -> list[Program]:
     var = (root / settings.var_dir).resolve()
     bin_dir = Path(sys.executable).parent
@@ -78,7 +90,8 @@ def programs(settings: Settings, root: Path) -> list[Program]:
                      "SHOPREC_CADENCE_ON": os.environ.get("SHOPREC_CADENCE_ON", "true")}),
         Program("bentoml", [str(bin_dir / "bentoml"), "serve", "bentos.service:Shoprec", "--host", "127.0.0.1",
                             "--port", "3001"],
-                "http://localhost:3001", "http:http://127.0.0.1:3001/readyz", 30, needs=("broker", "redis", "mlflow")),
+                "http://localhost:3001", "http:http://127.0.0.1:3001/readyz", 30, needs=("broker", "redis", "mlflow"),
+                env=own_home(3001, var)),
         Program("dashboard", [str(bin_dir / "streamlit"), "run", "dashboard/streamlit_app.py", "--server.port",
                               "8501", "--server.headless", "true", "--server.address", "127.0.0.1",
                               "--browser.gatherUsageStats", "false"],
