@@ -98,7 +98,13 @@ _ANSWERS = {
     "/events": {
         "202": ("Kafka acknowledged every event of the batch", {
             "type": "object", "required": ["accepted"],
-            "properties": {"accepted": {"type": "integer", "description": "how many events were accepted: all"}},
+            "properties": {
+                "accepted": {"type": "integer", "description": "how many events were accepted: all"},
+                "unknown_products": {"type": "array", "items": {"type": "string"},
+                                     "description": "products these events name that the catalog does not have "
+                                                    "(the first 20); an hour with more than 5% such events fails "
+                                                    "its data check and is left out of training"},
+                "warning": {"type": "string", "description": "present with unknown_products: what to do"}},
             "example": {"accepted": 1}}),
     },
     "/catalog": {

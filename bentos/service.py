@@ -16,6 +16,7 @@ import difflib
 import gc
 import logging
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, ClassVar
 
@@ -428,8 +429,18 @@ class Shoprec:
 
     @bentoml.api(route="/events", input_spec=EventsInput)
     def events(self, events: list[Any], ctx: bentoml.Context) -> dict:
-        """Ingest shop events (API key required); 202 once Kafka acknowledged the whole batch."""
-        return self._ingest(self.ingestor.ingest, events, ctx)
+        """Ingest shop events (API key required); 202 once Kafka acknowledged the whole batch. Events that name a
+        product the catalog does not have are accepted and named in the answer: an hour with more than 5 % of them
+        fails its data check, and training leaves that hour out until the products reach the catalog."""
+        out = self._ingest(self.ingestor.ingest, events, ctx)
+        if "accepted" in out and (unknown := self._not_in_catalog((e.get("item_id") for e in events),
+                                                                  without_catalog=False)):
+            out["unknown_products"] = unknown[:20]
+            out["warning"] = (f"{len(unknown)} product(s) named by these events are not in the catalog; an hour in "
+                              "which more than 5% of the events that name a product name an unknown one fails its "
+                              "data check and is left out of training: send the products first (POST /catalog or "
+                              "`shoprec catalog publish FILE`); the hour is checked again at the next training")
+        return out
 
     @bentoml.api(route="/catalog", input_spec=CatalogInput)
     def catalog(self, products: list[Any], ctx: bentoml.Context) -> dict:
@@ -449,13 +460,20 @@ class Shoprec:
     def _unknown_changed(self, products: list) -> list[str]:
         """Item ids of the batch's partial records for products neither in the catalog file nor whole in the batch."""
         whole = {p["item_id"] for p in products if all(f in p for f in REQUIRED_FIELDS)}
-        partial = [p["item_id"] for p in products if p["item_id"] not in whole]
-        if not partial:
+        return self._not_in_catalog((p["item_id"] for p in products if p["item_id"] not in whole), without_catalog=True)
+
+    def _not_in_catalog(self, ids: Iterable[str | None], without_catalog: bool) -> list[str]:
+        """Those of ``ids`` (in order, once each) the catalog file does not have; with no catalog file at all,
+        every one when ``without_catalog`` else none (nothing to compare with: the data check skips that suite too)."""
+        ids = [i for i in dict.fromkeys(ids) if i is not None]
+        if not ids:
             return []
         self.catalog_file.maybe_reload()
-        if any(i not in self.catalog_file.category for i in partial):
+        if any(i not in self.catalog_file.category for i in ids):
             self.catalog_file.maybe_reload(force=True)  # added since the last look?
-        return [i for i in dict.fromkeys(partial) if i not in self.catalog_file.category]
+        if not self.catalog_file.category and not without_catalog:
+            return []
+        return [i for i in ids if i not in self.catalog_file.category]
 
     def _ingest(self, ingest, batch: list, ctx: bentoml.Context) -> dict:
         try:

@@ -47,7 +47,8 @@ class Catalog:
 
     Reading is lazy and cheap to call per request: the file is re-read at most every ``reload_s``
     seconds and only when its modification time changed. A missing or broken file means "no
-    catalog rules" (everything in stock, no categories, no new products), never an error.
+    catalog rules" (everything in stock, no categories, no new products), never an error; it is
+    logged once (a missing file again each time it goes missing), so a server without its catalog says so.
     """
 
     def __init__(self, path: Path, *, reload_s: float = 60.0, new_item_age_h: float = 24.0):
@@ -57,6 +58,7 @@ class Catalog:
         self._lock = threading.Lock()
         self._checked = 0.0
         self._mtime: float | None = None
+        self._said_missing = False
         self.out_of_stock: frozenset[str] = frozenset()
         self.category: dict[str, str] = {}
         self.new_items: list[str] = []  # newest first, in stock
@@ -73,8 +75,14 @@ class Catalog:
             self._checked = now
             try:
                 mtime = self.path.stat().st_mtime
-            except OSError:
+            except OSError as err:
+                if not self._said_missing:
+                    self._said_missing = True
+                    log.warning("no catalog at %s (%s): no stock, category cap or new-product rules until it exists "
+                                "(the catalog feed, `shoprec catalog sync`, writes it; SHOPREC_VAR_DIR says where "
+                                "var/ is)", self.path, err.strerror or err)
                 return
+            self._said_missing = False
             if mtime == self._mtime:
                 self._recompute_new()
                 return

@@ -427,7 +427,22 @@ def validate_events(df: pd.DataFrame, *, hour_start: datetime | None = None,
         report.statistics["duplicate_event_ids"] = int(repeated_events(df).sum())
     if volume is not None:
         report.statistics["volume_band"] = [int(volume[0]), int(volume[1])]
+    if any(f.get("suite") == EVENTS_CATALOG_SUITE for f in report.failed):
+        report.statistics["remedy"] = UNKNOWN_PRODUCTS_REMEDY
     return report
+
+
+#: what a person does about an hour whose events name too many products the catalog does not have
+UNKNOWN_PRODUCTS_REMEDY = ("send the missing products to the catalog (POST /catalog or `shoprec catalog publish FILE`); "
+                           "the next training checks the hour again and uses it once it passes (or now: Dagster → "
+                           "events → this partition → Materialize)")
+
+
+def catalog_failed_only(report: dict) -> bool:
+    """Whether a stored report failed on nothing but events naming products the catalog did not have then:
+    such an hour may pass once the products reach the catalog, so it is checked again rather than trusted."""
+    failed = report.get("failed") or []
+    return not report.get("success") and bool(failed) and all(f.get("suite") == EVENTS_CATALOG_SUITE for f in failed)
 
 
 def catalog_remedy(path: Path | str | None = None) -> str:
@@ -780,7 +795,9 @@ def split_by_quality(lake_dir: Path, keys: Sequence[str], quality_dir: Path, **v
     A partition is usable when its latest quality report passed on the files it has now; one never
     validated, one whose files changed since its report (late events, a manual import: a report used to
     vouch for files added after it), or the hour still being written, is validated now (and its report
-    written), so training never reads unchecked data.
+    written), so training never reads unchecked data. So is one that failed only for naming products the
+    catalog did not have (:func:`catalog_failed_only`) when ``known_items`` is given: once the shop sends
+    those products, the hour passes and comes back into training without anyone re-running its check.
 
     Returns:
         ``(passed, failed)`` partition keys.
@@ -790,6 +807,8 @@ def split_by_quality(lake_dir: Path, keys: Sequence[str], quality_dir: Path, **v
         # the hour still being written is validated again each time: its stored report saw part of it
         rep = None if hour_is_open(key) else read_report(quality_dir, key)
         if rep is not None and rep.get("files") != files_fingerprint(lake_dir, key):
+            rep = None
+        if rep is not None and validate_kw.get("known_items") is not None and catalog_failed_only(rep):
             rep = None
         ok = rep["success"] if rep is not None else validate_partition(
             lake_dir, key, quality_dir=quality_dir, **validate_kw)[0].success
@@ -827,6 +846,7 @@ def describe_report(data: dict) -> str:
 __all__ = ["CATALOG_KEY", "SUITE_PATH", "WINDOW_SUITE_PATH", "ValidationReport", "hour_window", "load_suite",
            "check_file_schemas", "read_partition_checked", "repeated_events", "REQUIRED_COLUMNS", "SCHEMA_CHECK",
            "describe_report", "read_report", "sample_rows", "split_by_quality", "suite_parameters",
-           "validate_catalog", "catalog_remedy", "validate_events", "validate_partition", "volume_band", "write_report",
+           "validate_catalog", "catalog_remedy", "catalog_failed_only", "UNKNOWN_PRODUCTS_REMEDY", "validate_events",
+           "validate_partition", "volume_band", "write_report",
            "hour_is_open", "suite_label", "VOLUME_MIN_HISTORY", "EVENTS_SUITE", "WINDOW_SUITE", "EVENTS_CATALOG_SUITE",
            "VOLUME_SUITE", "CATALOG_SUITE"]

@@ -501,6 +501,31 @@ def test_a_skipped_volume_suite_is_reported_with_why_in_the_summary_the_file_and
     assert "volume: skipped — the hour is still open" in open_.summary()
 
 
+def test_an_hour_failed_for_unknown_products_comes_back_once_the_catalog_has_them(tmp_path):
+    """A client sent clicks on products the catalog lacked (20 of 100 events): the hour fails, the report says
+    what to do, and once the products reach the catalog the next training checks it again and uses it."""
+    _hours_in_lake(tmp_path, {0: 100})  # sku:0 .. sku:99
+    key = lake.partition_key(HOUR_MS)
+    qdir = tmp_path / "quality"
+    lacking = [f"sku:{i}" for i in range(80)]
+    assert validation.split_by_quality(tmp_path, [key], qdir, known_items=lacking) == ([], [key])
+    stored = validation.read_report(qdir, key)
+    assert validation.catalog_failed_only(stored)
+    summary = validation.describe_report(stored)
+    assert "sku:8" in summary and "to fix: send the missing products to the catalog" in summary, summary
+    # without a catalog to compare with, the stored verdict stands (nothing new to judge it by)
+    assert validation.split_by_quality(tmp_path, [key], qdir) == ([], [key])
+    assert validation.split_by_quality(tmp_path, [key], qdir, known_items=lacking) == ([], [key])  # still lacking
+    whole = [f"sku:{i}" for i in range(100)]
+    assert validation.split_by_quality(tmp_path, [key], qdir, known_items=whole) == ([key], [])
+    assert validation.read_report(qdir, key)["success"] is True  # the dashboard shows it passing too
+    # an hour that failed for anything else is not re-checked by a catalog change: it would fail again
+    bad = schemas.new_event("purchase", "user1", "sku:1", "sess1", ts=HOUR_MS + 5000, price=10.0, quantity=1)
+    lake.write_events(tmp_path, [{**bad, "price": 250_000.0}], prefix="manual-import")
+    assert validation.split_by_quality(tmp_path, [key], qdir, known_items=lacking) == ([], [key])
+    assert not validation.catalog_failed_only(validation.read_report(qdir, key))
+
+
 def test_suite_names_match_the_suite_files():
     names = {p.stem: json.loads(p.read_text())["name"] for p in validation.SUITE_PATHS}
     assert names == {"events": validation.EVENTS_SUITE, "events_window": validation.WINDOW_SUITE,

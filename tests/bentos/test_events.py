@@ -378,6 +378,30 @@ def test_the_warning_about_an_unknown_product_names_the_dlq_reason_it_will_get(e
     assert "reason catalog_missing_field" not in warning and "send the whole product" in warning
 
 
+def test_events_on_products_the_catalog_lacks_are_accepted_and_named(events_client):
+    """A shop sending clicks on products it never sent to the catalog got a bare 202, then lost the whole hour from
+    training when its data check failed (more than 5% unknown products): the answer now says so, and what to do."""
+    from pipelines import simulator
+
+    c, (key, _) = events_client
+    s = get_settings()
+    tag = uuid.uuid4().hex[:8]
+    base = simulator.make_catalog(2, seed=1)
+    base["item_id"] = [f"{tag}-0", f"{tag}-1"]
+    simulator.save_catalog(base, s.catalog_path)
+    known = [_event(tag, item_id=f"{tag}-{i % 2}") for i in range(3)]
+    r = c.post("/events", headers=key, json={"events": known})
+    assert r.status_code == 202 and r.json() == {"accepted": 3}, r.text
+    ghosts = [_event(tag, item_id=f"{tag}-ghost-{i % 2}") for i in range(4)]
+    r = c.post("/events", headers=key, json={"events": known + ghosts})
+    assert r.status_code == 202 and r.json()["accepted"] == 7, r.text
+    assert r.json()["unknown_products"] == [f"{tag}-ghost-0", f"{tag}-ghost-1"]
+    warning = r.json()["warning"]
+    assert "2 product(s)" in warning and "left out of training" in warning and "POST /catalog" in warning, warning
+    # they were accepted all the same: the catalog may simply be behind
+    assert _in_kafka({e["event_id"] for e in ghosts}) == {e["event_id"] for e in ghosts}
+
+
 def test_catalog_takes_whole_and_partial_products_with_a_key_and_the_feed_applies_them(events_client, tmp_path):
     from pipelines import simulator
     from pipelines.catalog_feed import CatalogSync

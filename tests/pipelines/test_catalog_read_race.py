@@ -45,3 +45,25 @@ def test_the_catalog_read_while_the_feed_replaces_it_is_always_one_whole_file(tm
         stop.set()
         writer.join()
     assert len(seen) > 1  # the reads did race the writer
+
+
+def test_a_server_without_its_catalog_says_so_once_each_time_it_goes_missing(tmp_path, caplog):
+    """A pod or process whose var/ has no catalog served with no stock, cap or exploration rules and said nothing."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="pipelines.rules")
+    cat = Catalog(tmp_path / "catalog.parquet", reload_s=0)
+    for _ in range(3):
+        cat.maybe_reload(force=True)
+    missing = [r for r in caplog.records if "no catalog at" in r.getMessage()]
+    assert len(missing) == 1 and "catalog sync" in missing[0].getMessage()
+    lake.write_table(tmp_path, "catalog.parquet", pa.table({
+        "item_id": ["i1", "i2"], "in_stock": [True, False], "category": ["shoes", "hats"], "price": [5.0, 6.0],
+        "created_at": [1_700_000_000_000] * 2}))
+    cat.maybe_reload(force=True)
+    assert cat.out_of_stock == {"i2"}  # read once it exists
+    (tmp_path / "catalog.parquet").unlink()
+    cat.maybe_reload(force=True)
+    cat.maybe_reload(force=True)
+    assert len([r for r in caplog.records if "no catalog at" in r.getMessage()]) == 2  # gone again: said again
+    assert cat.out_of_stock == {"i2"}  # the last catalog read keeps serving meanwhile
