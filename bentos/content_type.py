@@ -31,6 +31,7 @@ import orjson
 from starlette.responses import JSONResponse
 
 from bentos.body import BodyTooLarge, read_capped, replaying
+from bentos.routes import log_refused
 
 from pipelines.settings import get_settings
 
@@ -115,6 +116,7 @@ class JsonOnly:
             elif k == b"transfer-encoding":
                 chunked = True
         if (problem := refused_media(ctype, scope["path"] in self.required)) is not None:
+            log_refused(scope, 415, problem)
             return await JSONResponse({"error": problem}, status_code=415)(scope, receive, send)
         send = own_words(send)
         if scope["path"] in self.required:
@@ -132,5 +134,6 @@ class JsonOnly:
             return await self.app(scope, replaying(body, receive), send)
 
     async def _too_large(self, scope, receive, send, what: str):
-        return await JSONResponse({"error": f"{what}; the limit of {scope['path']} is {self.limit} bytes: send only "
-                                            "the documented fields"}, status_code=413)(scope, receive, send)
+        error = f"{what}; the limit of {scope['path']} is {self.limit} bytes: send only the documented fields"
+        log_refused(scope, 413, error)
+        return await JSONResponse({"error": error}, status_code=413)(scope, receive, send)

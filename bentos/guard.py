@@ -59,6 +59,7 @@ from starlette.responses import JSONResponse, Response
 from bentos.api_doc import document, index_page
 from bentos.body import BodyTooLarge, read_capped, replaying
 from bentos.content_type import refused_media
+from bentos.routes import log_refused
 
 from pipelines.schemas import RedisKeys
 from pipelines.settings import get_settings
@@ -152,6 +153,7 @@ class ApiKeyAndSizeGuard:
         path = scope["path"]
 
         async def refuse(status: int, error: str, headers: dict | None = None):
+            log_refused(scope, status, error)
             await JSONResponse({"error": error}, status_code=status, headers=headers)(scope, receive, send)
 
         settings = get_settings()

@@ -94,3 +94,12 @@ def quiet_client_errors() -> None:
     logger = logging.getLogger("bentoml._internal.server.http_app")
     if not any(isinstance(f, _ClientErrorFilter) for f in logger.filters):
         logger.addFilter(_ClientErrorFilter())
+
+
+def log_refused(scope: dict, status: int, reason: str) -> None:
+    """One INFO line per refused request: method, path, the client's address, status and reason (never the key;
+    newlines escaped and the reason cut at 300 characters, so a sender can neither forge lines nor make one long)."""
+    client = (scope.get("client") or ("?",))[0]
+    text = reason if len(reason) <= 300 else reason[:300] + "..."
+    log.info("refused %s %s from %s: %d %s", scope.get("method", "?"), scope.get("path", "?"), client, status,
+             text.replace("\r", "\\r").replace("\n", "\\n"))

@@ -31,7 +31,7 @@ from bentos.api_doc import batch_field
 from bentos.content_type import JsonOnly
 from bentos.guard import ApiKeyAndSizeGuard, _json_type, what_to_send
 from bentos.recycle import RecycleConnections
-from bentos.routes import quiet_client_errors
+from bentos.routes import log_refused, quiet_client_errors
 from bentos.whole_response import install_outermost
 
 with bentoml.importing():
@@ -479,6 +479,7 @@ class Shoprec:
         try:
             n = ingest(batch)
         except IngestRejected as err:
+            log_refused(ctx.request.scope, 400, str(err))
             ctx.response.status_code = 400
             return {"error": str(err), "errors": err.errors}
         except Exception as err:

@@ -379,14 +379,16 @@ def _record_error(err: ValidationError, epoch: EpochFields, also: Sequence[tuple
 
 
 def _json_shown(value: object) -> str:
-    """A value as the sender wrote it in JSON (``the string '12'``, ``true``, ``a list``)."""
+    """A value as the sender wrote it in JSON (``the string '12'``, ``true``, ``null``, ``an array``)."""
     if isinstance(value, str):
         return f"the string {value[:40]!r}" + ("..." if len(value) > 40 else "")
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
         return f"the number {value!r}"
-    return {dict: "an object", list: "a list"}.get(type(value), f"a {type(value).__name__}")
+    if value is None:
+        return "null"
+    return {dict: "an object", list: "an array"}.get(type(value), f"a {type(value).__name__}")
 
 
 def _describe_type(error: dict, epoch: EpochFields) -> tuple[str, str] | None:

@@ -333,10 +333,31 @@ def up_lb(var_dir: Path, lb_port: int = LB_PORT, ports: tuple[int, ...] = REPLIC
     done = "; ".join(f"{h} {', '.join(str(p) for p in ports if how[f'replica-{p}'] == h)}"
                      for h in ("kept", "started") if h in [how[f"replica-{p}"] for p in ports])
     echo(f"{len(ports)} replicas ({done}) behind nginx ({how['nginx']}): http://127.0.0.1:{lb_port}/recommend "
-         f"(logs in {run_dir / 'log'}; `python -m pipelines.serve_process status-lb` shows what runs)")
+         f"(logs in {run_dir / 'log'}; `make status-lb` shows what runs)")
     echo(stack.table(progs, conf))
+    if missing := unreachable_services():
+        echo(f"warning: the replicas cannot reach {'; '.join(missing)}. Until they can, /recommend answers with the "
+             "fallback (popular items, no model) and /events answers 503: start them with `make up`, or point "
+             "SHOPREC_REDIS_URL, SHOPREC_KAFKA_BOOTSTRAP and MLFLOW_TRACKING_URI at yours")
     return {"replicas": {p: (how[f"replica-{p}"], pids[f"replica-{p}"]) for p in ports},
             "nginx": (how["nginx"], pids["nginx"])}
+
+
+def unreachable_services() -> list[str]:
+    """The services a replica needs (Redis, Kafka, an MLflow server) that do not answer, each with its address."""
+    from urllib.parse import urlparse
+
+    from pipelines.settings import get_settings
+
+    s = get_settings()
+    redis, mlflow = urlparse(s.redis_url), urlparse(s.mlflow_tracking_uri)
+    kafka = s.kafka_bootstrap.split(",")[0].strip().rsplit(":", 1)
+    checks = [("Redis", s.redis_url, f"tcp:{redis.hostname or 'localhost'}:{redis.port or 6379}"),
+              ("Kafka", s.kafka_bootstrap, f"tcp:{kafka[0] or 'localhost'}:{kafka[1] if len(kafka) > 1 else 9092}")]
+    if mlflow.scheme in ("http", "https"):  # a file or database store needs no server
+        checks.append(("MLflow", s.mlflow_tracking_uri, f"http:{s.mlflow_tracking_uri.rstrip('/')}/health"))
+    return [f"{name} at {address}" for name, address, health in checks
+            if not stack.probe(stack.Program(name, [], address, health))]
 
 
 def down_lb(var_dir: Path) -> int:

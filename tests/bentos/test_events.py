@@ -134,6 +134,27 @@ def test_a_body_that_is_not_a_json_batch_is_a_400_that_says_what_to_send_and_log
                                                            "greater than or equal to 1"), refused  # the field, not "Input"
 
 
+def test_each_refused_ingestion_request_is_one_info_line_without_the_key(events_client, caplog):
+    """README: "a refused request is one INFO line". The 401, 413, 415 and 400 answers of /events logged nothing."""
+    import logging
+
+    c, (key, _) = events_client
+    caplog.set_level(logging.INFO)
+    body = {"events": [_event("r")]}
+    sent = [
+        (401, c.post("/events", json=body, headers={"Authorization": "Bearer not-a-key-x1"})),
+        (415, c.post("/events", content=b"{}", headers={**key, "content-type": "text/csv"})),
+        (413, c.post("/events", json={"events": [_event("r") for _ in range(21)]}, headers=key)),
+        (400, c.post("/events", json={"events": [_event("r", price="12\nforged line")]}, headers=key)),
+    ]
+    assert [r.status_code for _, r in sent] == [s for s, _ in sent]
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused ")]
+    assert [int(line.split(": ", 1)[1][:3]) for line in lines] == [401, 415, 413, 400], lines
+    assert all("/events" in line and "\n" not in line for line in lines), lines  # one line each, newlines escaped
+    assert not any("not-a-key" in r.getMessage() or key["Authorization"][7:] in r.getMessage()
+                   for r in caplog.records)
+
+
 def test_an_unknown_path_is_a_404_here_and_known_routes_still_work(events_client):
     c, (key, _) = events_client
     for path in (f"/{uuid.uuid4().hex}{'a' * 2000}", "/no-such-route", "/events/x"):

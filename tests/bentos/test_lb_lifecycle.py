@@ -22,7 +22,8 @@ import psutil
 import pytest
 
 from pipelines import localstack
-from pipelines.serve_process import LBError, down_lb, status_lb, up_lb
+from pipelines.serve_process import LBError, down_lb, status_lb, unreachable_services, up_lb
+from pipelines.settings import get_settings
 from tests.bentos.conftest import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (shutil.which("nginx") or os.path.exists("/usr/sbin/nginx")),
@@ -146,6 +147,8 @@ def test_down_lb_stops_everything_when_supervisord_was_killed(settings, serve_en
     port, lb_port = localstack.free_port(), localstack.free_port()
     try:
         started = up_lb(var_dir, lb_port, (port,))
+        said = capsys.readouterr().out
+        assert "`make status-lb` shows what runs" in said and "cannot reach" not in said, said  # services are up
         supervisord = int((var_dir / "lb" / "supervisord.pid").read_text())
         replica = started["replicas"][port][1]
         ours = {supervisord, *(p.pid for p in psutil.Process(supervisord).children(recursive=True))}
@@ -197,3 +200,14 @@ def test_up_lb_refuses_a_port_held_by_something_else_and_down_lb_leaves_it_alone
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_up_lb_names_the_services_its_replicas_cannot_reach(settings, monkeypatch):
+    """Without `make up`, up-lb printed RUNNING for everything: the replicas then served only the fallback and
+    answered /events with 503, and nothing said why."""
+    assert unreachable_services() == []  # the session's Redis and Kafka; MLflow here is a database file, no server
+    dead = localstack.free_port()
+    monkeypatch.setenv("SHOPREC_REDIS_URL", f"redis://127.0.0.1:{dead}/0")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{dead}")
+    get_settings.cache_clear()
+    assert unreachable_services() == [f"Redis at redis://127.0.0.1:{dead}/0", f"MLflow at http://127.0.0.1:{dead}"]

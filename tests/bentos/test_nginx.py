@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
-from contextlib import ExitStack
+import threading
+from contextlib import ExitStack, contextmanager
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines import localstack
+from pipelines.schemas import new_event
 from pipelines.serve_process import bento_serving, kill_now, nginx_running
 from pipelines.settings import get_settings
 from tests.bentos.conftest import steady_load, wait_for
@@ -45,12 +46,60 @@ def test_killing_a_replica_under_load_fails_no_request(settings, serve_env, regi
                                   headers=headers, timeout=15).status_code == 200
         wait_for(lambda: [_recommend_count(p) for p in ports] == [7, 3], 15, "each replica's own count in /metrics")
         stack.enter_context(nginx_running(lb_port, ports, tmp_path / "nginx"))
-        answers = stack.enter_context(steady_load(f"http://127.0.0.1:{lb_port}"))
-        wait_for(lambda: len(answers) > 40, 30, "traffic through nginx")
+        lb = f"http://127.0.0.1:{lb_port}"
+        # at the edge only the API routes: Prometheus and the probes ask each replica on the internal network
+        for path in ("/metrics", "/readyz", "/healthz"):
+            r = httpx.get(lb + path, timeout=5)
+            assert r.status_code == 404 and "internal network" in r.json()["error"], (path, r.text)
+        answers = stack.enter_context(steady_load(lb))
+        sent = stack.enter_context(_event_load(lb, headers))
+        wait_for(lambda: len(answers) > 40 and len(sent) > 10, 30, "traffic through nginx")
         kill_now(replicas[0])  # no goodbye: connections refused / reset from now on
-        before = len(answers)
-        wait_for(lambda: len(answers) > before + 80, 60, "traffic after the kill")
-        time.sleep(0.5)
+        before, events_before = len(answers), len(sent)
+        wait_for(lambda: len(answers) > before + 80 and len(sent) > events_before + 20, 60, "traffic after the kill")
     statuses = [s for _, s, _ in answers]
     failed = [(t, s, body) for t, s, body in answers if s != 200]
     assert not failed, ({s: statuses.count(s) for s in set(statuses)}, failed[:5])
+    # /events too: a batch that reached the dying replica is sent to the other (each event_id is stored once)
+    refused = [(status, body) for status, body in sent if status != 202]
+    assert not refused, refused[:5]
+
+
+def test_with_no_replica_left_the_edge_answers_json_that_says_send_again(tmp_path):
+    """nginx's own 502/504 page was HTML: a client could not tell what happened to its batch, nor when to retry."""
+    dead = [localstack.free_port(), localstack.free_port()]  # nothing listens there
+    lb_port = localstack.free_port()
+    with nginx_running(lb_port, dead, tmp_path / "nginx"):
+        for path in ("/recommend", "/events"):
+            r = httpx.post(f"http://127.0.0.1:{lb_port}{path}", json={}, timeout=30)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1", (path, r.status_code, r.text)
+            assert r.headers["content-type"].startswith("application/json")
+            assert "send the request again" in r.json()["error"], r.text
+
+
+@contextmanager
+def _event_load(base_url: str, headers: dict, clients: int = 2):
+    """Clients in threads POSTing batches of 3 new view events to ``/events`` until the block ends; yields the
+    ``(status, body)`` list they append to (status 0 when no answer came)."""
+    sent: list[tuple[int, str]] = []
+    stop = threading.Event()
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=base_url, timeout=30, headers=headers) as c:
+            while not stop.is_set():
+                batch = [new_event("view", f"lb-{n}", f"item-{i}", f"s-{n}") for i in range(3)]
+                try:
+                    r = c.post("/events", json={"events": batch})
+                    sent.append((r.status_code, r.text[:300]))
+                except httpx.HTTPError as err:
+                    sent.append((0, repr(err)))
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield sent
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()

@@ -32,7 +32,7 @@ LAMP = {"item_id": "00042", "title": "Desk lamp", "category": "home", "brand": "
                                  f"integer), not the string '{NOW_MS}': send {NOW_MS}")),
     ("created_at", float(NOW_MS), f"send {NOW_MS}"),
     ("title", 42, "title: send a JSON string, not the number 42"),
-    ("brand", ["Acme"], "brand: send a JSON string, not a list"),
+    ("brand", ["Acme"], "brand: send a JSON string, not an array"),
 ])
 def test_a_value_of_another_json_type_is_refused_with_what_to_send(field, value, says):
     for record in ({**LAMP, field: value}, {"item_id": "00042", field: value}):  # whole and partial

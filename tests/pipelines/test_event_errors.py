@@ -66,6 +66,8 @@ def test_an_event_wrong_in_ts_and_another_field_names_both():
     ("event_id", "abc", "event_id: send a UUID (e.g. '1b4e28ba-2fa1-11d2-883f-0016d3cca427'), not the string 'abc'"),
     ("user_id", "a\nb", "user_id: send a JSON string of 1 to 128 letters, digits or _.:@-, not the string 'a\\nb'"),
     ("items", "i1", "items: send a JSON array, not the string 'i1'"),
+    ("session_id", None, "session_id: send a JSON string, not null"),  # said "not a NoneType"
+    ("user_id", ["u1"], "user_id: send a JSON string, not an array"),
 ])
 def test_a_value_of_another_json_type_is_refused_with_what_to_send(field, value, says):
     """ts as a string said `Input should be a valid integer` with no hint, a price "12" `Input should be a valid

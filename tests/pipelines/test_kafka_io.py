@@ -59,3 +59,26 @@ def test_sasl_ssl_settings_reach_the_librdkafka_impression_producer():
     # librdkafka checks names and values when the client is built: a misspelt or unsupported one raises here
     producer = kafka_io.make_impression_producer(s)
     assert len(producer) == 0
+
+
+def test_the_impression_producer_says_a_broker_outage_once_not_twice_a_second(caplog):
+    """While Kafka was down each API process logged librdkafka's connection failure ~130 times a minute."""
+    import logging
+    import time
+
+    from pipelines import localstack
+
+    caplog.set_level(logging.WARNING, logger=kafka_io.librdkafka_log.name)
+    producer = kafka_io.make_impression_producer(Settings(kafka_bootstrap=f"127.0.0.1:{localstack.free_port()}"))
+    producer.produce("shop.events", b"{}")
+    started = time.monotonic()
+
+    def fails() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == kafka_io.librdkafka_log.name]
+
+    while time.monotonic() - started < 8:  # librdkafka retries every 0.1-2 s: several failed connects
+        producer.poll(0.2)
+    said = fails()
+    assert said and "Connection refused" in said[0], said  # the outage is said...
+    assert len(said) == 1, said  # ...once, not once per reconnect
+    producer.purge()
