@@ -37,12 +37,14 @@ def serve_env(settings):
 
 
 @contextmanager
-def steady_load(base_url: str, clients: int = 4, users: int = 60):
-    """Clients in threads POSTing ``/recommend`` in a loop until the block ends.
+def steady_load(base_url: str, clients: int = 4, users: int = 60, request=None):
+    """Clients in threads POSTing in a loop until the block ends: ``/recommend`` for one of ``users`` users, or
+    what ``request(client, i)`` returns, ``(path, json body)``.
 
-    Yields the list they append to: ``(monotonic_time, status_code, body)`` per request (status 0 and
-    ``{"error": ...}`` when the request failed without an answer).
+    Yields the list they append to: ``(monotonic_time, status_code, body)`` per request (the body of a 2xx
+    answer, else ``{}``; status 0 and ``{"error": ...}`` when the request failed without an answer).
     """
+    request = request or (lambda n, i: ("/recommend", {"user_id": f"u{(n * 7 + i) % users}", "k": 5}))
     answers: list[tuple[float, int, dict]] = []
     stop = threading.Event()
 
@@ -52,8 +54,9 @@ def steady_load(base_url: str, clients: int = 4, users: int = 60):
             while not stop.is_set():
                 i += 1
                 try:
-                    r = c.post("/recommend", json={"user_id": f"u{(n * 7 + i) % users}", "k": 5})
-                    answers.append((time.monotonic(), r.status_code, r.json() if r.status_code == 200 else {}))
+                    path, body = request(n, i)
+                    r = c.post(path, json=body)
+                    answers.append((time.monotonic(), r.status_code, r.json() if 200 <= r.status_code < 300 else {}))
                 except (httpx.HTTPError, ValueError) as err:
                     answers.append((time.monotonic(), 0, {"error": repr(err)}))
 

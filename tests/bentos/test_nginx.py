@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 
 import httpx
 import pytest
@@ -52,7 +51,8 @@ def test_killing_a_replica_under_load_fails_no_request(settings, serve_env, regi
             r = httpx.get(lb + path, timeout=5)
             assert r.status_code == 404 and "internal network" in r.json()["error"], (path, r.text)
         answers = stack.enter_context(steady_load(lb))
-        sent = stack.enter_context(_event_load(lb, headers))
+        sent = stack.enter_context(steady_load(lb, clients=2, request=lambda n, i: ("/events", {"events": [
+            new_event("view", f"lb-{n}", f"item-{j}", f"s-{n}") for j in range(3)]})))
         wait_for(lambda: len(answers) > 40 and len(sent) > 10, 30, "traffic through nginx")
         kill_now(replicas[0])  # no goodbye: connections refused / reset from now on
         before, events_before = len(answers), len(sent)
@@ -61,7 +61,7 @@ def test_killing_a_replica_under_load_fails_no_request(settings, serve_env, regi
     failed = [(t, s, body) for t, s, body in answers if s != 200]
     assert not failed, ({s: statuses.count(s) for s in set(statuses)}, failed[:5])
     # /events too: a batch that reached the dying replica is sent to the other (each event_id is stored once)
-    refused = [(status, body) for status, body in sent if status != 202]
+    refused = [(status, body) for _, status, body in sent if status != 202]
     assert not refused, refused[:5]
 
 
@@ -76,30 +76,3 @@ def test_with_no_replica_left_the_edge_answers_json_that_says_send_again(tmp_pat
             assert r.headers["content-type"].startswith("application/json")
             assert "send the request again" in r.json()["error"], r.text
 
-
-@contextmanager
-def _event_load(base_url: str, headers: dict, clients: int = 2):
-    """Clients in threads POSTing batches of 3 new view events to ``/events`` until the block ends; yields the
-    ``(status, body)`` list they append to (status 0 when no answer came)."""
-    sent: list[tuple[int, str]] = []
-    stop = threading.Event()
-
-    def client(n: int) -> None:
-        with httpx.Client(base_url=base_url, timeout=30, headers=headers) as c:
-            while not stop.is_set():
-                batch = [new_event("view", f"lb-{n}", f"item-{i}", f"s-{n}") for i in range(3)]
-                try:
-                    r = c.post("/events", json={"events": batch})
-                    sent.append((r.status_code, r.text[:300]))
-                except httpx.HTTPError as err:
-                    sent.append((0, repr(err)))
-
-    threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-    for t in threads:
-        t.start()
-    try:
-        yield sent
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
